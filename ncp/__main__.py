@@ -1,0 +1,5 @@
+import sys
+
+from ncp.cli import main
+
+sys.exit(main())

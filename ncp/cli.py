@@ -1,0 +1,216 @@
+"""The ``ncp`` command. Each sub-command is a function that takes parsed arguments and returns an
+exit code, so tests call :func:`main` in-process exactly as the installed command runs.
+
+Exit codes: 0 success, 1 the work failed (archive down, invalid input found), 2 usage or
+configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from ncp import __version__
+from ncp.config import NodeSettings, load_settings
+from ncp.errors import ArchiveError, ConfigError, NcpError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.handler(args))
+    except ConfigError as exc:
+        print(f"ncp: configuration error:\n{exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ArchiveError as exc:
+        print(f"ncp: archive error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except NcpError as exc:
+        print(f"ncp: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ncp", description="NCPeH imaging connector: one node of the cross-border exchange."
+    )
+    parser.add_argument("--version", action="version", version=f"ncp {__version__}")
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="generate example data for country A and index it")
+    demo.add_argument("--data", type=Path, default=Path("demo-data"), help="demo folder")
+    demo.add_argument("--patients", type=int, default=8)
+    demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument("--big-patient-studies", type=int, default=300)
+    demo.set_defaults(handler=_cmd_demo)
+
+    index = sub.add_parser("index", help="build or update the study index from the archive")
+    index.add_argument("--config", type=Path, required=True, help="the node's TOML file")
+    index.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    index.add_argument("--batch-size", type=int, default=500)
+    index.set_defaults(handler=_cmd_index)
+
+    studies = sub.add_parser("studies", help="list one patient's studies from the index")
+    studies.add_argument("--config", type=Path, required=True)
+    studies.add_argument("--patient", required=True, help="the patient identifier (exact)")
+    studies.add_argument("--issuer", help="issuer of the identifier (default: the node's)")
+    studies.add_argument("--limit", type=int, default=20)
+    studies.set_defaults(handler=_cmd_studies)
+
+    config = sub.add_parser("config", help="check a node's configuration")
+    config.add_argument("file", type=Path)
+    config.set_defaults(handler=_cmd_config)
+
+    db = sub.add_parser("db", help="database schema")
+    db_sub = db.add_subparsers(metavar="ACTION", required=True)
+    upgrade = db_sub.add_parser("upgrade", help="migrate the schema to the newest revision")
+    upgrade.add_argument("--config", type=Path, required=True)
+    upgrade.set_defaults(handler=_cmd_db_upgrade)
+
+    examples = sub.add_parser("examples", help="example data")
+    ex_sub = examples.add_subparsers(metavar="ACTION", required=True)
+    gen = ex_sub.add_parser("generate", help="write generated DICOM studies and imaging reports")
+    gen.add_argument("--out", type=Path, required=True)
+    gen.add_argument("--patients", type=int, default=10)
+    gen.add_argument("--seed", type=int, default=1)
+    gen.add_argument("--big-patient-studies", type=int, default=300)
+    gen.add_argument("--layout", choices=["tree", "media"], default="tree")
+    gen.set_defaults(handler=_cmd_examples_generate)
+    return parser
+
+
+def _open_index(settings: NodeSettings) -> tuple[Engine, sessionmaker[Session]]:
+    from ncp.store.db import make_engine, migrate, session_factory
+
+    engine = make_engine(settings.database.url)
+    migrate(engine)
+    return engine, session_factory(engine)
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from ncp.dicom.archive import open_archive
+    from ncp.provider.indexer import index_source
+
+    settings = load_settings(args.config)
+    engine, sessions = _open_index(settings)
+    source = open_archive(settings.archive)
+    started = time.perf_counter()
+    run = index_source(sessions, source, batch_size=args.batch_size)
+    elapsed = time.perf_counter() - started
+    engine.dispose()
+    read = run.added + run.updated
+    if args.json:
+        summary = {
+            "source": run.source,
+            "listed": run.seen,
+            "added": run.added,
+            "updated": run.updated,
+            "unchanged": run.unchanged,
+            "removed": run.removed,
+            "skipped": [{"locator": loc, "reason": why} for loc, why in run.skipped],
+            "notes": [{"locator": loc, "note": note} for loc, note in run.notes],
+            "seconds": round(elapsed, 3),
+        }
+        print(json.dumps(summary, indent=1))
+        return EXIT_OK
+    rate = f", {read / elapsed:.0f} instances/s" if read and elapsed > 0 else ""
+    print(
+        f"indexed {run.source} source: {run.seen} listed, {run.added} added, {run.updated} updated, "
+        f"{run.unchanged} unchanged, {run.removed} removed, {len(run.skipped)} skipped "
+        f"({elapsed:.1f} s{rate})"
+    )
+    for locator, reason in run.skipped[:50]:
+        print(f"  skipped {locator}: {reason}")
+    if len(run.skipped) > 50:
+        print(f"  ... and {len(run.skipped) - 50} more skipped (use --json for all)")
+    for locator, note in run.notes[:20]:
+        print(f"  note {locator}: {note}")
+    return EXIT_OK
+
+
+def _cmd_studies(args: argparse.Namespace) -> int:
+    from ncp.store.queries import patient_studies
+
+    settings = load_settings(args.config)
+    engine, sessions = _open_index(settings)
+    issuer = args.issuer if args.issuer is not None else settings.node.patient_id_issuer
+    with sessions() as session:
+        rows = patient_studies(session, args.patient, issuer)
+    engine.dispose()
+    if not rows:
+        print(f"no studies for patient {args.patient!r} (issuer {issuer!r})")
+        return EXIT_FAILED
+    print(f"{len(rows)} studies, newest first:")
+    for s in rows[: args.limit]:
+        when = s.started.strftime("%Y-%m-%d") if s.started else "----------"
+        print(
+            f"  {when}  {s.modalities:<8} {s.body_parts:<12} {(s.description or '')[:40]:<40} "
+            f"{s.num_series:>3} series {s.num_instances:>4} inst {s.size_bytes / 1e6:8.1f} MB  "
+            f"acc {s.accession_number or '-'}"
+        )
+    return EXIT_OK
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    settings = load_settings(args.file)
+    print(json.dumps(settings.model_dump(mode="json"), indent=1))
+    return EXIT_OK
+
+
+def _cmd_db_upgrade(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    engine, _ = _open_index(settings)
+    engine.dispose()
+    print("database schema is at the newest revision")
+    return EXIT_OK
+
+
+def _cmd_examples_generate(args: argparse.Namespace) -> int:
+    from ncp.examples.generate import generate_examples
+
+    if args.patients < 1:
+        print("ncp: --patients must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    started = time.perf_counter()
+    summary = generate_examples(
+        args.out,
+        patients=args.patients,
+        seed=args.seed,
+        big_patient_studies=args.big_patient_studies,
+        layout=args.layout,
+    )
+    elapsed = time.perf_counter() - started
+    print(
+        f"generated {summary.patients} patients, {summary.studies} studies, {summary.series} series, "
+        f"{summary.instances} instances ({summary.bytes / 1e6:.1f} MB), {summary.reports} reports "
+        f"in {summary.report_versions} versions into {args.out} ({elapsed:.1f} s)"
+    )
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ncp.demo import run_demo
+
+    return run_demo(
+        args.data,
+        patients=args.patients,
+        seed=args.seed,
+        big_patient_studies=args.big_patient_studies,
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Settings for one node: a TOML file per node, overridden by ``NCP_*`` environment variables.
+
+Every field is documented where it is declared. Relative paths in the file are resolved against the
+folder of the file, so a node's config, keys and data can move together.
+
+Environment overrides use ``NCP_<SECTION>__<KEY>``, for example ``NCP_DATABASE__URL``; they win over
+the file, so an operator can keep secrets and per-replica values out of it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from ncp.errors import ConfigError
+
+_COUNTRY = re.compile(r"^[A-Z]{2}$")
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos until proven otherwise: refuse them and name them.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSection(_Section):
+    country: str = Field(
+        description="ISO 3166-1 alpha-2 code of the country this node serves, e.g. 'AT'."
+    )
+    name: str = Field(
+        default="", description="Human name of the node, shown in the portal and audit."
+    )
+    patient_id_issuer: str = Field(
+        default="",
+        description="Assigning authority of this country's patient identifiers "
+        "(IssuerOfPatientID), e.g. 'urn:oid:1.2.40.0.10.1.4.3.1'. Index and searches match "
+        "identifiers exactly within it.",
+    )
+
+    @field_validator("country")
+    @classmethod
+    def _country_code(cls, value: str) -> str:
+        if not _COUNTRY.match(value):
+            raise ValueError("must be an ISO 3166-1 alpha-2 code in capitals, e.g. 'AT'")
+        return value
+
+
+class UrlsSection(_Section):
+    """Public base URLs per channel, as peers and browsers reach them (behind any proxy)."""
+
+    standard: str = Field(
+        default="", description="FHIR base of the standard channel, e.g. https://ncp-a/fhir"
+    )
+    imaging: str = Field(default="", description="DICOMweb base of the option A gateway")
+    edge: str = Field(default="", description="DICOMweb base of the option C edge gateway")
+    viewer: str = Field(default="", description="Base of the option B viewer")
+
+
+class DatabaseSection(_Section):
+    url: str = Field(
+        default="sqlite:///ncp.db",
+        description="SQLAlchemy URL. SQLite file by default; PostgreSQL as "
+        "'postgresql+psycopg://user@host:5432/db' for several replicas of one node.",
+    )
+
+
+class FolderArchive(_Section):
+    kind: Literal["folder"] = "folder"
+    path: Path = Field(
+        description="Root of a tree of DICOM files (a DICOMDIR media layout is fine)."
+    )
+
+
+class DicomwebArchive(_Section):
+    kind: Literal["dicomweb"]
+    url: str = Field(
+        description="DICOMweb base of the archive, e.g. http://127.0.0.1:8042/dicom-web"
+    )
+    timeout_s: float = Field(default=30.0, gt=0, description="Timeout of one archive request.")
+
+
+ArchiveSection = Annotated[FolderArchive | DicomwebArchive, Field(discriminator="kind")]
+
+
+class ReportsSection(_Section):
+    kind: Literal["folder", "store"] = Field(
+        default="store",
+        description="'store': the node's own report store (fed by the ingest endpoint); "
+        "'folder': a folder of report bundles loaded through the same path (demo).",
+    )
+    path: Path | None = Field(
+        default=None, description="Folder of report bundles when kind = 'folder'."
+    )
+
+
+class KeysSection(_Section):
+    dir: Path = Field(
+        default=Path("keys"), description="Folder of this node's TLS and signing keys."
+    )
+
+
+class TrustSection(_Section):
+    list: Path = Field(
+        default=Path("trust.toml"), description="The trust list file naming each peer."
+    )
+
+
+class NodeSettings(BaseSettings):
+    """Everything one node needs to know about itself. Build it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="NCP_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    node: NodeSection
+    urls: UrlsSection = UrlsSection()
+    database: DatabaseSection = DatabaseSection()
+    archive: ArchiveSection
+    reports: ReportsSection = ReportsSection()
+    keys: KeysSection = KeysSection()
+    trust: TrustSection = TrustSection()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment wins over the file (which arrives as init values).
+        return (env_settings, init_settings)
+
+
+def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> NodeSettings:
+    """Read a node's TOML file, apply environment overrides, resolve relative paths.
+
+    Raises :class:`ConfigError` naming the file and the offending key.
+    """
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such config file") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return settings_from_mapping(data, base_dir=path.parent, source=str(path), environ=environ)
+
+
+def settings_from_mapping(
+    data: Mapping[str, Any],
+    *,
+    base_dir: Path,
+    source: str = "<settings>",
+    environ: Mapping[str, str] | None = None,
+) -> NodeSettings:
+    """Build settings from an already parsed mapping (tests and generated demo configs use this)."""
+    saved = None
+    if environ is not None:
+        # pydantic-settings reads os.environ; swap in the caller's view for the duration.
+        saved = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(environ)
+    try:
+        settings = NodeSettings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(source, exc)) from exc
+    finally:
+        if saved is not None:
+            os.environ.clear()
+            os.environ.update(saved)
+    return _resolve_paths(settings, base_dir)
+
+
+def _describe(source: str, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"] if not str(part).startswith("function-"))
+        # Discriminated unions put the tag in the location: drop it, operators never typed it.
+        key = re.sub(r"\.(folder|dicomweb)(?=\.|$)", "", key)
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"{source}: {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _resolve_paths(settings: NodeSettings, base: Path) -> NodeSettings:
+    def rel(p: Path) -> Path:
+        return p if p.is_absolute() else (base / p).resolve()
+
+    archive = settings.archive
+    if isinstance(archive, FolderArchive):
+        archive = archive.model_copy(update={"path": rel(archive.path)})
+    reports = settings.reports
+    if reports.path is not None:
+        reports = reports.model_copy(update={"path": rel(reports.path)})
+    db = settings.database
+    if db.url.startswith("sqlite:///") and not db.url.startswith("sqlite:////"):
+        file_part = db.url.removeprefix("sqlite:///")
+        if file_part and file_part != ":memory:":
+            db = db.model_copy(update={"url": f"sqlite:///{rel(Path(file_part))}"})
+    return settings.model_copy(
+        update={
+            "archive": archive,
+            "reports": reports,
+            "database": db,
+            "keys": settings.keys.model_copy(update={"dir": rel(settings.keys.dir)}),
+            "trust": settings.trust.model_copy(update={"list": rel(settings.trust.list)}),
+        }
+    )

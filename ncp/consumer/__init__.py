@@ -1,0 +1,1 @@
+"""Country B side: peer client, retriever, portal."""

@@ -1,0 +1,1 @@
+"""Image archive sources and the mapping of DICOM headers to the study index."""

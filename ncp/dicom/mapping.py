@@ -1,0 +1,292 @@
+"""DICOM header → study index record. Strict about identity, tolerant about everything else.
+
+Rules (each one tested):
+
+- An instance needs SOP Instance UID, SOP Class UID, Study and Series Instance UID and a Patient
+  ID; without one of them it cannot be placed in the index and is refused with
+  :class:`~ncp.errors.UnreadableInstance`. UIDs must be 1-64 characters of digits and dots.
+- Text values are stripped of padding (spaces, NUL); an empty or blank value maps to ``None``.
+- A multi-valued Modality (illegal: VM 1, yet seen in the wild) maps to its first value.
+- Missing Body Part Examined maps to ``None``; present, it is upper-cased (the CS defined terms).
+- Person names are decoded with the instance's Specific Character Set (pydicom); family and given
+  name are kept apart and the alphabetic group is used.
+- Dates and times that do not parse map to ``None`` and leave a note in ``IndexRecord.notes``.
+- Private tags are ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import date, datetime, time
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.valuerep import PersonName
+
+from ncp.dicom.source import InstanceHeader
+from ncp.errors import UnreadableInstance
+
+_UID = re.compile(r"^[0-9.]{1,64}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Code:
+    """A coded value as DICOM carries it (Code Sequence item)."""
+
+    scheme: str
+    """Coding Scheme Designator, e.g. 'LN', 'SCT', 'DCM'."""
+    value: str
+    meaning: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class PatientRecord:
+    patient_id: str
+    issuer: str | None
+    family_name: str | None
+    given_name: str | None
+    birth_date: date | None
+    sex: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StudyRecord:
+    study_uid: str
+    accession_number: str | None
+    accession_issuer: str | None
+    study_id: str | None
+    started: datetime | None
+    """Study Date and Time; the time part is midnight when only the date is known."""
+    description: str | None
+    procedure_code: Code | None
+    """Study type: first item of Procedure Code Sequence (0008,1032)."""
+    requesting_service: str | None
+    requesting_service_code: Code | None
+    """Requesting specialty: Requesting Service Code Sequence (0032,1034)."""
+    referring_physician: str | None
+    referring_organization: str | None
+    institution_name: str | None
+    """The performing organisation."""
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesRecord:
+    series_uid: str
+    number: int | None
+    modality: str | None
+    description: str | None
+    body_part: str | None
+    laterality: str | None
+    started: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRecord:
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    instance_number: int | None
+    number_of_frames: int | None
+    size_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class IndexRecord:
+    """Everything the index keeps of one instance, split by the level it belongs to."""
+
+    patient: PatientRecord
+    study: StudyRecord
+    series: SeriesRecord
+    instance: InstanceRecord
+    notes: tuple[str, ...] = field(default=())
+    """What the reader tolerated (unparseable dates and the like), for the index run report."""
+
+
+def map_header(header: InstanceHeader) -> IndexRecord:
+    """Map one instance header to its index record, or raise :class:`UnreadableInstance`."""
+    ds = header.dataset
+    notes: list[str] = []
+    locator = header.entry.locator
+
+    def uid(keyword: str) -> str:
+        value = _text(ds, keyword)
+        if value is None:
+            raise UnreadableInstance(locator, f"no {keyword}")
+        if not _UID.match(value):
+            raise UnreadableInstance(locator, f"{keyword} is not a valid UID: {value[:80]!r}")
+        return value
+
+    sop_uid = uid("SOPInstanceUID")
+    sop_class = uid("SOPClassUID")
+    study_uid = uid("StudyInstanceUID")
+    series_uid = uid("SeriesInstanceUID")
+    patient_id = _text(ds, "PatientID")
+    if patient_id is None:
+        raise UnreadableInstance(
+            locator, "no PatientID: the instance cannot be attached to a patient"
+        )
+
+    family, given = _person(ds, "PatientName")
+    patient = PatientRecord(
+        patient_id=patient_id,
+        issuer=_text(ds, "IssuerOfPatientID"),
+        family_name=family,
+        given_name=given,
+        birth_date=_date(ds, "PatientBirthDate", notes),
+        sex=_text(ds, "PatientSex"),
+    )
+    study = StudyRecord(
+        study_uid=study_uid,
+        accession_number=_text(ds, "AccessionNumber"),
+        accession_issuer=_accession_issuer(ds),
+        study_id=_text(ds, "StudyID"),
+        started=_datetime(ds, "StudyDate", "StudyTime", notes),
+        description=_text(ds, "StudyDescription"),
+        procedure_code=_first_code(ds, "ProcedureCodeSequence"),
+        requesting_service=_text(ds, "RequestingService"),
+        requesting_service_code=_first_code(ds, "RequestingServiceCodeSequence"),
+        referring_physician=_person_display(ds, "ReferringPhysicianName"),
+        referring_organization=_referring_organization(ds),
+        institution_name=_text(ds, "InstitutionName"),
+    )
+    body_part = _text(ds, "BodyPartExamined")
+    series = SeriesRecord(
+        series_uid=series_uid,
+        number=_int(ds, "SeriesNumber", notes),
+        modality=_text(ds, "Modality"),
+        description=_text(ds, "SeriesDescription"),
+        body_part=body_part.upper() if body_part else None,
+        laterality=_text(ds, "Laterality"),
+        started=_datetime(ds, "SeriesDate", "SeriesTime", notes),
+    )
+    instance = InstanceRecord(
+        sop_uid=sop_uid,
+        sop_class_uid=sop_class,
+        transfer_syntax_uid=header.transfer_syntax_uid,
+        instance_number=_int(ds, "InstanceNumber", notes),
+        number_of_frames=_int(ds, "NumberOfFrames", notes),
+        size_bytes=header.size_bytes,
+    )
+    return IndexRecord(patient, study, series, instance, tuple(notes))
+
+
+def _raw(ds: Dataset, keyword: str) -> Any:
+    try:
+        element = ds.get(keyword)
+    except Exception:  # a value pydicom cannot convert: treat as absent
+        return None
+    return None if element is None else element
+
+
+def _clean(value: str) -> str | None:
+    cleaned = value.replace("\x00", "").strip()
+    return cleaned or None
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = _raw(ds, keyword)
+    if value is None:
+        return None
+    if isinstance(value, MultiValue | list | tuple):
+        # VM 1 attributes carrying several values: the first one is the one we can defend.
+        for item in value:
+            text = _clean(str(item))
+            if text:
+                return text
+        return None
+    return _clean(str(value))
+
+
+def _person(ds: Dataset, keyword: str) -> tuple[str | None, str | None]:
+    value = _raw(ds, keyword)
+    if isinstance(value, MultiValue | list | tuple):
+        value = value[0] if value else None
+    if value is None:
+        return None, None
+    name = value if isinstance(value, PersonName) else PersonName(str(value))
+    try:
+        return _clean(name.family_name), _clean(name.given_name)
+    except Exception:
+        return _clean(str(value)), None
+
+
+def _person_display(ds: Dataset, keyword: str) -> str | None:
+    family, given = _person(ds, keyword)
+    parts = [p for p in (given, family) if p]
+    return " ".join(parts) or None
+
+
+def _int(ds: Dataset, keyword: str, notes: list[str]) -> int | None:
+    text = _text(ds, keyword)
+    if text is None:
+        return None
+    try:
+        return int(float(text))
+    except ValueError:
+        notes.append(f"{keyword} is not a number: {text[:40]!r}")
+        return None
+
+
+def _date(ds: Dataset, keyword: str, notes: list[str]) -> date | None:
+    text = _text(ds, keyword)
+    if text is None:
+        return None
+    try:
+        return datetime.strptime(text[:8], "%Y%m%d").date()
+    except ValueError:
+        notes.append(f"{keyword} is not a DICOM date: {text[:40]!r}")
+        return None
+
+
+def _time(text: str) -> time | None:
+    digits = text.replace(":", "").split(".")[0]
+    if not digits.isdigit() or len(digits) not in (2, 4, 6):
+        return None
+    hh, mm, ss = int(digits[0:2]), int(digits[2:4] or 0), int(digits[4:6] or 0)
+    if hh > 23 or mm > 59 or ss > 60:
+        return None
+    return time(hh, mm, min(ss, 59))
+
+
+def _datetime(ds: Dataset, date_kw: str, time_kw: str, notes: list[str]) -> datetime | None:
+    day = _date(ds, date_kw, notes)
+    if day is None:
+        return None
+    text = _text(ds, time_kw)
+    moment = _time(text) if text else None
+    if text and moment is None:
+        notes.append(f"{time_kw} is not a DICOM time: {text[:40]!r}")
+    return datetime.combine(day, moment or time(0, 0))
+
+
+def _first_item(ds: Dataset, keyword: str) -> Dataset | None:
+    seq = _raw(ds, keyword)
+    try:
+        return seq[0] if seq else None
+    except (TypeError, IndexError):
+        return None
+
+
+def _first_code(ds: Dataset, keyword: str) -> Code | None:
+    item = _first_item(ds, keyword)
+    if item is None:
+        return None
+    value = _text(item, "CodeValue") or _text(item, "LongCodeValue") or _text(item, "URNCodeValue")
+    scheme = _text(item, "CodingSchemeDesignator")
+    if value is None or scheme is None:
+        return None
+    return Code(scheme=scheme, value=value, meaning=_text(item, "CodeMeaning"))
+
+
+def _accession_issuer(ds: Dataset) -> str | None:
+    item = _first_item(ds, "IssuerOfAccessionNumberSequence")
+    if item is None:
+        return None
+    return _text(item, "UniversalEntityID") or _text(item, "LocalNamespaceEntityID")
+
+
+def _referring_organization(ds: Dataset) -> str | None:
+    item = _first_item(ds, "ReferringPhysicianIdentificationSequence")
+    return None if item is None else _text(item, "InstitutionName")

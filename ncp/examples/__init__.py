@@ -1,0 +1,1 @@
+"""Generated example data: DICOM studies and imaging reports."""

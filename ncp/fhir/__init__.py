@@ -1,0 +1,1 @@
+"""Building and reading FHIR R4 resources."""

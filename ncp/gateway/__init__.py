@@ -1,0 +1,1 @@
+"""DICOMweb gateway (option A) and edge gateway (option C)."""

@@ -1,0 +1,1 @@
+"""Country A side: identification, metadata list, reports, tokens, and the study index."""

@@ -1,0 +1,544 @@
+"""Builds and updates the study index from an archive source, incrementally and idempotently.
+
+One run:
+
+1. lists every entry of the source and compares fingerprints with what the last run recorded;
+2. removes what disappeared (before adding, so that a file moved within the archive is re-added
+   under its new locator instead of being refused as a duplicate of itself);
+3. reads the headers of new and changed entries in batches, one transaction per batch, so an
+   interrupted run keeps what it committed and the next run resumes;
+4. recomputes the denormalised counts, sizes, modalities and body parts of the studies it touched.
+
+Patient, study and series attributes come from the instance with the smallest SOP Instance UID
+seen so far (``header_sop_uid``), so the same instances give the same index whatever order the
+source lists them in: a folder and an archive holding the same files index identically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import bindparam, delete, func, insert, select, tuple_, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from ncp.dicom.mapping import IndexRecord, map_header
+from ncp.dicom.source import ArchiveSource, InstanceHeader, SkippedEntry, SourceEntry
+from ncp.errors import UnreadableInstance
+from ncp.store.models import Instance, Patient, Series, SourceObject, Study
+
+_CHUNK = 500  # bound on IN (...) lists: SQLite allows 32766 parameters, stay far below
+
+
+@dataclass
+class IndexRun:
+    """What one run did. ``skipped`` and ``notes`` list (locator, reason) pairs."""
+
+    source: str
+    seen: int = 0
+    unchanged: int = 0
+    added: int = 0
+    updated: int = 0
+    removed: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[tuple[str, str]] = field(default_factory=list)
+    studies_touched: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Known:
+    fingerprint: str
+    sop_uid: str | None
+    skipped: bool
+
+
+def index_source(
+    sessions: sessionmaker[Session],
+    source: ArchiveSource,
+    *,
+    batch_size: int = 500,
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC).replace(tzinfo=None),
+) -> IndexRun:
+    """Bring the index up to date with ``source``. Safe to run again at any time."""
+    run = IndexRun(source=source.name)
+    with sessions() as session:
+        known = _load_known(session, source.name)
+
+    listed: list[SourceEntry] = []
+    listed_skips: list[SkippedEntry] = []
+    for item in source.entries():
+        if isinstance(item, SkippedEntry):
+            listed_skips.append(item)
+        else:
+            listed.append(item)
+    run.seen = len(listed)
+
+    readable = {e.locator for e in listed}
+    skipped_now = {s.entry.locator for s in listed_skips}
+    # An instance is gone when its locator is no longer listed as readable (a DICOMDIR may still
+    # name it, as a skipped entry); a skipped record is gone when nothing names it any more.
+    gone = [
+        loc
+        for loc, k in known.items()
+        if loc not in readable and (not k.skipped or loc not in skipped_now)
+    ]
+    touched: set[int] = set()
+    removed_sops: set[str] = set()
+    with sessions.begin() as session:
+        run.removed, removed_sops = _remove(session, source.name, gone, touched)
+        _record_skips(session, source.name, listed_skips, clock())
+    run.skipped.extend((s.entry.locator, s.reason) for s in listed_skips)
+
+    todo: list[SourceEntry] = []
+    for entry in listed:
+        prior = known.get(entry.locator)
+        if prior is None or prior.fingerprint != entry.fingerprint:
+            todo.append(entry)
+        elif prior.skipped and prior.sop_uid in removed_sops:
+            todo.append(entry)  # it duplicated an instance that is gone now: index it
+        else:
+            run.unchanged += 1
+
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        results = list(source.read_headers(batch))
+        with sessions.begin() as session:
+            _apply_batch(session, source.name, results, known, run, touched, clock())
+
+    with sessions.begin() as session:
+        _recompute(session, touched)
+    run.studies_touched = len(touched)
+    return run
+
+
+def _load_known(session: Session, source: str) -> dict[str, _Known]:
+    rows = session.execute(
+        select(
+            SourceObject.locator,
+            SourceObject.fingerprint,
+            SourceObject.sop_uid,
+            SourceObject.skipped_reason,
+        ).where(SourceObject.source == source)
+    )
+    return {loc: _Known(fp, sop, reason is not None) for loc, fp, sop, reason in rows}
+
+
+def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), _CHUNK):
+        yield items[i : i + _CHUNK]
+
+
+def _remove(
+    session: Session, source: str, locators: list[str], touched: set[int]
+) -> tuple[int, set[str]]:
+    removed = 0
+    sops: set[str] = set()
+    for chunk in _chunks(locators):
+        rows = session.execute(
+            select(Instance.sop_uid, Series.study_pk)
+            .join(Series, Series.id == Instance.series_pk)
+            .where(Instance.source == source, Instance.locator.in_(chunk))
+        ).all()
+        sops.update(sop for sop, _ in rows)
+        touched.update(study for _, study in rows)
+        removed += len(rows)
+        session.execute(
+            delete(Instance).where(Instance.source == source, Instance.locator.in_(chunk))
+        )
+        session.execute(
+            delete(SourceObject).where(
+                SourceObject.source == source, SourceObject.locator.in_(chunk)
+            )
+        )
+    return removed, sops
+
+
+def _record_skips(
+    session: Session,
+    source: str,
+    skips: Sequence[SkippedEntry],
+    now: datetime,
+    sop_uids: dict[str, str] | None = None,
+) -> None:
+    if not skips:
+        return
+    locators = [s.entry.locator for s in skips]
+    for chunk in _chunks(locators):
+        session.execute(
+            delete(SourceObject).where(
+                SourceObject.source == source, SourceObject.locator.in_(chunk)
+            )
+        )
+    session.execute(
+        insert(SourceObject),
+        [
+            {
+                "source": source,
+                "locator": s.entry.locator,
+                "fingerprint": s.entry.fingerprint,
+                "sop_uid": (sop_uids or {}).get(s.entry.locator),
+                "skipped_reason": s.reason,
+                "seen_at": now,
+            }
+            for s in skips
+        ],
+    )
+
+
+def _apply_batch(
+    session: Session,
+    source: str,
+    results: Sequence[InstanceHeader | SkippedEntry],
+    known: dict[str, _Known],
+    run: IndexRun,
+    touched: set[int],
+    now: datetime,
+) -> None:
+    skips: list[SkippedEntry] = []
+    dup_sops: dict[str, str] = {}
+    records: dict[str, tuple[SourceEntry, IndexRecord]] = {}
+    for result in sorted(results, key=_locator_of):
+        if isinstance(result, SkippedEntry):
+            skips.append(result)
+            continue
+        try:
+            record = map_header(result)
+        except UnreadableInstance as exc:
+            skips.append(SkippedEntry(result.entry, exc.reason))
+            continue
+        sop = record.instance.sop_uid
+        if sop in records:
+            skips.append(SkippedEntry(result.entry, f"duplicate of {records[sop][0].locator}"))
+            dup_sops[result.entry.locator] = sop
+            continue
+        records[sop] = (result.entry, record)
+        run.notes.extend((result.entry.locator, note) for note in record.notes)
+
+    # An entry that used to be an instance and is now unreadable takes its instance with it.
+    was_instance = [
+        s.entry.locator for s in skips if (k := known.get(s.entry.locator)) and not k.skipped
+    ]
+    if was_instance:
+        count, _ = _remove(session, source, was_instance, touched)
+        run.removed += count
+
+    existing = _existing_instances(session, list(records))
+    for sop, (entry, _) in list(records.items()):
+        holder = existing.get(sop)
+        if holder is not None and holder != (source, entry.locator):
+            skips.append(SkippedEntry(entry, f"duplicate of {holder[0]}:{holder[1]}"))
+            dup_sops[entry.locator] = sop
+            del records[sop]
+
+    _record_skips(session, source, skips, now, dup_sops)
+    run.skipped.extend((s.entry.locator, s.reason) for s in skips)
+    if not records:
+        return
+
+    rows = [rec for _, rec in records.values()]
+    patient_pks = _upsert_patients(session, rows)
+    study_pks = _upsert_studies(session, rows, patient_pks)
+    series_pks = _upsert_series(session, rows, study_pks)
+    touched.update(study_pks.values())
+
+    replaced = [sop for sop in records if sop in existing]
+    for chunk in _chunks(replaced):
+        old = session.execute(
+            select(Series.study_pk)
+            .join(Instance, Instance.series_pk == Series.id)
+            .where(Instance.sop_uid.in_(chunk))
+        ).scalars()
+        touched.update(old)
+        session.execute(delete(Instance).where(Instance.sop_uid.in_(chunk)))
+    run.updated += len(replaced)
+    run.added += len(records) - len(replaced)
+
+    session.execute(
+        insert(Instance),
+        [
+            {
+                "sop_uid": rec.instance.sop_uid,
+                "series_pk": series_pks[rec.series.series_uid],
+                "sop_class_uid": rec.instance.sop_class_uid,
+                "transfer_syntax_uid": rec.instance.transfer_syntax_uid,
+                "instance_number": rec.instance.instance_number,
+                "number_of_frames": rec.instance.number_of_frames,
+                "size_bytes": rec.instance.size_bytes,
+                "source": source,
+                "locator": entry.locator,
+            }
+            for entry, rec in records.values()
+        ],
+    )
+    locators = [entry.locator for entry, _ in records.values()]
+    for chunk in _chunks(locators):
+        session.execute(
+            delete(SourceObject).where(
+                SourceObject.source == source, SourceObject.locator.in_(chunk)
+            )
+        )
+    session.execute(
+        insert(SourceObject),
+        [
+            {
+                "source": source,
+                "locator": entry.locator,
+                "fingerprint": entry.fingerprint,
+                "sop_uid": rec.instance.sop_uid,
+                "skipped_reason": None,
+                "seen_at": now,
+            }
+            for entry, rec in records.values()
+        ],
+    )
+
+
+def _locator_of(result: InstanceHeader | SkippedEntry) -> str:
+    return result.entry.locator
+
+
+def _existing_instances(session: Session, sops: list[str]) -> dict[str, tuple[str, str]]:
+    found: dict[str, tuple[str, str]] = {}
+    for chunk in _chunks(sops):
+        for sop, src, loc in session.execute(
+            select(Instance.sop_uid, Instance.source, Instance.locator).where(
+                Instance.sop_uid.in_(chunk)
+            )
+        ):
+            found[sop] = (src, loc)
+    return found
+
+
+def _representatives(
+    rows: Iterable[IndexRecord], key: Callable[[IndexRecord], Any]
+) -> dict[Any, IndexRecord]:
+    """Per key, the record with the smallest SOP Instance UID: its header speaks for the level."""
+    best: dict[Any, IndexRecord] = {}
+    for rec in rows:
+        k = key(rec)
+        if k not in best or rec.instance.sop_uid < best[k].instance.sop_uid:
+            best[k] = rec
+    return best
+
+
+def _upsert_patients(session: Session, rows: list[IndexRecord]) -> dict[tuple[str, str], int]:
+    reps = _representatives(rows, lambda r: (r.patient.patient_id, r.patient.issuer or ""))
+    keys = list(reps)
+    current: dict[tuple[str, str], tuple[int, str]] = {}
+    for chunk in _chunks(keys):
+        for pk, pid, issuer, sop in session.execute(
+            select(Patient.id, Patient.patient_id, Patient.issuer, Patient.header_sop_uid).where(
+                tuple_(Patient.patient_id, Patient.issuer).in_(chunk)
+            )
+        ):
+            current[(pid, issuer)] = (pk, sop)
+    result: dict[tuple[str, str], int] = {}
+    for key, rec in reps.items():
+        p = rec.patient
+        values = {
+            "family_name": p.family_name,
+            "given_name": p.given_name,
+            "birth_date": p.birth_date,
+            "sex": p.sex,
+            "header_sop_uid": rec.instance.sop_uid,
+        }
+        if key not in current:
+            pk = session.execute(
+                insert(Patient)
+                .values(patient_id=key[0], issuer=key[1], **values)
+                .returning(Patient.id)
+            ).scalar_one()
+            result[key] = pk
+            continue
+        pk, sop = current[key]
+        if rec.instance.sop_uid <= sop:
+            session.execute(update(Patient).where(Patient.id == pk).values(**values))
+        result[key] = pk
+    return result
+
+
+def _upsert_studies(
+    session: Session, rows: list[IndexRecord], patient_pks: dict[tuple[str, str], int]
+) -> dict[str, int]:
+    reps = _representatives(rows, lambda r: r.study.study_uid)
+    current = _current(session, Study, Study.study_uid, list(reps))
+    result: dict[str, int] = {}
+    for uid, rec in reps.items():
+        s = rec.study
+        values = {
+            "patient_pk": patient_pks[(rec.patient.patient_id, rec.patient.issuer or "")],
+            "accession_number": s.accession_number,
+            "accession_issuer": s.accession_issuer,
+            "study_id": s.study_id,
+            "started": s.started,
+            "description": s.description,
+            "procedure_scheme": s.procedure_code.scheme if s.procedure_code else None,
+            "procedure_code": s.procedure_code.value if s.procedure_code else None,
+            "procedure_meaning": s.procedure_code.meaning if s.procedure_code else None,
+            "requesting_service": s.requesting_service,
+            "requesting_scheme": s.requesting_service_code.scheme
+            if s.requesting_service_code
+            else None,
+            "requesting_code": s.requesting_service_code.value
+            if s.requesting_service_code
+            else None,
+            "requesting_meaning": (
+                s.requesting_service_code.meaning if s.requesting_service_code else None
+            ),
+            "referring_physician": s.referring_physician,
+            "referring_organization": s.referring_organization,
+            "institution_name": s.institution_name,
+            "header_sop_uid": rec.instance.sop_uid,
+        }
+        result[uid] = _insert_or_update(
+            session, Study, current.get(uid), rec, {"study_uid": uid}, values
+        )
+    return result
+
+
+def _upsert_series(
+    session: Session, rows: list[IndexRecord], study_pks: dict[str, int]
+) -> dict[str, int]:
+    reps = _representatives(rows, lambda r: r.series.series_uid)
+    current = _current(session, Series, Series.series_uid, list(reps))
+    result: dict[str, int] = {}
+    for uid, rec in reps.items():
+        s = rec.series
+        values = {
+            "study_pk": study_pks[rec.study.study_uid],
+            "number": s.number,
+            "modality": s.modality,
+            "description": s.description,
+            "body_part": s.body_part,
+            "laterality": s.laterality,
+            "started": s.started,
+            "header_sop_uid": rec.instance.sop_uid,
+        }
+        result[uid] = _insert_or_update(
+            session, Series, current.get(uid), rec, {"series_uid": uid}, values
+        )
+    return result
+
+
+def _current(
+    session: Session, model: type[Study] | type[Series], column: Any, uids: list[str]
+) -> dict[str, tuple[int, str]]:
+    found: dict[str, tuple[int, str]] = {}
+    for chunk in _chunks(uids):
+        for pk, uid, sop in session.execute(
+            select(model.id, column, model.header_sop_uid).where(column.in_(chunk))
+        ):
+            found[uid] = (pk, sop)
+    return found
+
+
+def _insert_or_update(
+    session: Session,
+    model: type[Study] | type[Series],
+    current: tuple[int, str] | None,
+    rec: IndexRecord,
+    key: dict[str, str],
+    values: dict[str, Any],
+) -> int:
+    if current is None:
+        return int(
+            session.execute(insert(model).values(**key, **values).returning(model.id)).scalar_one()
+        )
+    pk, sop = current
+    if rec.instance.sop_uid <= sop:
+        session.execute(update(model).where(model.id == pk).values(**values))
+    return pk
+
+
+def _recompute(session: Session, study_pks: set[int]) -> None:
+    """Counts, sizes, modalities and body parts of the touched studies; drop what is empty."""
+    for chunk in _chunks(sorted(study_pks)):
+        series_rows = session.execute(
+            select(
+                Series.id,
+                Series.study_pk,
+                Series.modality,
+                Series.body_part,
+                func.count(Instance.id),
+                func.coalesce(func.sum(Instance.size_bytes), 0),
+            )
+            .outerjoin(Instance, Instance.series_pk == Series.id)
+            .where(Series.study_pk.in_(chunk))
+            .group_by(Series.id, Series.study_pk, Series.modality, Series.body_part)
+        ).all()
+        empty_series = [sid for sid, _, _, _, n, _ in series_rows if n == 0]
+        series_updates = [
+            {"pk": sid, "n": n, "size": size} for sid, _, _, _, n, size in series_rows if n > 0
+        ]
+        if series_updates:
+            session.execute(
+                update(Series.__table__)
+                .where(Series.__table__.c.id == bindparam("pk"))
+                .values(num_instances=bindparam("n"), size_bytes=bindparam("size")),
+                series_updates,
+            )
+        for part in _chunks(empty_series):
+            session.execute(delete(Series).where(Series.id.in_(part)))
+
+        per_study: dict[int, dict[str, Any]] = {
+            pk: {"pk": pk, "ns": 0, "n": 0, "size": 0, "mods": set(), "parts": set()}
+            for pk in chunk
+        }
+        for _, study_pk, modality, body_part, n, size in series_rows:
+            if n == 0:
+                continue
+            agg = per_study[study_pk]
+            agg["ns"] += 1
+            agg["n"] += n
+            agg["size"] += size
+            if modality:
+                agg["mods"].add(modality)
+            if body_part:
+                agg["parts"].add(body_part)
+        empty_studies = [pk for pk, agg in per_study.items() if agg["n"] == 0]
+        study_updates = [
+            {
+                "pk": pk,
+                "ns": agg["ns"],
+                "n": agg["n"],
+                "size": agg["size"],
+                "mods": "\\".join(sorted(agg["mods"])),
+                "parts": "\\".join(sorted(agg["parts"])),
+            }
+            for pk, agg in per_study.items()
+            if agg["n"] > 0
+        ]
+        if study_updates:
+            session.execute(
+                update(Study.__table__)
+                .where(Study.__table__.c.id == bindparam("pk"))
+                .values(
+                    num_series=bindparam("ns"),
+                    num_instances=bindparam("n"),
+                    size_bytes=bindparam("size"),
+                    modalities=bindparam("mods"),
+                    body_parts=bindparam("parts"),
+                ),
+                study_updates,
+            )
+        if empty_studies:
+            patients = (
+                session.execute(select(Study.patient_pk).where(Study.id.in_(empty_studies)))
+                .scalars()
+                .all()
+            )
+            session.execute(delete(Study).where(Study.id.in_(empty_studies)))
+            orphans = (
+                session.execute(
+                    select(Patient.id).where(
+                        Patient.id.in_(set(patients)),
+                        ~select(Study.id).where(Study.patient_pk == Patient.id).exists(),
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            if orphans:
+                session.execute(delete(Patient).where(Patient.id.in_(orphans)))

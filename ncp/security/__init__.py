@@ -1,0 +1,1 @@
+"""PKI, assertions, tokens, JWKS, mutual TLS."""

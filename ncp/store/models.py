@@ -1,0 +1,149 @@
+"""Database models of the study index (design.md section 5).
+
+The index is denormalised for the metadata list: counts, sizes, modalities and body parts are
+kept on the study and series rows, recomputed whenever their instances change, so that a patient
+with hundreds of studies is listed without touching the instance table.
+
+Absent optional values are NULL. Identifier issuers are ``""`` when absent instead, because NULLs
+never collide in a unique constraint and two rows for the same patient would slip in.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Date,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+UID = String(64)
+# Long strings (LO, 64 chars; PN up to 5 x 64) as DICOM allows them, a little wider for joins.
+LO = String(256)
+
+# Stable constraint names keep Alembic migrations identical on SQLite and PostgreSQL.
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Patient(Base):
+    __tablename__ = "patient"
+    __table_args__ = (UniqueConstraint("patient_id", "issuer"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[str] = mapped_column(LO)
+    issuer: Mapped[str] = mapped_column(LO, default="")
+    family_name: Mapped[str | None] = mapped_column(LO)
+    given_name: Mapped[str | None] = mapped_column(LO)
+    birth_date: Mapped[date | None] = mapped_column(Date)
+    sex: Mapped[str | None] = mapped_column(String(16))
+    header_sop_uid: Mapped[str] = mapped_column(UID)
+    """The instance whose header gave these values: the smallest SOP Instance UID seen, so that
+    the index does not depend on the order in which a source lists its instances."""
+
+    studies: Mapped[list[Study]] = relationship(back_populates="patient")
+
+
+class Study(Base):
+    __tablename__ = "study"
+    __table_args__ = (Index(None, "patient_pk", "started"), Index(None, "accession_number"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(UID, unique=True)
+    patient_pk: Mapped[int] = mapped_column(ForeignKey("patient.id"))
+    accession_number: Mapped[str | None] = mapped_column(LO)
+    accession_issuer: Mapped[str | None] = mapped_column(LO)
+    study_id: Mapped[str | None] = mapped_column(LO)
+    started: Mapped[datetime | None] = mapped_column(DateTime)
+    description: Mapped[str | None] = mapped_column(LO)
+    procedure_scheme: Mapped[str | None] = mapped_column(LO)
+    procedure_code: Mapped[str | None] = mapped_column(LO)
+    procedure_meaning: Mapped[str | None] = mapped_column(LO)
+    requesting_service: Mapped[str | None] = mapped_column(LO)
+    requesting_scheme: Mapped[str | None] = mapped_column(LO)
+    requesting_code: Mapped[str | None] = mapped_column(LO)
+    requesting_meaning: Mapped[str | None] = mapped_column(LO)
+    referring_physician: Mapped[str | None] = mapped_column(LO)
+    referring_organization: Mapped[str | None] = mapped_column(LO)
+    institution_name: Mapped[str | None] = mapped_column(LO)
+    modalities: Mapped[str] = mapped_column(LO, default="")
+    """Modalities in study: the series' modalities, sorted, backslash-separated as in DICOM."""
+    body_parts: Mapped[str] = mapped_column(LO, default="")
+    """The series' body parts, sorted, backslash-separated."""
+    num_series: Mapped[int] = mapped_column(Integer, default=0)
+    num_instances: Mapped[int] = mapped_column(Integer, default=0)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    header_sop_uid: Mapped[str] = mapped_column(UID)
+
+    patient: Mapped[Patient] = relationship(back_populates="studies")
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_uid: Mapped[str] = mapped_column(UID, unique=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    number: Mapped[int | None] = mapped_column(Integer)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    description: Mapped[str | None] = mapped_column(LO)
+    body_part: Mapped[str | None] = mapped_column(LO)
+    laterality: Mapped[str | None] = mapped_column(String(16))
+    started: Mapped[datetime | None] = mapped_column(DateTime)
+    num_instances: Mapped[int] = mapped_column(Integer, default=0)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    header_sop_uid: Mapped[str] = mapped_column(UID)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instance"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_uid: Mapped[str] = mapped_column(UID, unique=True)
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    number_of_frames: Mapped[int | None] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    source: Mapped[str] = mapped_column(String(32))
+    locator: Mapped[str] = mapped_column(String(1024))
+
+
+class SourceObject(Base):
+    """What the indexer has seen in a source, so the next run reads only what changed.
+
+    Skipped objects are kept too (with the reason): they are not re-read until they change, and
+    ``ncp index`` can list them.
+    """
+
+    __tablename__ = "source_object"
+    __table_args__ = (UniqueConstraint("source", "locator"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(String(32))
+    locator: Mapped[str] = mapped_column(String(1024))
+    fingerprint: Mapped[str] = mapped_column(String(128))
+    sop_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    skipped_reason: Mapped[str | None] = mapped_column(Text)
+    seen_at: Mapped[datetime] = mapped_column(DateTime)

@@ -1,0 +1,20 @@
+"""Read queries over the study index shared by the CLI and (later) the provider API."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ncp.store.models import Patient, Study
+
+
+def patient_studies(session: Session, patient_id: str, issuer: str) -> list[Study]:
+    """The studies of one patient, newest first. Identifier and issuer match exactly: the
+    index never widens a match the way some archives do (case folding, wildcards)."""
+    stmt = (
+        select(Study)
+        .join(Patient, Patient.id == Study.patient_pk)
+        .where(Patient.patient_id == patient_id, Patient.issuer == issuer)
+        .order_by(Study.started.desc(), Study.study_uid)
+    )
+    return list(session.scalars(stmt))

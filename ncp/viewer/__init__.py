@@ -1,0 +1,1 @@
+"""Option B server-side viewer."""
