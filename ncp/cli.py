@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from ncp import __version__
-from ncp.config import NodeSettings, load_settings
+from ncp.config import FolderArchive, NodeSettings, load_settings
 from ncp.errors import ArchiveError, ConfigError, NcpError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -61,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     index.add_argument("--config", type=Path, required=True, help="the node's TOML file")
     index.add_argument("--json", action="store_true", help="print the run summary as JSON")
     index.add_argument("--batch-size", type=int, default=500)
+    index.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="processes reading headers of a folder archive (default: cores, at most 4)",
+    )
     index.set_defaults(handler=_cmd_index)
 
     studies = sub.add_parser("studies", help="list one patient's studies from the index")
@@ -107,8 +114,10 @@ def _cmd_index(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     engine, sessions = _open_index(settings)
     source = open_archive(settings.archive)
+    # Worker processes only for the folder source: a network source shares its connections.
+    workers = args.workers if isinstance(settings.archive, FolderArchive) else 1
     started = time.perf_counter()
-    run = index_source(sessions, source, batch_size=args.batch_size)
+    run = index_source(sessions, source, batch_size=args.batch_size, workers=workers)
     elapsed = time.perf_counter() - started
     engine.dispose()
     read = run.added + run.updated
@@ -128,8 +137,9 @@ def _cmd_index(args: argparse.Namespace) -> int:
         return EXIT_OK
     rate = f", {read / elapsed:.0f} instances/s" if read and elapsed > 0 else ""
     print(
-        f"indexed {run.source} source: {run.seen} listed, {run.added} added, {run.updated} updated, "
-        f"{run.unchanged} unchanged, {run.removed} removed, {len(run.skipped)} skipped "
+        f"indexed {run.source} source: {run.seen} listed, {run.added} added, "
+        f"{run.updated} updated, {run.unchanged} unchanged, {run.removed} removed, "
+        f"{len(run.skipped)} skipped "
         f"({elapsed:.1f} s{rate})"
     )
     for locator, reason in run.skipped[:50]:
@@ -194,8 +204,9 @@ def _cmd_examples_generate(args: argparse.Namespace) -> int:
     )
     elapsed = time.perf_counter() - started
     print(
-        f"generated {summary.patients} patients, {summary.studies} studies, {summary.series} series, "
-        f"{summary.instances} instances ({summary.bytes / 1e6:.1f} MB), {summary.reports} reports "
+        f"generated {summary.patients} patients, {summary.studies} studies, "
+        f"{summary.series} series, {summary.instances} instances "
+        f"({summary.bytes / 1e6:.1f} MB), {summary.reports} reports "
         f"in {summary.report_versions} versions into {args.out} ({elapsed:.1f} s)"
     )
     return EXIT_OK

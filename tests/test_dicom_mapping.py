@@ -9,8 +9,8 @@ import pydicom
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydicom.dataelem import RawDataElement
 from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
@@ -76,7 +76,8 @@ def test_full_header_maps_every_field() -> None:
 
 
 @pytest.mark.parametrize(
-    "keyword", ["SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID"]
+    "keyword",
+    ["SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID"],
 )
 def test_identity_attributes_are_required(keyword: str) -> None:
     ds = make_instance(**{keyword: None})
@@ -117,7 +118,9 @@ _pn_text = st.text(
     max_size=20,
 )
 _lo_text = st.text(
-    alphabet=st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp"), blacklist_characters="\\"),
+    alphabet=st.characters(
+        blacklist_categories=("Cc", "Cs", "Zl", "Zp"), blacklist_characters="\\"
+    ),
     max_size=64,
 )
 _cs = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_ ", max_size=16)
@@ -127,7 +130,9 @@ _cs = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_ ", max_size=16)
 def odd_headers(draw: st.DrawFn) -> tuple[Dataset, dict[str, object]]:
     family, given = draw(_pn_text), draw(_pn_text)
     body = draw(st.one_of(st.none(), _cs, _cs.map(str.lower)))
-    modalities = draw(st.lists(st.sampled_from(["CT", "MR", "PT", "OT", "SR"]), min_size=1, max_size=3))
+    modalities = draw(
+        st.lists(st.sampled_from(["CT", "MR", "PT", "OT", "SR"]), min_size=1, max_size=3)
+    )
     description = draw(st.one_of(st.none(), _lo_text))
     private = draw(st.booleans())
     ds = make_instance(PatientName=f"{family}^{given}")
@@ -155,7 +160,9 @@ def odd_headers(draw: st.DrawFn) -> tuple[Dataset, dict[str, object]]:
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(odd_headers())
-def test_odd_headers_never_crash_and_map_as_documented(case: tuple[Dataset, dict[str, object]]) -> None:
+def test_odd_headers_never_crash_and_map_as_documented(
+    case: tuple[Dataset, dict[str, object]],
+) -> None:
     ds, expect = case
     rec = map_header(read_back(ds))
     assert rec.patient.family_name == expect["family"]
@@ -185,8 +192,17 @@ def test_private_tags_do_not_change_the_record(case: tuple[Dataset, dict[str, ob
 @given(
     st.dictionaries(
         st.sampled_from(
-            ["StudyDate", "StudyTime", "PatientBirthDate", "SeriesNumber", "InstanceNumber",
-             "NumberOfFrames", "PatientSex", "AccessionNumber", "InstitutionName"]
+            [
+                "StudyDate",
+                "StudyTime",
+                "PatientBirthDate",
+                "SeriesNumber",
+                "InstanceNumber",
+                "NumberOfFrames",
+                "PatientSex",
+                "AccessionNumber",
+                "InstitutionName",
+            ]
         ),
         st.text(max_size=20),
     )
@@ -197,8 +213,6 @@ def test_arbitrary_values_in_tolerated_fields_never_crash(values: dict[str, str]
         # Raw bytes, decoded lazily on access, as a foreign archive or a damaged file hands them.
         tag = Tag(keyword)
         raw = value.encode("utf-8")
-        header.dataset[tag] = RawDataElement(
-            tag, dictionary_VR(tag), len(raw), raw, 0, False, True
-        )
+        header.dataset[tag] = RawDataElement(tag, dictionary_VR(tag), len(raw), raw, 0, False, True)
     rec = map_header(header)
     assert rec.instance.sop_uid == "1.2.826.0.1.3680043.10.1.1.1.1"

@@ -43,8 +43,13 @@ def uid(*parts: int) -> str:
     return ".".join([ROOT, *map(str, parts)])
 
 
-def write_study(folder: Path, patient: str, study: int, series_spec: dict[int, tuple[str, str | None, int]],
-                **attrs: object) -> list[Path]:
+def write_study(
+    folder: Path,
+    patient: str,
+    study: int,
+    series_spec: dict[int, tuple[str, str | None, int]],
+    **attrs: object,
+) -> list[Path]:
     """series_spec: series number -> (modality, body part, number of instances)."""
     paths = []
     for s, (modality, body, count) in series_spec.items():
@@ -64,8 +69,12 @@ def write_study(folder: Path, patient: str, study: int, series_spec: dict[int, t
     return paths
 
 
-def test_index_holds_aggregates_of_its_instances(archive: Path, sessions: sessionmaker[Session]) -> None:
-    paths = write_study(archive, "PAT1", 1, {1: ("CT", "CHEST", 3), 2: ("PT", "CHEST", 2), 3: ("CT", "ABDOMEN", 1)})
+def test_index_holds_aggregates_of_its_instances(
+    archive: Path, sessions: sessionmaker[Session]
+) -> None:
+    paths = write_study(
+        archive, "PAT1", 1, {1: ("CT", "CHEST", 3), 2: ("PT", "CHEST", 2), 3: ("CT", "ABDOMEN", 1)}
+    )
     paths += write_study(archive, "PAT1", 2, {1: ("MR", None, 2)}, StudyDate="20230101")
     run = index_source(sessions, FolderSource(archive))
     assert (run.added, run.skipped, run.studies_touched) == (8, [], 2)
@@ -106,8 +115,13 @@ def test_incremental_add_change_remove(archive: Path, sessions: sessionmaker[Ses
     assert (run.added, run.updated, run.unchanged) == (1, 0, 3)
 
     # Rewrite the representative instance (smallest SOP UID) with a new description.
-    ds = make_instance(patient_id="PAT1", study_uid=uid(1), series_uid=uid(1, 1), sop_uid=uid(1, 1, 1),
-                       StudyDescription="Corrected description")
+    ds = make_instance(
+        patient_id="PAT1",
+        study_uid=uid(1),
+        series_uid=uid(1, 1),
+        sop_uid=uid(1, 1, 1),
+        StudyDescription="Corrected description",
+    )
     write_instance(paths[0], ds)
     os.utime(paths[0], ns=(1, 2_000_000_000_000_000_000))
     run = index_source(sessions, FolderSource(archive))
@@ -124,7 +138,9 @@ def test_incremental_add_change_remove(archive: Path, sessions: sessionmaker[Ses
         assert session.scalars(select(Study)).one().num_instances == 3
 
 
-def test_removing_every_instance_removes_study_and_patient(archive: Path, sessions: sessionmaker[Session]) -> None:
+def test_removing_every_instance_removes_study_and_patient(
+    archive: Path, sessions: sessionmaker[Session]
+) -> None:
     write_study(archive, "PAT1", 1, {1: ("CT", "CHEST", 2)})
     write_study(archive, "PAT2", 2, {1: ("MR", "HEAD", 1)})
     index_source(sessions, FolderSource(archive))
@@ -137,7 +153,9 @@ def test_removing_every_instance_removes_study_and_patient(archive: Path, sessio
         assert session.scalar(select(func.count(SourceObject.id))) == 1
 
 
-def test_moved_file_is_reindexed_not_refused_as_duplicate(archive: Path, sessions: sessionmaker[Session]) -> None:
+def test_moved_file_is_reindexed_not_refused_as_duplicate(
+    archive: Path, sessions: sessionmaker[Session]
+) -> None:
     paths = write_study(archive, "PAT1", 1, {1: ("CT", "CHEST", 2)})
     index_source(sessions, FolderSource(archive))
     target = archive / "moved" / "x.dcm"
@@ -167,7 +185,9 @@ def test_duplicate_sop_instance_is_skipped_and_taken_up_when_original_goes(
         assert session.scalars(select(Instance.locator)).all() == ["zz-copy.dcm"]
 
 
-def test_bad_files_are_skipped_with_reasons_never_fatal(archive: Path, sessions: sessionmaker[Session]) -> None:
+def test_bad_files_are_skipped_with_reasons_never_fatal(
+    archive: Path, sessions: sessionmaker[Session]
+) -> None:
     good = write_study(archive, "PAT1", 1, {1: ("CT", "CHEST", 1)})[0]
     data = good.read_bytes()
     (archive / "empty.dcm").write_bytes(b"")
@@ -180,24 +200,39 @@ def test_bad_files_are_skipped_with_reasons_never_fatal(archive: Path, sessions:
     run = index_source(sessions, FolderSource(archive))
     assert run.added == 1
     reasons = dict(run.skipped)
-    assert set(reasons) == {"empty.dcm", "text.txt", "truncated.dcm", "garbage.dcm", "no-patient.dcm", "link.dcm"}
+    assert set(reasons) == {
+        "empty.dcm",
+        "text.txt",
+        "truncated.dcm",
+        "garbage.dcm",
+        "no-patient.dcm",
+        "link.dcm",
+    }
     assert "no DICM prefix" in reasons["text.txt"]
     assert "no DICM prefix" in reasons["empty.dcm"]
     assert "PatientID" in reasons["no-patient.dcm"]
     assert "symbolic link" in reasons["link.dcm"]
     with sessions() as session:
-        skipped = session.scalar(select(func.count(SourceObject.id)).where(SourceObject.skipped_reason.is_not(None)))
+        skipped = session.scalar(
+            select(func.count(SourceObject.id)).where(SourceObject.skipped_reason.is_not(None))
+        )
         assert skipped == 6
 
     # A skipped file that is repaired is picked up on the next run.
     shutil.copy(good, archive / "truncated.dcm")
-    write_instance(archive / "truncated.dcm", make_instance(patient_id="PAT3", study_uid=uid(3),
-                                                               series_uid=uid(3, 1), sop_uid=uid(3, 1, 1)))
+    write_instance(
+        archive / "truncated.dcm",
+        make_instance(
+            patient_id="PAT3", study_uid=uid(3), series_uid=uid(3, 1), sop_uid=uid(3, 1, 1)
+        ),
+    )
     run = index_source(sessions, FolderSource(archive))
     assert run.added == 1
 
 
-def test_file_that_turns_corrupt_leaves_the_index(archive: Path, sessions: sessionmaker[Session]) -> None:
+def test_file_that_turns_corrupt_leaves_the_index(
+    archive: Path, sessions: sessionmaker[Session]
+) -> None:
     paths = write_study(archive, "PAT1", 1, {1: ("CT", "CHEST", 2)})
     index_source(sessions, FolderSource(archive))
     paths[1].write_bytes(b"overwritten")
@@ -211,9 +246,15 @@ def test_study_attributes_do_not_depend_on_listing_order(tmp_path: Path) -> None
     dumps = []
     for order in (("a", "b"), ("b", "a")):
         folder = tmp_path / "-".join(order)
-        for name, sop, desc in zip(order, (uid(1, 1, 1), uid(1, 1, 2)), ("First", "Second"), strict=True):
-            write_instance(folder / f"{name}.dcm", make_instance(study_uid=uid(1), series_uid=uid(1, 1),
-                                                                  sop_uid=sop, StudyDescription=desc))
+        for name, sop, desc in zip(
+            order, (uid(1, 1, 1), uid(1, 1, 2)), ("First", "Second"), strict=True
+        ):
+            write_instance(
+                folder / f"{name}.dcm",
+                make_instance(
+                    study_uid=uid(1), series_uid=uid(1, 1), sop_uid=sop, StudyDescription=desc
+                ),
+            )
         engine = make_engine(f"sqlite:///{folder}.db")
         migrate(engine)
         sessions = session_factory(engine)
@@ -237,7 +278,9 @@ def test_patient_identifiers_match_exactly(archive: Path, sessions: sessionmaker
         assert patient_studies(session, "PAT200", "other-issuer") == []
 
 
-def test_media_layout_with_dicomdir_indexes_like_a_tree(tmp_path: Path, sessions: sessionmaker[Session]) -> None:
+def test_media_layout_with_dicomdir_indexes_like_a_tree(
+    tmp_path: Path, sessions: sessionmaker[Session]
+) -> None:
     tree = tmp_path / "tree"
     paths = write_study(tree, "PAT1", 1, {1: ("CT", "CHEST", 2), 2: ("MR", "HEAD", 1)})
     media = tmp_path / "media"
@@ -266,3 +309,25 @@ def test_locators_cannot_leave_the_folder(tmp_path: Path) -> None:
     for bad in ("../etc/passwd", "/etc/passwd", "a/../../x", "a//b", "./a", "a\x00b"):
         with pytest.raises(UnreadableInstance, match="leaves the archive folder"):
             source.path_of(bad)
+
+
+def test_worker_processes_build_the_same_index(archive: Path, tmp_path: Path) -> None:
+    write_study(archive, "PAT1", 1, {1: ("CT", "CHEST", 7), 2: ("PT", "CHEST", 5)})
+    write_study(archive, "PAT2", 2, {1: ("MR", "HEAD", 6)})
+    (archive / "junk.bin").write_bytes(b"\x00" * 300)
+    dumps, runs = [], []
+    for workers in (1, 2):
+        engine = make_engine(f"sqlite:///{tmp_path}/w{workers}.db")
+        migrate(engine)
+        sessions = session_factory(engine)
+        runs.append(index_source(sessions, FolderSource(archive), batch_size=4, workers=workers))
+        with sessions() as session:
+            dumps.append(dump_index(session))
+        engine.dispose()
+    assert dumps[0] == dumps[1]
+    assert (
+        runs[0].skipped
+        == runs[1].skipped
+        == [("junk.bin", "not a DICOM Part 10 file (no DICM prefix)")]
+    )
+    assert runs[1].added == 18

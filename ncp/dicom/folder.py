@@ -11,14 +11,17 @@ outside (a URL, a database row) can never reach another file.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterable, Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
+from typing import Literal
 
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import MediaStorageDirectoryStorage
 
+from ncp.dicom.elements import MEDIA_STORAGE_SOP_CLASS_UID, TRANSFER_SYNTAX_UID, uid_value
 from ncp.dicom.source import InstanceHeader, SkippedEntry, SourceEntry
 from ncp.errors import UnreadableInstance
 
@@ -32,6 +35,7 @@ class FolderSource:
 
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
+        self._dirs: dict[str, Path | Literal[False]] = {}
 
     def entries(self) -> Iterator[SourceEntry | SkippedEntry]:
         if not self.root.is_dir():
@@ -63,34 +67,52 @@ class FolderSource:
                 yield SkippedEntry(entry, exc.reason)
 
     def path_of(self, locator: str) -> Path:
-        """The file behind ``locator``; refuses absolute paths and anything outside the root."""
-        rel = PurePosixPath(locator)
-        # Only the canonical form we hand out is accepted: no '..', no '//', no './', no NUL.
-        if rel.is_absolute() or ".." in rel.parts or rel.as_posix() != locator or "\x00" in locator:
+        """The file behind ``locator``; refuses absolute paths and anything outside the root.
+
+        Only the canonical form this source hands out is accepted (no '..', '.', '//', NUL), and
+        the folder is resolved so that a symbolic link inside the tree cannot lead out. The file
+        itself is opened without following a link (see :meth:`_read`).
+        """
+        parts = locator.split("/")
+        if not locator or "\x00" in locator or any(p in ("", ".", "..") for p in parts):
             raise UnreadableInstance(locator, "locator leaves the archive folder")
-        path = (self.root / rel).resolve()
-        if not path.is_relative_to(self.root):
+        # realpath costs a system call per component: resolve each folder once.
+        parent = self._resolved_dir("/".join(parts[:-1]))
+        if parent is None:
             raise UnreadableInstance(locator, "locator leaves the archive folder")
-        return path
+        return parent / parts[-1]
+
+    def _resolved_dir(self, rel_dir: str) -> Path | None:
+        cached = self._dirs.get(rel_dir)
+        if cached is None:
+            resolved = (self.root / rel_dir).resolve()
+            cached = resolved if resolved.is_relative_to(self.root) else False
+            self._dirs[rel_dir] = cached
+        return cached or None
 
     def _read(self, entry: SourceEntry) -> InstanceHeader:
         path = self.path_of(entry.locator)
         try:
-            size = path.stat().st_size
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            # O_NOFOLLOW: a file replaced by a link after listing is refused, not followed.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                ds = pydicom.dcmread(fh, stop_before_pixels=True)
         except InvalidDicomError:
             raise UnreadableInstance(
                 entry.locator, "not a DICOM Part 10 file (no DICM prefix)"
             ) from None
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnreadableInstance(entry.locator, "symbolic link: not followed") from None
             raise UnreadableInstance(entry.locator, f"cannot be read: {exc.strerror}") from None
         except Exception as exc:  # truncated or corrupt: pydicom raises many kinds
             raise UnreadableInstance(
                 entry.locator, f"corrupt DICOM: {type(exc).__name__}: {exc}"
             ) from None
         meta = ds.file_meta
-        syntax = str(meta.get("TransferSyntaxUID", "") or "").strip()
-        if meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage:
+        syntax = uid_value(meta, TRANSFER_SYNTAX_UID) or ""
+        if uid_value(meta, MEDIA_STORAGE_SOP_CLASS_UID) == MediaStorageDirectoryStorage:
             raise UnreadableInstance(entry.locator, "a media directory (DICOMDIR), not an instance")
         if not syntax:
             raise UnreadableInstance(entry.locator, "no Transfer Syntax UID in the file meta")

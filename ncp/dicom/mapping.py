@@ -19,16 +19,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
-from typing import Any
 
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
-from pydicom.valuerep import PersonName
 
+from ncp.dicom.elements import encodings_of, inherit_encodings, text_value
 from ncp.dicom.source import InstanceHeader
 from ncp.errors import UnreadableInstance
 
 _UID = re.compile(r"^[0-9.]{1,64}$")
+_TAGS: dict[str, int] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,44 +172,33 @@ def map_header(header: InstanceHeader) -> IndexRecord:
     return IndexRecord(patient, study, series, instance, tuple(notes))
 
 
-def _raw(ds: Dataset, keyword: str) -> Any:
-    try:
-        element = ds.get(keyword)
-    except Exception:  # a value pydicom cannot convert: treat as absent
-        return None
-    return None if element is None else element
-
-
 def _clean(value: str) -> str | None:
     cleaned = value.replace("\x00", "").strip()
     return cleaned or None
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
-    value = _raw(ds, keyword)
+    tag = _TAGS.get(keyword)
+    if tag is None:
+        tag = _TAGS[keyword] = int(tag_for_keyword(keyword) or 0)
+    value = text_value(ds, tag, encodings_of(ds))
     if value is None:
         return None
-    if isinstance(value, MultiValue | list | tuple):
-        # VM 1 attributes carrying several values: the first one is the one we can defend.
-        for item in value:
-            text = _clean(str(item))
-            if text:
-                return text
-        return None
-    return _clean(str(value))
+    # VM 1 attributes carrying several values: the first non-empty one is the one we can defend.
+    for item in value.split("\\"):
+        text = _clean(item)
+        if text:
+            return text
+    return None
 
 
 def _person(ds: Dataset, keyword: str) -> tuple[str | None, str | None]:
-    value = _raw(ds, keyword)
-    if isinstance(value, MultiValue | list | tuple):
-        value = value[0] if value else None
+    value = _text(ds, keyword)
     if value is None:
         return None, None
-    name = value if isinstance(value, PersonName) else PersonName(str(value))
-    try:
-        return _clean(name.family_name), _clean(name.given_name)
-    except Exception:
-        return _clean(str(value)), None
+    # Alphabetic group only (before '='); components family^given^middle^prefix^suffix.
+    parts = value.split("=")[0].split("^")
+    return _clean(parts[0]), _clean(parts[1]) if len(parts) > 1 else None
 
 
 def _person_display(ds: Dataset, keyword: str) -> str | None:
@@ -234,7 +223,10 @@ def _date(ds: Dataset, keyword: str, notes: list[str]) -> date | None:
     if text is None:
         return None
     try:
-        return datetime.strptime(text[:8], "%Y%m%d").date()
+        # DA is YYYYMMDD; strptime would also accept '2024 1 2' and is ten times slower.
+        if len(text) < 8 or not text[:8].isdigit():
+            raise ValueError
+        return date(int(text[0:4]), int(text[4:6]), int(text[6:8]))
     except ValueError:
         notes.append(f"{keyword} is not a DICOM date: {text[:40]!r}")
         return None
@@ -262,11 +254,16 @@ def _datetime(ds: Dataset, date_kw: str, time_kw: str, notes: list[str]) -> date
 
 
 def _first_item(ds: Dataset, keyword: str) -> Dataset | None:
-    seq = _raw(ds, keyword)
     try:
-        return seq[0] if seq else None
-    except (TypeError, IndexError):
+        seq = ds.get(keyword)
+        item = seq[0] if seq else None
+    except Exception:  # a malformed sequence is treated as absent
         return None
+    if isinstance(item, Dataset):
+        # Items inherit the character set of the data set that holds them.
+        inherit_encodings(item, ds)
+        return item
+    return None
 
 
 def _first_code(ds: Dataset, keyword: str) -> Code | None:

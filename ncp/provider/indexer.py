@@ -16,16 +16,20 @@ source lists them in: a folder and an archive holding the same files index ident
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import multiprocessing
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import islice
 from typing import Any
 
 from sqlalchemy import bindparam, delete, func, insert, select, tuple_, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ncp.dicom.mapping import IndexRecord, map_header
-from ncp.dicom.source import ArchiveSource, InstanceHeader, SkippedEntry, SourceEntry
+from ncp.dicom.source import ArchiveSource, SkippedEntry, SourceEntry
 from ncp.errors import UnreadableInstance
 from ncp.store.models import Instance, Patient, Series, SourceObject, Study
 
@@ -59,9 +63,15 @@ def index_source(
     source: ArchiveSource,
     *,
     batch_size: int = 500,
+    workers: int = 1,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC).replace(tzinfo=None),
 ) -> IndexRun:
-    """Bring the index up to date with ``source``. Safe to run again at any time."""
+    """Bring the index up to date with ``source``. Safe to run again at any time.
+
+    With ``workers`` > 1, headers are read and mapped in that many forked processes while this
+    one writes to the database; the source must then be usable from a forked child (the folder
+    source is; a source holding open network connections is not).
+    """
     run = IndexRun(source=source.name)
     with sessions() as session:
         known = _load_known(session, source.name)
@@ -101,9 +111,8 @@ def index_source(
         else:
             run.unchanged += 1
 
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start : start + batch_size]
-        results = list(source.read_headers(batch))
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    for results in _mapped_batches(source, batches, workers):
         with sessions.begin() as session:
             _apply_batch(session, source.name, results, known, run, touched, clock())
 
@@ -187,10 +196,70 @@ def _record_skips(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Mapped:
+    entry: SourceEntry
+    record: IndexRecord
+
+
+def _read_and_map(
+    source: ArchiveSource, batch: Sequence[SourceEntry]
+) -> list[_Mapped | SkippedEntry]:
+    out: list[_Mapped | SkippedEntry] = []
+    for result in source.read_headers(batch):
+        if isinstance(result, SkippedEntry):
+            out.append(result)
+            continue
+        try:
+            out.append(_Mapped(result.entry, map_header(result)))
+        except UnreadableInstance as exc:
+            out.append(SkippedEntry(result.entry, exc.reason))
+    return out
+
+
+_worker_source: ArchiveSource | None = None
+
+
+def _init_worker(source: ArchiveSource) -> None:
+    global _worker_source
+    _worker_source = source
+
+
+def _worker_batch(batch: Sequence[SourceEntry]) -> list[_Mapped | SkippedEntry]:
+    assert _worker_source is not None
+    return _read_and_map(_worker_source, batch)
+
+
+def _mapped_batches(
+    source: ArchiveSource, batches: list[list[SourceEntry]], workers: int
+) -> Iterator[list[_Mapped | SkippedEntry]]:
+    """Mapped batches in order; with workers, at most two batches a worker are in flight, so
+    memory stays bounded however large the archive is."""
+    if workers <= 1 or len(batches) <= 1:
+        for batch in batches:
+            yield _read_and_map(source, batch)
+        return
+    # fork: the source reaches the children without being pickled.
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_init_worker, initargs=(source,)
+    ) as pool:
+        pending: deque[Future[list[_Mapped | SkippedEntry]]] = deque()
+        queue = iter(batches)
+        for batch in islice(queue, workers * 2):
+            pending.append(pool.submit(_worker_batch, batch))
+        while pending:
+            done = pending.popleft().result()
+            following = next(queue, None)
+            if following is not None:
+                pending.append(pool.submit(_worker_batch, following))
+            yield done
+
+
 def _apply_batch(
     session: Session,
     source: str,
-    results: Sequence[InstanceHeader | SkippedEntry],
+    results: Sequence[_Mapped | SkippedEntry],
     known: dict[str, _Known],
     run: IndexRun,
     touched: set[int],
@@ -203,11 +272,7 @@ def _apply_batch(
         if isinstance(result, SkippedEntry):
             skips.append(result)
             continue
-        try:
-            record = map_header(result)
-        except UnreadableInstance as exc:
-            skips.append(SkippedEntry(result.entry, exc.reason))
-            continue
+        record = result.record
         sop = record.instance.sop_uid
         if sop in records:
             skips.append(SkippedEntry(result.entry, f"duplicate of {records[sop][0].locator}"))
@@ -295,7 +360,7 @@ def _apply_batch(
     )
 
 
-def _locator_of(result: InstanceHeader | SkippedEntry) -> str:
+def _locator_of(result: _Mapped | SkippedEntry) -> str:
     return result.entry.locator
 
 
@@ -323,133 +388,139 @@ def _representatives(
     return best
 
 
-def _upsert_patients(session: Session, rows: list[IndexRecord]) -> dict[tuple[str, str], int]:
+def _upsert_patients(session: Session, rows: list[IndexRecord]) -> dict[tuple[str, ...], int]:
     reps = _representatives(rows, lambda r: (r.patient.patient_id, r.patient.issuer or ""))
-    keys = list(reps)
-    current: dict[tuple[str, str], tuple[int, str]] = {}
-    for chunk in _chunks(keys):
-        for pk, pid, issuer, sop in session.execute(
-            select(Patient.id, Patient.patient_id, Patient.issuer, Patient.header_sop_uid).where(
-                tuple_(Patient.patient_id, Patient.issuer).in_(chunk)
-            )
-        ):
-            current[(pid, issuer)] = (pk, sop)
-    result: dict[tuple[str, str], int] = {}
-    for key, rec in reps.items():
-        p = rec.patient
-        values = {
-            "family_name": p.family_name,
-            "given_name": p.given_name,
-            "birth_date": p.birth_date,
-            "sex": p.sex,
-            "header_sop_uid": rec.instance.sop_uid,
-        }
-        if key not in current:
-            pk = session.execute(
-                insert(Patient)
-                .values(patient_id=key[0], issuer=key[1], **values)
-                .returning(Patient.id)
-            ).scalar_one()
-            result[key] = pk
-            continue
-        pk, sop = current[key]
-        if rec.instance.sop_uid <= sop:
-            session.execute(update(Patient).where(Patient.id == pk).values(**values))
-        result[key] = pk
-    return result
+    levels = {
+        key: (
+            rec.instance.sop_uid,
+            {
+                "family_name": rec.patient.family_name,
+                "given_name": rec.patient.given_name,
+                "birth_date": rec.patient.birth_date,
+                "sex": rec.patient.sex,
+            },
+        )
+        for key, rec in reps.items()
+    }
+    return _upsert(session, Patient, ("patient_id", "issuer"), levels)
 
 
 def _upsert_studies(
-    session: Session, rows: list[IndexRecord], patient_pks: dict[tuple[str, str], int]
+    session: Session, rows: list[IndexRecord], patient_pks: dict[tuple[str, ...], int]
 ) -> dict[str, int]:
     reps = _representatives(rows, lambda r: r.study.study_uid)
-    current = _current(session, Study, Study.study_uid, list(reps))
-    result: dict[str, int] = {}
+    levels = {}
     for uid, rec in reps.items():
         s = rec.study
-        values = {
-            "patient_pk": patient_pks[(rec.patient.patient_id, rec.patient.issuer or "")],
-            "accession_number": s.accession_number,
-            "accession_issuer": s.accession_issuer,
-            "study_id": s.study_id,
-            "started": s.started,
-            "description": s.description,
-            "procedure_scheme": s.procedure_code.scheme if s.procedure_code else None,
-            "procedure_code": s.procedure_code.value if s.procedure_code else None,
-            "procedure_meaning": s.procedure_code.meaning if s.procedure_code else None,
-            "requesting_service": s.requesting_service,
-            "requesting_scheme": s.requesting_service_code.scheme
-            if s.requesting_service_code
-            else None,
-            "requesting_code": s.requesting_service_code.value
-            if s.requesting_service_code
-            else None,
-            "requesting_meaning": (
-                s.requesting_service_code.meaning if s.requesting_service_code else None
-            ),
-            "referring_physician": s.referring_physician,
-            "referring_organization": s.referring_organization,
-            "institution_name": s.institution_name,
-            "header_sop_uid": rec.instance.sop_uid,
-        }
-        result[uid] = _insert_or_update(
-            session, Study, current.get(uid), rec, {"study_uid": uid}, values
+        proc, req = s.procedure_code, s.requesting_service_code
+        levels[(uid,)] = (
+            rec.instance.sop_uid,
+            {
+                "patient_pk": patient_pks[(rec.patient.patient_id, rec.patient.issuer or "")],
+                "accession_number": s.accession_number,
+                "accession_issuer": s.accession_issuer,
+                "study_id": s.study_id,
+                "started": s.started,
+                "description": s.description,
+                "procedure_scheme": proc.scheme if proc else None,
+                "procedure_code": proc.value if proc else None,
+                "procedure_meaning": proc.meaning if proc else None,
+                "requesting_service": s.requesting_service,
+                "requesting_scheme": req.scheme if req else None,
+                "requesting_code": req.value if req else None,
+                "requesting_meaning": req.meaning if req else None,
+                "referring_physician": s.referring_physician,
+                "referring_organization": s.referring_organization,
+                "institution_name": s.institution_name,
+            },
         )
-    return result
+    return {key[0]: pk for key, pk in _upsert(session, Study, ("study_uid",), levels).items()}
 
 
 def _upsert_series(
     session: Session, rows: list[IndexRecord], study_pks: dict[str, int]
 ) -> dict[str, int]:
     reps = _representatives(rows, lambda r: r.series.series_uid)
-    current = _current(session, Series, Series.series_uid, list(reps))
-    result: dict[str, int] = {}
-    for uid, rec in reps.items():
-        s = rec.series
-        values = {
-            "study_pk": study_pks[rec.study.study_uid],
-            "number": s.number,
-            "modality": s.modality,
-            "description": s.description,
-            "body_part": s.body_part,
-            "laterality": s.laterality,
-            "started": s.started,
-            "header_sop_uid": rec.instance.sop_uid,
-        }
-        result[uid] = _insert_or_update(
-            session, Series, current.get(uid), rec, {"series_uid": uid}, values
+    levels = {
+        (uid,): (
+            rec.instance.sop_uid,
+            {
+                "study_pk": study_pks[rec.study.study_uid],
+                "number": rec.series.number,
+                "modality": rec.series.modality,
+                "description": rec.series.description,
+                "body_part": rec.series.body_part,
+                "laterality": rec.series.laterality,
+                "started": rec.series.started,
+            },
         )
-    return result
+        for uid, rec in reps.items()
+    }
+    return {key[0]: pk for key, pk in _upsert(session, Series, ("series_uid",), levels).items()}
+
+
+_Level = type[Patient] | type[Study] | type[Series]
+
+
+def _upsert(
+    session: Session,
+    model: _Level,
+    key_columns: tuple[str, ...],
+    levels: dict[tuple[str, ...], tuple[str, dict[str, Any]]],
+) -> dict[tuple[str, ...], int]:
+    """Insert the new rows and update those whose header instance sorts first, in bulk.
+
+    ``levels`` maps each key to (SOP Instance UID of its header, column values). An existing row
+    is overwritten only by a header whose SOP Instance UID is not larger than the one it has.
+    """
+    current = _current(session, model, key_columns, list(levels))
+    stale = [
+        {"row_pk": current[key][0], "header_sop_uid": sop, **values}
+        for key, (sop, values) in levels.items()
+        if key in current and sop <= current[key][1]
+    ]
+    new_keys = [k for k in levels if k not in current]
+    if new_keys:
+        session.execute(
+            insert(model),
+            [
+                {
+                    **dict(zip(key_columns, key, strict=True)),
+                    **levels[key][1],
+                    "header_sop_uid": levels[key][0],
+                }
+                for key in new_keys
+            ],
+        )
+        current.update(_current(session, model, key_columns, new_keys))
+    if stale:
+        table = model.__table__
+        columns = [c for c in stale[0] if c != "row_pk"]
+        # executemany UPDATE: bind names must differ from column names, hence the prefix.
+        stmt = (
+            update(table)
+            .where(table.c.id == bindparam("row_pk"))
+            .values({c: bindparam(f"v_{c}") for c in columns})
+        )
+        session.execute(
+            stmt,
+            [{"row_pk": row["row_pk"], **{f"v_{c}": row[c] for c in columns}} for row in stale],
+        )
+    return {key: current[key][0] for key in levels}
 
 
 def _current(
-    session: Session, model: type[Study] | type[Series], column: Any, uids: list[str]
-) -> dict[str, tuple[int, str]]:
-    found: dict[str, tuple[int, str]] = {}
-    for chunk in _chunks(uids):
-        for pk, uid, sop in session.execute(
-            select(model.id, column, model.header_sop_uid).where(column.in_(chunk))
+    session: Session, model: _Level, key_columns: tuple[str, ...], keys: list[tuple[str, ...]]
+) -> dict[tuple[str, ...], tuple[int, str]]:
+    cols = [getattr(model, c) for c in key_columns]
+    found: dict[tuple[str, ...], tuple[int, str]] = {}
+    for chunk in _chunks(keys):
+        where = cols[0].in_([k[0] for k in chunk]) if len(cols) == 1 else tuple_(*cols).in_(chunk)
+        for pk, sop, *key in session.execute(
+            select(model.id, model.header_sop_uid, *cols).where(where)
         ):
-            found[uid] = (pk, sop)
+            found[tuple(key)] = (pk, sop)
     return found
-
-
-def _insert_or_update(
-    session: Session,
-    model: type[Study] | type[Series],
-    current: tuple[int, str] | None,
-    rec: IndexRecord,
-    key: dict[str, str],
-    values: dict[str, Any],
-) -> int:
-    if current is None:
-        return int(
-            session.execute(insert(model).values(**key, **values).returning(model.id)).scalar_one()
-        )
-    pk, sop = current
-    if rec.instance.sop_uid <= sop:
-        session.execute(update(model).where(model.id == pk).values(**values))
-    return pk
 
 
 def _recompute(session: Session, study_pks: set[int]) -> None:
