@@ -23,7 +23,7 @@ from pydicom.uid import MediaStorageDirectoryStorage
 
 from ncp.dicom.elements import MEDIA_STORAGE_SOP_CLASS_UID, TRANSFER_SYNTAX_UID, uid_value
 from ncp.dicom.source import InstanceHeader, SkippedEntry, SourceEntry
-from ncp.errors import UnreadableInstance
+from ncp.errors import ArchiveError, UnreadableInstance
 
 DICOMDIR = "DICOMDIR"
 
@@ -39,7 +39,7 @@ class FolderSource:
 
     def entries(self) -> Iterator[SourceEntry | SkippedEntry]:
         if not self.root.is_dir():
-            raise FileNotFoundError(f"archive folder does not exist: {self.root}")
+            raise ArchiveError(f"archive folder does not exist: {self.root}")
         for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
             # Sorted walk: the same tree is always listed in the same order.
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))

@@ -23,9 +23,9 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import islice
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import bindparam, delete, func, insert, select, tuple_, update
+from sqlalchemy import Table, bindparam, delete, func, insert, select, tuple_, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ncp.dicom.mapping import IndexRecord, map_header
@@ -390,7 +390,7 @@ def _representatives(
 
 def _upsert_patients(session: Session, rows: list[IndexRecord]) -> dict[tuple[str, ...], int]:
     reps = _representatives(rows, lambda r: (r.patient.patient_id, r.patient.issuer or ""))
-    levels = {
+    levels: _Levels = {
         key: (
             rec.instance.sop_uid,
             {
@@ -409,7 +409,7 @@ def _upsert_studies(
     session: Session, rows: list[IndexRecord], patient_pks: dict[tuple[str, ...], int]
 ) -> dict[str, int]:
     reps = _representatives(rows, lambda r: r.study.study_uid)
-    levels = {}
+    levels: _Levels = {}
     for uid, rec in reps.items():
         s = rec.study
         proc, req = s.procedure_code, s.requesting_service_code
@@ -441,7 +441,7 @@ def _upsert_series(
     session: Session, rows: list[IndexRecord], study_pks: dict[str, int]
 ) -> dict[str, int]:
     reps = _representatives(rows, lambda r: r.series.series_uid)
-    levels = {
+    levels: _Levels = {
         (uid,): (
             rec.instance.sop_uid,
             {
@@ -460,13 +460,18 @@ def _upsert_series(
 
 
 _Level = type[Patient] | type[Study] | type[Series]
+_Levels = dict[tuple[str, ...], tuple[str, dict[str, Any]]]
+
+
+def _table(model: _Level) -> Table:
+    return cast(Table, model.__table__)
 
 
 def _upsert(
     session: Session,
     model: _Level,
     key_columns: tuple[str, ...],
-    levels: dict[tuple[str, ...], tuple[str, dict[str, Any]]],
+    levels: _Levels,
 ) -> dict[tuple[str, ...], int]:
     """Insert the new rows and update those whose header instance sorts first, in bulk.
 
@@ -494,7 +499,7 @@ def _upsert(
         )
         current.update(_current(session, model, key_columns, new_keys))
     if stale:
-        table = model.__table__
+        table = _table(model)
         columns = [c for c in stale[0] if c != "row_pk"]
         # executemany UPDATE: bind names must differ from column names, hence the prefix.
         stmt = (
@@ -545,8 +550,8 @@ def _recompute(session: Session, study_pks: set[int]) -> None:
         ]
         if series_updates:
             session.execute(
-                update(Series.__table__)
-                .where(Series.__table__.c.id == bindparam("pk"))
+                update(_table(Series))
+                .where(_table(Series).c.id == bindparam("pk"))
                 .values(num_instances=bindparam("n"), size_bytes=bindparam("size")),
                 series_updates,
             )
@@ -583,8 +588,8 @@ def _recompute(session: Session, study_pks: set[int]) -> None:
         ]
         if study_updates:
             session.execute(
-                update(Study.__table__)
-                .where(Study.__table__.c.id == bindparam("pk"))
+                update(_table(Study))
+                .where(_table(Study).c.id == bindparam("pk"))
                 .values(
                     num_series=bindparam("ns"),
                     num_instances=bindparam("n"),

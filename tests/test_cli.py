@@ -1,0 +1,95 @@
+"""The ncp command, in-process through main() and as the installed console script."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ncp import __version__
+from ncp.cli import main
+from tests.support.dicom_factory import make_instance, write_instance
+
+
+def node_config(tmp_path: Path, archive: Path) -> Path:
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f"""
+[node]
+country = "AT"
+patient_id_issuer = ""
+
+[database]
+url = "sqlite:///{tmp_path / "index.db"}"
+
+[archive]
+kind = "folder"
+path = "{archive}"
+""",
+        encoding="utf-8",
+    )
+    return config
+
+
+def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"ncp {__version__}"
+    assert main([]) == 2
+    assert "demo" in capsys.readouterr().out
+
+
+def test_index_then_studies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    archive = tmp_path / "archive"
+    for i in (1, 2):
+        write_instance(
+            archive / f"{i}.dcm",
+            make_instance(
+                study_uid=f"1.2.3.{i}", series_uid=f"1.2.3.{i}.1", sop_uid=f"1.2.3.{i}.1.1"
+            ),
+        )
+    (archive / "readme.txt").write_text("not DICOM")
+    config = node_config(tmp_path, archive)
+
+    assert main(["index", "--config", str(config), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["added"], summary["listed"]) == (2, 3)
+    assert summary["skipped"] == [
+        {"locator": "readme.txt", "reason": "not a DICOM Part 10 file (no DICM prefix)"}
+    ]
+
+    assert main(["index", "--config", str(config)]) == 0
+    assert "0 added, 0 updated, 3 unchanged" in capsys.readouterr().out
+
+    assert main(["studies", "--config", str(config), "--patient", "PAT-1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("2 studies, newest first:")
+    assert main(["studies", "--config", str(config), "--patient", "pat-1"]) == 1
+
+
+def test_missing_archive_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = node_config(tmp_path, tmp_path / "absent")
+    assert main(["index", "--config", str(config)]) == 1
+    assert "archive folder does not exist" in capsys.readouterr().err
+
+
+def test_installed_command_runs() -> None:
+    exe = shutil.which("ncp")
+    assert exe is not None, "the ncp console script is not installed (pip install -e .)"
+    done = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False)
+    assert (done.returncode, done.stdout.strip()) == (0, f"ncp {__version__}")
+    done = subprocess.run(
+        [sys.executable, "-m", "ncp", "config", "/nonexistent.toml"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "no such config file" in done.stderr
