@@ -85,7 +85,9 @@ def test_identity_attributes_are_required(keyword: str) -> None:
         map_header(read_back(ds))
 
 
-@pytest.mark.parametrize("bad", ["1.2.3*", "../1.2", "1.2.3 4", "x" * 10, "1." * 40])
+@pytest.mark.parametrize(
+    "bad", ["1.2.3*", "../1.2", "1.2.3 4", "x" * 10, "1." * 40, "..", ".", "1..2", "1.2."]
+)
 def test_malformed_uid_is_refused(bad: str) -> None:
     header = read_back(make_instance())
     header.dataset.StudyInstanceUID = bad

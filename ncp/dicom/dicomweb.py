@@ -8,8 +8,9 @@ folder holding the same files, so the storage facts a folder gets from the file 
 instance is retrieved *as stored* (``transfer-syntax=*``, no transcoding), streamed, and only
 counted; the first bytes of each part are parsed for the file meta. The bodies are never kept.
 
-Nothing the archive answers is trusted blindly: every UID that goes into a URL matches
-``^[0-9.]{1,64}$`` (locators handed in by a caller and UIDs the archive itself lists alike), every
+Nothing the archive answers is trusted blindly: every UID that goes into a URL is 1-64 digits and
+dots with no empty component (:data:`UID_PATTERN`; locators handed in by a caller and UIDs the
+archive itself lists alike), every
 metadata item must name the study it was asked for and a SOP Instance UID, every retrieved part
 must be a Part 10 object of the instance asked for. What fails those checks becomes a
 :class:`~ncp.dicom.source.SkippedEntry` with a reason; an archive that cannot be reached, times out
@@ -18,13 +19,19 @@ or answers an HTTP error or a body that is not what was asked for raises
 
 Locators are ``{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}``; the fingerprint is empty
 because an instance is immutable under its SOP Instance UID.
+
+The archive must not cap QIDO-RS results below :attr:`DicomwebSource.page_size`: Orthanc with
+``LimitFindResults``/``LimitFindInstances`` set truncates silently (N+1 results, no Warning header)
+and its ``offset`` cannot reach past the cap. A short instance listing is caught (the study's
+NumberOfStudyRelatedInstances) and completed from the study metadata; a short study listing
+cannot be detected.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
-import re
+import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -41,14 +48,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
 
 from ncp.dicom.source import InstanceHeader, SkippedEntry, SourceEntry
+from ncp.dicom.uids import UID_PATTERN
 from ncp.errors import ArchiveError, ConfigError, UnreadableInstance
-
-UID_PATTERN = re.compile(r"(?=[0-9.]{1,64}\Z)[0-9]+(?:\.[0-9]+)*")
-"""A UID as it may appear in a URL to the archive (always used with ``fullmatch``): 1-64 ASCII
-digits and dots, dot-separated non-empty components, so no wildcard (``*``, ``?``), no ``.`` or
-``..`` path segment, no path or query syntax, no percent-encoding can ever reach the archive.
-Leading zeros in a component (illegal, seen in the wild) are let through: they are harmless in a
-URL, and refusing them would make such instances unreachable."""
 
 _TAG_SOP_INSTANCE = "00080018"
 _TAG_STUDY = "0020000D"
@@ -151,23 +152,37 @@ class DicomwebSource:
         self.url = url.rstrip("/")
         self.display_url = _display_url(self.url)
         self.timeout_s = timeout_s
-        hdrs = dict(headers or {})
+        self._headers = dict(headers or {})
+        self._netloc = parts.netloc
+        self._last_metadata: tuple[str, frozenset[str], list[Any]] | None = None
+        self._connect()
+
+    def _connect(self) -> None:
+        self._pid = os.getpid()
         # QIDO-RS and study metadata through dicomweb-client. No retries inside a request: a
         # failing archive fails the index run at once with ArchiveError, and the next run resumes.
-        self._client = DICOMwebClient(self.url, headers=hdrs, timeout=timeout_s)
+        self._client = DICOMwebClient(self.url, headers=self._headers, timeout=self.timeout_s)
         self._client.set_http_retry_params(retry=False)
         # dicomweb-client sends "Host: <host>" without the port; RFC 9110 wants the port when it
         # is not the default (virtual hosts and reverse proxies route on it).
-        self._client.host = parts.netloc
+        self._client.host = self._netloc
         # A redirect is never followed (it could take our headers to another host): the
         # configured URL must be the archive's own.
         self._client._session.max_redirects = 0
         # Retrieves for sizes through httpx, streamed: dicomweb-client would load whole parts.
         self._http = httpx.Client(
-            timeout=httpx.Timeout(timeout_s),
-            headers={**hdrs, "Accept-Encoding": "identity"},
+            timeout=httpx.Timeout(self.timeout_s),
+            headers={**self._headers, "Accept-Encoding": "identity"},
             follow_redirects=False,
         )
+
+    def _own_connections(self) -> None:
+        """In a forked child (the indexer's worker processes) open new connections: the ones
+        inherited from the parent would carry two conversations on one socket. The inherited
+        clients are dropped, not closed, so the parent's connections stay intact."""
+        if os.getpid() != self._pid:
+            self._connect()
+            self._last_metadata = None
 
     def close(self) -> None:
         self._http.close()
@@ -187,6 +202,8 @@ class DicomwebSource:
     def entries(self) -> Iterator[SourceEntry | SkippedEntry]:
         """Every instance, sorted by locator: all studies are listed first (QIDO-RS, paged),
         then each study's instances."""
+        self._own_connections()
+        self._last_metadata = None  # metadata read from here on is newer than the listing
         studies: dict[str, int | None] = {}
         for item in self._paged("listing studies (QIDO-RS /studies)", self._search_studies):
             uid = _json_uid(item, _TAG_STUDY)
@@ -241,13 +258,7 @@ class DicomwebSource:
                 take(item, "QIDO-RS answer")
             if expected is not None and len(found) < expected:
                 action = f"listing the instances of study {study} from its metadata (WADO-RS)"
-                items = self._call(action, partial(self._client.retrieve_study_metadata, study))
-                if not isinstance(items, list):
-                    raise ArchiveError(
-                        f"DICOMweb archive {self.display_url}: {action}: the answer is not a "
-                        "JSON array"
-                    )
-                for item in items:
+                for item in self._study_metadata(study, action, None):
                     take(item, "WADO-RS metadata")
         except _NotFound:
             return  # deleted since the study list was read: nothing to list
@@ -298,6 +309,7 @@ class DicomwebSource:
     ) -> Iterator[InstanceHeader | SkippedEntry]:
         """Headers of the given entries: one metadata request per study, and the stored objects
         retrieved (streamed, counted) for their size and transfer syntax."""
+        self._own_connections()
         by_study: dict[str, dict[str, _Wanted]] = defaultdict(dict)
         for entry in entries:
             try:
@@ -311,7 +323,9 @@ class DicomwebSource:
             elif wanted.series == series:
                 wanted.entries.append(entry)
             else:
-                yield SkippedEntry(entry, f"instance {sop} is also asked for in series {series}")
+                yield SkippedEntry(
+                    entry, f"instance {sop} is also asked for in series {wanted.series}"
+                )
         for study in sorted(by_study):
             yield from self._read_study(study, by_study[study])
 
@@ -320,16 +334,12 @@ class DicomwebSource:
     ) -> Iterator[InstanceHeader | SkippedEntry]:
         action = f"reading the metadata of study {study} (WADO-RS)"
         try:
-            items = self._call(action, lambda: self._client.retrieve_study_metadata(study))
+            items = self._study_metadata(study, action, wanted.keys())
         except _NotFound:
             for gone in wanted.values():
                 for entry in gone.entries:
                     yield SkippedEntry(entry, "study no longer in the archive")
             return
-        if not isinstance(items, list):
-            raise ArchiveError(
-                f"DICOMweb archive {self.display_url}: {action}: the answer is not a JSON array"
-            )
 
         # Which instance each metadata item describes; items that cannot be placed are counted.
         malformed: list[str] = []
@@ -405,6 +415,27 @@ class DicomwebSource:
                     size_bytes=facts.size,
                     transfer_syntax_uid=facts.transfer_syntax_uid,
                 )
+
+    def _study_metadata(self, study: str, action: str, sops: Iterable[str] | None) -> list[Any]:
+        """The study's metadata items (a JSON array). The last study read is kept: the indexer
+        reads a large study in several batches, and each would otherwise fetch the whole study
+        metadata again. The kept answer is used only when it holds every instance asked for
+        (``sops``; None always asks the archive), and is dropped when a new listing starts, so
+        it is never older than the listing the entries come from."""
+        last = self._last_metadata
+        if sops is not None and last is not None and last[0] == study and last[1].issuperset(sops):
+            return last[2]
+        self._last_metadata = None
+        items = self._call(action, partial(self._client.retrieve_study_metadata, study))
+        if not isinstance(items, list):
+            raise ArchiveError(
+                f"DICOMweb archive {self.display_url}: {action}: the answer is not a JSON array"
+            )
+        held = frozenset(
+            u for u in (_json_uid(i, _TAG_SOP_INSTANCE) for i in items) if isinstance(u, str)
+        )
+        self._last_metadata = (study, held, items)
+        return items
 
     # -- sizes and transfer syntaxes from the stored objects ---------------------------------
 

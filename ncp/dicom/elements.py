@@ -9,6 +9,7 @@ that are already converted (data sets built from DICOM JSON) take the ordinary p
 from __future__ import annotations
 
 from pydicom import charset
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -59,7 +60,9 @@ def text_value(ds: Dataset, tag: int, encodings: list[str] | None) -> str | None
             return None
         if not isinstance(raw, bytes):
             return str(raw)
-        if elem.VR in _TEXT_VRS and encodings is not None:
+        # Implicit VR files carry no VR: the data dictionary says which one the tag has.
+        vr = elem.VR or _dictionary_vr(tag)
+        if vr in _TEXT_VRS and encodings is not None:
             try:
                 return charset.decode_bytes(raw, encodings, _DELIMITERS)
             except Exception:
@@ -71,6 +74,13 @@ def text_value(ds: Dataset, tag: int, encodings: list[str] | None) -> str | None
     if isinstance(value, MultiValue | list | tuple):
         return "\\".join(str(v) for v in value)
     return str(value)
+
+
+def _dictionary_vr(tag: int) -> str | None:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:  # private or unknown: no character-set text we could know of
+        return None
 
 
 def uid_value(ds: Dataset, tag: int) -> str | None:

@@ -16,7 +16,6 @@ Rules (each one tested):
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
 
@@ -25,9 +24,9 @@ from pydicom.dataset import Dataset
 
 from ncp.dicom.elements import encodings_of, inherit_encodings, text_value
 from ncp.dicom.source import InstanceHeader
+from ncp.dicom.uids import is_uid
 from ncp.errors import UnreadableInstance
 
-_UID = re.compile(r"^[0-9.]{1,64}$")
 _TAGS: dict[str, int] = {}
 
 
@@ -114,7 +113,7 @@ def map_header(header: InstanceHeader) -> IndexRecord:
         value = _text(ds, keyword)
         if value is None:
             raise UnreadableInstance(locator, f"no {keyword}")
-        if not _UID.match(value):
+        if not is_uid(value):
             raise UnreadableInstance(locator, f"{keyword} is not a valid UID: {value[:80]!r}")
         return value
 
