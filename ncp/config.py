@@ -39,7 +39,7 @@ class NodeSection(_Section):
     patient_id_issuer: str = Field(
         default="",
         description="Assigning authority of this country's patient identifiers "
-        "(IssuerOfPatientID), e.g. 'urn:oid:1.2.40.0.10.1.4.3.1'. Index and searches match "
+        "(IssuerOfPatientID), e.g. '1.2.40.0.10.1.4.3.1'. Index and searches match "
         "identifiers exactly within it.",
     )
 

@@ -15,13 +15,14 @@ from sqlalchemy import func, select
 
 from ncp.config import load_settings
 from ncp.dicom.archive import open_archive
+from ncp.examples.generate import DEFAULT_PATIENT_ID_ISSUER, generate_examples
 from ncp.provider.indexer import index_source
 from ncp.store.db import make_engine, migrate, session_factory
 from ncp.store.models import Patient, Study
 from ncp.store.queries import patient_studies
 
 COUNTRY_A = "AT"
-ISSUER_A = "urn:oid:1.2.40.0.10.1.4.3.1"
+ISSUER_A = DEFAULT_PATIENT_ID_ISSUER
 
 _NODE_A = """\
 # Country A of the demo: folder archive and SQLite, paths relative to this file.
@@ -44,8 +45,6 @@ path = "../reports"
 
 
 def run_demo(data: Path, *, patients: int, seed: int, big_patient_studies: int) -> int:
-    from ncp.examples.generate import generate_examples
-
     data = data.resolve()
     if not (data / "dicom").is_dir():
         print(f"generating example data for country {COUNTRY_A} into {data} ...", flush=True)
