@@ -103,8 +103,22 @@ class IndexRecord:
     """What the reader tolerated (unparseable dates and the like), for the index run report."""
 
 
-def map_header(header: InstanceHeader) -> IndexRecord:
-    """Map one instance header to its index record, or raise :class:`UnreadableInstance`."""
+@dataclass(frozen=True, slots=True)
+class InstanceKeys:
+    """Where one instance belongs and what the index keeps of the instance itself: the cheap
+    part of a header, read for every instance (study, series and patient values are read only
+    for the instance whose header speaks for its level, see :func:`map_levels`)."""
+
+    patient_key: tuple[str, str]
+    """(Patient ID, Issuer of Patient ID or "")."""
+    study_uid: str
+    series_uid: str
+    instance: InstanceRecord
+    notes: tuple[str, ...] = field(default=())
+
+
+def map_instance(header: InstanceHeader) -> InstanceKeys:
+    """Identity and instance values of one header, or raise :class:`UnreadableInstance`."""
     ds = header.dataset
     notes: list[str] = []
     locator = header.entry.locator
@@ -126,18 +140,39 @@ def map_header(header: InstanceHeader) -> IndexRecord:
         raise UnreadableInstance(
             locator, "no PatientID: the instance cannot be attached to a patient"
         )
+    instance = InstanceRecord(
+        sop_uid=sop_uid,
+        sop_class_uid=sop_class,
+        transfer_syntax_uid=header.transfer_syntax_uid,
+        instance_number=_int(ds, "InstanceNumber", notes),
+        number_of_frames=_int(ds, "NumberOfFrames", notes),
+        size_bytes=header.size_bytes,
+    )
+    issuer = _text(ds, "IssuerOfPatientID") or ""
+    return InstanceKeys((patient_id, issuer), study_uid, series_uid, instance, tuple(notes))
 
+
+def map_header(header: InstanceHeader) -> IndexRecord:
+    """The whole index record of one header, or raise :class:`UnreadableInstance`."""
+    return map_levels(header, map_instance(header))
+
+
+def map_levels(header: InstanceHeader, keys: InstanceKeys) -> IndexRecord:
+    """Complete ``keys`` (from :func:`map_instance` of the same header) with the patient, study
+    and series values. Sequences make this the costly part of mapping."""
+    ds = header.dataset
+    notes = list(keys.notes)
     family, given = _person(ds, "PatientName")
     patient = PatientRecord(
-        patient_id=patient_id,
-        issuer=_text(ds, "IssuerOfPatientID"),
+        patient_id=keys.patient_key[0],
+        issuer=keys.patient_key[1] or None,
         family_name=family,
         given_name=given,
         birth_date=_date(ds, "PatientBirthDate", notes),
         sex=_text(ds, "PatientSex"),
     )
     study = StudyRecord(
-        study_uid=study_uid,
+        study_uid=keys.study_uid,
         accession_number=_text(ds, "AccessionNumber"),
         accession_issuer=_accession_issuer(ds),
         study_id=_text(ds, "StudyID"),
@@ -152,7 +187,7 @@ def map_header(header: InstanceHeader) -> IndexRecord:
     )
     body_part = _text(ds, "BodyPartExamined")
     series = SeriesRecord(
-        series_uid=series_uid,
+        series_uid=keys.series_uid,
         number=_int(ds, "SeriesNumber", notes),
         modality=_text(ds, "Modality"),
         description=_text(ds, "SeriesDescription"),
@@ -160,15 +195,7 @@ def map_header(header: InstanceHeader) -> IndexRecord:
         laterality=_text(ds, "Laterality"),
         started=_datetime(ds, "SeriesDate", "SeriesTime", notes),
     )
-    instance = InstanceRecord(
-        sop_uid=sop_uid,
-        sop_class_uid=sop_class,
-        transfer_syntax_uid=header.transfer_syntax_uid,
-        instance_number=_int(ds, "InstanceNumber", notes),
-        number_of_frames=_int(ds, "NumberOfFrames", notes),
-        size_bytes=header.size_bytes,
-    )
-    return IndexRecord(patient, study, series, instance, tuple(notes))
+    return IndexRecord(patient, study, series, keys.instance, tuple(notes))
 
 
 def _clean(value: str) -> str | None:

@@ -28,8 +28,8 @@ from typing import Any, cast
 from sqlalchemy import Table, bindparam, delete, func, insert, select, tuple_, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from ncp.dicom.mapping import IndexRecord, map_header
-from ncp.dicom.source import ArchiveSource, SkippedEntry, SourceEntry
+from ncp.dicom.mapping import IndexRecord, InstanceKeys, map_instance, map_levels
+from ncp.dicom.source import ArchiveSource, InstanceHeader, SkippedEntry, SourceEntry
 from ncp.errors import UnreadableInstance
 from ncp.store.models import Instance, Patient, Series, SourceObject, Study
 
@@ -199,22 +199,51 @@ def _record_skips(
 @dataclass(frozen=True, slots=True)
 class _Mapped:
     entry: SourceEntry
-    record: IndexRecord
+    keys: InstanceKeys
+    levels: IndexRecord | None
+    """Patient, study and series values, for the instances that speak for a level."""
 
 
 def _read_and_map(
     source: ArchiveSource, batch: Sequence[SourceEntry]
 ) -> list[_Mapped | SkippedEntry]:
+    """Read and map one batch. Every instance gets its keys; only the instance with the smallest
+    SOP Instance UID of each patient, study and series in the batch gets the (costly) level
+    values: no other instance's values could be used (see the module docstring)."""
     out: list[_Mapped | SkippedEntry] = []
+    read: list[tuple[InstanceHeader, InstanceKeys]] = []
     for result in source.read_headers(batch):
         if isinstance(result, SkippedEntry):
             out.append(result)
             continue
         try:
-            out.append(_Mapped(result.entry, map_header(result)))
+            read.append((result, map_instance(result)))
         except UnreadableInstance as exc:
             out.append(SkippedEntry(result.entry, exc.reason))
+    speakers: set[str] = set()
+    for level in (_patient_of, _study_of, _series_of):
+        best: dict[object, str] = {}
+        for _, keys in read:
+            key, sop = level(keys), keys.instance.sop_uid
+            if key not in best or sop < best[key]:
+                best[key] = sop
+        speakers.update(best.values())
+    for header, keys in read:
+        levels = map_levels(header, keys) if keys.instance.sop_uid in speakers else None
+        out.append(_Mapped(header.entry, keys, levels))
     return out
+
+
+def _patient_of(keys: InstanceKeys) -> object:
+    return keys.patient_key
+
+
+def _study_of(keys: InstanceKeys) -> object:
+    return keys.study_uid
+
+
+def _series_of(keys: InstanceKeys) -> object:
+    return keys.series_uid
 
 
 _worker_source: ArchiveSource | None = None
@@ -267,19 +296,25 @@ def _apply_batch(
 ) -> None:
     skips: list[SkippedEntry] = []
     dup_sops: dict[str, str] = {}
-    records: dict[str, tuple[SourceEntry, IndexRecord]] = {}
+    records: dict[str, tuple[SourceEntry, InstanceKeys]] = {}
+    # Level values of every speaker, duplicates included: a duplicate carries the same SOP
+    # Instance UID as the instance it duplicates, so by the smallest-UID rule its header speaks.
+    speakers: list[IndexRecord] = []
     for result in sorted(results, key=_locator_of):
         if isinstance(result, SkippedEntry):
             skips.append(result)
             continue
-        record = result.record
-        sop = record.instance.sop_uid
+        if result.levels is not None:
+            speakers.append(result.levels)
+        keys = result.keys
+        sop = keys.instance.sop_uid
         if sop in records:
             skips.append(SkippedEntry(result.entry, f"duplicate of {records[sop][0].locator}"))
             dup_sops[result.entry.locator] = sop
             continue
-        records[sop] = (result.entry, record)
-        run.notes.extend((result.entry.locator, note) for note in record.notes)
+        records[sop] = (result.entry, keys)
+        notes = result.levels.notes if result.levels is not None else keys.notes
+        run.notes.extend((result.entry.locator, note) for note in notes)
 
     # An entry that used to be an instance and is now unreadable takes its instance with it.
     was_instance = [
@@ -302,10 +337,9 @@ def _apply_batch(
     if not records:
         return
 
-    rows = [rec for _, rec in records.values()]
-    patient_pks = _upsert_patients(session, rows)
-    study_pks = _upsert_studies(session, rows, patient_pks)
-    series_pks = _upsert_series(session, rows, study_pks)
+    patient_pks = _upsert_patients(session, speakers)
+    study_pks = _upsert_studies(session, speakers, patient_pks)
+    series_pks = _upsert_series(session, speakers, study_pks)
     touched.update(study_pks.values())
 
     replaced = [sop for sop in records if sop in existing]
@@ -324,17 +358,17 @@ def _apply_batch(
         insert(Instance),
         [
             {
-                "sop_uid": rec.instance.sop_uid,
-                "series_pk": series_pks[rec.series.series_uid],
-                "sop_class_uid": rec.instance.sop_class_uid,
-                "transfer_syntax_uid": rec.instance.transfer_syntax_uid,
-                "instance_number": rec.instance.instance_number,
-                "number_of_frames": rec.instance.number_of_frames,
-                "size_bytes": rec.instance.size_bytes,
+                "sop_uid": keys.instance.sop_uid,
+                "series_pk": series_pks[keys.series_uid],
+                "sop_class_uid": keys.instance.sop_class_uid,
+                "transfer_syntax_uid": keys.instance.transfer_syntax_uid,
+                "instance_number": keys.instance.instance_number,
+                "number_of_frames": keys.instance.number_of_frames,
+                "size_bytes": keys.instance.size_bytes,
                 "source": source,
                 "locator": entry.locator,
             }
-            for entry, rec in records.values()
+            for entry, keys in records.values()
         ],
     )
     locators = [entry.locator for entry, _ in records.values()]
@@ -351,11 +385,11 @@ def _apply_batch(
                 "source": source,
                 "locator": entry.locator,
                 "fingerprint": entry.fingerprint,
-                "sop_uid": rec.instance.sop_uid,
+                "sop_uid": keys.instance.sop_uid,
                 "skipped_reason": None,
                 "seen_at": now,
             }
-            for entry, rec in records.values()
+            for entry, keys in records.values()
         ],
     )
 
