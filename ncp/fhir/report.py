@@ -42,8 +42,10 @@ V3_CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
 LIST_EMPTY_REASON = "http://terminology.hl7.org/CodeSystem/list-empty-reason"
 URI = "urn:ietf:rfc:3986"
 REPORT_VERSION_URL = canonical.structure_definition("ncp-report-version")
+# R4 has no DiagnosticReport→Composition link; the HL7 Europe imaging report (R4) uses the R5
+# element through its cross-version extension, and so do we.
 DIAGNOSTIC_REPORT_COMPOSITION_URL = (
-    "http://hl7.org/fhir/StructureDefinition/diagnosticReport-composition"
+    "http://hl7.org/fhir/5.0/StructureDefinition/extension-DiagnosticReport.composition"
 )
 XHTML = "http://www.w3.org/1999/xhtml"
 
