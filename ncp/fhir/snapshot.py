@@ -320,24 +320,34 @@ class _Generator:
             raise InvalidConstraint(self.url, "(root)", "base snapshot is empty")
         root = _Node(elements[0])
         for element in elements[1:]:
-            segs = _segments(str(element["id"]))
-            node = root
-            for name, slice_name in segs[1:-1]:
-                nxt = node.child(name)
-                if nxt is not None and slice_name is not None:
-                    nxt = nxt.slice(slice_name)
-                if nxt is None:
-                    raise UnknownElement(self.url, str(element["id"]), "base snapshot out of order")
-                node = nxt
-            name, slice_name = segs[-1]
-            if slice_name is None:
-                node.children.append(_Node(element))
-            else:
-                sliced = node.child(name)
-                if sliced is None:
-                    raise UnknownElement(self.url, str(element["id"]), "slice before its element")
-                sliced.slices.append(_Node(element))
+            segs = _segments(str(element["id"]))[1:]
+            self._place(root, segs, element, "base snapshot out of order")
         return root
+
+    def _place(
+        self,
+        top: _Node,
+        segs: list[tuple[str, str | None]],
+        element: dict[str, Any],
+        out_of_order: str,
+    ) -> None:
+        """Attach ``element`` under ``top`` along ``segs`` (name, slice) from ``top`` down."""
+        node = top
+        for name, slice_name in segs[:-1]:
+            nxt = node.child(name)
+            if nxt is not None and slice_name is not None:
+                nxt = nxt.slice(slice_name)
+            if nxt is None:
+                raise UnknownElement(self.url, str(element["id"]), out_of_order)
+            node = nxt
+        name, slice_name = segs[-1]
+        if slice_name is None:
+            node.children.append(_Node(element))
+            return
+        sliced = node.child(name)
+        if sliced is None:
+            raise UnknownElement(self.url, str(element["id"]), "slice before its element")
+        sliced.slices.append(_Node(element))
 
     def _rebased(self, elements: list[dict[str, Any]], old: str, node: _Node) -> list[_Node]:
         """Copies of ``elements`` (a definition's descendants of ``old``) under ``node``."""
@@ -350,22 +360,7 @@ class _Generator:
         holder = _Node({"id": node.id, "path": node.path})
         for e in out:
             rel = _segments(str(e["id"])[len(node.id) + 1 :])
-            parent = holder
-            for name, slice_name in rel[:-1]:
-                nxt = parent.child(name)
-                if nxt is not None and slice_name is not None:
-                    nxt = nxt.slice(slice_name)
-                if nxt is None:
-                    raise UnknownElement(self.url, str(e["id"]), "type definition out of order")
-                parent = nxt
-            name, slice_name = rel[-1]
-            if slice_name is None:
-                parent.children.append(_Node(e))
-            else:
-                sliced = parent.child(name)
-                if sliced is None:
-                    raise UnknownElement(self.url, str(e["id"]), "slice before its element")
-                sliced.slices.append(_Node(e))
+            self._place(holder, rel, e, "type definition out of order")
         return holder.children
 
     def _expand(self, node: _Node) -> None:
