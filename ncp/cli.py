@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ncp import __version__
 from ncp.config import FolderArchive, NodeSettings, load_settings
 from ncp.errors import ArchiveError, ConfigError, NcpError
+from ncp.validation.command import register as register_validate
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -86,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     upgrade = db_sub.add_parser("upgrade", help="migrate the schema to the newest revision")
     upgrade.add_argument("--config", type=Path, required=True)
     upgrade.set_defaults(handler=_cmd_db_upgrade)
+
+    register_validate(sub)
 
     examples = sub.add_parser("examples", help="example data")
     ex_sub = examples.add_subparsers(metavar="ACTION", required=True)

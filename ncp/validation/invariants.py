@@ -1,0 +1,556 @@
+"""FHIRPath constraints (``ElementDefinition.constraint``) of the snapshots.
+
+Each distinct (key, expression) is prepared once: a hand-written equivalent when one is
+registered for exactly that expression (the constraints met at nearly every element, where
+calling a FHIRPath interpreter would cost more than the rest of validation), otherwise the
+expression compiled by ``fhirpathpy`` (MIT, pure Python, offline; chosen because it is the
+maintained Python FHIRPath engine with an R4 model and a compile-once API).
+
+Constraints are skipped, and counted, when fhirpathpy cannot evaluate them reliably: a function
+it lacks (``htmlChecks``, ``conformsTo``, ``resolve``...), an expression it cannot parse, one on
+the list below of expressions it gets wrong, or an exception while evaluating. A skip is never
+an error; the engine reports the count in an information issue.
+
+A constraint fails when its expression gives ``false``. An empty result (FHIRPath could not
+decide, e.g. ``fullUrl.contains(...)`` on an entry without ``fullUrl``) is not a failure: the
+validator would otherwise report errors no reading of the specification supports.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
+from typing import Any
+
+from antlr4 import CommonTokenStream, InputStream, Token
+from antlr4.error.ErrorListener import ErrorListener
+from fhirpathpy import compile as fhirpath_compile
+from fhirpathpy.engine.invocations import invocation_registry
+from fhirpathpy.engine.nodes import ResourceNode
+from fhirpathpy.models import models
+from fhirpathpy.parser.generated.FHIRPathLexer import FHIRPathLexer
+from fhirpathpy.parser.generated.FHIRPathParser import FHIRPathParser
+from lxml import etree
+
+from ncp.validation.elements import Constraint
+from ncp.validation.issues import INVARIANT, Issue, Severity
+
+Native = Callable[[Any, "Scope"], bool]
+
+_R4 = models["r4"]
+_XHTML = "{http://www.w3.org/1999/xhtml}"
+
+# fhirpathpy compares FHIR date-times as strings when they are read from a resource (literals
+# work), so ``start <= end`` is wrong across time zones (per-1 is done natively below), and it
+# cannot compare two Quantities (rng-2 raises). Checked one by one against the R4 constraints.
+UNRELIABLE = frozenset({"rng-2"})
+
+
+@dataclass(slots=True)
+class Scope:
+    """The environment of one evaluation: ``%resource`` and ``%rootResource``."""
+
+    resource: dict[str, Any]
+    root_resource: dict[str, Any]
+    _vars: dict[str, Any] | None = None
+
+    def variables(self) -> dict[str, Any]:
+        if self._vars is None:
+            self._vars = {"resource": self.resource, "rootResource": self.root_resource}
+        return self._vars
+
+
+# --- hand-written equivalents ---------------------------------------------------------------
+
+
+def _ele_1(value: Any, scope: Scope) -> bool:
+    # hasValue() or (children().count() > id.count())
+    if isinstance(value, dict):
+        return any(key not in ("id", "resourceType", "fhir_comments") for key in value)
+    if isinstance(value, list):
+        return bool(value)
+    return value is not None and value != ""
+
+
+def _ext_1(value: Any, scope: Scope) -> bool:
+    # extension.exists() != value.exists()
+    if not isinstance(value, dict):
+        return True
+    has_value = any(k.startswith("value") and len(k) > 5 and k[5].isupper() for k in value)
+    return bool(value.get("extension")) != has_value
+
+
+def _contained(value: Any) -> list[dict[str, Any]]:
+    found = value.get("contained") if isinstance(value, dict) else None
+    return [c for c in found if isinstance(c, dict)] if isinstance(found, list) else []
+
+
+def _dom_2(value: Any, scope: Scope) -> bool:
+    return all(not c.get("contained") for c in _contained(value))
+
+
+def _strings(node: Any, key: str | None = None) -> list[tuple[str | None, str]]:
+    out: list[tuple[str | None, str]] = []
+    stack: list[tuple[str | None, Any]] = [(key, node)]
+    while stack:
+        k, item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.items())
+        elif isinstance(item, list):
+            stack.extend((k, v) for v in item)
+        elif isinstance(item, str):
+            out.append((k, item))
+    return out
+
+
+def _dom_3(value: Any, scope: Scope) -> bool:
+    contained = _contained(value)
+    if not contained:
+        return True
+    # Every contained resource is referenced ('#id') from elsewhere in the resource, or some
+    # reference is '#' (the container itself).
+    refs = {s for k, s in _strings(value) if s.startswith("#")}
+    if "#" in refs:
+        return True
+    return all(f"#{c.get('id')}" in refs for c in contained)
+
+
+def _dom_4(value: Any, scope: Scope) -> bool:
+    for c in _contained(value):
+        meta = c.get("meta") or {}
+        if "versionId" in meta or "lastUpdated" in meta:
+            return False
+    return True
+
+
+def _dom_5(value: Any, scope: Scope) -> bool:
+    return all(not (c.get("meta") or {}).get("security") for c in _contained(value))
+
+
+def _dom_6(value: Any, scope: Scope) -> bool:
+    text = value.get("text") if isinstance(value, dict) else None
+    return isinstance(text, dict) and bool(text.get("div"))
+
+
+def _ref_1(value: Any, scope: Scope) -> bool:
+    reference = value.get("reference") if isinstance(value, dict) else None
+    if not isinstance(reference, str) or not reference.startswith("#"):
+        return True
+    return reference[1:] in {c.get("id") for c in _contained(scope.root_resource)}
+
+
+_DATE_TIME = re.compile(
+    r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d+))?)?"
+    r"(Z|[+-]\d{2}:\d{2})?)?)?)?"
+)
+
+
+def _moment(text: str) -> tuple[datetime, int] | None:
+    """(instant, precision) of a FHIR date/dateTime; precision 1 year .. 4 seconds."""
+    m = _DATE_TIME.fullmatch(text)
+    if m is None:
+        return None
+    year, month, day, hour, minute, second, fraction, zone = m.groups()
+    precision = 0 if month is None else 1 if day is None else 2 if hour is None else 3
+    tz: tzinfo = UTC
+    if zone and zone != "Z":
+        sign = 1 if zone[0] == "+" else -1
+        tz = timezone(sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6])))
+    moment = datetime(
+        int(year),
+        int(month or 1),
+        int(day or 1),
+        int(hour or 0),
+        int(minute or 0),
+        int(second or 0),
+        int((fraction or "0")[:6].ljust(6, "0")),
+        tzinfo=tz,
+    )
+    return moment, precision
+
+
+def _per_1(value: Any, scope: Scope) -> bool:
+    # start.hasValue().not() or end.hasValue().not() or (start <= end)
+    if not isinstance(value, dict):
+        return True
+    start, end = value.get("start"), value.get("end")
+    if not isinstance(start, str) or not isinstance(end, str):
+        return True
+    a, b = _moment(start), _moment(end)
+    if a is None or b is None:
+        return True  # a malformed date is the structure check's finding
+    if a[1] != b[1] and (a[1] < 3 or b[1] < 3):
+        # Different precisions: compare on the shared one (FHIRPath gives empty when it
+        # cannot decide; a period 2024 .. 2024-06 is not reversed).
+        shared = min(a[1], b[1])
+        width = (4, 7, 10)[min(shared, 2)]
+        return start[:width] <= end[:width]
+    return a[0] <= b[0]
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+_HTML_ELEMENTS = _words(
+    "a abbr acronym b big blockquote br caption cite code col colgroup dd dfn div dl dt em "
+    "h1 h2 h3 h4 h5 h6 hr i img li ol p pre q samp small span strong sub sup table tbody td "
+    "tfoot th thead tr tt ul var"
+)
+_HTML_ATTRIBUTES = _words(
+    "abbr accesskey align alt axis bgcolor border cellhalign cellpadding cellspacing cellvalign "
+    "char charoff charset cite class colspan compact coords dir frame headers height href "
+    "hreflang hspace id lang language longdesc name nowrap rel rev rowspan rules scope shape "
+    "span src start style summary tabindex title type valign value vspace width"
+)
+_XML_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
+
+
+@functools.lru_cache(maxsize=512)
+def _html_checks(value: str) -> tuple[bool, bool]:
+    """(txt-1, txt-2) of a narrative, parsed once for both."""
+    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
+    try:
+        div = etree.fromstring(value.encode("utf-8"), parser=parser)
+    except (etree.XMLSyntaxError, ValueError):
+        return False, False
+    text = "".join(div.itertext())
+    content = bool(text.strip()) or any(True for _ in div.iter(f"{_XHTML}img"))
+    return _basic_html(div), content
+
+
+def _basic_html(div: Any) -> bool:
+    # htmlChecks(): XHTML, only the basic formatting elements and attributes, no active content.
+    if div.tag != f"{_XHTML}div":
+        return False
+    for element in div.iter():
+        if not isinstance(element.tag, str):
+            continue  # comments and processing instructions are harmless
+        if not element.tag.startswith(_XHTML) or element.tag[len(_XHTML) :] not in _HTML_ELEMENTS:
+            return False
+        for attribute in element.attrib:
+            if attribute not in _HTML_ATTRIBUTES and attribute != _XML_LANG:
+                return False
+        href = element.get("href", "") + element.get("src", "")
+        if href.strip().lower().startswith("javascript:"):
+            return False
+    return True
+
+
+def _txt_1(value: Any, scope: Scope) -> bool:
+    return isinstance(value, str) and _html_checks(value)[0]
+
+
+def _txt_2(value: Any, scope: Scope) -> bool:
+    # htmlChecks(): the narrative has some non-whitespace content (text or an image).
+    return isinstance(value, str) and _html_checks(value)[1]
+
+
+def _exists(value: Any, key: str) -> bool:
+    found = value.get(key) if isinstance(value, dict) else None
+    return found not in (None, [], {})
+
+
+def _type_is(value: Any, *allowed: str) -> bool | None:
+    kind = value.get("type") if isinstance(value, dict) else None
+    return None if kind is None else kind in allowed
+
+
+def _implies(condition: bool | None, then: bool | None) -> bool | None:
+    # FHIRPath three-valued ``implies``.
+    if condition is False:
+        return True
+    if condition is True:
+        return then
+    return True if then is True else None
+
+
+def _entries(value: Any) -> list[dict[str, Any]]:
+    found = value.get("entry") if isinstance(value, dict) else None
+    return [e for e in found if isinstance(e, dict)] if isinstance(found, list) else []
+
+
+def _bdl_1(value: Any, scope: Scope) -> bool:
+    return not _exists(value, "total") or bool(_type_is(value, "searchset", "history"))
+
+
+def _bdl_2(value: Any, scope: Scope) -> bool:
+    return not any(_exists(e, "search") for e in _entries(value)) or bool(
+        _type_is(value, "searchset")
+    )
+
+
+def _bdl_3(value: Any, scope: Scope) -> bool:
+    wanted = _type_is(value, "batch", "transaction", "history")
+    return all(_exists(e, "request") == bool(wanted) for e in _entries(value))
+
+
+def _bdl_4(value: Any, scope: Scope) -> bool:
+    wanted = _type_is(value, "batch-response", "transaction-response", "history")
+    return all(_exists(e, "response") == bool(wanted) for e in _entries(value))
+
+
+def _bdl_7(value: Any, scope: Scope) -> bool:
+    if _type_is(value, "history"):
+        return True
+    keys = []
+    for e in _entries(value):
+        if isinstance(e.get("fullUrl"), str):
+            resource = e.get("resource")
+            meta = resource.get("meta") if isinstance(resource, dict) else None
+            version = meta.get("versionId") if isinstance(meta, dict) else None
+            keys.append(e["fullUrl"] + (version if isinstance(version, str) else ""))
+    return len(keys) == len(set(keys))
+
+
+def _bdl_9(value: Any, scope: Scope) -> bool:
+    identifier = value.get("identifier") if isinstance(value, dict) else None
+    identifier = identifier if isinstance(identifier, dict) else {}
+    ok = _exists(identifier, "system") and _exists(identifier, "value")
+    return _implies(_type_is(value, "document"), ok) is not False
+
+
+def _bdl_10(value: Any, scope: Scope) -> bool:
+    timestamp = value.get("timestamp") if isinstance(value, dict) else None
+    return _implies(_type_is(value, "document"), isinstance(timestamp, str)) is not False
+
+
+def _first_is(value: Any, rtype: str) -> bool | None:
+    entries = value.get("entry") if isinstance(value, dict) else None
+    if not isinstance(entries, list) or not entries or not isinstance(entries[0], dict):
+        return None
+    resource = entries[0].get("resource")
+    if not isinstance(resource, dict):
+        return None
+    return resource.get("resourceType") == rtype
+
+
+def _bdl_11(value: Any, scope: Scope) -> bool:
+    return _implies(_type_is(value, "document"), _first_is(value, "Composition")) is not False
+
+
+def _bdl_12(value: Any, scope: Scope) -> bool:
+    return _implies(_type_is(value, "message"), _first_is(value, "MessageHeader")) is not False
+
+
+def _bdl_5(value: Any, scope: Scope) -> bool:
+    return any(_exists(value, k) for k in ("resource", "request", "response"))
+
+
+def _bdl_8(value: Any, scope: Scope) -> bool:
+    full_url = value.get("fullUrl") if isinstance(value, dict) else None
+    return not isinstance(full_url, str) or "/_history/" not in full_url
+
+
+def _cmp_1(value: Any, scope: Scope) -> bool:
+    return any(_exists(value, k) for k in ("text", "entry", "section"))
+
+
+def _cmp_2(value: Any, scope: Scope) -> bool:
+    return not _exists(value, "emptyReason") or not _exists(value, "entry")
+
+
+NATIVE: dict[tuple[str, str], Native] = {
+    ("bdl-1", "total.empty() or (type = 'searchset') or (type = 'history')"): _bdl_1,
+    ("bdl-2", "entry.search.empty() or (type = 'searchset')"): _bdl_2,
+    (
+        "bdl-3",
+        "entry.all(request.exists() = (%resource.type = 'batch' or %resource.type = "
+        "'transaction' or %resource.type = 'history'))",
+    ): _bdl_3,
+    (
+        "bdl-4",
+        "entry.all(response.exists() = (%resource.type = 'batch-response' or %resource.type = "
+        "'transaction-response' or %resource.type = 'history'))",
+    ): _bdl_4,
+    (
+        "bdl-7",
+        "(type = 'history') or entry.where(fullUrl.exists()).select(fullUrl&resource.meta"
+        ".versionId).isDistinct()",
+    ): _bdl_7,
+    (
+        "bdl-9",
+        "type = 'document' implies (identifier.system.exists() and identifier.value.exists())",
+    ): _bdl_9,
+    ("bdl-10", "type = 'document' implies (timestamp.hasValue())"): _bdl_10,
+    ("bdl-11", "type = 'document' implies entry.first().resource.is(Composition)"): _bdl_11,
+    ("bdl-12", "type = 'message' implies entry.first().resource.is(MessageHeader)"): _bdl_12,
+    ("bdl-5", "resource.exists() or request.exists() or response.exists()"): _bdl_5,
+    ("bdl-8", "fullUrl.contains('/_history/').not()"): _bdl_8,
+    ("cmp-1", "text.exists() or entry.exists() or section.exists()"): _cmp_1,
+    ("cmp-2", "emptyReason.empty() or entry.empty()"): _cmp_2,
+    ("ele-1", "hasValue() or (children().count() > id.count())"): _ele_1,
+    ("ext-1", "extension.exists() != value.exists()"): _ext_1,
+    ("dom-2", "contained.contained.empty()"): _dom_2,
+    (
+        "dom-3",
+        "contained.where((('#'+id in (%resource.descendants().reference | "
+        "%resource.descendants().as(canonical) | %resource.descendants().as(uri) | "
+        "%resource.descendants().as(url))) or descendants().where(reference = '#').exists() or "
+        "descendants().where(as(canonical) = '#').exists() or "
+        "descendants().where(as(canonical) = '#').exists()).not()).trace('unmatched', id).empty()",
+    ): _dom_3,
+    (
+        "dom-4",
+        "contained.meta.versionId.empty() and contained.meta.lastUpdated.empty()",
+    ): _dom_4,
+    ("dom-5", "contained.meta.security.empty()"): _dom_5,
+    ("dom-6", "text.`div`.exists()"): _dom_6,
+    (
+        "ref-1",
+        "reference.startsWith('#').not() or (reference.substring(1).trace('url') in "
+        "%rootResource.contained.id.trace('ids'))",
+    ): _ref_1,
+    (
+        "per-1",
+        "start.hasValue().not() or end.hasValue().not() or (start <= end)",
+    ): _per_1,
+    ("txt-1", "htmlChecks()"): _txt_1,
+    ("txt-2", "htmlChecks()"): _txt_2,
+}
+
+
+# --- fhirpathpy ------------------------------------------------------------------------------
+
+
+def _has_value(inputs: list[Any]) -> list[bool]:
+    return [len(inputs) == 1 and inputs[0] is not None and not isinstance(inputs[0], dict | list)]
+
+
+_USER_FUNCTIONS: dict[str, Any] = {"hasValue": {"fn": _has_value, "arity": {0: []}}}
+_KNOWN_FUNCTIONS = frozenset(invocation_registry) | frozenset(_USER_FUNCTIONS)
+_FUNCTION_CALL = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*\(")
+_OPERATORS = frozenset({"in", "and", "or", "xor", "implies", "contains", "is", "as", "div", "mod"})
+_OPTIONS: dict[str, Any] = {
+    "userInvocationTable": _USER_FUNCTIONS,
+    "traceFn": lambda *args: None,  # trace() must not print into the validator's output
+}
+
+
+class _Strict(ErrorListener):  # type: ignore[misc]
+    def syntaxError(
+        self, recognizer: Any, symbol: Any, line: int, column: int, msg: str, e: Any
+    ) -> None:
+        raise ValueError(f"column {column}: {msg}")
+
+
+def check_syntax(expression: str) -> None:
+    """Raise ValueError for an expression that is not FHIRPath: fhirpathpy's own parser
+    recovers silently from syntax errors and would evaluate a fragment of the expression."""
+    listener = _Strict()
+    lexer = FHIRPathLexer(InputStream(expression))
+    lexer.removeErrorListeners()
+    lexer.addErrorListener(listener)
+    tokens = CommonTokenStream(lexer)
+    parser = FHIRPathParser(tokens)
+    parser.removeErrorListeners()
+    parser.addErrorListener(listener)
+    parser.expression()
+    if tokens.LA(1) != Token.EOF:
+        raise ValueError(f"unexpected text after column {tokens.LT(1).start}")
+
+
+@dataclass(slots=True)
+class Prepared:
+    constraint: Constraint
+    native: Native | None = None
+    compiled: Callable[..., list[Any]] | None = None
+    skip_reason: str = ""
+
+
+@dataclass(slots=True)
+class Stats:
+    evaluated: int = 0
+    native: int = 0
+    skipped: int = 0
+    skipped_keys: set[str] = field(default_factory=set)
+
+
+class Invariants:
+    """Prepared constraints, shared by every validation (built once per validator)."""
+
+    def __init__(self) -> None:
+        self._prepared: dict[tuple[str, str], Prepared] = {}
+
+    def prepare(self, constraint: Constraint) -> Prepared:
+        key = (constraint.key, constraint.expression)
+        found = self._prepared.get(key)
+        if found is None:
+            found = self._prepare(constraint)
+            self._prepared[key] = found
+        return found
+
+    @staticmethod
+    def _prepare(constraint: Constraint) -> Prepared:
+        native = NATIVE.get((constraint.key, constraint.expression))
+        if native is not None:
+            return Prepared(constraint, native=native)
+        if not constraint.expression:
+            return Prepared(constraint, skip_reason="no FHIRPath expression")
+        if constraint.key in UNRELIABLE:
+            return Prepared(constraint, skip_reason="fhirpathpy compares these values wrongly")
+        called = set(_FUNCTION_CALL.findall(constraint.expression)) - _OPERATORS
+        missing = called - _KNOWN_FUNCTIONS
+        if missing:
+            return Prepared(
+                constraint, skip_reason=f"fhirpathpy lacks {', '.join(sorted(missing))}"
+            )
+        try:
+            check_syntax(constraint.expression)
+            compiled = fhirpath_compile(constraint.expression, _R4, _OPTIONS)
+        except Exception as exc:  # the parser raises plain exceptions
+            return Prepared(constraint, skip_reason=f"fhirpathpy cannot parse it: {exc}")
+        return Prepared(constraint, compiled=compiled)
+
+    def coverage(self) -> dict[str, list[str]]:
+        """Constraint keys prepared so far: evaluated natively, by fhirpathpy, or skipped."""
+        out: dict[str, list[str]] = {"native": [], "fhirpath": [], "skipped": []}
+        for (key, _expr), prepared in sorted(self._prepared.items()):
+            kind = "native" if prepared.native else "fhirpath" if prepared.compiled else "skipped"
+            out[kind].append(key)
+        return out
+
+    def check(
+        self,
+        constraints: tuple[Constraint, ...],
+        value: Any,
+        type_path: str,
+        location: str,
+        scope: Scope,
+        stats: Stats,
+        issues: list[Issue],
+    ) -> None:
+        """Evaluate the constraints of one element on one value, adding an issue per failure."""
+        for constraint in constraints:
+            prepared = self.prepare(constraint)
+            if prepared.native is not None:
+                ok = prepared.native(value, scope)
+                stats.native += 1
+            elif prepared.compiled is not None:
+                try:
+                    node = ResourceNode.create_node(value, type_path)  # type: ignore[no-untyped-call]
+                    result = prepared.compiled(node, scope.variables())
+                except Exception:  # an engine failure is a skip, never a crash
+                    stats.skipped += 1
+                    stats.skipped_keys.add(constraint.key)
+                    continue
+                ok = result != [False]
+            else:
+                stats.skipped += 1
+                stats.skipped_keys.add(constraint.key)
+                continue
+            stats.evaluated += 1
+            if not ok:
+                severity: Severity = "warning" if constraint.severity == "warning" else "error"
+                issues.append(
+                    Issue(
+                        severity,
+                        INVARIANT,
+                        location,
+                        f"{constraint.key}: {constraint.human}",
+                        constraint.key,
+                    )
+                )
