@@ -463,6 +463,7 @@ def _composition(report: ReportVersion, urls: _Urls) -> dict[str, Any]:
         sections.append(_section(SECTION_RECOMMENDATION, [text.recommendation]))
     composition: dict[str, Any] = {
         "resourceType": "Composition",
+        "meta": _claims("ncp-imaging-report-composition"),
         "language": report.language,
         "extension": [{"url": REPORT_VERSION_URL, "valueInteger": report.version}],
         "identifier": _identifier(report.report_id),
@@ -494,6 +495,7 @@ def _composition(report: ReportVersion, urls: _Urls) -> dict[str, Any]:
 def _diagnostic_report(report: ReportVersion, urls: _Urls) -> dict[str, Any]:
     out: dict[str, Any] = {
         "resourceType": "DiagnosticReport",
+        "meta": _claims("ncp-imaging-report-diagnosticreport"),
         "language": report.language,
         "extension": [
             {"url": DIAGNOSTIC_REPORT_COMPOSITION_URL, "valueReference": _ref(urls.composition)}
@@ -522,6 +524,7 @@ def _patient(report: ReportVersion) -> dict[str, Any]:
     patient = report.patient
     return {
         "resourceType": "Patient",
+        "meta": _claims("ncp-patient"),
         "identifier": [_identifier(patient.identifier)],
         "name": [_name(patient.name)],
         "gender": patient.gender,
@@ -582,6 +585,7 @@ def _organization(report: ReportVersion) -> dict[str, Any]:
     org = report.organization
     out: dict[str, Any] = {
         "resourceType": "Organization",
+        "meta": _claims("ncp-organization"),
         "identifier": [_identifier(org.identifier)],
         "active": True,
         "name": org.name,
@@ -592,7 +596,11 @@ def _organization(report: ReportVersion) -> dict[str, Any]:
 
 
 def _practitioner(name: HumanName) -> dict[str, Any]:
-    return {"resourceType": "Practitioner", "name": [_name(name)]}
+    return {
+        "resourceType": "Practitioner",
+        "meta": _claims("ncp-practitioner"),
+        "name": [_name(name)],
+    }
 
 
 def _requester_role(report: ReportVersion) -> dict[str, Any]:
@@ -600,12 +608,18 @@ def _requester_role(report: ReportVersion) -> dict[str, Any]:
     # the guideline's selection parameters, travels with the order.
     out: dict[str, Any] = {
         "resourceType": "PractitionerRole",
+        "meta": _claims("ncp-practitionerrole"),
         "practitioner": {"display": report.order.requester.text},
     }
     service = report.order.requesting_service
     if service is not None:
         out["specialty"] = [_concept(_coding(service.system, service.code, service.display))]
     return out
+
+
+def _claims(profile: str) -> dict[str, Any]:
+    """meta claiming one of the project's profiles (the validator checks what is claimed)."""
+    return {"profile": [canonical.structure_definition(profile)]}
 
 
 def build_report_bundle(report: ReportVersion) -> dict[str, Any]:
@@ -627,6 +641,7 @@ def build_report_bundle(report: ReportVersion) -> dict[str, Any]:
     ]
     bundle: dict[str, Any] = {
         "resourceType": "Bundle",
+        "meta": _claims("ncp-imaging-report-bundle"),
         "language": report.language,
         "identifier": _identifier(document_identifier(report.report_id, report.version)),
         "type": "document",
