@@ -19,8 +19,10 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from ncp import __version__
+from ncp.audit.command import register as register_audit
 from ncp.config import FolderArchive, NodeSettings, load_settings
 from ncp.errors import ArchiveError, ConfigError, NcpError
+from ncp.security.command import register as register_keys
 from ncp.validation.command import register as register_validate
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -89,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     upgrade.set_defaults(handler=_cmd_db_upgrade)
 
     register_validate(sub)
+    register_audit(sub)
+    register_keys(sub)
 
     examples = sub.add_parser("examples", help="example data")
     ex_sub = examples.add_subparsers(metavar="ACTION", required=True)

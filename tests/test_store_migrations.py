@@ -27,10 +27,19 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
+import ncp.audit.models  # noqa: F401  (the audit tables belong to the schema)
 from ncp.store.db import alembic_config, make_engine, migrate, session_factory
 from ncp.store.models import Base, Instance, Patient, Series, SourceObject, Study
 
-MODEL_TABLES = {"patient", "study", "series", "instance", "source_object"}
+MODEL_TABLES = {
+    "patient",
+    "study",
+    "series",
+    "instance",
+    "source_object",
+    "audit_record",
+    "audit_chain_head",
+}
 
 
 @pytest.fixture
@@ -136,7 +145,7 @@ def test_migrate_creates_schema(engine: Engine) -> None:
     assert set(inspect(engine).get_table_names()) == set()
     migrate(engine)
     assert set(inspect(engine).get_table_names()) == MODEL_TABLES | {"alembic_version"}
-    assert _current(engine) == _head() == "0001"
+    assert _current(engine) == _head() == "0002"
 
 
 def test_migrate_is_idempotent(migrated: Engine) -> None:

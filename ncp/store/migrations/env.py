@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
+import ncp.audit.models  # noqa: F401  (puts the audit tables on Base.metadata)
 from ncp.store.models import Base
 
 config = context.config

@@ -1,0 +1,433 @@
+"""The hash chain of audit records: appending safely with several writers, and verifying.
+
+Each record's ``hash`` is the SHA-256 of its canonical form (:func:`canonical`): a stable JSON
+document of every column but ``hash`` itself, ``seq`` and ``prev_hash`` included. ``prev_hash``
+is the hash of the record before (:data:`~ncp.audit.models.GENESIS_HASH` for the first), so
+editing any field of any record breaks its own hash, and removing or reordering records breaks
+the sequence or the links. The one-row chain head (:class:`~ncp.audit.models.AuditChainHead`)
+names the newest record, so deleting the newest records is detected too: without it, a chain
+cut short is still a valid chain.
+
+Several writers (threads, or replicas sharing one PostgreSQL) append in turns: :func:`append`
+first locks the chain head row, reads it, writes the record and moves the head, all in the
+caller's transaction. Two writers can never both take the same ``seq`` (and should the lock ever
+fail, ``seq`` is the primary key, so the second insert fails instead of forking the chain).
+
+What the chain cannot show: someone with write access to the database who rewrites records,
+recomputes every later hash and moves the head. Anchoring the head outside the database
+(``ncp audit verify`` prints it; keep it in a ticket or a signed log) closes that gap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal, Protocol
+
+from sqlalchemy import Text, func, select, type_coerce, update
+from sqlalchemy.orm import Session
+
+from ncp.audit.models import CHAIN_HEAD_ID, GENESIS_HASH, AuditChainHead, AuditRecord
+from ncp.errors import NcpError
+
+CHAIN_FORMAT = "ncp-audit-chain/1"
+"""Written into every canonical form: a future change of the form cannot collide with this one."""
+
+HASHED_FIELDS: tuple[str, ...] = (
+    "seq",
+    "recorded",
+    "request_id",
+    "node_country",
+    "side",
+    "action",
+    "outcome",
+    "reason",
+    "interaction",
+    "actor_id",
+    "actor_name",
+    "actor_role",
+    "actor_organisation",
+    "actor_organisation_id",
+    "actor_point_of_care",
+    "actor_country",
+    "peer_country",
+    "patient_id",
+    "patient_issuer",
+    "purpose",
+    "priority",
+    "option",
+    "studies",
+    "num_instances",
+    "size_bytes",
+    "token_jti",
+    "duration_ms",
+    "query",
+    "details",
+    "prev_hash",
+)
+"""Every column of :class:`AuditRecord` but ``hash``, listed here rather than read from the
+model so that a new column is a visible decision (a test checks the list stays complete)."""
+
+ProblemKind = Literal["edited", "deleted", "relinked", "truncated", "unanchored", "head-missing"]
+
+
+class ChainError(NcpError):
+    """The chain cannot be appended to (its head row is missing: the schema was not migrated,
+    or the row was deleted)."""
+
+
+class Entry(Protocol):
+    """What :func:`append` needs of an event: its column values (``ncp.audit.record.AuditEvent``
+    is one). ``seq``, ``recorded``, ``prev_hash`` and ``hash`` are the chain's to set."""
+
+    def columns(self) -> dict[str, Any]: ...
+
+
+# -- canonical form -------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(UTC).replace(tzinfo=None)
+        # Always with microseconds: isoformat() drops them when zero, and a stable form must not
+        # depend on the value.
+        return value.strftime("%Y-%m-%dT%H:%M:%S.%f")
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def canonical(values: Mapping[str, Any]) -> bytes:
+    """The bytes a record's hash is computed over: sorted-key compact JSON in UTF-8 of
+    :data:`HASHED_FIELDS` (plus the format name), times as ``YYYY-MM-DDTHH:MM:SS.ffffff`` UTC."""
+    doc: dict[str, Any] = {"format": CHAIN_FORMAT}
+    for name in HASHED_FIELDS:
+        doc[name] = _plain(values[name])
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return text.encode("utf-8")
+
+
+def values_of(record: AuditRecord) -> dict[str, Any]:
+    """The hashed values of an ORM record (``hash`` included, for comparison)."""
+    return {name: getattr(record, name) for name in (*HASHED_FIELDS, "hash")}
+
+
+def record_hash(values: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of :func:`canonical`."""
+    return hashlib.sha256(canonical(values)).hexdigest()
+
+
+# -- append ---------------------------------------------------------------------------------
+
+
+def utc_now() -> datetime:
+    """Now, as the naive UTC the database keeps."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _lock_head(session: Session) -> AuditChainHead | None:
+    if session.get_bind().dialect.name == "sqlite":
+        # SQLite: a transaction that reads first and writes later cannot wait for another
+        # writer (it fails with "database is locked" at once in WAL mode). Writing first makes
+        # the driver open the transaction with this statement, which waits (busy timeout) for
+        # the database write lock and then holds it: writers queue here.
+        session.execute(
+            update(AuditChainHead)
+            .where(AuditChainHead.id == CHAIN_HEAD_ID)
+            .values(seq=AuditChainHead.seq)
+            .execution_options(synchronize_session=False)
+        )
+    # PostgreSQL: the row lock makes other writers wait here until this transaction ends, and
+    # then read the head as this one left it (READ COMMITTED re-reads a locked row).
+    stmt = (
+        select(AuditChainHead)
+        .where(AuditChainHead.id == CHAIN_HEAD_ID)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    return session.scalars(stmt).one_or_none()
+
+
+def append(session: Session, event: Entry, *, now: datetime | None = None) -> AuditRecord:
+    """Add ``event`` as the next record of the chain, in the caller's transaction (commit it to
+    release the chain for other writers; keep that transaction short).
+
+    Keep the audit write in a transaction of its own, as :class:`ncp.audit.record.Auditor`
+    does: on SQLite the first statement must be the write that queues for the lock (see
+    :func:`_lock_head`); on PostgreSQL the default READ COMMITTED isolation lets a waiting writer
+    continue from the head as the previous one left it (REPEATABLE READ would fail instead).
+    ``now`` (naive UTC) is for tests; ``recorded`` never goes back along the chain, even when
+    the clocks of replicas disagree.
+    """
+    values = event.columns()
+    head = _lock_head(session)
+    if head is None:
+        raise ChainError(
+            "the audit chain head row is missing: run `ncp db upgrade`, or, if the database was "
+            "migrated, the row was deleted and `ncp audit verify` will say so"
+        )
+    clock = now if now is not None else utc_now()
+    recorded = clock if head.recorded is None or clock > head.recorded else head.recorded
+    record = AuditRecord(seq=head.seq + 1, recorded=recorded, prev_hash=head.hash, **values)
+    record.hash = record_hash(values_of(record))
+    session.add(record)
+    head.seq, head.hash, head.recorded = record.seq, record.hash, record.recorded
+    session.flush()
+    return record
+
+
+# -- verify ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One break in the chain, named by the sequence number where it is."""
+
+    seq: int
+    """The record concerned; for deleted records, the first one missing."""
+    kind: ProblemKind
+    detail: str
+    recorded: datetime | None = None
+    """When the named record was written, when it still exists."""
+    action: str | None = None
+
+    def describe(self) -> str:
+        where = f"seq {self.seq}"
+        if self.recorded is not None:
+            where += f" (recorded {self.recorded.isoformat(sep=' ')} UTC, action {self.action})"
+        return f"{where}: {self.kind}: {self.detail}"
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    count: int
+    """Records read."""
+    head_seq: int | None
+    head_hash: str | None
+    problems: tuple[Problem, ...] = ()
+    more_problems: int = 0
+    """Problems found beyond those kept in :attr:`problems`."""
+    checked_at: datetime = field(default_factory=utc_now)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def first_broken(self) -> Problem | None:
+        return self.problems[0] if self.problems else None
+
+
+def verify(session: Session, *, max_problems: int = 100) -> VerifyResult:
+    """Check the whole chain; name every break (the first :data:`max_problems` of them).
+
+    The head and the highest ``seq`` are read in one statement, so records appended while the
+    check runs are neither blamed nor needed: the scan stops at the head read at the start.
+    """
+    head_seq_q = select(AuditChainHead.seq).where(AuditChainHead.id == CHAIN_HEAD_ID)
+    head_hash_q = select(AuditChainHead.hash).where(AuditChainHead.id == CHAIN_HEAD_ID)
+    max_seq_q = select(func.max(AuditRecord.seq))
+    head_seq, head_hash, max_seq = session.execute(
+        select(
+            head_seq_q.scalar_subquery(), head_hash_q.scalar_subquery(), max_seq_q.scalar_subquery()
+        )
+    ).one()
+    # SQLite keeps whatever is written into a column: a number made text is an edit to report,
+    # not a value to compare.
+    seq_text = max_seq is not None and not isinstance(max_seq, int)
+    head_text = head_seq is not None and not isinstance(head_seq, int)
+    if seq_text:
+        max_seq = None
+    if head_text:
+        head_seq = None
+    limit = head_seq if head_seq is not None else max_seq
+
+    found = _Findings(max_problems)
+    count, last = 0, None
+    if limit is not None:
+        # Values that do not parse (text written into a time or JSON column) must become a
+        # finding, not a crash: read those columns raw and parse them here.
+        raw = {"recorded", "studies", "details"}
+        columns = [
+            type_coerce(c, Text).label(c.name) if c.name in raw else c
+            for c in AuditRecord.__table__.columns
+        ]
+        stmt = (
+            select(*columns)
+            .where(AuditRecord.seq <= limit)
+            .order_by(AuditRecord.seq)
+            .execution_options(yield_per=1000)
+        )
+        rows: Iterable[Mapping[Any, Any]] = session.execute(stmt).mappings()
+        count, last = _scan(rows, found)
+
+    last_seq = last["seq"] if last is not None else 0
+    if head_seq is None:
+        found.add(
+            Problem(
+                last_seq + 1,
+                "head-missing",
+                "the chain head row was edited (its seq is not a number)"
+                if head_text
+                else "the chain head row is missing: the newest records may have gone with it",
+            )
+        )
+    elif head_seq > last_seq:
+        found.add(
+            Problem(
+                last_seq + 1,
+                "truncated",
+                f"records {_range(last_seq + 1, head_seq)} are missing at the end: the chain "
+                f"head names seq {head_seq}, the newest record is seq {last_seq}",
+            )
+        )
+    elif last is not None and head_hash != last["hash"]:
+        found.add(
+            Problem(
+                last_seq,
+                "relinked",
+                "the newest record's hash differs from the chain head's: the record was "
+                "rewritten with a recomputed hash, or the head was edited",
+                _when(last),
+                last["action"],
+            )
+        )
+    if seq_text:
+        found.add(Problem(last_seq + 1, "unanchored", "a record's seq is not a number: edited"))
+    elif head_seq is not None and max_seq is not None and max_seq > head_seq:
+        found.add(
+            Problem(
+                head_seq + 1,
+                "unanchored",
+                f"records after seq {head_seq} (up to {max_seq}) are not covered by the chain "
+                "head: written outside the chain, or the head was set back",
+            )
+        )
+    return VerifyResult(
+        count=count,
+        head_seq=head_seq,
+        head_hash=head_hash,
+        problems=tuple(sorted(found.kept, key=lambda p: p.seq)),
+        more_problems=found.more,
+    )
+
+
+class _Findings:
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self.kept: list[Problem] = []
+        self.more = 0
+
+    def add(self, problem: Problem) -> None:
+        if len(self.kept) < self.limit:
+            self.kept.append(problem)
+        else:
+            self.more += 1
+
+
+def _parsed(row: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """The row with its raw columns parsed as the ORM would, or why one does not parse."""
+    values = dict(row)
+    try:
+        recorded = values["recorded"]
+        if isinstance(recorded, str):
+            values["recorded"] = datetime.fromisoformat(recorded)
+        for name in ("studies", "details"):
+            if isinstance(values[name], str):
+                values[name] = json.loads(values[name])
+    except ValueError as exc:
+        return values, f"a value does not parse ({exc}): the record was edited"
+    if not isinstance(values["recorded"], datetime):
+        return values, "its time is not a time: the record was edited"
+    return values, None
+
+
+def _range(first: int, last: int) -> str:
+    return str(first) if first == last else f"{first} to {last}"
+
+
+def _when(row: Mapping[str, Any]) -> datetime | None:
+    value = row["recorded"]
+    return value if isinstance(value, datetime) else None
+
+
+def _scan(
+    rows: Iterable[Mapping[Any, Any]], found: _Findings
+) -> tuple[int, Mapping[str, Any] | None]:
+    """Walk the records in ``seq`` order; return how many there were and the last one."""
+    expected, prev_hash = 1, GENESIS_HASH
+    count = 0
+    before: Mapping[str, Any] | None = None
+    blamed: int | None = None  # the last record named: a broken record is named once
+    for raw in rows:
+        count += 1
+        row, unreadable = _parsed(raw)
+        seq = row["seq"]
+        if seq > expected:
+            when = _when(row)
+            found.add(
+                Problem(
+                    expected,
+                    "deleted",
+                    f"record(s) {_range(expected, seq - 1)} missing before seq {seq}"
+                    + (f" (recorded {when.isoformat(sep=' ')} UTC)" if when else ""),
+                )
+            )
+        if unreadable is not None:
+            found.add(Problem(seq, "edited", unreadable, None, row["action"]))
+        elif record_hash(row) != row["hash"]:
+            found.add(
+                Problem(
+                    seq,
+                    "edited",
+                    "the record does not match its own hash: a field was changed",
+                    _when(row),
+                    row["action"],
+                )
+            )
+        elif seq < expected:  # a first record numbered below 1, with a hash to match
+            found.add(
+                Problem(
+                    seq,
+                    "relinked",
+                    "sequence numbers start at 1: the record was inserted outside the chain",
+                    _when(row),
+                    row["action"],
+                )
+            )
+        elif (
+            seq == expected
+            and row["prev_hash"] != prev_hash
+            and (before is None or blamed != before["seq"])
+        ):
+            if before is None:
+                found.add(
+                    Problem(
+                        seq,
+                        "relinked",
+                        "the first record does not start the chain (its prev_hash is not the "
+                        "genesis hash): earlier records were removed and the rest renumbered",
+                        _when(row),
+                        row["action"],
+                    )
+                )
+            else:
+                found.add(
+                    Problem(
+                        before["seq"],
+                        "relinked",
+                        f"its hash is not the prev_hash of seq {seq}: the record was rewritten "
+                        "with a recomputed hash, or records were reordered or removed and "
+                        "renumbered",
+                        _when(before),
+                        before["action"],
+                    )
+                )
+        if found.kept and found.kept[-1].kind != "deleted":
+            blamed = found.kept[-1].seq
+        expected, prev_hash, before = seq + 1, row["hash"], row
+    return count, before

@@ -1,0 +1,172 @@
+"""``ncp audit``: verify the hash chain, export AuditEvents, report volumes and turnaround.
+
+- ``ncp audit verify --config F``: exit 0 when the chain is intact, 1 when it is broken (naming
+  the first broken record: seq, time, step and why), 2 when the database has no audit tables.
+- ``ncp audit export --config F [--since ISO] [--out DIR|-] [--format ndjson|bundle]``: FHIR
+  AuditEvent resources, one per record, as NDJSON or a collection Bundle.
+- ``ncp audit report --config F [--since ISO] [--until ISO] [--csv]``: per peer country, option,
+  priority and step.
+
+The commands read the database and never migrate it (``ncp db upgrade`` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from sqlalchemy import Engine, inspect
+from sqlalchemy.orm import Session
+
+from ncp.config import load_settings
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+SHOWN_PROBLEMS = 20
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``audit verify|export|report`` to the ``ncp`` command's sub-parsers."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "audit", help="the audit trail: verify its hash chain, export AuditEvents, report"
+    )
+    actions = parser.add_subparsers(metavar="ACTION", required=True)
+
+    verify = actions.add_parser("verify", help="prove the hash chain intact, or name the break")
+    verify.add_argument("--config", type=Path, required=True, help="the node's TOML file")
+    verify.set_defaults(handler=_cmd_verify)
+
+    export = actions.add_parser("export", help="write FHIR AuditEvent resources (IHE BALP)")
+    export.add_argument("--config", type=Path, required=True, help="the node's TOML file")
+    export.add_argument("--since", type=_when, help="records written at or after (ISO 8601)")
+    export.add_argument("--out", default="-", help="a folder, or - for standard output")
+    export.add_argument(
+        "--format",
+        choices=["ndjson", "bundle"],
+        default="ndjson",
+        help="ndjson (one AuditEvent a line, default) or bundle (a collection Bundle)",
+    )
+    export.set_defaults(handler=_cmd_export)
+
+    report = actions.add_parser(
+        "report", help="volumes and turnaround per peer country, option, priority and step"
+    )
+    report.add_argument("--config", type=Path, required=True, help="the node's TOML file")
+    report.add_argument("--since", type=_when, help="records written at or after (ISO 8601)")
+    report.add_argument("--until", type=_when, help="records written before (ISO 8601)")
+    report.add_argument("--csv", action="store_true", help="CSV instead of a text table")
+    report.set_defaults(handler=_cmd_report)
+    return parser
+
+
+def _when(text: str) -> datetime:
+    """An ISO 8601 date or time as naive UTC (a time without offset is taken as UTC)."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 date or time: {text!r}") from None
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC).replace(tzinfo=None)
+    return value
+
+
+def _open(config: Path) -> Engine | None:
+    from ncp.store.db import make_engine
+
+    settings = load_settings(config)
+    engine = make_engine(settings.database.url)
+    if not inspect(engine).has_table("audit_chain_head"):
+        engine.dispose()
+        print(
+            "ncp: the database has no audit tables: run `ncp db upgrade --config ...` first",
+            file=sys.stderr,
+        )
+        return None
+    return engine
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from ncp.audit.chain import verify
+
+    engine = _open(args.config)
+    if engine is None:
+        return EXIT_USAGE
+    try:
+        with Session(engine) as session:
+            result = verify(session)
+    finally:
+        engine.dispose()
+    if result.ok:
+        print(
+            f"audit chain intact: {result.count} records; head seq {result.head_seq} "
+            f"hash {result.head_hash}"
+        )
+        return EXIT_OK
+    first = result.first_broken
+    assert first is not None
+    print(f"audit chain BROKEN: first broken record {first.describe()}")
+    others = result.problems[1:SHOWN_PROBLEMS]
+    for problem in others:
+        print(f"  also {problem.describe()}")
+    hidden = len(result.problems) - 1 - len(others) + result.more_problems
+    if hidden:
+        print(f"  ... and {hidden} more problems")
+    print(f"({result.count} records read; chain head seq {result.head_seq})")
+    return EXIT_FAILED
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ncp.audit.export import export_events
+
+    engine = _open(args.config)
+    if engine is None:
+        return EXIT_USAGE
+    try:
+        with Session(engine) as session:
+            events = export_events(session, since=args.since)
+            if args.out == "-":
+                count = _write(events, args.format, sys.stdout)
+            else:
+                folder = Path(args.out)
+                folder.mkdir(parents=True, exist_ok=True)
+                name = "AuditEvent.ndjson" if args.format == "ndjson" else "audit-bundle.json"
+                target = folder / name
+                with target.open("w", encoding="utf-8") as out:
+                    count = _write(events, args.format, out)
+                print(f"exported {count} AuditEvents to {target}")
+    finally:
+        engine.dispose()
+    return EXIT_OK
+
+
+def _write(events: Iterable[dict[str, Any]], fmt: str, out: TextIO) -> int:
+    from ncp.audit.export import collection, write_ndjson
+
+    if fmt == "ndjson":
+        return write_ndjson(events, out)
+    bundle = collection(events, timestamp=datetime.now(UTC).replace(tzinfo=None))
+    json.dump(bundle, out, ensure_ascii=False, indent=1)
+    out.write("\n")
+    return len(bundle["entry"])
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from ncp.audit.report import summarise, write_csv, write_text
+
+    engine = _open(args.config)
+    if engine is None:
+        return EXIT_USAGE
+    try:
+        with Session(engine) as session:
+            rows = summarise(session, since=args.since, until=args.until)
+    finally:
+        engine.dispose()
+    if args.csv:
+        write_csv(rows, sys.stdout)
+    else:
+        write_text(rows, sys.stdout)
+    return EXIT_OK
