@@ -23,7 +23,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import islice
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import Table, bindparam, delete, func, insert, select, tuple_, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -156,12 +156,44 @@ def _remove(
         session.execute(
             delete(Instance).where(Instance.source == source, Instance.locator.in_(chunk))
         )
+    _forget(session, source, locators)
+    return removed, sops
+
+
+def _forget(session: Session, source: str, locators: Sequence[str]) -> None:
+    """Drop what the last runs recorded of these locators."""
+    for chunk in _chunks(locators):
         session.execute(
             delete(SourceObject).where(
                 SourceObject.source == source, SourceObject.locator.in_(chunk)
             )
         )
-    return removed, sops
+
+
+def _remember(
+    session: Session,
+    source: str,
+    seen: Sequence[tuple[SourceEntry, str | None, str | None]],
+    now: datetime,
+) -> None:
+    """Record (entry, SOP Instance UID, skip reason) for each entry, replacing earlier rows."""
+    if not seen:
+        return
+    _forget(session, source, [entry.locator for entry, _, _ in seen])
+    session.execute(
+        insert(SourceObject),
+        [
+            {
+                "source": source,
+                "locator": entry.locator,
+                "fingerprint": entry.fingerprint,
+                "sop_uid": sop,
+                "skipped_reason": reason,
+                "seen_at": now,
+            }
+            for entry, sop, reason in seen
+        ],
+    )
 
 
 def _record_skips(
@@ -171,28 +203,9 @@ def _record_skips(
     now: datetime,
     sop_uids: dict[str, str] | None = None,
 ) -> None:
-    if not skips:
-        return
-    locators = [s.entry.locator for s in skips]
-    for chunk in _chunks(locators):
-        session.execute(
-            delete(SourceObject).where(
-                SourceObject.source == source, SourceObject.locator.in_(chunk)
-            )
-        )
-    session.execute(
-        insert(SourceObject),
-        [
-            {
-                "source": source,
-                "locator": s.entry.locator,
-                "fingerprint": s.entry.fingerprint,
-                "sop_uid": (sop_uids or {}).get(s.entry.locator),
-                "skipped_reason": s.reason,
-                "seen_at": now,
-            }
-            for s in skips
-        ],
+    found = sop_uids or {}
+    _remember(
+        session, source, [(s.entry, found.get(s.entry.locator), s.reason) for s in skips], now
     )
 
 
@@ -220,14 +233,12 @@ def _read_and_map(
             read.append((result, map_instance(result)))
         except UnreadableInstance as exc:
             out.append(SkippedEntry(result.entry, exc.reason))
-    speakers: set[str] = set()
-    for level in (_patient_of, _study_of, _series_of):
-        best: dict[object, str] = {}
-        for _, keys in read:
-            key, sop = level(keys), keys.instance.sop_uid
-            if key not in best or sop < best[key]:
-                best[key] = sop
-        speakers.update(best.values())
+    all_keys = [keys for _, keys in read]
+    speakers = {
+        best.instance.sop_uid
+        for level in (_patient_of, _study_of, _series_of)
+        for best in _representatives(all_keys, level).values()
+    }
     for header, keys in read:
         levels = map_levels(header, keys) if keys.instance.sop_uid in speakers else None
         out.append(_Mapped(header.entry, keys, levels))
@@ -371,26 +382,11 @@ def _apply_batch(
             for entry, keys in records.values()
         ],
     )
-    locators = [entry.locator for entry, _ in records.values()]
-    for chunk in _chunks(locators):
-        session.execute(
-            delete(SourceObject).where(
-                SourceObject.source == source, SourceObject.locator.in_(chunk)
-            )
-        )
-    session.execute(
-        insert(SourceObject),
-        [
-            {
-                "source": source,
-                "locator": entry.locator,
-                "fingerprint": entry.fingerprint,
-                "sop_uid": keys.instance.sop_uid,
-                "skipped_reason": None,
-                "seen_at": now,
-            }
-            for entry, keys in records.values()
-        ],
+    _remember(
+        session,
+        source,
+        [(entry, keys.instance.sop_uid, None) for entry, keys in records.values()],
+        now,
     )
 
 
@@ -410,11 +406,12 @@ def _existing_instances(session: Session, sops: list[str]) -> dict[str, tuple[st
     return found
 
 
-def _representatives(
-    rows: Iterable[IndexRecord], key: Callable[[IndexRecord], Any]
-) -> dict[Any, IndexRecord]:
-    """Per key, the record with the smallest SOP Instance UID: its header speaks for the level."""
-    best: dict[Any, IndexRecord] = {}
+_Row = TypeVar("_Row", IndexRecord, InstanceKeys)
+
+
+def _representatives(rows: Iterable[_Row], key: Callable[[_Row], Any]) -> dict[Any, _Row]:
+    """Per key, the row with the smallest SOP Instance UID: its header speaks for the level."""
+    best: dict[Any, _Row] = {}
     for rec in rows:
         k = key(rec)
         if k not in best or rec.instance.sop_uid < best[k].instance.sop_uid:
