@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -111,6 +112,49 @@ class TrustSection(_Section):
     )
 
 
+class ListenSection(_Section):
+    """Where this node's processes bind. The public URLs (``[urls]``) may differ behind a proxy;
+    port 0 takes the port of the matching public URL."""
+
+    host: str = Field(default="127.0.0.1", description="Address to bind, e.g. 0.0.0.0")
+    standard_port: int = Field(
+        default=0, ge=0, le=65535, description="Standard channel (FHIR, mutual TLS)."
+    )
+    imaging_port: int = Field(
+        default=0, ge=0, le=65535, description="Imaging channel (DICOMweb gateway, option A)."
+    )
+
+
+class GatewaySection(_Section):
+    """Limits of a DICOMweb gateway (option A in the node, option C in ``ncp edge``)."""
+
+    max_transfers: int = Field(
+        default=8, ge=1, description="Retrieves served at once; more wait for a slot."
+    )
+    queue_timeout_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="How long a retrieve may wait for a slot before 503 with Retry-After.",
+    )
+    retry_after_s: int = Field(default=5, ge=1, description="Retry-After sent with a 503.")
+    archive_timeout_s: float = Field(
+        default=30.0, gt=0, description="Archive slower than this to answer: 503."
+    )
+    chunk_bytes: int = Field(
+        default=1 << 20, ge=4096, description="Bytes moved per write on the byte path."
+    )
+
+
+class TokensSection(_Section):
+    image_access_lifetime_s: int = Field(
+        default=300,
+        ge=30,
+        le=900,
+        description="Life of an image access token (IUA recommends 5 minutes; at most 15).",
+    )
+    leeway_s: int = Field(default=30, ge=0, le=120, description="Clock skew tolerated.")
+
+
 class NodeSettings(BaseSettings):
     """Everything one node needs to know about itself. Build it with :func:`load_settings`."""
 
@@ -125,6 +169,9 @@ class NodeSettings(BaseSettings):
     reports: ReportsSection = ReportsSection()
     keys: KeysSection = KeysSection()
     trust: TrustSection = TrustSection()
+    listen: ListenSection = ListenSection()
+    gateway: GatewaySection = GatewaySection()
+    tokens: TokensSection = TokensSection()
 
     @classmethod
     def settings_customise_sources(
@@ -139,18 +186,100 @@ class NodeSettings(BaseSettings):
         return (env_settings, init_settings)
 
 
+class EdgeSection(_Section):
+    country: str = Field(description="Country A, whose access tokens this edge gateway accepts.")
+    audience: str = Field(
+        description="This gateway's public DICOMweb base, exactly as A writes it into tokens "
+        "(node A's urls.edge), e.g. https://edge-a.example/dicomweb"
+    )
+    jwks: Path = Field(description="A's published signing keys (JWKS file, `ncp keys init`).")
+    name: str = Field(default="", description="Human name, shown in audit records.")
+
+    @field_validator("country")
+    @classmethod
+    def _country_code(cls, value: str) -> str:
+        return NodeSection._country_code(value)
+
+
+class EdgeListenSection(_Section):
+    host: str = Field(default="127.0.0.1", description="Address to bind.")
+    port: int = Field(default=0, ge=0, le=65535, description="0: the port of edge.audience.")
+
+
+class EdgeTlsSection(_Section):
+    certificate: Path = Field(description="PEM server certificate (chain) of the edge gateway.")
+    key: Path = Field(description="PEM private key of that certificate.")
+
+
+class EdgeSettings(BaseSettings):
+    """``ncp edge``: the stateless option C gateway country A runs before its national archive.
+    It holds no data of A's node: A's public keys, the archive, and its own audit database."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="NCP_EDGE_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    edge: EdgeSection
+    archive: ArchiveSection
+    tls: EdgeTlsSection
+    listen: EdgeListenSection = EdgeListenSection()
+    database: DatabaseSection = DatabaseSection(url="sqlite:///edge-audit.db")
+    gateway: GatewaySection = GatewaySection()
+    tokens: TokensSection = TokensSection()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (env_settings, init_settings)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such config file") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+
+
 def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> NodeSettings:
     """Read a node's TOML file, apply environment overrides, resolve relative paths.
 
     Raises :class:`ConfigError` naming the file and the offending key.
     """
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: no such config file") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    data = _read_toml(path)
     return settings_from_mapping(data, base_dir=path.parent, source=str(path), environ=environ)
+
+
+def load_edge_settings(path: Path, environ: Mapping[str, str] | None = None) -> EdgeSettings:
+    """Read an edge gateway's TOML file (``ncp edge --config``), like :func:`load_settings`."""
+    data = _read_toml(path)
+    with _environment(environ):
+        try:
+            settings = EdgeSettings(**data)
+        except ValidationError as exc:
+            raise ConfigError(_describe(str(path), exc)) from exc
+    base = path.parent
+
+    def rel(p: Path) -> Path:
+        return p if p.is_absolute() else (base / p).resolve()
+
+    return settings.model_copy(
+        update={
+            "archive": _resolve_archive(settings.archive, rel),
+            "database": _resolve_database(settings.database, rel),
+            "edge": settings.edge.model_copy(update={"jwks": rel(settings.edge.jwks)}),
+            "tls": settings.tls.model_copy(
+                update={"certificate": rel(settings.tls.certificate), "key": rel(settings.tls.key)}
+            ),
+        }
+    )
 
 
 def settings_from_mapping(
@@ -161,21 +290,44 @@ def settings_from_mapping(
     environ: Mapping[str, str] | None = None,
 ) -> NodeSettings:
     """Build settings from an already parsed mapping (tests and generated demo configs use this)."""
-    saved = None
-    if environ is not None:
-        # pydantic-settings reads os.environ; swap in the caller's view for the duration.
-        saved = dict(os.environ)
-        os.environ.clear()
-        os.environ.update(environ)
-    try:
-        settings = NodeSettings(**data)
-    except ValidationError as exc:
-        raise ConfigError(_describe(source, exc)) from exc
-    finally:
-        if saved is not None:
-            os.environ.clear()
-            os.environ.update(saved)
+    with _environment(environ):
+        try:
+            settings = NodeSettings(**data)
+        except ValidationError as exc:
+            raise ConfigError(_describe(source, exc)) from exc
     return _resolve_paths(settings, base_dir)
+
+
+@contextmanager
+def _environment(environ: Mapping[str, str] | None) -> Iterator[None]:
+    """pydantic-settings reads os.environ: swap in the caller's view for the duration."""
+    if environ is None:
+        yield
+        return
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _resolve_archive(
+    archive: FolderArchive | DicomwebArchive, rel: Callable[[Path], Path]
+) -> FolderArchive | DicomwebArchive:
+    if isinstance(archive, FolderArchive):
+        return archive.model_copy(update={"path": rel(archive.path)})
+    return archive
+
+
+def _resolve_database(db: DatabaseSection, rel: Callable[[Path], Path]) -> DatabaseSection:
+    if db.url.startswith("sqlite:///") and not db.url.startswith("sqlite:////"):
+        file_part = db.url.removeprefix("sqlite:///")
+        if file_part and file_part != ":memory:":
+            return db.model_copy(update={"url": f"sqlite:///{rel(Path(file_part))}"})
+    return db
 
 
 def _describe(source: str, exc: ValidationError) -> str:
@@ -193,22 +345,14 @@ def _resolve_paths(settings: NodeSettings, base: Path) -> NodeSettings:
     def rel(p: Path) -> Path:
         return p if p.is_absolute() else (base / p).resolve()
 
-    archive = settings.archive
-    if isinstance(archive, FolderArchive):
-        archive = archive.model_copy(update={"path": rel(archive.path)})
     reports = settings.reports
     if reports.path is not None:
         reports = reports.model_copy(update={"path": rel(reports.path)})
-    db = settings.database
-    if db.url.startswith("sqlite:///") and not db.url.startswith("sqlite:////"):
-        file_part = db.url.removeprefix("sqlite:///")
-        if file_part and file_part != ":memory:":
-            db = db.model_copy(update={"url": f"sqlite:///{rel(Path(file_part))}"})
     return settings.model_copy(
         update={
-            "archive": archive,
+            "archive": _resolve_archive(settings.archive, rel),
             "reports": reports,
-            "database": db,
+            "database": _resolve_database(settings.database, rel),
             "keys": settings.keys.model_copy(update={"dir": rel(settings.keys.dir)}),
             "trust": settings.trust.model_copy(update={"list": rel(settings.trust.list)}),
         }

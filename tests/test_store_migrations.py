@@ -39,6 +39,9 @@ MODEL_TABLES = {
     "source_object",
     "audit_record",
     "audit_chain_head",
+    "report",
+    "report_version",
+    "used_token",
 }
 
 
@@ -145,7 +148,7 @@ def test_migrate_creates_schema(engine: Engine) -> None:
     assert set(inspect(engine).get_table_names()) == set()
     migrate(engine)
     assert set(inspect(engine).get_table_names()) == MODEL_TABLES | {"alembic_version"}
-    assert _current(engine) == _head() == "0002"
+    assert _current(engine) == _head() == "0003"
 
 
 def test_migrate_is_idempotent(migrated: Engine) -> None:

@@ -14,6 +14,7 @@ from datetime import date, datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Date,
     DateTime,
     ForeignKey,
@@ -147,3 +148,92 @@ class SourceObject(Base):
     sop_uid: Mapped[str | None] = mapped_column(UID, index=True)
     skipped_reason: Mapped[str | None] = mapped_column(Text)
     seen_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Report(Base):
+    """One imaging report across its versions: what ``/fhir/Bundle/{id}`` names.
+
+    The patient is kept as identifier and issuer, not as a link to :class:`Patient`: a report may
+    arrive before its images are indexed, and the list must show it all the same.
+    """
+
+    __tablename__ = "report"
+    __table_args__ = (
+        UniqueConstraint("identifier_system", "identifier_value"),
+        Index(None, "patient_id", "patient_issuer"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    """The logical id of the Bundle resource (FHIR id grammar), stable across versions."""
+    identifier_system: Mapped[str] = mapped_column(LO)
+    identifier_value: Mapped[str] = mapped_column(LO)
+    """Composition.identifier: the report's business identifier, the same in every version."""
+    patient_id: Mapped[str] = mapped_column(LO)
+    patient_issuer: Mapped[str] = mapped_column(LO, default="")
+    latest_version: Mapped[int] = mapped_column(Integer)
+
+    versions: Mapped[list[ReportVersion]] = relationship(
+        back_populates="report", order_by="ReportVersion.version"
+    )
+
+
+class ReportVersion(Base):
+    """One version of a report document, stored as received (canonical JSON) with the values
+    the metadata list filters and sorts by. Older versions stay readable (``_history``)."""
+
+    __tablename__ = "report_version"
+    __table_args__ = (
+        UniqueConstraint("report_id", "version"),
+        Index(None, "study_uid"),
+        Index(None, "latest", "date"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    report_id: Mapped[str] = mapped_column(ForeignKey("report.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    """1, 2, ...: the FHIR versionId of the Bundle and the report's version extension."""
+    latest: Mapped[bool] = mapped_column(Boolean, default=True)
+    """True on the newest version only; the list shows that one (older: superseded)."""
+    bundle_system: Mapped[str | None] = mapped_column(LO)
+    bundle_value: Mapped[str] = mapped_column(LO)
+    """Bundle.identifier: changes per version."""
+    status: Mapped[str] = mapped_column(String(32))
+    """Composition.status: preliminary, final, amended, corrected, entered-in-error."""
+    title: Mapped[str] = mapped_column(LO)
+    date: Mapped[datetime] = mapped_column(DateTime)
+    """Composition.date, naive UTC."""
+    language: Mapped[str | None] = mapped_column(String(16))
+    author: Mapped[str | None] = mapped_column(LO)
+    """Display of the first author."""
+    custodian_name: Mapped[str | None] = mapped_column(LO)
+    custodian_system: Mapped[str | None] = mapped_column(LO)
+    custodian_value: Mapped[str | None] = mapped_column(LO)
+    study_uid: Mapped[str | None] = mapped_column(UID)
+    accession_number: Mapped[str | None] = mapped_column(LO)
+    accession_issuer: Mapped[str | None] = mapped_column(LO)
+    modalities: Mapped[str] = mapped_column(LO, default="")
+    """As on Study: sorted, backslash-separated (from the bundle's ImagingStudy)."""
+    body_parts: Mapped[str] = mapped_column(LO, default="")
+    """DICOM Body Part Examined codes, sorted, backslash-separated (may be empty)."""
+    procedure_code: Mapped[str | None] = mapped_column(LO)
+    """Study type (LOINC radiology procedure code) when the bundle says one."""
+    requesting_code: Mapped[str | None] = mapped_column(LO)
+    """Requesting specialty code when the bundle says one."""
+    replaces_version: Mapped[int | None] = mapped_column(Integer)
+    content: Mapped[str] = mapped_column(Text)
+    """The Bundle as stored: canonical JSON, without meta.versionId/lastUpdated (set on read)."""
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[datetime] = mapped_column(DateTime)
+
+    report: Mapped[Report] = relationship(back_populates="versions")
+
+
+class UsedToken(Base):
+    """One-time tokens already used (viewer launch), shared by every replica of a node through
+    its database; rows are dropped once the token has expired."""
+
+    __tablename__ = "used_token"
+
+    jti: Mapped[str] = mapped_column(String(128), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(DateTime, index=True)
