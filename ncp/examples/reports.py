@@ -16,6 +16,7 @@ from typing import Any
 
 from ncp.examples.catalogue import Person
 from ncp.examples.plan import REFERENCE_DATE, UID_NAMESPACE, PatientPlan, StudyPlan
+from ncp.fhir.identifiers import patient_system
 from ncp.fhir.report import (
     LOINC,
     SNOMED,
@@ -302,18 +303,8 @@ class PlannedReport:
         return self.versions[-1]
 
 
-def patient_identifier_system(issuer: str) -> str:
-    """The FHIR Identifier.system for an Issuer of Patient ID given as an OID or a URI."""
-    if _is_oid(issuer):
-        return f"urn:oid:{issuer}"
-    if ":" in issuer:
-        return issuer
-    raise ValueError(f"issuer {issuer!r} is neither an OID nor an absolute URI")
-
-
-def _is_oid(value: str) -> bool:
-    parts = value.split(".")
-    return len(parts) > 1 and all(p.isdigit() for p in parts)
+patient_identifier_system = patient_system
+"""Kept for the generator's callers; :mod:`ncp.fhir.identifiers` owns the rule."""
 
 
 def _statuses(rng: random.Random) -> list[ReportStatus]:
