@@ -8,6 +8,8 @@ goes through these two functions, so the two spellings never meet unconverted.
 
 from __future__ import annotations
 
+import hashlib
+
 STUDY_UID_SYSTEM = "urn:dicom:uid"
 """System of Study, Series and SOP Instance UIDs; the value is ``urn:oid:<uid>``."""
 
@@ -41,3 +43,33 @@ def uid_value(uid: str) -> str:
 def uid_of(value: str) -> str | None:
     """The DICOM UID in an ``urn:dicom:uid`` identifier value, or None if it is not one."""
     return value.removeprefix("urn:oid:") if value.startswith("urn:oid:") else None
+
+
+# --- logical ids of the resources the node serves -----------------------------------------------
+# Derived from business identifiers, never from database keys: every replica, and every rebuild of
+# the index, gives a resource the same id, so B's links and caches stay valid.
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("|".join(parts).encode("utf-8")).hexdigest()[:32]
+
+
+def patient_resource_id(system: str, value: str) -> str:
+    """Patient id for a patient identifier (FHIR system, value)."""
+    return "p" + _digest(system, value)
+
+
+def report_resource_id(system: str, value: str) -> str:
+    """Id of a report (Composition.identifier system, value): its Bundle and its report
+    DocumentReference share it; versions are the Bundle's ``_history``."""
+    return "r" + _digest(system, value)
+
+
+def imaging_study_id(study_uid: str) -> str:
+    """ImagingStudy id: the Study Instance UID itself (digits and dots, at most 64: a FHIR id)."""
+    return study_uid
+
+
+def manifest_reference_id(study_uid: str) -> str:
+    """Id of the DocumentReference that lists a study manifest."""
+    return "m" + _digest(study_uid)
