@@ -22,6 +22,8 @@ from ncp import __version__
 from ncp.audit.command import register as register_audit
 from ncp.config import FolderArchive, NodeSettings, load_settings
 from ncp.errors import ArchiveError, ConfigError, NcpError
+from ncp.gateway.edge import register as register_edge
+from ncp.provider.serve import register as register_serve
 from ncp.security.command import register as register_keys
 from ncp.validation.command import register as register_validate
 
@@ -54,11 +56,30 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ncp {__version__}")
     sub = parser.add_subparsers(metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="generate example data for country A and index it")
+    demo = sub.add_parser(
+        "demo", help="run country A's node and edge gateway on generated data (Ctrl-C stops)"
+    )
     demo.add_argument("--data", type=Path, default=Path("demo-data"), help="demo folder")
     demo.add_argument("--patients", type=int, default=8)
     demo.add_argument("--seed", type=int, default=1)
     demo.add_argument("--big-patient-studies", type=int, default=300)
+    demo.add_argument(
+        "--base-port",
+        type=int,
+        default=8443,
+        metavar="N",
+        help="standard channel on N, gateway N+1, edge N+2 (default 8443); 0: free ports",
+    )
+    demo.add_argument(
+        "--setup-only",
+        action="store_true",
+        help="prepare data, keys, configs and the index, then exit without starting services",
+    )
+    demo.add_argument(
+        "--no-browser",
+        action="store_true",
+        help="do not open a browser (nothing opens one yet: the portal is later work)",
+    )
     demo.set_defaults(handler=_cmd_demo)
 
     index = sub.add_parser("index", help="build or update the study index from the archive")
@@ -93,6 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     register_validate(sub)
     register_audit(sub)
     register_keys(sub)
+    register_edge(sub)
+    register_serve(sub)
 
     examples = sub.add_parser("examples", help="example data")
     ex_sub = examples.add_subparsers(metavar="ACTION", required=True)
@@ -220,14 +243,9 @@ def _cmd_examples_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from ncp.demo import run_demo
+    from ncp.demo import cmd_demo
 
-    return run_demo(
-        args.data,
-        patients=args.patients,
-        seed=args.seed,
-        big_patient_studies=args.big_patient_studies,
-    )
+    return cmd_demo(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -42,8 +42,14 @@ class DefinitionNotFound(NcpError, LookupError):
 def conformance_dir(kind: Literal["profiles", "terminology"]) -> Path:
     """``profiles/`` or ``terminology/`` under ``$NCP_CONFORMANCE_DIR`` or the repository root."""
     override = os.environ.get(ENV_DIR)
-    root = Path(override) if override else Path(__file__).resolve().parents[2]
+    root = Path(override) if override else _package_root()
     return root / kind
+
+
+@functools.cache
+def _package_root() -> Path:
+    # Resolved once: lists build thousands of codings, each asking for the terminology folder.
+    return Path(__file__).resolve().parents[2]
 
 
 def _strip_version(url: str) -> str:

@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import hashlib
 
+from ncp.fhir import canonical
+
 STUDY_UID_SYSTEM = "urn:dicom:uid"
 """System of Study, Series and SOP Instance UIDs; the value is ``urn:oid:<uid>``."""
+UNQUALIFIED_ACCESSION_SYSTEM = f"{canonical.BASE}/sid/accession-number-unqualified"
+"""System of an accession number whose DICOM gives no issuer: it matches an accession number of
+any system with the same value (the order placer's system is simply unknown to the archive)."""
 
 
 def is_oid(value: str) -> bool:

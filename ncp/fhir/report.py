@@ -30,17 +30,24 @@ from pydantic import ValidationError
 
 from ncp.fhir import canonical
 
+# Re-exported: the example generator and the tests take the code systems from here.
+from ncp.fhir.datatypes import DICOM as DICOM
+from ncp.fhir.datatypes import LOINC as LOINC
+from ncp.fhir.datatypes import SNOMED as SNOMED
+from ncp.fhir.datatypes import URI as URI
+from ncp.fhir.datatypes import V2_0203 as V2_0203
+from ncp.fhir.datatypes import accession_type as _accession_type
+from ncp.fhir.datatypes import claims as _claims
+from ncp.fhir.datatypes import coding as _coding
+from ncp.fhir.datatypes import concept as _concept
+from ncp.fhir.datatypes import modality_coding as _modality
+
 ReportStatus = Literal["preliminary", "final", "amended"]
 Gender = Literal["male", "female", "other", "unknown"]
 
-LOINC = "http://loinc.org"
-SNOMED = "http://snomed.info/sct"
-DICOM = "http://dicom.nema.org/resources/ontology/DCM"
-V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 V2_0074 = "http://terminology.hl7.org/CodeSystem/v2-0074"
 V3_CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
 LIST_EMPTY_REASON = "http://terminology.hl7.org/CodeSystem/list-empty-reason"
-URI = "urn:ietf:rfc:3986"
 REPORT_VERSION_URL = canonical.structure_definition("ncp-report-version")
 # R4 has no DiagnosticReport→Composition link; the HL7 Europe imaging report (R4) uses the R5
 # element through its cross-version extension, and so do we.
@@ -74,20 +81,6 @@ _SECTION_TITLE = {
     SECTION_FINDINGS: "Findings",
     SECTION_IMPRESSION: "Impression",
     SECTION_RECOMMENDATION: "Recommendation",
-}
-# DICOM modality codes (PS3.16 CID 29) with their code meanings.
-_MODALITY_MEANING = {
-    "CR": "Computed Radiography",
-    "CT": "Computed Tomography",
-    "DX": "Digital Radiography",
-    "MG": "Mammography",
-    "MR": "Magnetic Resonance",
-    "NM": "Nuclear Medicine",
-    "PT": "Positron emission tomography",
-    "US": "Ultrasound",
-    "XA": "X-Ray Angiography",
-    "RF": "Radio Fluoroscopy",
-    "OT": "Other",
 }
 _NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, f"{canonical.BASE}/imaging-report")
 
@@ -322,17 +315,6 @@ def _is_dicom_uid(value: str) -> bool:
 # --- resources -----------------------------------------------------------------------------------
 
 
-def _coding(system: str, code: str, display: str) -> dict[str, Any]:
-    return {"system": system, "code": code, "display": display}
-
-
-def _concept(*codings: dict[str, Any], text: str | None = None) -> dict[str, Any]:
-    concept: dict[str, Any] = {"coding": list(codings)}
-    if text is not None:
-        concept["text"] = text
-    return concept
-
-
 def _identifier(value: Identifier, type_: dict[str, Any] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if type_ is not None:
@@ -366,12 +348,6 @@ def _div(paragraphs: Iterable[str]) -> dict[str, str]:
         if line.strip()
     )
     return {"status": "generated", "div": f'<div xmlns="{XHTML}">{body}</div>'}
-
-
-def _accession_type() -> dict[str, Any]:
-    return _concept(
-        _coding(V2_0203, "ACSN", "Accession ID"), _coding(DICOM, "121022", "Accession Number")
-    )
 
 
 def _when(value: datetime) -> str:
@@ -556,13 +532,6 @@ def _imaging_study(report: ReportVersion, urls: _Urls) -> dict[str, Any]:
     }
 
 
-def _modality(code: str) -> dict[str, Any]:
-    coding: dict[str, Any] = {"system": DICOM, "code": code}
-    if code in _MODALITY_MEANING:
-        coding["display"] = _MODALITY_MEANING[code]
-    return coding
-
-
 def _service_request(report: ReportVersion, urls: _Urls) -> dict[str, Any]:
     study, order = report.study, report.order
     out: dict[str, Any] = {
@@ -615,11 +584,6 @@ def _requester_role(report: ReportVersion) -> dict[str, Any]:
     if service is not None:
         out["specialty"] = [_concept(_coding(service.system, service.code, service.display))]
     return out
-
-
-def _claims(profile: str) -> dict[str, Any]:
-    """meta claiming one of the project's profiles (the validator checks what is claimed)."""
-    return {"profile": [canonical.structure_definition(profile)]}
 
 
 def build_report_bundle(report: ReportVersion) -> dict[str, Any]:

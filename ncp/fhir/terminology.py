@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ncp.errors import NcpError
-from ncp.fhir.conformance import DefinitionNotFound, conformance_dir
+from ncp.fhir.conformance import ENV_DIR, DefinitionNotFound, conformance_dir
 
 __all__ = [
     "Terminology",
@@ -207,11 +208,18 @@ def _load_cached(folder: Path) -> Terminology:
 
 def default_terminology() -> Terminology:
     """The terminology under the current conformance root, read once per root and cached."""
+    # Keyed by the override alone: lists ask thousands of times, paths are dear to build.
+    return _for_override(os.environ.get(ENV_DIR))
+
+
+@functools.cache
+def _for_override(_override: str | None) -> Terminology:
     return _load_cached(conformance_dir("terminology"))
 
 
 def clear_cache() -> None:
     """Forget loaded terminology (after files changed on disk, e.g. in tests)."""
+    _for_override.cache_clear()
     _load_cached.cache_clear()
 
 

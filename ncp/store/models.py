@@ -220,6 +220,11 @@ class ReportVersion(Base):
     requesting_code: Mapped[str | None] = mapped_column(LO)
     """Requesting specialty code when the bundle says one."""
     replaces_version: Mapped[int | None] = mapped_column(Integer)
+    """The version this one replaces (relatesTo replaces); None for version 1, and until a
+    replaced version that arrives late is stored."""
+    replaces_system: Mapped[str | None] = mapped_column(LO)
+    replaces_value: Mapped[str | None] = mapped_column(LO)
+    """The Bundle.identifier relatesTo names, kept so a late replaced version can be linked."""
     content: Mapped[str] = mapped_column(Text)
     """The Bundle as stored: canonical JSON, without meta.versionId/lastUpdated (set on read)."""
     size_bytes: Mapped[int] = mapped_column(Integer)

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from ncp.fhir.identifiers import UNQUALIFIED_ACCESSION_SYSTEM
 from ncp.validation.bundle import BundleIndex
 from ncp.validation.issues import NOT_FOUND, VALUE, Issue
 
@@ -74,7 +75,9 @@ def accessions(resource: dict[str, Any]) -> list[tuple[int, tuple[str | None, st
 
 
 def _same_accession(a: tuple[str | None, str], b: tuple[str | None, str]) -> bool:
-    return a[1] == b[1] and (a[0] is None or b[0] is None or a[0] == b[0])
+    # An archive that knows no issuer writes the unqualified system: it agrees with any system.
+    loose = (None, UNQUALIFIED_ACCESSION_SYSTEM)
+    return a[1] == b[1] and (a[0] in loose or b[0] in loose or a[0] == b[0])
 
 
 def _refs(resource: dict[str, Any], name: str) -> Iterator[tuple[int, dict[str, Any]]]:

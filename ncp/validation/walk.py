@@ -232,6 +232,10 @@ class Walker:
                 assigned = [(it, child) for it in items]
             for it, node in assigned:
                 type_code = node.type_of(it.json_name) or child.type_of(it.json_name) or ""
+                if not type_code and child.content_reference:
+                    # ``CapabilityStatement.rest.operation`` and the like: no type of their own,
+                    # the walk takes the referenced element's children (see ``children``).
+                    type_code = "BackboneElement"
                 if not type_code:
                     issues.append(structure.unknown_element(it.location, it.json_name))
                     continue

@@ -73,6 +73,8 @@ def upgrade() -> None:
         sa.Column("procedure_code", sa.String(length=256), nullable=True),
         sa.Column("requesting_code", sa.String(length=256), nullable=True),
         sa.Column("replaces_version", sa.Integer(), nullable=True),
+        sa.Column("replaces_system", sa.String(length=256), nullable=True),
+        sa.Column("replaces_value", sa.String(length=256), nullable=True),
         sa.Column("content", sa.Text(), nullable=False),
         sa.Column("size_bytes", sa.Integer(), nullable=False),
         sa.Column("sha256", sa.String(length=64), nullable=False),

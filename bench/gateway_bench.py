@@ -1,0 +1,317 @@
+"""The real imaging gateways against Orthanc direct, in one run.
+
+    python bench/gateway_bench.py [--instances 1000] [--repeat 3] [--only a,b]
+
+Starts one Orthanc, generates a CT study (1000 x 512x512 16-bit: 525 MB; see
+``byte_path_alternatives.make_study``), stores it in Orthanc and as a folder, and signs an image
+access token for it. Each gateway runs in its own process (uvicorn, as the node and ``ncp edge``
+serve it), and curl retrieves the whole study (``Accept: multipart/related;
+type="application/dicom"``, bearer token) through each, interleaved with Orthanc direct; the
+first round is a dropped warm-up, then medians of ``--repeat``:
+
+- ``direct``: Orthanc itself (plain HTTP, the reference);
+- ``gw_a``: ``build_gateway_app`` (option A) with its default byte mover, plain HTTP;
+- ``gw_a_relay``: the same with ``relay=ncp.gateway.relay.relay`` and uvicorn
+  ``http=RelayH11Protocol`` (docs/decisions/0006-imaging-byte-path.md), plain HTTP;
+- ``gw_a_tls``, ``gw_a_relay_tls``: the same two over HTTPS (the imaging channel as deployed);
+- ``edge_tls``: ``ncp edge``'s app (``build_edge_app``) over HTTPS as ``run_edge`` serves it;
+- ``gw_a_folder_relay`` (+ ``_tls``): option A over the folder archive, with the relay.
+
+Also: resident memory growth of each gateway process while streaming (VmRSS sampled every 10 ms),
+and the latency a QIDO-RS search (``/studies?StudyInstanceUID=``) gains through the gateway
+(token check, exact filtering, audit), p50 of 50 on a kept-alive connection.
+Prints one JSON object; alternatives that cannot be built are reported with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+for entry in (str(ROOT), str(BENCH)):
+    if entry not in sys.path:
+        sys.path.insert(0, entry)
+
+from byte_path_alternatives import (  # noqa: E402
+    curl_args,
+    free_port,
+    make_study,
+    make_tls,
+    qido_p50,
+    sampling,
+    upload,
+    wait_port,
+)
+
+COUNTRY = "AT"
+PATIENT_SYSTEM = "urn:oid:1.2.40.0.10.1.4.3.1"
+PATIENT_ID = "BENCH-1"
+VARIANTS = (
+    "direct",
+    "gw_a",
+    "gw_a_relay",
+    "gw_a_tls",
+    "gw_a_relay_tls",
+    "edge_tls",
+    "gw_a_folder_relay",
+    "gw_a_folder_relay_tls",
+)
+
+
+# --- the gateway process ---------------------------------------------------------------------
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from ncp.audit.record import Auditor
+    from ncp.config import DicomwebArchive, EdgeSettings, FolderArchive
+    from ncp.gateway.access import JwksFileKeys
+    from ncp.gateway.app import build_gateway_app
+    from ncp.gateway.relay import RelayH11Protocol, relay
+    from ncp.store.db import make_engine, migrate, session_factory
+
+    archive: Any = (
+        FolderArchive(kind="folder", path=Path(args.folder))
+        if args.folder
+        else DicomwebArchive(kind="dicomweb", url=args.archive)
+    )
+    if args.kind == "edge":
+        from ncp.gateway.edge import build_edge_app
+
+        settings = EdgeSettings.model_validate(
+            {
+                "edge": {"country": COUNTRY, "audience": args.public_base, "jwks": args.jwks},
+                "archive": archive.model_dump(),
+                "tls": {"certificate": args.cert, "key": args.key},
+                "database": {"url": f"sqlite:///{args.db}"},
+            }
+        )
+        app = build_edge_app(settings)
+    else:
+        engine = make_engine(f"sqlite:///{args.db}")
+        migrate(engine)
+        extra: dict[str, Any] = {"relay": relay} if args.fast else {}
+        app = build_gateway_app(
+            archive=archive,
+            public_base=args.public_base,
+            issuer=COUNTRY,
+            keys=JwksFileKeys(Path(args.jwks), COUNTRY),
+            auditor=Auditor(session_factory(engine), country=COUNTRY),
+            **extra,
+        )
+    tls: dict[str, Any] = {}
+    if args.cert:
+        tls = {"ssl_certfile": args.cert, "ssl_keyfile": args.key}
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        http=RelayH11Protocol if args.fast else "h11",
+        loop="asyncio",
+        lifespan="on",
+        **tls,
+    )
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+
+def sign_token(key: Any, audience: str, study: str) -> str:
+    from ncp.security.claims import IMAGE_ACCESS, ImageAccess, PatientRef
+    from ncp.security.tokens import issue
+
+    now = datetime.now(UTC)
+    claims = ImageAccess(
+        issuer=COUNTRY,
+        audience=audience,
+        subject="BE-HP-0042",
+        issued_at=now,
+        expires_at=now + timedelta(minutes=5),  # the most A allows
+        requesting_country="BE",
+        patient=PatientRef(PATIENT_SYSTEM, PATIENT_ID),
+        studies=(study,),
+        purpose_of_use="TREAT",
+        priority="routine",
+        option="A",
+    )
+    return issue(IMAGE_ACCESS, claims, key, now=now)
+
+
+def run(args: argparse.Namespace) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from ncp.security.keys import SigningKey
+    from ncp.security.keystore import jwks_document
+    from tests.support.orthanc import OrthancServer
+
+    wanted = [v for v in VARIANTS if not args.only or v in args.only.split(",") or v == "direct"]
+    work = Path(tempfile.mkdtemp(prefix="ncp-gwbench-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    orthanc = OrthancServer.start()
+    try:
+        t0 = time.monotonic()
+        study, files = make_study(work / "study", args.instances)
+        upload(orthanc.rest_url, files)
+        setup_s = time.monotonic() - t0
+        ca, cert, key = make_tls(work)
+        signing = SigningKey("bench-1", ec.generate_private_key(ec.SECP256R1()))
+        jwks = work / "jwks.json"
+        jwks.write_bytes(jwks_document([(signing.kid, signing.private_key.public_key())]))
+
+        targets: dict[str, dict[str, Any]] = {
+            "direct": {
+                "url": f"{orthanc.dicomweb_url}/studies/{study}",
+                "pids": [],
+                "ca": None,
+                "audience": None,
+                "qido_base": orthanc.dicomweb_url,
+            }
+        }
+        unavailable: dict[str, str] = {}
+        for name in wanted[1:]:
+            tls = name.endswith("_tls")
+            port = free_port()
+            scheme, host = ("https", "localhost") if tls else ("http", "127.0.0.1")
+            public_base = f"{scheme}://{host}:{port}/dicomweb"
+            cmd = [sys.executable, str(Path(__file__).resolve()), "serve", "--port", str(port)]
+            cmd += ["--kind", "edge" if name.startswith("edge") else "a"]
+            cmd += ["--public-base", public_base, "--jwks", str(jwks)]
+            cmd += ["--db", str(work / f"{name}.db")]
+            if "folder" in name:
+                cmd += ["--folder", str(work / "study")]
+            else:
+                cmd += ["--archive", orthanc.dicomweb_url]
+            if "relay" in name:
+                cmd += ["--fast"]
+            if tls:
+                cmd += ["--cert", str(cert), "--key", str(key)]
+            log = open(work / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            procs.append(proc)
+            try:
+                wait_port(port, timeout=60)
+            except RuntimeError:
+                proc.kill()
+                tail = (work / f"{name}.log").read_text(errors="replace")[-600:]
+                unavailable[name] = f"did not start: {tail}"
+                continue
+            targets[name] = {
+                "url": f"{public_base}/studies/{study}",
+                "pids": [proc.pid],
+                "ca": ca if tls else None,
+                "audience": public_base,
+                "qido_base": public_base,
+            }
+
+        results: dict[str, dict[str, list[float]]] = {k: {"mbs": [], "rss": []} for k in targets}
+        failures: dict[str, str] = {}
+        expected = 0
+        for round_no in range(args.repeat + 1):
+            for name, t in targets.items():
+                # A fresh token each time: tokens live 5 minutes at most.
+                headers = []
+                if t["audience"]:
+                    bearer = sign_token(signing, t["audience"], study)
+                    headers = [f"Authorization: Bearer {bearer}"]
+                cmd = curl_args(t["url"], t["ca"], headers)
+                with sampling(t["pids"]) as mem:
+                    proc = subprocess.run(cmd, capture_output=True, text=True)
+                size, seconds = ([*proc.stdout.split(), "0", "0"])[:2]
+                expected = expected or int(size)
+                # The gateways build their own multipart (another boundary): near the same size.
+                if proc.returncode != 0 or abs(int(size) - expected) > 200_000:
+                    failures[name] = (
+                        f"curl exit {proc.returncode}, {size} bytes (direct {expected})"
+                    )
+                    continue
+                if round_no:
+                    results[name]["mbs"].append(int(size) / float(seconds) / 1e6)
+                    results[name]["rss"].append(mem["growth_kb"] / 1024)
+        measured = {k: r for k, r in results.items() if r["mbs"]}
+        direct = statistics.median(measured["direct"]["mbs"])
+        report: dict[str, Any] = {
+            "machine": {
+                "cpus": os.cpu_count(),
+                "load_average_at_end": round(os.getloadavg()[0], 1),
+            },
+            "study": {"instances": len(files), "setup_s": round(setup_s, 1)},
+            "repeat": args.repeat,
+            "throughput_mb_s": {k: round(statistics.median(r["mbs"])) for k, r in measured.items()},
+            "ratio_to_direct": {
+                k: round(statistics.median(r["mbs"]) / direct, 2) for k, r in measured.items()
+            },
+            "rss_growth_mb_max": {
+                k: round(max(r["rss"]), 1) for k, r in measured.items() if k != "direct"
+            },
+        }
+        qido: dict[str, float] = {"direct": qido_p50(orthanc.dicomweb_url, study)}
+        for name in ("gw_a_relay", "gw_a_relay_tls", "edge_tls"):
+            t = targets.get(name)
+            if t is None:
+                continue
+            verify: Any = str(t["ca"]) if t["ca"] else True
+            headers = {"Authorization": f"Bearer {sign_token(signing, t['audience'], study)}"}
+            qido[name] = qido_p50(t["qido_base"], study, verify=verify, headers=headers)
+        report["qido_p50_ms"] = {k: round(v, 2) for k, v in qido.items()}
+        report["qido_added_ms"] = {
+            k: round(v - qido["direct"], 2) for k, v in qido.items() if k != "direct"
+        }
+        if failures:
+            report["failures"] = failures
+        if unavailable:
+            report["unavailable"] = unavailable
+        print(json.dumps(report, indent=2))
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(10)
+        orthanc.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="cmd")
+    s = sub.add_parser("serve")
+    s.add_argument("--kind", choices=["a", "edge"], required=True)
+    s.add_argument("--port", type=int, required=True)
+    s.add_argument("--public-base", required=True)
+    s.add_argument("--jwks", required=True)
+    s.add_argument("--db", required=True)
+    s.add_argument("--archive", default="")
+    s.add_argument("--folder", default="")
+    s.add_argument("--fast", action="store_true")
+    s.add_argument("--cert", default="")
+    s.add_argument("--key", default="")
+    parser.add_argument("--instances", type=int, default=1000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--only", default="", help="comma-separated variants (direct always)")
+    args = parser.parse_args()
+    if args.cmd == "serve":
+        serve(args)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()

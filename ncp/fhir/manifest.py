@@ -1,0 +1,483 @@
+"""The image manifest: one indexed study as an IHE MADO-style ImagingStudy (profile
+ncp-imaging-study-manifest), built from index rows without asking the archive.
+
+What country B needs to pick and pull a study is all here: Study Instance UID and accession,
+counts and sizes, modality, body site, description, date, study type, the custodian (series
+performer, function CST), and where to fetch it from. Endpoints are **contained** (``#a``,
+``#c``, ``#viewer``) so that a searchset of manifests needs nothing outside itself:
+
+- ``#a``: WADO-RS at NCPeH-A's DICOMweb gateway (option A), on every series;
+- ``#c``: WADO-RS at A's edge gateway (option C), on every series when an edge is configured;
+- ``#viewer``: the option B viewer (IHE IID launch form), at study level when configured.
+
+Options A and C are told apart by ``Endpoint.identifier`` (system :data:`IMAGING_OPTION_SYSTEM`,
+value ``A`` or ``C``, the value of ``$imaging-access``'s ``option``) and by ``Endpoint.name``.
+Neither endpoint works without an access token from ``$imaging-access``: the manifest says where,
+the token says whether.
+
+Index values that the profile needs and DICOM lacks are filled as follows (each tested): a
+missing modality is ``OT`` (Other); a missing study date falls back to the earliest series date
+(none at all: :class:`ManifestError`); an accession number without issuer gets
+:data:`UNQUALIFIED_ACCESSION_SYSTEM`; an accession longer than DICOM allows (SH, 16) is left
+out. Naive DICOM dates and times are local to the custodian's zone (:attr:`Custodian.zone`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlencode
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import select
+from sqlalchemy.orm import object_session
+
+from ncp.config import NodeSettings
+from ncp.errors import ConfigError, NcpError
+from ncp.fhir import canonical
+from ncp.fhir.datatypes import (
+    SNOMED,
+    URI,
+    accession_type,
+    claims,
+    coding,
+    concept,
+    data_absent,
+    dicom_concept,
+    local_moment,
+    modality_coding,
+    scheme_system,
+    size_bytes,
+    study_uid_identifier,
+    zone_of,
+)
+from ncp.fhir.identifiers import (
+    UNQUALIFIED_ACCESSION_SYSTEM,
+    imaging_study_id,
+    is_oid,
+    patient_resource_id,
+    patient_system,
+)
+from ncp.fhir.terminology import default_terminology
+from ncp.store.models import Instance, Patient, Series, Study
+
+IMAGING_OPTION_SYSTEM = f"{canonical.BASE}/sid/imaging-option"
+"""System of ``Endpoint.identifier``: value ``A`` (NCPeH-A's gateway) or ``C`` (edge gateway)."""
+"""System of an accession number whose issuer the DICOM does not name."""
+BODY_PART_SYSTEM = canonical.code_system("dicom-body-part-examined")
+BODY_PART_MAP = canonical.concept_map("dicom-body-part-to-snomed")
+CONNECTION_TYPE = "http://terminology.hl7.org/CodeSystem/endpoint-connection-type"
+PAYLOAD_TYPE = "http://terminology.hl7.org/CodeSystem/endpoint-payload-type"
+PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+OTHER_MODALITY = "OT"
+MAX_ACCESSION = 16  # DICOM SH
+
+# DICOM Laterality (0020,0060) and Image Laterality B → SNOMED CT (R4 example binding).
+_LATERALITY = {
+    "L": ("7771000", "Left"),
+    "R": ("24028007", "Right"),
+    "B": ("51440002", "Right and left"),
+}
+_SEX = {"M": "male", "F": "female", "O": "other"}
+
+
+class ManifestError(NcpError, ValueError):
+    """An index row cannot become a valid resource (the message says which value is missing)."""
+
+
+@dataclass(frozen=True)
+class ImagingEndpoints:
+    """Where studies are served, from the node's settings (``[urls]``)."""
+
+    option_a: str
+    """DICOMweb base of NCPeH-A's gateway (``urls.imaging``)."""
+    option_c: str | None = None
+    """DICOMweb base of A's edge gateway (``urls.edge``), None without option C."""
+    viewer: str | None = None
+    """Base of the option B viewer (``urls.viewer``), None without option B."""
+
+    @classmethod
+    def from_settings(cls, settings: NodeSettings) -> ImagingEndpoints:
+        urls = settings.urls
+        if not urls.imaging:
+            raise ConfigError("urls.imaging: the DICOMweb base of option A is needed for manifests")
+        return cls(
+            option_a=urls.imaging.rstrip("/"),
+            option_c=urls.edge.rstrip("/") or None,
+            viewer=urls.viewer.rstrip("/") or None,
+        )
+
+
+@dataclass(frozen=True)
+class Custodian:
+    """The organisation that holds country A's images and answers for them: the NCPeH-A node.
+
+    Identified by its FHIR base URL (system ``urn:ietf:rfc:3986``): a URL is unique, already
+    known to every peer from the trust list, and needs no registry.
+    """
+
+    name: str
+    system: str
+    value: str
+    country: str | None = None
+    zone: ZoneInfo = field(default_factory=lambda: ZoneInfo("UTC"))
+    """Time zone of the archive's naive DICOM dates and times."""
+
+    @classmethod
+    def from_settings(cls, settings: NodeSettings) -> Custodian:
+        node = settings.node
+        if not settings.urls.standard:
+            raise ConfigError("urls.standard: the node's FHIR base identifies the custodian")
+        return cls(
+            name=node.name or f"NCPeH {node.country}",
+            system=URI,
+            value=settings.urls.standard.rstrip("/"),
+            country=node.country,
+            zone=zone_of(node.country),
+        )
+
+    @property
+    def resource_id(self) -> str:
+        """Logical id of the Organization resource (derived from the identifier, like every id)."""
+        digest = hashlib.sha256(f"{self.system}|{self.value}".encode()).hexdigest()[:32]
+        return "o" + digest
+
+    def reference(self) -> dict[str, Any]:
+        """A reference that needs no resolution: literal id, identifier and name."""
+        return {
+            "reference": f"Organization/{self.resource_id}",
+            "type": "Organization",
+            "identifier": {"system": self.system, "value": self.value},
+            "display": self.name,
+        }
+
+
+# --- shared by the manifest and the list entries -----------------------------------------------
+
+
+def patient_identifier(patient: Patient) -> dict[str, str]:
+    """Country A's identifier of an index patient (raises :class:`ManifestError` without issuer)."""
+    if not patient.issuer:
+        raise ManifestError(
+            "the patient has no Issuer of Patient ID: the identifier would have no system"
+        )
+    try:
+        system = patient_system(patient.issuer)
+    except ValueError as exc:
+        raise ManifestError(str(exc)) from exc
+    return {"system": system, "value": patient.patient_id}
+
+
+def patient_display(family: str | None, given: str | None) -> str | None:
+    text = " ".join(p for p in (given, family) if p)
+    return text or None
+
+
+def patient_reference(patient: Patient) -> dict[str, Any]:
+    identifier = patient_identifier(patient)
+    out: dict[str, Any] = {
+        "reference": f"Patient/{patient_resource_id(identifier['system'], identifier['value'])}",
+        "type": "Patient",
+        "identifier": identifier,
+    }
+    display = patient_display(patient.family_name, patient.given_name)
+    if display:
+        out["display"] = display
+    return out
+
+
+def gender(sex: str | None) -> str:
+    return _SEX.get((sex or "").strip().upper(), "unknown")
+
+
+def accession_identifier(number: str | None, issuer: str | None) -> dict[str, Any] | None:
+    """The accession number as an Identifier, or None when absent or not a DICOM SH."""
+    if not number or len(number) > MAX_ACCESSION:
+        return None
+    if issuer and is_oid(issuer):
+        system = f"urn:oid:{issuer}"
+    elif issuer and ":" in issuer:
+        system = issuer
+    else:
+        system = UNQUALIFIED_ACCESSION_SYSTEM
+    return {"type": accession_type(), "system": system, "value": number}
+
+
+def modalities(joined: str) -> list[str]:
+    """Backslash-joined modalities of the index, OT when there are none."""
+    codes = [m for m in joined.split("\\") if m.strip()]
+    return codes or [OTHER_MODALITY]
+
+
+def body_part_codings(body_part: str) -> list[dict[str, Any]]:
+    """The SNOMED CT body structure (through the ConceptMap) and the DICOM term itself."""
+    terms = default_terminology()
+    out: list[dict[str, Any]] = []
+    for system, code, _eq in terms.translate(BODY_PART_MAP, BODY_PART_SYSTEM, body_part):
+        out.append(coding(system, code, terms.display(system, code)))
+    out.append(coding(BODY_PART_SYSTEM, body_part, terms.display(BODY_PART_SYSTEM, body_part)))
+    return out
+
+
+def study_type(study: Study) -> dict[str, Any] | None:
+    terms = default_terminology()
+    system = scheme_system(study.procedure_scheme)
+    display = (
+        terms.display(system, study.procedure_code) if system and study.procedure_code else None
+    )
+    return dicom_concept(
+        study.procedure_scheme, study.procedure_code, study.procedure_meaning, display
+    )
+
+
+def requesting_specialty(study: Study) -> dict[str, Any] | None:
+    terms = default_terminology()
+    system = scheme_system(study.requesting_scheme)
+    code = study.requesting_code
+    display = terms.display(system, code) if system and code else None
+    meaning = study.requesting_meaning or study.requesting_service
+    return dicom_concept(study.requesting_scheme, code, meaning, display)
+
+
+def study_started(study: Study) -> datetime:
+    """The study's start: Study Date/Time, else its earliest series start."""
+    if study.started is not None:
+        return study.started
+    starts = [s.started for s in study.series if s.started is not None]
+    if not starts:
+        raise ManifestError(f"study {study.study_uid} has no date: ImagingStudy.started is 1..1")
+    return min(starts)
+
+
+# --- the ImagingStudy ---------------------------------------------------------------------------
+
+
+def imaging_study(
+    study: Study,
+    endpoints: ImagingEndpoints,
+    custodian: Custodian,
+    *,
+    instances: Mapping[str, Sequence[Instance]] | None = None,
+) -> dict[str, Any]:
+    """The manifest of one indexed study.
+
+    ``instances`` maps Series Instance UID to that series' instance rows; when None they are
+    read through the session the study row belongs to (one query for the whole study; the
+    index model has no Series→Instance relationship). A series without instances is left out:
+    the manifest lists what can be retrieved, and its counts are those of what it lists.
+    """
+    if instances is None:
+        instances = load_instances(study)
+    uid = study.study_uid
+    contained = _endpoints(endpoints, custodian, uid)
+    wado = [{"reference": "#a"}] + ([{"reference": "#c"}] if endpoints.option_c else [])
+    series_out: list[dict[str, Any]] = []
+    total_instances = 0
+    for series in sorted(study.series, key=_series_order):
+        rows = instances.get(series.series_uid, ())
+        if not rows:
+            continue
+        total_instances += len(rows)
+        series_out.append(_series(series, rows, wado, custodian))
+    if not series_out:
+        raise ManifestError(f"study {uid} has no instances: a manifest lists at least one")
+
+    identifiers = [study_uid_identifier(uid)]
+    accession = accession_identifier(study.accession_number, study.accession_issuer)
+    if accession is not None:
+        identifiers.append(accession)
+    out: dict[str, Any] = {
+        "resourceType": "ImagingStudy",
+        "id": imaging_study_id(uid),
+        "meta": claims("ncp-imaging-study-manifest"),
+    }
+    referrer = _referrer(study)
+    if referrer is not None:
+        contained.append(referrer)
+    out["contained"] = contained
+    out["extension"] = [size_bytes(study.size_bytes)]
+    out["identifier"] = identifiers
+    out["status"] = "available"
+    out["modality"] = [modality_coding(m) for m in modalities(study.modalities)]
+    out["subject"] = patient_reference(study.patient)
+    out["started"] = local_moment(study_started(study), custodian.zone)
+    if accession is not None:
+        out["basedOn"] = [
+            {"type": "ServiceRequest", "identifier": accession, "display": accession["value"]}
+        ]
+    if referrer is not None:
+        out["referrer"] = {"reference": "#referrer"}
+    if endpoints.viewer:
+        out["endpoint"] = [{"reference": "#viewer"}]
+    out["numberOfSeries"] = len(series_out)
+    out["numberOfInstances"] = total_instances
+    procedure = study_type(study)
+    if procedure is not None:
+        out["procedureCode"] = [procedure]
+    if study.description:
+        out["description"] = study.description
+    out["series"] = series_out
+    return out
+
+
+def load_instances(study: Study) -> dict[str, list[Instance]]:
+    """The instance rows of a study's series, by Series Instance UID, in one query."""
+    session = object_session(study)
+    if session is None:
+        raise ManifestError(
+            f"study {study.study_uid} is not attached to a session: pass its instances"
+        )
+    uid_of = {s.id: s.series_uid for s in study.series}
+    out: dict[str, list[Instance]] = {uid: [] for uid in uid_of.values()}
+    if uid_of:
+        rows = session.scalars(select(Instance).where(Instance.series_pk.in_(list(uid_of))))
+        for row in rows:
+            out[uid_of[row.series_pk]].append(row)
+    return out
+
+
+def _series_order(series: Series) -> tuple[int, int, str]:
+    return (series.number is None, series.number or 0, series.series_uid)
+
+
+def _instance_order(instance: Instance) -> tuple[int, int, str]:
+    number = instance.instance_number
+    return (number is None, number or 0, instance.sop_uid)
+
+
+def _series(
+    series: Series,
+    rows: Sequence[Instance],
+    wado: list[dict[str, Any]],
+    custodian: Custodian,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "extension": [size_bytes(sum(r.size_bytes for r in rows))],
+        "uid": series.series_uid,
+    }
+    # DICOM IS allows negative numbers; FHIR's unsignedInt does not: leave those out.
+    if series.number is not None and series.number >= 0:
+        out["number"] = series.number
+    out["modality"] = modality_coding(series.modality or OTHER_MODALITY)
+    if series.description:
+        out["description"] = series.description
+    out["numberOfInstances"] = len(rows)
+    out["endpoint"] = list(wado)
+    if series.body_part:
+        # R4 series.bodySite is one Coding: SNOMED CT when the map knows the term (the binding),
+        # else the DICOM term itself.
+        out["bodySite"] = body_part_codings(series.body_part)[0]
+    laterality = _LATERALITY.get((series.laterality or "").strip().upper())
+    if laterality is not None:
+        out["laterality"] = coding(SNOMED, *laterality)
+    if series.started is not None:
+        out["started"] = local_moment(series.started, custodian.zone)
+    out["performer"] = [
+        {
+            "function": concept(coding(PARTICIPATION, "CST", "custodian")),
+            "actor": custodian.reference(),
+        }
+    ]
+    out["instance"] = [_instance(r) for r in sorted(rows, key=_instance_order)]
+    return out
+
+
+def _instance(row: Instance) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "uid": row.sop_uid,
+        # R4's sopClass binding (DICOM UIDs as URIs), as in the R4 ImagingStudy examples.
+        "sopClass": coding(URI, f"urn:oid:{row.sop_class_uid}"),
+    }
+    if row.instance_number is not None and row.instance_number >= 0:
+        out["number"] = row.instance_number
+    return out
+
+
+def _referrer(study: Study) -> dict[str, Any] | None:
+    """The referring physician as a contained PractitionerRole, carrying the requesting
+    specialty (a guideline selection parameter ImagingStudy has no element for)."""
+    specialty = requesting_specialty(study)
+    if specialty is None and not study.referring_physician:
+        return None
+    practitioner: dict[str, Any] = (
+        {"display": study.referring_physician}
+        if study.referring_physician
+        else {"extension": [data_absent()]}
+    )
+    role: dict[str, Any] = {
+        "resourceType": "PractitionerRole",
+        "id": "referrer",
+        "meta": claims("ncp-practitionerrole"),
+        "practitioner": practitioner,
+    }
+    if study.referring_organization:
+        role["organization"] = {"display": study.referring_organization}
+    if specialty is not None:
+        role["specialty"] = [specialty]
+    return role
+
+
+# --- endpoints ----------------------------------------------------------------------------------
+
+
+def viewer_address(base: str, study_uid: str) -> str:
+    """The option B viewer's IHE IID (RAD-106) launch URL of one study, without access code:
+    B gets a usable URL with a one-time code from ``$imaging-access`` (option B)."""
+    query = urlencode({"requestType": "STUDY", "studyUID": study_uid})
+    return f"{base.rstrip('/')}/IHEInvokeImageDisplay?{query}"
+
+
+def _endpoints(endpoints: ImagingEndpoints, custodian: Custodian, uid: str) -> list[dict[str, Any]]:
+    name_a = f"Option A: DICOMweb gateway of {custodian.name}"
+    out = [_wado("a", "A", name_a, endpoints.option_a, custodian)]
+    if endpoints.option_c:
+        name_c = f"Option C: edge gateway at the image archive of {custodian.name}"
+        out.append(_wado("c", "C", name_c, endpoints.option_c, custodian))
+    if endpoints.viewer:
+        out.append(
+            {
+                "resourceType": "Endpoint",
+                "id": "viewer",
+                "meta": claims("ncp-endpoint-viewer"),
+                "identifier": [{"system": IMAGING_OPTION_SYSTEM, "value": "B"}],
+                "status": "active",
+                "connectionType": coding(CONNECTION_TYPE, "ihe-iid", "IHE IID"),
+                "name": f"Option B: viewer of {custodian.name}",
+                "managingOrganization": custodian.reference(),
+                "payloadType": [
+                    concept(coding(PAYLOAD_TYPE, "none", "None"), text="IHE IID image display")
+                ],
+                "payloadMimeType": ["text/html"],
+                "address": viewer_address(endpoints.viewer, uid),
+            }
+        )
+    return out
+
+
+def _wado(rid: str, option: str, name: str, address: str, custodian: Custodian) -> dict[str, Any]:
+    return {
+        "resourceType": "Endpoint",
+        "id": rid,
+        "meta": claims("ncp-endpoint-wado-rs"),
+        "identifier": [{"system": IMAGING_OPTION_SYSTEM, "value": option}],
+        "status": "active",
+        "connectionType": coding(CONNECTION_TYPE, "dicom-wado-rs", "DICOM WADO-RS"),
+        "name": name,
+        "managingOrganization": custodian.reference(),
+        "payloadType": [concept(coding(PAYLOAD_TYPE, "none", "None"), text="DICOM WADO-RS")],
+        "payloadMimeType": ["application/dicom", "application/dicom+json"],
+        "address": address.rstrip("/"),
+    }
+
+
+__all__ = [
+    "Custodian",
+    "ImagingEndpoints",
+    "ManifestError",
+    "imaging_study",
+    "load_instances",
+    "viewer_address",
+]

@@ -1,0 +1,252 @@
+"""A folder archive behind the gateway: an in-memory catalogue of its instances, answering QIDO,
+metadata and retrieves from the files themselves.
+
+The catalogue is built by the same walk the indexer uses (:class:`ncp.dicom.folder.FolderSource`:
+headers only, no pixel data, symbolic links refused) and refreshed incrementally: a file whose
+size and modification time are unchanged is not read again. A study asked for that is not in the
+catalogue triggers a refresh, at most every ``rescan_s`` seconds; any request refreshes a
+catalogue older than a minute. Files are opened only through
+``FolderSource.path_of`` (no locator leaves the root) and without following a link.
+
+Frames and bulk data are not offered for a folder (its metadata carries bulk data inline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from ncp.dicom.folder import FolderSource
+from ncp.dicom.source import InstanceHeader, SourceEntry
+from ncp.dicom.uids import is_uid
+from ncp.gateway.dicomjson import SERIES_UID, SOP_UID, STUDY_UID, element
+from ncp.gateway.errors import NotAcceptable, NotFound, StreamBroken
+from ncp.gateway.stream import DicomPart
+
+
+def _tags(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+# The attributes QIDO-RS returns by default at each level (PS3.18), with the Issuer of
+# Patient ID the gateway's patient check needs.
+_STUDY_TAGS = _tags(
+    "00080005 00080020 00080030 00080050 00080051 00080090 00080201 00081030 00100010 "
+    "00100020 00100021 00100030 00100040 0020000D 00200010"
+)
+_SERIES_TAGS = _tags(
+    "00080005 00080060 0008103E 00180015 0020000D 0020000E 00200011 00200060 00400244 00400245"
+)
+_INSTANCE_TAGS = _tags(
+    "00080005 00080016 00080018 0020000D 0020000E 00200013 00280008 00280010 00280011 00280100"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Instance:
+    study: str
+    series: str
+    sop: str
+    locator: str
+    fingerprint: str
+    transfer_syntax: str
+    header: dict[str, Any]
+
+
+class FolderUpstream:
+    """A tree of Part 10 files, as a gateway archive."""
+
+    kind = "folder"
+    archive_base: str | None = None
+
+    def __init__(self, root: Path, *, chunk_bytes: int = 1 << 20, rescan_s: float = 5.0) -> None:
+        self.source = FolderSource(root)
+        self.chunk_bytes = chunk_bytes
+        self.rescan_s = rescan_s
+        self.max_age_s = max(rescan_s, 60.0)
+        self._by_locator: dict[str, _Instance] = {}
+        self._studies: dict[str, dict[str, dict[str, _Instance]]] = {}
+        self._scanned_at: float | None = None
+        self._lock = asyncio.Lock()
+
+    async def aclose(self) -> None:
+        return None
+
+    # -- the catalogue -------------------------------------------------------------------------
+
+    def _scan(self) -> None:
+        changed: list[SourceEntry] = []
+        kept: dict[str, _Instance] = {}
+        for entry in self.source.entries():
+            if not isinstance(entry, SourceEntry):
+                continue
+            old = self._by_locator.get(entry.locator)
+            if old is not None and old.fingerprint == entry.fingerprint:
+                kept[entry.locator] = old
+            else:
+                changed.append(entry)
+        for header in self.source.read_headers(changed):
+            if isinstance(header, InstanceHeader):
+                instance = _instance(header)
+                if instance is not None:
+                    kept[instance.locator] = instance
+        studies: dict[str, dict[str, dict[str, _Instance]]] = {}
+        for instance in sorted(kept.values(), key=lambda i: i.locator):
+            series = studies.setdefault(instance.study, {}).setdefault(instance.series, {})
+            series.setdefault(instance.sop, instance)  # a copy of an instance is served once
+        self._by_locator = kept
+        self._studies = studies
+
+    async def _study(self, study: str) -> dict[str, dict[str, _Instance]]:
+        async with self._lock:
+            now = time.monotonic()
+            age = None if self._scanned_at is None else now - self._scanned_at
+            stale = (
+                age is None
+                or age >= self.max_age_s
+                or (study not in self._studies and age >= self.rescan_s)
+            )
+            if stale:
+                await anyio.to_thread.run_sync(self._scan)
+                self._scanned_at = time.monotonic()
+        found = self._studies.get(study)
+        if found is None:
+            raise NotFound("no such study in the archive")
+        return found
+
+    def _select(
+        self, tree: dict[str, dict[str, _Instance]], series: str | None, sop: str | None
+    ) -> list[_Instance]:
+        if series is None:
+            return [i for s in tree.values() for i in s.values()]
+        chosen = tree.get(series)
+        if chosen is None:
+            raise NotFound("no such series in the study")
+        if sop is None:
+            return list(chosen.values())
+        if sop not in chosen:
+            raise NotFound("no such instance in the series")
+        return [chosen[sop]]
+
+    # -- QIDO and metadata ---------------------------------------------------------------------
+
+    async def study(self, study: str, fields: Iterable[str]) -> list[dict[str, Any]]:
+        try:
+            tree = await self._study(study)
+        except NotFound:
+            return []
+        instances = self._select(tree, None, None)
+        item = _pick(instances[0].header, _STUDY_TAGS | set(fields))
+        modalities = sorted({m for i in instances for m in _texts(i.header, "00080060")})
+        item["00080061"] = element("CS", *modalities)
+        item["00201206"] = element("IS", len(tree))
+        item["00201208"] = element("IS", len(instances))
+        return [item]
+
+    async def search(
+        self, study: str, level: str, series: str | None, fields: Iterable[str]
+    ) -> list[dict[str, Any]]:
+        tree = await self._study(study)
+        wanted = set(fields)
+        if level == "series":
+            out = []
+            for members in tree.values():
+                first = next(iter(members.values()))
+                item = _pick(first.header, _SERIES_TAGS | wanted)
+                item["00201209"] = element("IS", len(members))
+                out.append(item)
+            return out
+        return [_pick(i.header, _INSTANCE_TAGS | wanted) for i in self._select(tree, series, None)]
+
+    async def metadata(self, study: str, series: str | None, sop: str | None) -> list[Any]:
+        tree = await self._study(study)
+        return [dict(i.header) for i in self._select(tree, series, sop)]
+
+    def stored_syntaxes(self, study: str, sops: Iterable[str]) -> set[str] | None:
+        tree = self._studies.get(study, {})
+        by_sop = {i.sop: i for s in tree.values() for i in s.values()}
+        return {by_sop[s].transfer_syntax for s in sops if s in by_sop}
+
+    # -- retrieve ------------------------------------------------------------------------------
+
+    async def retrieve(
+        self, study: str, series: str | None, sop: str | None, accept_syntax: str
+    ) -> AsyncIterator[DicomPart]:
+        tree = await self._study(study)
+        chosen = self._select(tree, series, sop)
+        if accept_syntax != "*" and any(i.transfer_syntax != accept_syntax for i in chosen):
+            raise NotAcceptable(
+                "this archive serves instances as stored only (transfer-syntax=* or the stored "
+                "one); it does not transcode"
+            )
+        paths = [self.source.path_of(i.locator) for i in chosen]
+
+        async def parts() -> AsyncIterator[DicomPart]:
+            for path in paths:
+                yield DicomPart(_file_chunks(path, self.chunk_bytes))
+
+        return parts()
+
+    async def raw(self, path: str, accept: str) -> tuple[str, AsyncIterator[Any]]:
+        raise NotFound("frames and bulk data are not offered for this archive")
+
+
+async def _file_chunks(path: Path, size: int) -> AsyncIterator[bytes]:
+    try:
+        fd = await anyio.to_thread.run_sync(os.open, path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise StreamBroken(f"a stored file cannot be opened ({exc.strerror})") from None
+    with os.fdopen(fd, "rb", buffering=0) as fh:
+        while True:
+            try:
+                data = await anyio.to_thread.run_sync(fh.read, size)
+            except OSError as exc:
+                raise StreamBroken(f"a stored file cannot be read ({exc.strerror})") from None
+            if not data:
+                return
+            yield data
+
+
+def _instance(header: InstanceHeader) -> _Instance | None:
+    ds = header.dataset
+    study = str(ds.get("StudyInstanceUID", "") or "").strip("\x00 ")
+    series = str(ds.get("SeriesInstanceUID", "") or "").strip("\x00 ")
+    sop = str(ds.get("SOPInstanceUID", "") or "").strip("\x00 ")
+    if not (is_uid(study) and is_uid(series) and is_uid(sop)):
+        return None
+    try:
+        header_json = ds.to_json_dict()
+    except Exception:  # an element pydicom cannot write as JSON: keep the identity only
+        header_json = {
+            STUDY_UID: element("UI", study),
+            SERIES_UID: element("UI", series),
+            SOP_UID: element("UI", sop),
+        }
+    return _Instance(
+        study,
+        series,
+        sop,
+        header.entry.locator,
+        header.entry.fingerprint,
+        header.transfer_syntax_uid,
+        header_json,
+    )
+
+
+def _pick(header: dict[str, Any], tags: set[str] | frozenset[str]) -> dict[str, Any]:
+    if "all" in tags:
+        return {k: v for k, v in header.items() if k < "7FE00000"}
+    return {k: header[k] for k in sorted(tags) if k in header}
+
+
+def _texts(header: dict[str, Any], tag: str) -> list[str]:
+    element_ = header.get(tag)
+    values = element_.get("Value") if isinstance(element_, dict) else None
+    return [v for v in values if isinstance(v, str)] if isinstance(values, list) else []

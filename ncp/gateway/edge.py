@@ -1,0 +1,99 @@
+"""``ncp edge --config FILE``: the option C edge gateway, run by country A before its national
+archive.
+
+Stateless apart from its own audit database: it trusts A's signing keys (a JWKS file, re-read
+when A rotates), holds no database of A's node, and serves the same DICOMweb gateway as option A
+(:func:`ncp.gateway.app.build_gateway_app`) over HTTPS with its own server certificate, at the
+public base that A writes into option C tokens (``edge.audience``, node A's ``urls.edge``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from ncp.config import EdgeSettings, load_edge_settings
+from ncp.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def edge_port(settings: EdgeSettings) -> int:
+    """The port to bind: ``listen.port``, or the port of the audience URL when 0."""
+    if settings.listen.port:
+        return settings.listen.port
+    parts = urlsplit(settings.edge.audience)
+    if parts.port:
+        return parts.port
+    return 443 if parts.scheme == "https" else 80
+
+
+def build_edge_app(settings: EdgeSettings) -> Any:
+    """The edge gateway's app from its settings (opens its audit database, migrating it)."""
+    # Imported here: `ncp --help` and the other commands need none of the gateway's stack.
+    from ncp.audit.models import Side
+    from ncp.audit.record import Auditor
+    from ncp.gateway.access import JwksFileKeys
+    from ncp.gateway.app import build_gateway_app
+    from ncp.store.db import make_engine, migrate, session_factory
+
+    if urlsplit(settings.edge.audience).scheme != "https":
+        raise ConfigError("edge.audience: the edge gateway serves HTTPS only")
+    keys = JwksFileKeys(settings.edge.jwks, settings.edge.country)
+    engine = make_engine(settings.database.url)
+    migrate(engine)
+    auditor = Auditor(session_factory(engine), country=settings.edge.country)
+    return build_gateway_app(
+        archive=settings.archive,
+        public_base=settings.edge.audience,
+        issuer=settings.edge.country,
+        keys=keys,
+        auditor=auditor,
+        side=Side.EDGE,
+        limits=settings.gateway,
+        tokens=settings.tokens,
+    )
+
+
+def run_edge(settings: EdgeSettings, *, log_level: str = "info") -> int:
+    """Serve the edge gateway until interrupted; returns the exit code."""
+    import uvicorn
+
+    from ncp.audit.record import install_log_filter
+
+    for path in (settings.tls.certificate, settings.tls.key):
+        if not Path(path).is_file():
+            raise ConfigError(f"tls: {path}: no such file")
+    app = build_edge_app(settings)
+    install_log_filter()
+    config = uvicorn.Config(
+        app,
+        host=settings.listen.host,
+        port=edge_port(settings),
+        ssl_certfile=str(settings.tls.certificate),
+        ssl_keyfile=str(settings.tls.key),
+        # The caller is who TLS says; no X-Forwarded-For may rewrite the client in audit.
+        proxy_headers=False,
+        server_header=False,
+        log_level=log_level,
+        lifespan="on",
+    )
+    uvicorn.Server(config).run()
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``edge`` to the ``ncp`` command."""
+    edge = subparsers.add_parser(
+        "edge", help="run the option C edge gateway in front of the national archive"
+    )
+    edge.add_argument("--config", type=Path, required=True, help="the edge gateway's TOML file")
+    edge.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    edge.set_defaults(handler=_cmd_edge)
+
+
+def _cmd_edge(args: argparse.Namespace) -> int:
+    return run_edge(load_edge_settings(args.config), log_level=args.log_level)

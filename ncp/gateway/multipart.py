@@ -1,0 +1,174 @@
+"""multipart/related (RFC 2387, RFC 2046 5.1) on the byte path: reading an archive's answer part
+by part in constant memory, and writing our own answer.
+
+The reader never holds more than one upstream chunk plus a boundary's length: a part's body is
+handed on as it arrives (:meth:`MultipartReader.read`). The writer frames parts with a fresh
+boundary and only the headers we choose, so nothing of the archive's part headers (a
+``Content-Location`` with its address, say) reaches the client.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from email.message import Message
+
+from ncp.gateway.errors import StreamBroken
+
+MAX_PART_HEADER = 16 * 1024
+_TOKEN_PARAM = re.compile(r"[\x21-\x7e]+\Z")
+
+
+class MultipartError(StreamBroken):
+    """A multipart body that does not follow RFC 2046 (mid-stream: the transfer is broken)."""
+
+
+def content_type(value: str) -> Message:
+    msg = Message()
+    msg["content-type"] = value
+    return msg
+
+
+def boundary_of(value: str) -> bytes:
+    """The boundary of a multipart/related Content-Type, or MultipartError."""
+    ctype = content_type(value)
+    boundary = ctype.get_param("boundary")
+    if ctype.get_content_type() != "multipart/related" or not isinstance(boundary, str):
+        raise MultipartError(f"not multipart/related with a boundary: {value[:100]!r}")
+    # RFC 2046 allows 70 characters; Orthanc writes 73. Tolerated when reading, within reason.
+    if not 1 <= len(boundary) <= 200:
+        raise MultipartError("a boundary of implausible length")
+    return boundary.encode("latin-1")
+
+
+def safe_header_value(value: str) -> str | None:
+    """A part's media type as we pass it on: printable ASCII, no line breaks, or None."""
+    text = value.strip()
+    if not text or len(text) > 256 or any(not 0x20 <= ord(c) < 0x7F for c in text):
+        return None
+    return text
+
+
+class MultipartReader:
+    """Parts of a streamed multipart body: ``await next_part()`` gives the next part's
+    headers (lower-case names) or None after the close delimiter; ``await read()`` gives the
+    current part's body, chunk by chunk, then None."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], boundary: bytes) -> None:
+        self._chunks = chunks
+        self._dash = b"--" + boundary
+        self._delimiter = b"\r\n" + self._dash
+        self._buf = bytearray()
+        self._state = "preamble"  # preamble, after-boundary, body, done
+        self._eof = False
+
+    async def _more(self) -> bool:
+        if self._eof:
+            return False
+        try:
+            chunk = await anext(self._chunks)
+        except StopAsyncIteration:
+            self._eof = True
+            return False
+        self._buf.extend(chunk)
+        return True
+
+    async def next_part(self) -> dict[str, str] | None:
+        while self._state == "body":  # the caller skipped the rest of a part
+            await self.read()
+        if self._state == "done":
+            return None
+        if self._state == "preamble":
+            while True:
+                i = self._buf.find(self._dash)
+                if i >= 0:
+                    del self._buf[: i + len(self._dash)]
+                    break
+                if len(self._buf) > MAX_PART_HEADER or not await self._more():
+                    raise MultipartError("no opening boundary")
+        # After a boundary: '--' closes, otherwise optional whitespace, CRLF, headers, CRLF.
+        while len(self._buf) < 2:
+            if not await self._more():
+                raise MultipartError("body ends after a boundary")
+        if self._buf[:2] == b"--":
+            self._state = "done"
+            return None
+        # The rest of the boundary line, then the header lines, then an empty line.
+        while (end := self._buf.find(b"\r\n\r\n")) < 0:
+            if len(self._buf) > MAX_PART_HEADER or not await self._more():
+                raise MultipartError("unterminated part headers")
+        head = bytes(self._buf[:end])
+        del self._buf[: end + 4]
+        lines = head.split(b"\r\n")
+        if lines[0].strip(b" \t"):
+            raise MultipartError("garbage after a boundary")
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.decode("latin-1").partition(":")
+            if not sep:
+                raise MultipartError("a part header line without ':'")
+            headers[name.strip().lower()] = value.strip()
+        self._state = "body"
+        return headers
+
+    async def read(self) -> bytes | None:
+        """The next piece of the current part's body, or None at its end."""
+        if self._state != "body":
+            return None
+        keep = len(self._delimiter) - 1
+        while True:
+            j = self._buf.find(self._delimiter)
+            if j >= 0:
+                piece = bytes(self._buf[:j])
+                del self._buf[: j + len(self._delimiter)]
+                self._state = "after-boundary"
+                # The last piece of the part (if any); the next call returns None.
+                return piece or None
+            if len(self._buf) > keep:
+                cut = len(self._buf) - keep
+                piece = bytes(self._buf[:cut])
+                del self._buf[:cut]
+                return piece
+            if not await self._more():
+                raise MultipartError("body ends inside a part (no closing boundary)")
+
+    async def body(self) -> AsyncIterator[bytes]:
+        """The current part's body as an async iterator."""
+        while True:
+            piece = await self.read()
+            if piece is None:
+                return
+            yield piece
+
+
+@dataclass(frozen=True, slots=True)
+class PartHead:
+    """What our answer says about one part."""
+
+    content_type: str
+
+
+class MultipartWriter:
+    """Frames parts under a fresh random boundary (never one an archive chose)."""
+
+    def __init__(self, part_type: str) -> None:
+        self.boundary = secrets.token_hex(16)
+        self.part_type = part_type
+        self._started = False
+
+    @property
+    def content_type(self) -> str:
+        return f'multipart/related; type="{self.part_type}"; boundary={self.boundary}'
+
+    def open_part(self, head: PartHead) -> bytes:
+        lead = b"\r\n" if self._started else b""
+        self._started = True
+        return lead + f"--{self.boundary}\r\nContent-Type: {head.content_type}\r\n\r\n".encode(
+            "ascii"
+        )
+
+    def close(self) -> bytes:
+        lead = b"\r\n" if self._started else b""
+        return lead + f"--{self.boundary}--\r\n".encode("ascii")

@@ -1,0 +1,599 @@
+"""The byte mover of the imaging channel (``docs/decisions/0006-imaging-byte-path.md``).
+
+The gateway decides (token, study, the exact archive URL, audit, per-part checks); this module
+only moves bytes, with constant memory and honest failure:
+
+- archive reads (:func:`open_upstream`, :meth:`Upstream.body`): a raw non-blocking socket and
+  one reused buffer of ``chunk_bytes``, filled with what the socket holds before each hand-over
+  (no HTTP client library on the hot path: httpx/h11 cost most of a naive proxy's time). A body
+  is complete only when the archive's framing says so: Content-Length reached, the last chunk,
+  or, for a body delimited by the connection's close (Orthanc answers WADO-RS that way), the
+  closing delimiter of its multipart. Otherwise :class:`TransferBroken`.
+- client writes (:func:`relay`, the gateway's ``relay`` hook; :class:`RelayResponse`): under
+  uvicorn with ``http=RelayH11Protocol`` and a chunked answer, pieces go straight to the
+  transport and :class:`FileRegion` pieces by ``sendfile`` (zero-copy on plain TCP); elsewhere,
+  ASGI body messages. Either way the next piece is produced only when the transport has room,
+  so a slow client slows the archive read instead of filling memory.
+- a failure after the answer began propagates; the direct path aborts the connection first, and
+  the ASGI server closes it without the last chunk: the client sees a broken transfer, never a
+  clean short study.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import re
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from ncp.errors import ArchiveError, NcpError
+
+MAX_HEAD_BYTES = 64 * 1024
+DEFAULT_CHUNK_BYTES = 1 << 20
+# Headers of the archive's answer that describe its connection or framing, never ours.
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "content-length",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-connection",
+        "proxy-authenticate",
+    }
+)
+_BOUNDARY = re.compile(r'boundary="?([^";,\s]+)"?', re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class FileRegion:
+    """``count`` bytes of the file at ``path`` from ``offset``: sent with ``sendfile`` where the
+    connection allows it (plain TCP), else read in pieces."""
+
+    path: Path
+    offset: int
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
+
+
+Chunk = bytes | FileRegion
+
+
+class RawBody:
+    """One HTTP/1.1 connection's transport, for writing a chunked answer's body directly.
+
+    :class:`RelayH11Protocol` makes one per request and publishes it through a ContextVar (ASGI
+    middlewares wrap ``send``, so an attribute on it would not reach the response). It watches
+    the answer's start: only when h11 will frame the body as chunked (HTTP/1.1, not HEAD, no
+    Content-Length) is it :attr:`active`. The head and the last chunk still go through the
+    server, so h11's state stays right; the chunks in between are written here, without h11's
+    per-piece copy.
+    """
+
+    def __init__(self, transport: asyncio.Transport, flow: Any, scope: Scope) -> None:
+        self._transport = transport
+        self._flow = flow
+        self._eligible = scope.get("http_version") == "1.1" and scope.get("method") != "HEAD"
+        self.active = False
+        # Plain transports copy what the socket does not take at once; TLS ones may keep a
+        # reference until encrypted: give those bytes of their own.
+        self.tls = transport.get_extra_info("sslcontext") is not None
+
+    def started(self, message: Mapping[str, Any]) -> None:
+        headers = message.get("headers", [])
+        sized = any(bytes(k).lower() == b"content-length" for k, _ in headers)
+        self.active = self._eligible and not sized
+
+    @property
+    def closing(self) -> bool:
+        return self._transport.is_closing()
+
+    async def write(self, data: bytes | memoryview) -> None:
+        self._transport.write(b"%x\r\n" % len(data))
+        self._transport.write(bytes(data) if self.tls else data)
+        self._transport.write(b"\r\n")
+        await self.drain()
+
+    async def send_file(self, region: FileRegion, chunk_bytes: int) -> None:
+        self._transport.write(b"%x\r\n" % region.count)
+        with open(region.path, "rb") as file:
+            if self.tls:  # sendfile cannot encrypt: read and write in pieces, with back-pressure
+                file.seek(region.offset)
+                left = region.count
+                while left:
+                    data = file.read(min(chunk_bytes, left))
+                    if not data:
+                        raise TransferBroken("a file of the study is shorter than listed")
+                    self._transport.write(data)
+                    left -= len(data)
+                    await self.drain()
+            else:
+                loop = asyncio.get_running_loop()
+                sent = await loop.sendfile(
+                    self._transport, file, region.offset, region.count, fallback=True
+                )
+                if sent != region.count:
+                    raise TransferBroken("a file of the study is shorter than listed")
+        self._transport.write(b"\r\n")
+        await self.drain()
+
+    async def drain(self) -> None:
+        if self._transport.is_closing():
+            raise ClientGone("the client's connection closed")
+        await self._flow.drain()
+
+    def abort(self) -> None:
+        self._transport.abort()
+
+
+_raw_body: ContextVar[RawBody | None] = ContextVar("ncp_relay_raw_body", default=None)
+
+
+class RelayH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol offering :class:`RawBody` to :func:`relay`
+    (``uvicorn.Config(app, http=RelayH11Protocol)``)."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.app = _WithRawBody(self.config.loaded_app, transport, self.flow)
+
+
+class _WithRawBody:
+    def __init__(self, app: Any, transport: asyncio.Transport, flow: Any) -> None:
+        self.app = app
+        self.transport = transport
+        self.flow = flow
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        raw = RawBody(self.transport, self.flow, scope)
+
+        async def watched(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                raw.started(message)
+            await send(message)
+
+        token = _raw_body.set(raw)
+        try:
+            await self.app(scope, receive, watched)
+        finally:
+            _raw_body.reset(token)
+
+
+async def relay(chunks: AsyncIterator[Chunk], send: Send, *, chunk_bytes: int = 1 << 20) -> int:
+    """Send every chunk of an answer whose head was sent; returns the body bytes sent.
+
+    The contract of ``ncp.gateway.stream.relay`` (the gateway's ``relay`` hook): the answer's
+    last message is the caller's, sent once the transfer's audit record is written. Faster:
+    under :class:`RelayH11Protocol` with a chunked answer, pieces go straight to the transport
+    and :class:`FileRegion` pieces by ``sendfile`` (plain TCP). A failure of ``chunks``
+    propagates (the caller lets the server drop the connection); on the direct path the
+    connection is aborted first, so no end of body can follow.
+    """
+    raw = _raw_body.get()
+    if raw is not None and not raw.active:
+        raw = None
+    sent = 0
+    try:
+        async for chunk in chunks:
+            if not len(chunk):
+                continue
+            if raw is not None:
+                if isinstance(chunk, FileRegion):
+                    await raw.send_file(chunk, chunk_bytes)
+                else:
+                    await raw.write(chunk)
+            elif isinstance(chunk, FileRegion):
+                async for data in read_region(chunk, chunk_bytes):
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+            else:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            sent += len(chunk)
+    except BaseException:
+        if raw is not None:
+            raw.abort()  # never let a partial chunk or a clean close look like an end
+        raise
+    return sent
+
+
+async def read_region(region: FileRegion, chunk_bytes: int) -> AsyncIterator[bytes]:
+    """A file region in pieces of at most ``chunk_bytes``; TransferBroken if the file is short."""
+    with open(region.path, "rb") as file:
+        file.seek(region.offset)
+        left = region.count
+        while left:
+            data = file.read(min(chunk_bytes, left))
+            if not data:
+                raise TransferBroken("a file of the study is shorter than listed")
+            left -= len(data)
+            yield data
+
+
+class ClientGone(NcpError):
+    """The client closed its connection during a transfer."""
+
+
+class ArchiveUnavailable(ArchiveError):
+    """The archive could not be reached or gave no valid answer head; nothing was sent yet."""
+
+
+class TransferBroken(ArchiveError):
+    """The archive's body ended early or was malformed after the client's answer had begun."""
+
+
+@dataclass(frozen=True, slots=True)
+class RelayOutcome:
+    """How one transfer ended, for the gateway's audit record (no patient data)."""
+
+    status: int
+    bytes_sent: int
+    complete: bool
+    error: str | None = None
+
+
+OnComplete = Callable[[RelayOutcome], Awaitable[None] | None]
+
+
+class Upstream:
+    """The archive's answer to one GET: status and headers read, body not yet.
+
+    Built by :func:`open_upstream`; read the body once with :meth:`body`; always
+    :meth:`aclose` (or use ``async with``).
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        status: int,
+        reason: str,
+        headers: list[tuple[str, str]],
+        first: bytes,
+        *,
+        timeout: float,
+        chunk_bytes: int,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self._sock: socket.socket | None = sock
+        self._first = first
+        self._timeout = timeout
+        self._chunk_bytes = chunk_bytes
+        self._used = False
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (case-insensitive), or None."""
+        wanted = name.lower()
+        return next((v for k, v in self.headers if k == wanted), None)
+
+    @property
+    def content_type(self) -> str | None:
+        return self.header("content-type")
+
+    def end_to_end_headers(self) -> list[tuple[str, str]]:
+        """The archive's headers a client may see (no hop-by-hop or framing headers)."""
+        return [(k, v) for k, v in self.headers if k not in _HOP_BY_HOP]
+
+    async def body(self) -> AsyncIterator[bytes]:
+        """The body in pieces of at most ``chunk_bytes``; raises :class:`TransferBroken`
+        unless the archive's framing says the body is complete."""
+        if self._used:
+            raise RuntimeError("the body of an Upstream can be read once")
+        self._used = True
+        encoding = (self.header("transfer-encoding") or "").lower()
+        length = self.header("content-length")
+        if "chunked" in encoding:
+            pieces = self._chunked()
+        elif length is not None:
+            try:
+                size = int(length)
+            except ValueError:
+                raise TransferBroken(f"archive sent Content-Length {length!r}") from None
+            pieces = self._sized(size)
+        else:
+            pieces = self._until_close()
+        async for piece in pieces:
+            yield piece
+
+    # -- framing ------------------------------------------------------------------------------
+
+    async def _reads(self) -> AsyncIterator[bytes]:
+        """Raw bytes from the socket, in pieces of up to ``chunk_bytes``; b"" once at EOF."""
+        if self._first:
+            first, self._first = self._first, b""
+            yield first
+        sock = self._sock
+        if sock is None:
+            raise TransferBroken("archive connection closed")
+        loop = asyncio.get_running_loop()
+        buffer = bytearray(self._chunk_bytes)
+        view = memoryview(buffer)
+        while True:
+            filled = 0
+            eof = False
+            # Fill the buffer with what the socket has at hand: fewer, larger pieces downstream.
+            while filled < len(buffer):
+                try:
+                    if filled:  # take what the socket has at hand, without waiting
+                        n = sock.recv_into(view[filled:])
+                    else:
+                        n = await asyncio.wait_for(loop.sock_recv_into(sock, view), self._timeout)
+                except BlockingIOError:
+                    break
+                except TimeoutError:
+                    raise TransferBroken("archive stopped sending (timeout)") from None
+                except OSError as e:
+                    raise TransferBroken(f"archive connection failed: {e.strerror or e}") from e
+                if n == 0:
+                    eof = True
+                    break
+                filled += n
+            if filled:
+                yield bytes(view[:filled])
+            if eof:
+                yield b""
+                return
+
+    async def _sized(self, size: int) -> AsyncIterator[bytes]:
+        left = size
+        async for data in self._reads():
+            if not data:
+                break
+            if len(data) > left:
+                data = data[:left]  # an archive sending more than it announced: ignore the rest
+            left -= len(data)
+            yield data
+            if left == 0:
+                return
+        if left:
+            raise TransferBroken(f"archive body ended {left} bytes short of its Content-Length")
+
+    async def _until_close(self) -> AsyncIterator[bytes]:
+        match = _BOUNDARY.search(self.content_type or "")
+        closing = b"--" + match.group(1).encode("latin-1") + b"--" if match else None
+        tail = b""
+        async for data in self._reads():
+            if not data:
+                break
+            if closing is not None:
+                tail = (tail + data[-(len(closing) + 64) :])[-(len(closing) + 64) :]
+            yield data
+        # Orthanc (and others) end WADO-RS multipart with the closing delimiter, maybe a CRLF.
+        if closing is not None and not tail.rstrip().endswith(closing):
+            raise TransferBroken("archive body ended before the closing multipart delimiter")
+
+    async def _chunked(self) -> AsyncIterator[bytes]:
+        pending = bytearray()
+        reads = self._reads()
+        eof = False
+
+        async def more() -> None:
+            nonlocal eof
+            data = await anext(reads, b"")
+            if not data:
+                eof = True
+            pending.extend(data)
+
+        while True:
+            while b"\r\n" not in pending:
+                if eof or len(pending) > 1024:
+                    raise TransferBroken("archive sent a malformed or truncated chunked body")
+                await more()
+            line, _, _ = bytes(pending[: pending.index(b"\r\n")]).partition(b";")
+            try:
+                size = int(line.strip(), 16)
+            except ValueError:
+                raise TransferBroken("archive sent a malformed chunk size") from None
+            del pending[: pending.index(b"\r\n") + 2]
+            if size == 0:
+                return  # trailers, if any, are not ours to forward
+            while size:
+                if not pending:
+                    if eof:
+                        raise TransferBroken("archive body ended inside a chunk")
+                    await more()
+                    continue
+                take = min(size, len(pending))
+                yield bytes(pending[:take])
+                del pending[:take]
+                size -= take
+            while len(pending) < 2:
+                if eof:
+                    raise TransferBroken("archive body ended inside a chunk")
+                await more()
+            if pending[:2] != b"\r\n":
+                raise TransferBroken("archive sent a malformed chunk end")
+            del pending[:2]
+
+    async def aclose(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    async def __aenter__(self) -> Upstream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+async def open_upstream(
+    url: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    timeout: float,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Upstream:
+    """Connect to the archive, send ``GET url`` and read the answer's head.
+
+    ``url`` is the exact archive URL the gateway built (plain ``http://``: the archive sits next to
+    the gateway). ``timeout`` bounds the connect, the answer head, and every later read.
+    Raises :class:`ArchiveUnavailable`; a non-2xx status is returned for the caller to map.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ArchiveUnavailable(f"the relay reads plain http:// archive URLs, not {url!r}")
+    port = parts.port or 80
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    host = parts.hostname if parts.port is None else f"{parts.hostname}:{port}"
+    lines = [f"GET {target} HTTP/1.1", f"Host: {host}", "Connection: close"]
+    for name, value in (headers or {}).items():
+        if "\r" in name + value or "\n" in name + value or ":" in name:
+            raise ValueError("header names and values must be single-line")
+        lines.append(f"{name}: {value}")
+    request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    loop = asyncio.get_running_loop()
+    sock: socket.socket | None = None
+    try:
+        infos = await loop.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, address)
+            await loop.sock_sendall(sock, request)
+            head, rest = await _read_head(loop, sock)
+        status, reason, parsed = _parse_head(head)
+    except (OSError, TimeoutError, ArchiveUnavailable) as e:
+        if sock is not None:
+            sock.close()
+        if isinstance(e, ArchiveUnavailable):
+            raise
+        what = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+        raise ArchiveUnavailable(f"archive {parts.hostname}:{port}: {what}") from e
+    return Upstream(
+        sock, status, reason, parsed, rest, timeout=timeout, chunk_bytes=max(chunk_bytes, 4096)
+    )
+
+
+async def _read_head(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[bytes, bytes]:
+    data = bytearray()
+    while b"\r\n\r\n" not in data:
+        if len(data) > MAX_HEAD_BYTES:
+            raise ArchiveUnavailable("archive answer head is too large")
+        piece = await loop.sock_recv(sock, 65536)
+        if not piece:
+            raise ArchiveUnavailable("archive closed the connection before answering")
+        data.extend(piece)
+    end = data.index(b"\r\n\r\n")
+    return bytes(data[:end]), bytes(data[end + 4 :])
+
+
+def _parse_head(head: bytes) -> tuple[int, str, list[tuple[str, str]]]:
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    version, _, rest = status_line.partition(" ")
+    code, _, reason = rest.partition(" ")
+    if not version.startswith("HTTP/1.") or not code.isdigit() or len(code) != 3:
+        raise ArchiveUnavailable("archive answered something that is not HTTP/1.x")
+    headers: list[tuple[str, str]] = []
+    for line in header_lines:
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            raise ArchiveUnavailable("archive sent a malformed header line")
+        headers.append((name.lower(), value.strip()))
+    return int(code), reason, headers
+
+
+class RelayResponse(Response):
+    """Streams an :class:`Upstream`'s body to the client with constant memory.
+
+    The content type is the archive's unless ``headers`` names one. ``on_complete`` runs once,
+    after the last byte or the abort, with a :class:`RelayOutcome` (the audit record's facts).
+    A broken archive body re-raises :class:`TransferBroken` after the answer has begun, so the
+    ASGI server drops the connection without ending the body.
+    """
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        *,
+        status_code: int | None = None,
+        headers: Mapping[str, str] | None = None,
+        on_complete: OnComplete | None = None,
+    ) -> None:
+        self.upstream = upstream
+        self.status_code = status_code or upstream.status
+        self.on_complete = on_complete
+        self.background = None
+        chosen = {k.lower(): v for k, v in (headers or {}).items()}
+        if "content-type" not in chosen and upstream.content_type:
+            chosen["content-type"] = upstream.content_type
+        self.raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in chosen.items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sent = 0
+        raw: RawBody | None = None
+        error: str | None = None
+        complete = False
+        gone = asyncio.Event()
+        watcher = asyncio.create_task(_watch_disconnect(receive, gone))
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                }
+            )
+            raw = _raw_body.get()
+            if raw is not None and not raw.active:
+                raw = None
+            async for piece in self.upstream.body():
+                if gone.is_set():
+                    error = "client went away"
+                    break
+                if raw is not None:
+                    await raw.write(piece)
+                else:
+                    await send({"type": "http.response.body", "body": piece, "more_body": True})
+                sent += len(piece)
+            else:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                complete = not gone.is_set()
+                if not complete:
+                    error = "client went away"
+        except ClientGone:
+            error = "client went away"
+        except TransferBroken as e:
+            error = str(e)
+            if raw is not None:
+                raw.abort()
+            raise
+        except OSError as e:  # the client's connection failed under a server that raises
+            error = f"client connection failed: {e.strerror or e}"
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            await self.upstream.aclose()
+            if self.on_complete is not None:
+                outcome = RelayOutcome(self.status_code, sent, complete, error)
+                result = self.on_complete(outcome)
+                if inspect.isawaitable(result):
+                    await result
+
+
+async def _watch_disconnect(receive: Receive, gone: asyncio.Event) -> None:
+    while True:
+        message: Any = await receive()
+        if message.get("type") == "http.disconnect":
+            gone.set()
+            return

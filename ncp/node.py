@@ -1,0 +1,88 @@
+"""The composition root of a running node: settings, database, audit, keys, trust, validator.
+
+Everything a request handler needs is reached from one :class:`Node` (``request.app.state.node``,
+see :func:`ncp.provider.http.node_of`), built once at start by :meth:`Node.from_settings`. Tests
+build one the same way from generated settings, so the code under test is the code that runs.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from ncp.audit.record import Auditor
+from ncp.config import NodeSettings
+from ncp.security.keystore import KeyStore
+from ncp.security.mtls import MutualTlsJwksFetcher
+from ncp.security.replay import ReplayGuard
+from ncp.security.trust import TrustList
+from ncp.validation.engine import Validator
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class Node:
+    """One node's long-lived parts. Build with :meth:`from_settings`; :meth:`close` at the end."""
+
+    settings: NodeSettings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    auditor: Auditor
+    keystore: KeyStore
+    """Own keys: TLS server and client identities, the current signing key."""
+    trust: TrustList
+    validator: Validator
+    validator_lock: threading.Lock
+    """The validator keeps state per evaluation (fhirpathpy): one validation at a time."""
+    replay: ReplayGuard
+    """Database-backed (``ncp.store.replay``): one-time tokens are one-time across replicas."""
+    clock: Callable[[], datetime] = field(default=utc_now)
+    """Aware UTC; every token check and issue reads the time here."""
+
+    @property
+    def base_url(self) -> str:
+        """The standard channel's FHIR base as peers reach it, without a trailing slash."""
+        return self.settings.urls.standard.rstrip("/")
+
+    @property
+    def country(self) -> str:
+        return self.settings.node.country
+
+    @classmethod
+    def from_settings(
+        cls, settings: NodeSettings, *, clock: Callable[[], datetime] | None = None
+    ) -> Node:
+        """Open the database (migrated to the newest schema), load and check the keys folder and
+        the trust list. Raises the loaders' typed errors naming the file at fault."""
+        from ncp.store.db import make_engine, migrate, session_factory
+        from ncp.store.replay import DatabaseReplayGuard
+
+        now = clock or utc_now
+        keystore = KeyStore.load(settings.keys.dir, country=settings.node.country, clock=now)
+        trust = TrustList.load(settings.trust.list, fetcher=MutualTlsJwksFetcher(keystore))
+        engine = make_engine(settings.database.url)
+        migrate(engine)
+        sessions = session_factory(engine)
+        return cls(
+            settings=settings,
+            engine=engine,
+            sessions=sessions,
+            auditor=Auditor(sessions, country=settings.node.country),
+            keystore=keystore,
+            trust=trust,
+            validator=Validator.default(),
+            validator_lock=threading.Lock(),
+            clock=now,
+            replay=DatabaseReplayGuard(sessions),
+        )
+
+    def close(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,97 @@
+"""One call records a step of the standard channel in the node's audit chain, fail closed.
+
+Routes and the auth dependencies call :func:`audit` with what they know: the verified context
+(who asks, from which country, under which assertions), the patient, the studies, the query.
+When the record cannot be written the request ends with a 500 and answers nothing else: a step
+that is not audited did not happen (eHDSI).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Request
+
+from ncp.audit.models import Action, Outcome, Side
+from ncp.audit.record import AuditError, AuditEvent
+from ncp.fhir.identifiers import issuer_of
+from ncp.provider.http import FhirHttpError, node_of, request_id
+from ncp.security.claims import PatientRef
+from ncp.security.pair import RequestContext
+
+if TYPE_CHECKING:
+    from ncp.provider.auth import HpContext
+
+log = logging.getLogger(__name__)
+
+
+def audit(
+    request: Request,
+    *,
+    action: Action,
+    outcome: Outcome = Outcome.SUCCESS,
+    context: RequestContext | HpContext | None,
+    patient: PatientRef | None = None,
+    studies: Sequence[str] = (),
+    query: str | None = None,
+    interaction: str | None = None,
+    **fields: Any,
+) -> None:
+    """Record one provider-side step of this request. ``fields`` are further
+    :class:`ncp.audit.record.AuditEvent` fields (``reason``, ``option``, ``token_jti``,
+    ``details``...) and win over what the context gives.
+
+    Raises FhirHttpError 500 when the record cannot be written (fail closed)."""
+    values: dict[str, Any] = {}
+    # The path as sent, still percent-encoded: a decoded one may carry NULs or control characters
+    # that the audit record refuses, and a request must not fail for being audited.
+    raw_path = request.scope.get("raw_path") or request.url.path.encode("utf-8")
+    details: dict[str, Any] = {"method": request.method, "path": raw_path.decode("latin-1")}
+    if context is not None:
+        hp = context.hp
+        values.update(
+            actor_id=hp.subject,
+            actor_name=hp.subject_name,
+            actor_role=hp.subject_role.code,
+            actor_organisation=hp.subject_organization,
+            actor_organisation_id=hp.subject_organization_id,
+            actor_point_of_care=hp.point_of_care,
+            actor_country=hp.issuer,
+            peer_country=context.country,
+            token_jti=hp.jti,
+        )
+        policies = [hp.audit_policy]
+        if isinstance(context, RequestContext):
+            values.update(purpose=context.purpose_of_use, token_jti=context.trc.jti)
+            policies.append(context.trc.audit_policy)
+            if patient is None:
+                patient = context.patient
+        details["policies"] = policies
+    if patient is not None:
+        values.update(patient_id=patient.value, patient_issuer=issuer_of(patient.system))
+    details.update(fields.pop("details", None) or {})
+    values.update(fields)
+    try:
+        event = AuditEvent(
+            action=action,
+            side=Side.PROVIDER,
+            request_id=request_id(request),
+            outcome=outcome,
+            studies=tuple(studies),
+            query=query,
+            interaction=interaction,
+            details=details,
+            **values,
+        )
+        node_of(request).auditor.record(event)
+    except AuditError as exc:
+        # The message names the step and the request only (AuditError keeps patient data out).
+        log.error("request %s not answered: %s", request_id(request), exc)
+        raise FhirHttpError(
+            500,
+            "exception",
+            f"the {action} step could not be audited, so it was not carried out "
+            f"(request {request_id(request)})",
+        ) from None

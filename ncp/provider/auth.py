@@ -1,0 +1,324 @@
+"""Who may ask what on the standard channel: FastAPI dependencies that fail closed.
+
+- :func:`hp_context`: a trusted peer (mutual TLS, trust list) and a valid HP identity assertion
+  from that same country (``Authorization: Bearer``), for patient identification.
+- :func:`patient_context`: the same plus a treatment relationship confirmation
+  (``NCP-Treatment-Relationship``) bound to that assertion, for every patient-level request.
+- :func:`national_system`: a client certificate of this node's own country, issued by its own
+  CA, for report ingest; peers are refused.
+
+Every refusal is an audit record (``refusal``, serious failure, the typed error's message as the
+reason and its class as the rule, the token's jti once its signature verified) and a
+FhirHttpError: 401 with ``WWW-Authenticate: Bearer error="invalid_token"`` when an assertion is
+missing or invalid, 403 when the caller is known but not allowed (another country's assertion,
+a confirmation bound to another assertion, another patient, a peer at the ingest endpoint).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, TypeVar
+
+from fastapi import Depends, Request
+from starlette.concurrency import run_in_threadpool
+
+from ncp.audit.models import Action, Outcome
+from ncp.node import Node
+from ncp.provider.auditing import audit
+from ncp.provider.http import FhirHttpError, node_of
+from ncp.security.claims import HP_ASSERTION, HpAssertion
+from ncp.security.keystore import subject_country
+from ncp.security.mtls import TlsPeerRefused, client_certificate, tls_peer
+from ncp.security.pair import CountryMismatch, NotBound, RequestContext, check_request_pair
+from ncp.security.tokens import (
+    KeyNotFound,
+    PatientMismatch,
+    TokenError,
+    WrongIssuer,
+    verify,
+)
+from ncp.security.trust import JwksUnavailable, Peer, UnknownPeer, issued_by
+
+TRC_HEADER = "NCP-Treatment-Relationship"
+HP_LABEL = "HP identity assertion (Authorization: Bearer)"
+TRC_LABEL = f"treatment relationship confirmation ({TRC_HEADER})"
+
+# Known caller, not allowed: 403. Every other token error means "not a valid assertion": 401.
+_FORBIDDEN: tuple[type[TokenError], ...] = (CountryMismatch, NotBound, PatientMismatch)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class HpContext:
+    """A verified HP identity assertion from the country at the other end of the mutual TLS."""
+
+    country: str
+    hp: HpAssertion
+
+    @property
+    def subject(self) -> str:
+        return self.hp.subject
+
+
+# --- refusing ------------------------------------------------------------------------------------
+
+
+async def refuse(
+    request: Request,
+    status: int,
+    code: str,
+    reason: str,
+    *,
+    rule: str,
+    peer_country: str | None = None,
+    jti: str | None = None,
+    bearer: bool = False,
+) -> FhirHttpError:
+    """Audit a refusal of this request and return the error to raise. If the audit record
+    cannot be written, the 500 of :func:`audit` is raised instead (fail closed)."""
+    details: dict[str, object] = {"rule": rule, "status": status}
+    if jti is not None:
+        details["policy"] = f"urn:ietf:params:oauth:jti:{jti}"
+    await run_in_threadpool(
+        lambda: audit(
+            request,
+            action=Action.REFUSAL,
+            outcome=Outcome.SERIOUS_FAILURE,
+            context=None,
+            reason=reason[:2000],
+            peer_country=peer_country,
+            token_jti=jti,
+            details=details,
+        )
+    )
+    headers = {}
+    if bearer and status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="ncp", error="invalid_token"'
+    return FhirHttpError(status, code, reason, headers=headers)
+
+
+async def _refuse_token(
+    request: Request, exc: TokenError, label: str, country: str
+) -> FhirHttpError:
+    status = 403 if isinstance(exc, _FORBIDDEN) else 401
+    return await refuse(
+        request,
+        status,
+        "forbidden" if status == 403 else "security",
+        f"{label} refused: {exc.message}",
+        rule=type(exc).__name__,
+        peer_country=country,
+        jti=exc.jti,
+        bearer=True,
+    )
+
+
+async def _peer(request: Request) -> Peer:
+    """The mutual TLS peer (``ncp.security.mtls.tls_peer``), its refusals audited here with the
+    request's correlation id."""
+    try:
+        return await tls_peer(request)
+    except TlsPeerRefused as exc:
+        raise await refuse(
+            request, exc.status, "security", exc.diagnostics, rule="MutualTls"
+        ) from None
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if header is None:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return ""
+    return value.strip()
+
+
+async def _require_bearer(request: Request, country: str) -> str:
+    token = _bearer(request)
+    if not token:
+        why = "no" if token is None else "a malformed"
+        raise await refuse(
+            request,
+            401,
+            "security",
+            f"{why} Authorization header: send 'Authorization: Bearer <HP identity assertion>' "
+            "signed by your node",
+            rule="MissingAssertion",
+            peer_country=country,
+            bearer=True,
+        )
+    return token
+
+
+# --- verifying -----------------------------------------------------------------------------------
+
+
+def _with_key_refresh(node: Node, country: str, check: Callable[[], T]) -> T:
+    """Run ``check``; if it fails on an unknown kid of the peer, refresh the peer's keys once
+    (the trust list limits how often) and run it again: the peer may have rotated."""
+    try:
+        return check()
+    except KeyNotFound as exc:
+        if exc.issuer != country or exc.kid is None:
+            raise
+        try:
+            node.trust.key_set(country, kid=exc.kid)
+        except (JwksUnavailable, UnknownPeer):
+            raise exc from None
+        return check()
+
+
+def verify_hp_assertion(node: Node, token: str, country: str) -> HpAssertion:
+    """The HP assertion's claims, if ``token`` is one issued by ``country`` for this node."""
+    leeway = node.settings.tokens.leeway_s
+
+    def check() -> HpAssertion:
+        try:
+            return verify(
+                HP_ASSERTION,
+                token,
+                node.trust.keys_for,
+                audience=node.settings.urls.standard,
+                issuer=country,
+                now=node.clock(),
+                leeway_s=leeway,
+            )
+        except WrongIssuer as exc:
+            if exc.issuer is None or exc.issuer == country:
+                raise
+            raise CountryMismatch(
+                f"issued by {exc.issuer!r}, but the TLS peer is {country!r}: a node may only "
+                "present its own country's assertions",
+                issuer=exc.issuer,
+            ) from None
+
+    return _with_key_refresh(node, country, check)
+
+
+def _check_pair(node: Node, hp_token: str, trc_token: str, country: str) -> RequestContext:
+    return _with_key_refresh(
+        node,
+        country,
+        lambda: check_request_pair(
+            hp_token,
+            trc_token,
+            tls_country=country,
+            b_keys=node.trust.keys_for,
+            audience=node.settings.urls.standard,
+            now=node.clock(),
+            leeway_s=node.settings.tokens.leeway_s,
+        ),
+    )
+
+
+# --- the dependencies ----------------------------------------------------------------------------
+
+
+async def hp_context(request: Request) -> HpContext:
+    """A trusted peer with a valid HP identity assertion of its own country, or a refusal."""
+    node = node_of(request)
+    peer = await _peer(request)
+    token = await _require_bearer(request, peer.country)
+    try:
+        hp = await run_in_threadpool(verify_hp_assertion, node, token, peer.country)
+    except TokenError as exc:
+        raise await _refuse_token(request, exc, HP_LABEL, peer.country) from None
+    context = HpContext(country=peer.country, hp=hp)
+    request.state.auth_context = context
+    return context
+
+
+async def patient_context(request: Request) -> RequestContext:
+    """A trusted peer with a valid HP assertion and a treatment relationship confirmation bound
+    to it (``ncp.security.pair.check_request_pair``), or a refusal. The route still checks that
+    what it serves is the confirmation's patient (``RequestContext.require_patient``)."""
+    node = node_of(request)
+    peer = await _peer(request)
+    hp_token = await _require_bearer(request, peer.country)
+    try:
+        await run_in_threadpool(verify_hp_assertion, node, hp_token, peer.country)
+    except TokenError as exc:
+        raise await _refuse_token(request, exc, HP_LABEL, peer.country) from None
+    trc_token = request.headers.get(TRC_HEADER, "").strip()
+    if not trc_token:
+        raise await refuse(
+            request,
+            401,
+            "security",
+            f"no treatment relationship confirmation: patient-level requests carry "
+            f"'{TRC_HEADER}: <TRC>' issued under the HP identity assertion",
+            rule="MissingConfirmation",
+            peer_country=peer.country,
+            bearer=True,
+        )
+    try:
+        context = await run_in_threadpool(_check_pair, node, hp_token, trc_token, peer.country)
+    except TokenError as exc:
+        raise await _refuse_token(request, exc, TRC_LABEL, peer.country) from None
+    request.state.auth_context = context
+    return context
+
+
+async def national_system(request: Request) -> Peer:
+    """A client certificate of this node's own country, issued by its own CA (a national system
+    feeding the report store). Peers, however trusted, are refused: ingest is not theirs."""
+    node = node_of(request)
+    cert = client_certificate(request.scope)
+    if cert is None:
+        raise await refuse(
+            request,
+            401,
+            "security",
+            "no client certificate: report ingest requires mutual TLS with a certificate of "
+            "this node's own CA",
+            rule="MutualTls",
+        )
+    now = node.clock()
+    own = any(issued_by(cert, ca) for ca in node.keystore.ca_certificates)
+    valid = cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
+    if own and valid and subject_country(cert) == node.country:
+        return Peer(country=node.country, standard=node.base_url)
+    peer = node.trust.peer_for_certificate(cert)
+    if peer is not None:
+        reason = (
+            f"report ingest is for the national systems of {node.country} only; "
+            f"peer {peer.country} may not submit reports"
+        )
+    elif own and not valid:
+        reason = "the client certificate is outside its validity"
+    else:
+        reason = (
+            f"the client certificate ({cert.subject.rfc4514_string()}) is not one of "
+            f"{node.country}'s own CA for its country"
+        )
+    raise await refuse(
+        request,
+        403,
+        "forbidden",
+        reason,
+        rule="NationalSystemOnly",
+        peer_country=peer.country if peer is not None else None,
+    )
+
+
+HpDep = Annotated[HpContext, Depends(hp_context)]
+PatientDep = Annotated[RequestContext, Depends(patient_context)]
+NationalSystemDep = Annotated[Peer, Depends(national_system)]
+
+__all__ = [
+    "HP_LABEL",
+    "TRC_HEADER",
+    "TRC_LABEL",
+    "HpContext",
+    "HpDep",
+    "NationalSystemDep",
+    "PatientDep",
+    "hp_context",
+    "national_system",
+    "patient_context",
+    "refuse",
+    "verify_hp_assertion",
+]

@@ -1,0 +1,475 @@
+"""The byte path under stress: archive failures in the middle of a transfer reach the client as
+a broken body, never a shorter study; a slow archive and a full gateway answer 503 with
+Retry-After; emergency tokens are served first when the gateway is saturated; memory stays
+bounded whatever the study size.
+
+The misbehaving archive is a scripted DICOMweb server (uvicorn on loopback) whose answers each
+test chooses; the memory test streams a large study from a folder and from Orthanc.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import threading
+import time
+import tracemalloc
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ncp.audit.models import Side
+from ncp.config import DicomwebArchive, FolderArchive, GatewaySection
+from ncp.gateway.app import build_gateway_app
+from ncp.gateway.stream import relay
+from tests.gateway_support import (
+    A_KEYS,
+    AS_STORED,
+    ISSUER_OID,
+    PATIENT,
+    A,
+    AuditDb,
+    Served,
+    Tls,
+    audit_db,
+    bearer,
+    free_port,
+    token,
+)
+from tests.support.dicom_factory import encode, make_instance, write_instance
+from tests.support.orthanc import OrthancServer
+
+STUDY = "1.2.826.0.1.3680043.10.88"
+SERIES = f"{STUDY}.1"
+BOUNDARY = "archive-boundary"
+
+
+def _file(n: int) -> bytes:
+    return encode(
+        make_instance(
+            patient_id=PATIENT.value,
+            study_uid=f"{STUDY}.{n // 100}",
+            series_uid=f"{STUDY}.{n // 100}.1",
+            sop_uid=f"{STUDY}.{n // 100}.1.{n % 100}",
+            IssuerOfPatientID=ISSUER_OID,
+        )
+    )
+
+
+BIG_PARTS = 30
+_BIG_PIXELS = bytes(2 * 1024 * 1024)
+
+
+def _big_file(number: int, n: int) -> bytes:
+    """A 2 MB instance of study ``{STUDY}.{number}``."""
+    return encode(
+        make_instance(
+            patient_id=PATIENT.value,
+            study_uid=f"{STUDY}.{number}",
+            series_uid=f"{STUDY}.{number}.1",
+            sop_uid=f"{STUDY}.{number}.1.{n}",
+            Rows=1024,
+            Columns=1024,
+            PixelData=_BIG_PIXELS,
+        )
+    )
+
+
+@dataclass
+class Script:
+    """What the scripted archive does for each study (by its last UID component)."""
+
+    behaviour: dict[str, str] = field(default_factory=dict)
+    retrieves: list[str] = field(default_factory=list)
+    gate: threading.Event = field(default_factory=threading.Event)
+    parts_sent: int = 0
+
+
+def _uid_json(study: str, n: int) -> dict[str, Any]:
+    return {
+        "0020000D": {"vr": "UI", "Value": [study]},
+        "0020000E": {"vr": "UI", "Value": [f"{study}.1"]},
+        "00080018": {"vr": "UI", "Value": [f"{study}.1.{n}"]},
+    }
+
+
+def scripted_archive(script: Script) -> Starlette:
+    """Studies ``{STUDY}.K`` with three instances each; ``script.behaviour[K]`` decides how the
+    retrieve of study K goes: ``ok``, ``truncate``, ``short``, ``foreign``, ``gate``, ``slow``."""
+
+    def kind(study: str) -> str:
+        return script.behaviour.get(study.rsplit(".", 1)[-1], "ok")
+
+    async def studies(request: Request) -> Response:
+        study = request.query_params["StudyInstanceUID"]
+        return JSONResponse(
+            [
+                {
+                    "0020000D": {"vr": "UI", "Value": [study]},
+                    "00100020": {"vr": "LO", "Value": [PATIENT.value]},
+                    "00100021": {"vr": "LO", "Value": [ISSUER_OID]},
+                }
+            ]
+        )
+
+    async def instances(request: Request) -> Response:
+        study = request.path_params["study"]
+        count = BIG_PARTS if kind(study) == "big" else 3
+        return JSONResponse([_uid_json(study, n) for n in range(count)])
+
+    async def retrieve(request: Request) -> Response:
+        study = request.path_params["study"]
+        number = int(study.rsplit(".", 1)[-1])
+        behaviour = kind(study)
+        script.retrieves.append(behaviour)
+        if behaviour == "slow":
+            await asyncio.sleep(3)
+
+        async def body() -> AsyncIterator[bytes]:
+            count = {"short": 2, "big": BIG_PARTS}.get(behaviour, 3)
+            for n in range(count):
+                sop = n + 100 * number
+                if behaviour == "big":
+                    data = _big_file(number, n)
+                else:
+                    data = _file(sop if behaviour != "foreign" or n < 2 else sop + 50)
+                yield f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+                if behaviour == "truncate" and n == 1:
+                    yield data[: len(data) // 2]
+                    raise ConnectionResetError("the archive went away")
+                yield data + b"\r\n"
+                script.parts_sent += 1
+                if behaviour == "gate" and n == 0:
+                    while not script.gate.is_set():
+                        await asyncio.sleep(0.01)
+            yield f"--{BOUNDARY}--\r\n".encode()
+
+        media = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+        return StreamingResponse(body(), media_type=media)
+
+    return Starlette(
+        routes=[
+            Route("/dicom-web/studies", studies),
+            Route("/dicom-web/studies/{study}/instances", instances),
+            Route("/dicom-web/studies/{study}", retrieve),
+        ]
+    )
+
+
+@dataclass
+class Rig:
+    script: Script
+    base: str
+    tls: Tls
+    audit: AuditDb
+    app: Any
+
+    def get(self, study: int, **claims: Any) -> httpx.Response:
+        with self.tls.client() as http:
+            return http.get(self._url(study), headers=self._headers(study, **claims))
+
+    def _url(self, study: int) -> str:
+        return f"{self.base}/studies/{STUDY}.{study}"
+
+    def _headers(self, study: int, **claims: Any) -> dict[str, str]:
+        return {**bearer(token(self.base, (f"{STUDY}.{study}",), **claims)), "Accept": AS_STORED}
+
+    def stream(self, study: int, **claims: Any) -> tuple[int, bytes, Exception | None]:
+        """Status, body received and the error that ended it, if any."""
+        received = bytearray()
+        with (
+            self.tls.client() as http,
+            http.stream("GET", self._url(study), headers=self._headers(study, **claims)) as r,
+        ):
+            try:
+                for chunk in r.iter_raw():
+                    received.extend(chunk)
+            except httpx.HTTPError as exc:
+                return r.status_code, bytes(received), exc
+            return r.status_code, bytes(received), None
+
+
+def _rig(root: Path, relay: Any = relay, **limits: Any) -> Iterator[Rig]:
+    script = Script()
+    archive_port = free_port()
+    config = uvicorn.Config(
+        scripted_archive(script), host="127.0.0.1", port=archive_port, log_level="critical"
+    )
+    archive = uvicorn.Server(config)
+    thread = threading.Thread(target=archive.run, daemon=True)
+    thread.start()
+    while not archive.started:
+        time.sleep(0.01)
+    tls = Tls(root / "pki")
+    port = free_port()
+    base = f"https://localhost:{port}/dicomweb"
+    audit = audit_db(root / "audit.db")
+    settings = GatewaySection(**{"archive_timeout_s": 1.0, "retry_after_s": 7, **limits})
+    app = build_gateway_app(
+        archive=DicomwebArchive(kind="dicomweb", url=f"http://127.0.0.1:{archive_port}/dicom-web"),
+        public_base=base,
+        issuer=A,
+        keys=A_KEYS,
+        auditor=audit.auditor,
+        side=Side.GATEWAY,
+        limits=settings,
+        relay=relay,
+    )
+    served = Served(app, tls, port)
+    try:
+        yield Rig(script, base, tls, audit, app)
+    finally:
+        script.gate.set()
+        served.stop()
+        archive.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    yield from _rig(tmp_path)
+
+
+def test_a_healthy_transfer_ends_with_the_close_delimiter(rig: Rig) -> None:
+    status, body, error = rig.stream(1)
+    assert status == 200 and error is None
+    assert body.rstrip().endswith(b"--")
+    assert body.count(b"Content-Type: application/dicom") == 3
+
+
+@pytest.mark.parametrize("behaviour", ["truncate", "short", "foreign"])
+def test_an_archive_failing_mid_stream_breaks_the_answer(rig: Rig, behaviour: str) -> None:
+    rig.script.behaviour["2"] = behaviour
+    status, body, error = rig.stream(2)
+    assert status == 200, "the first instance was sent before the failure"
+    assert error is not None, "the client must see the transfer fail"
+    boundary = body.split(b"\r\n", 1)[0]
+    assert boundary + b"--" not in body, "no close delimiter after a failure"
+    records = [r for r in rig.audit.records() if r.action == "image-retrieve"]
+    assert records[-1].outcome == 8
+    assert records[-1].reason
+    assert records[-1].num_instances < 3
+
+
+def test_a_slow_archive_gets_503_with_retry_after(rig: Rig) -> None:
+    rig.script.behaviour["3"] = "slow"
+    response = rig.get(3)
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "7"
+
+
+def test_a_client_that_stops_reading_stops_the_gateway(tmp_path: Path) -> None:
+    """Back-pressure: with the client not reading (a small receive buffer, so the kernel does
+    not absorb the study), the gateway's writes block once the connection's buffers are full,
+    far short of the 60 MB study; reading again resumes the transfer to its end."""
+    sent = [0]
+
+    async def counting(chunks: AsyncIterator[bytes], send: Any) -> int:
+        async def counted_send(message: Any) -> None:
+            await send(message)
+            sent[0] += len(message.get("body", b""))
+
+        return await relay(chunks, counted_send)
+
+    for rig in _rig(tmp_path, relay=counting):
+        rig.script.behaviour["10"] = "big"
+        context = ssl.create_default_context(cafile=str(rig.tls.ca))
+        small = [(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)]
+        transport = httpx.HTTPTransport(verify=context, socket_options=small)
+        with (
+            httpx.Client(transport=transport, timeout=60) as http,
+            http.stream("GET", rig._url(10), headers=rig._headers(10)) as response,
+        ):
+            assert response.status_code == 200
+            chunks = response.iter_raw()
+            first = next(chunks)  # under way; now the client reads no more for a while
+            stalled = _plateau(lambda: sent[0])
+            total = BIG_PARTS * len(_BIG_PIXELS)
+            assert stalled < total // 2, f"{stalled} of {total} bytes written while not read"
+            received = len(first) + sum(len(chunk) for chunk in chunks)
+        assert received > total
+        assert sent[0] > total
+
+
+def _plateau(value: Any, still_s: float = 1.0, limit_s: float = 30.0) -> int:
+    """The value once it has not changed for ``still_s`` seconds."""
+    deadline = time.monotonic() + limit_s
+    last, since = value(), time.monotonic()
+    while time.monotonic() - since < still_s:
+        if time.monotonic() > deadline:
+            raise AssertionError("never settled")
+        time.sleep(0.05)
+        if value() != last:
+            last, since = value(), time.monotonic()
+    return int(last)
+
+
+@pytest.fixture
+def full_rig(tmp_path: Path) -> Iterator[Rig]:
+    yield from _rig(tmp_path, max_transfers=1, queue_timeout_s=0)
+
+
+def test_a_full_gateway_answers_503_and_the_running_transfer_completes(full_rig: Rig) -> None:
+    rig = full_rig
+    rig.script.behaviour["4"] = "gate"
+    results: list[tuple[int, bytes, Exception | None]] = []
+    first = threading.Thread(target=lambda: results.append(rig.stream(4)))
+    first.start()
+    _wait_until(lambda: rig.script.parts_sent >= 1)
+    busy = rig.get(5)
+    assert busy.status_code == 503
+    assert busy.headers["retry-after"] == "7"
+    rig.script.gate.set()
+    first.join(timeout=30)
+    assert results and results[0][0] == 200 and results[0][2] is None
+    assert rig.get(5).status_code == 200, "the slot is free again"
+
+
+@pytest.fixture
+def queue_rig(tmp_path: Path) -> Iterator[Rig]:
+    yield from _rig(tmp_path, max_transfers=1, queue_timeout_s=60)
+
+
+def test_emergency_tokens_are_served_first_when_saturated(queue_rig: Rig) -> None:
+    rig = queue_rig
+    rig.script.behaviour.update({"6": "gate", "7": "routine", "8": "stat", "9": "emergency"})
+    slots = rig.app.state.gateway.slots
+    threads = [threading.Thread(target=rig.stream, args=(6,))]
+    threads[0].start()
+    _wait_until(lambda: rig.script.parts_sent >= 1)
+    for study, claims in (
+        (7, {"priority": "routine"}),
+        (8, {"priority": "stat"}),
+        (9, {"priority": "routine", "purpose_of_use": "ETREAT"}),
+    ):
+        waiting = slots.waiting
+        thread = threading.Thread(target=rig.stream, args=(study,), kwargs=claims)
+        thread.start()
+        threads.append(thread)
+        _wait_until(lambda w=waiting: slots.waiting == w + 1)  # type: ignore[misc]
+    rig.script.gate.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert rig.script.retrieves == ["gate", "emergency", "stat", "routine"]
+
+
+def _wait_until(condition: Any, limit_s: float = 20.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.01)
+
+
+# -- bounded memory -------------------------------------------------------------------------
+
+BIG = "1.2.826.0.1.3680043.10.89"
+BIG_FILES = 24
+BIG_PIXELS = 1024 * 1024 * 2  # 2 MB a file, 48 MB a study
+
+
+def _write_big_study(root: Path) -> list[Path]:
+    paths = []
+    for n in range(BIG_FILES):
+        ds = make_instance(
+            patient_id=PATIENT.value,
+            study_uid=BIG,
+            series_uid=f"{BIG}.1",
+            sop_uid=f"{BIG}.1.{n + 1}",
+            IssuerOfPatientID=ISSUER_OID,
+            Rows=1024,
+            Columns=1024,
+            PixelData=bytes(BIG_PIXELS),
+        )
+        paths.append(write_instance(root / f"{n}.dcm", ds))
+    return paths
+
+
+def _peak_while_streaming(tls: Tls, base: str) -> tuple[int, int]:
+    """(bytes received, peak Python memory allocated meanwhile) for one study retrieve."""
+    received = 0
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        with (
+            tls.client() as http,
+            http.stream(
+                "GET",
+                f"{base}/studies/{BIG}",
+                headers={**bearer(token(base, (BIG,))), "Accept": AS_STORED},
+            ) as response,
+        ):
+            assert response.status_code == 200
+            for chunk in response.iter_raw():
+                received += len(chunk)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return received, peak
+
+
+@pytest.mark.orthanc
+def test_memory_stays_bounded_whatever_the_study_size(
+    orthanc: OrthancServer, tmp_path: Path
+) -> None:
+    orthanc.clear()
+    paths = _write_big_study(tmp_path / "archive")
+    orthanc.upload(paths)
+    tls = Tls(tmp_path / "pki")
+    study_bytes = sum(p.stat().st_size for p in paths)
+    settings = GatewaySection(chunk_bytes=256 * 1024)
+    for archive in (
+        FolderArchive(path=tmp_path / "archive"),
+        DicomwebArchive(kind="dicomweb", url=orthanc.dicomweb_url),
+    ):
+        port = free_port()
+        base = f"https://localhost:{port}/dicomweb"
+        app = build_gateway_app(
+            archive=archive,
+            public_base=base,
+            issuer=A,
+            keys=A_KEYS,
+            auditor=audit_db(tmp_path / f"audit-{port}.db").auditor,
+            limits=settings,
+        )
+        served = Served(app, tls, port)
+        try:
+            received, peak = _peak_while_streaming(tls, base)
+        finally:
+            served.stop()
+        assert received > study_bytes
+        # Gateway and client together hold a few chunks, not the study.
+        assert peak < study_bytes / 4, (archive.kind, peak, study_bytes)
+
+
+def test_an_archive_that_cannot_be_reached_gets_503_with_retry_after(tmp_path: Path) -> None:
+    base = "https://gw.at.example/dicomweb"
+    app = build_gateway_app(
+        archive=DicomwebArchive(kind="dicomweb", url=f"http://127.0.0.1:{free_port()}/dicom-web"),
+        public_base=base,
+        issuer=A,
+        keys=A_KEYS,
+        auditor=audit_db(tmp_path / "audit.db").auditor,
+        limits=GatewaySection(retry_after_s=11),
+    )
+
+    async def get(path: str) -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport) as http:
+            return await http.get(base + path, headers=bearer(token(base, (f"{STUDY}.1",))))
+
+    # A search across studies fails too, rather than answer without the studies it missed.
+    for path in (f"/studies/{STUDY}.1", f"/studies/{STUDY}.1/series", "/studies"):
+        response = asyncio.run(get(path))
+        assert response.status_code == 503, path
+        assert response.headers["retry-after"] == "11"
