@@ -155,7 +155,23 @@ class TokensSection(_Section):
     leeway_s: int = Field(default=30, ge=0, le=120, description="Clock skew tolerated.")
 
 
-class NodeSettings(BaseSettings):
+class _FileSettings(BaseSettings):
+    """Settings read from a TOML file (passed as init values) with ``NCP_*`` overrides."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment wins over the file (which arrives as init values).
+        return (env_settings, init_settings)
+
+
+class NodeSettings(_FileSettings):
     """Everything one node needs to know about itself. Build it with :func:`load_settings`."""
 
     model_config = SettingsConfigDict(
@@ -172,18 +188,6 @@ class NodeSettings(BaseSettings):
     listen: ListenSection = ListenSection()
     gateway: GatewaySection = GatewaySection()
     tokens: TokensSection = TokensSection()
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The environment wins over the file (which arrives as init values).
-        return (env_settings, init_settings)
 
 
 class EdgeSection(_Section):
@@ -211,7 +215,7 @@ class EdgeTlsSection(_Section):
     key: Path = Field(description="PEM private key of that certificate.")
 
 
-class EdgeSettings(BaseSettings):
+class EdgeSettings(_FileSettings):
     """``ncp edge``: the stateless option C gateway country A runs before its national archive.
     It holds no data of A's node: A's public keys, the archive, and its own audit database."""
 
@@ -226,17 +230,6 @@ class EdgeSettings(BaseSettings):
     database: DatabaseSection = DatabaseSection(url="sqlite:///edge-audit.db")
     gateway: GatewaySection = GatewaySection()
     tokens: TokensSection = TokensSection()
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (env_settings, init_settings)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

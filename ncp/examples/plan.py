@@ -31,6 +31,7 @@ from ncp.examples.catalogue import (
     SeriesTemplate,
     Sex,
 )
+from ncp.fhir.datatypes import COUNTRY_ZONES
 
 REFERENCE_DATE = date(2026, 6, 30)
 """Studies lie in the 15 years before this fixed day; the current time is never used."""
@@ -38,37 +39,6 @@ HISTORY_YEARS = 15
 UID_ROOT = PYDICOM_ROOT_UID
 """pydicom's root, meant for UIDs generated with pydicom; entropy makes them deterministic."""
 UID_NAMESPACE = "ncp-examples"
-
-# Where the study took place decides the UTC offset of its local date and time.
-_ZONES = {
-    "AT": "Europe/Vienna",
-    "BE": "Europe/Brussels",
-    "BG": "Europe/Sofia",
-    "CY": "Asia/Nicosia",
-    "CZ": "Europe/Prague",
-    "DE": "Europe/Berlin",
-    "DK": "Europe/Copenhagen",
-    "EE": "Europe/Tallinn",
-    "ES": "Europe/Madrid",
-    "FI": "Europe/Helsinki",
-    "FR": "Europe/Paris",
-    "GR": "Europe/Athens",
-    "HR": "Europe/Zagreb",
-    "HU": "Europe/Budapest",
-    "IE": "Europe/Dublin",
-    "IT": "Europe/Rome",
-    "LT": "Europe/Vilnius",
-    "LU": "Europe/Luxembourg",
-    "LV": "Europe/Riga",
-    "MT": "Europe/Malta",
-    "NL": "Europe/Amsterdam",
-    "PL": "Europe/Warsaw",
-    "PT": "Europe/Lisbon",
-    "RO": "Europe/Bucharest",
-    "SE": "Europe/Stockholm",
-    "SI": "Europe/Ljubljana",
-    "SK": "Europe/Bratislava",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,7 +206,8 @@ def plan_run(
     *, patients: int, seed: int, big_patient_studies: int, country: str, issuer: str
 ) -> RunPlan:
     """Plan every patient and study of a run. The first patient is the big one."""
-    zone_name = _ZONES.get(country, "Europe/Brussels")
+    # Where the study took place decides the UTC offset of its local date and time.
+    zone_name = COUNTRY_ZONES.get(country, "Europe/Brussels")
     zone = ZoneInfo(zone_name)
     taken_ids: set[str] = set()
     accession_base = _rng(seed, "accession").randrange(100_000, 400_000)
