@@ -30,13 +30,17 @@ from ncp.provider.http import FhirHttpError, node_of
 from ncp.security.claims import HP_ASSERTION, HpAssertion
 from ncp.security.keystore import subject_country
 from ncp.security.mtls import TlsPeerRefused, client_certificate, tls_peer
-from ncp.security.pair import CountryMismatch, NotBound, RequestContext, check_request_pair
+from ncp.security.pair import (
+    CountryMismatch,
+    NotBound,
+    RequestContext,
+    check_request_pair,
+    verify_from_peer,
+)
 from ncp.security.tokens import (
     KeyNotFound,
     PatientMismatch,
     TokenError,
-    WrongIssuer,
-    verify,
 )
 from ncp.security.trust import JwksUnavailable, Peer, UnknownPeer, issued_by
 
@@ -176,24 +180,15 @@ def verify_hp_assertion(node: Node, token: str, country: str) -> HpAssertion:
     leeway = node.settings.tokens.leeway_s
 
     def check() -> HpAssertion:
-        try:
-            return verify(
-                HP_ASSERTION,
-                token,
-                node.trust.keys_for,
-                audience=node.settings.urls.standard,
-                issuer=country,
-                now=node.clock(),
-                leeway_s=leeway,
-            )
-        except WrongIssuer as exc:
-            if exc.issuer is None or exc.issuer == country:
-                raise
-            raise CountryMismatch(
-                f"issued by {exc.issuer!r}, but the TLS peer is {country!r}: a node may only "
-                "present its own country's assertions",
-                issuer=exc.issuer,
-            ) from None
+        return verify_from_peer(
+            HP_ASSERTION,
+            token,
+            country,
+            node.trust.keys_for,
+            node.settings.urls.standard,
+            node.clock(),
+            leeway,
+        )
 
     return _with_key_refresh(node, country, check)
 

@@ -115,8 +115,8 @@ def check_request_pair(
     only keys whose issuer is ``tls_country`` verify. ``audience``: this node's identifier as
     peers address it.
     """
-    hp = _verify_from_peer(HP_ASSERTION, hp_token, tls_country, b_keys, audience, now, leeway_s)
-    trc = _verify_from_peer(TRC, trc_token, tls_country, b_keys, audience, now, leeway_s)
+    hp = verify_from_peer(HP_ASSERTION, hp_token, tls_country, b_keys, audience, now, leeway_s)
+    trc = verify_from_peer(TRC, trc_token, tls_country, b_keys, audience, now, leeway_s)
     if trc.hp_assertion_hash != token_hash(hp_token):
         raise NotBound(
             "the treatment relationship confirmation was issued under another HP assertion "
@@ -132,7 +132,7 @@ def check_request_pair(
     return RequestContext(country=tls_country, hp=hp, trc=trc)
 
 
-def _verify_from_peer(
+def verify_from_peer(
     kind: TokenKind[C],
     token: str,
     tls_country: str,
@@ -141,6 +141,8 @@ def _verify_from_peer(
     now: datetime,
     leeway_s: int,
 ) -> C:
+    """``token`` as ``kind`` from the TLS peer's country; an issuer other than that country is a
+    CountryMismatch (a node may present only its own country's assertions)."""
     try:
         return verify(
             kind, token, keys, audience=audience, issuer=tls_country, now=now, leeway_s=leeway_s
