@@ -111,24 +111,18 @@ class RawBody:
 
     async def send_file(self, region: FileRegion, chunk_bytes: int) -> None:
         self._transport.write(b"%x\r\n" % region.count)
-        with open(region.path, "rb") as file:
-            if self.tls:  # sendfile cannot encrypt: read and write in pieces, with back-pressure
-                file.seek(region.offset)
-                left = region.count
-                while left:
-                    data = file.read(min(chunk_bytes, left))
-                    if not data:
-                        raise TransferBroken("a file of the study is shorter than listed")
-                    self._transport.write(data)
-                    left -= len(data)
-                    await self.drain()
-            else:
+        if self.tls:  # sendfile cannot encrypt: read and write in pieces, with back-pressure
+            async for data in read_region(region, chunk_bytes):
+                self._transport.write(data)
+                await self.drain()
+        else:
+            with open(region.path, "rb") as file:
                 loop = asyncio.get_running_loop()
                 sent = await loop.sendfile(
                     self._transport, file, region.offset, region.count, fallback=True
                 )
-                if sent != region.count:
-                    raise TransferBroken("a file of the study is shorter than listed")
+            if sent != region.count:
+                raise TransferBroken("a file of the study is shorter than listed")
         self._transport.write(b"\r\n")
         await self.drain()
 
