@@ -22,6 +22,11 @@ QIDO-RS fan-out to the archive, measured in the same run.
      index would do per list request);
    - ``qido_parallel``: the same fan-out on ``--fanout`` connections at once.
 
+Each node request is timed until the last byte of the answer (the client's JSON parse is not
+counted). The rendered list entries are dropped first, so the first request of each query is
+the cold one (it renders and keeps them; reported apart); ``--memory-mib 0`` makes the node read
+them from the database on every request (a restarted replica's case).
+
 Prints one JSON object: p50/p95 (ms) of each, the sizes of the answers, and the ratios of the
 reference's p50 to the node's. Goals (issue 6): the node's p95 under 100 ms, and at least 10x
 faster than the live fan-out.
@@ -47,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from sqlalchemy import delete
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.support.orthanc: the same throwaway Orthanc as the tests
@@ -71,6 +77,7 @@ from ncp.security.claims import (  # noqa: E402
 from ncp.security.keystore import KeyStore  # noqa: E402
 from ncp.security.tokens import issue, token_hash  # noqa: E402
 from ncp.store.db import make_engine, migrate, session_factory  # noqa: E402
+from ncp.store.models import ListEntry  # noqa: E402
 from ncp.validation.engine import Validator  # noqa: E402
 from tests.support.orthanc import OrthancServer  # noqa: E402
 
@@ -104,6 +111,9 @@ dir = "keys"
 
 [trust]
 list = "trust.toml"
+
+[lists]
+memory_mib = {memory_mib}
 """
 
 TRUST = """\
@@ -266,6 +276,12 @@ def main() -> None:
     parser.add_argument("--reference-repeat", type=int, default=5, help="timed QIDO fan-outs")
     parser.add_argument("--fanout", type=int, default=8, help="connections of qido_parallel")
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument(
+        "--memory-mib",
+        type=int,
+        default=128,
+        help="[lists] memory_mib of the node (0: rendered entries read from the database)",
+    )
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it")
     parser.add_argument(
         "--reuse",
@@ -321,6 +337,7 @@ def main() -> None:
                 port=port,
                 imaging_port=imaging_port,
                 archive=orthanc.dicomweb_url,
+                memory_mib=args.memory_mib,
             ),
             encoding="utf-8",
         )
@@ -388,8 +405,10 @@ def main() -> None:
         def fetch(name: str) -> Callable[[], Any]:
             url, params = queries[name]
 
-            def go() -> Any:
-                r = node.get(url, params=params)
+            def go() -> float:
+                # Timed: the request until the last byte of the answer (httpx reads it whole);
+                # the client's JSON parse is not the node's latency and comes after.
+                t, r = _timed(lambda: node.get(url, params=params))
                 if r.status_code != 200:
                     raise SystemExit(f"{name}: {r.status_code} {r.text[:500]}")
                 body = r.json()
@@ -398,16 +417,21 @@ def main() -> None:
                     "total": body.get("total", -1),
                     "bytes": len(r.content),
                 }
-                return body
+                return t
 
             return go
 
+        # Cold: no rendered entry kept (as after `ncp index` changed every study, or a change of
+        # the node's URLs); the first request renders and keeps them.
+        with make_engine(settings.database.url).begin() as connection:
+            connection.execute(delete(ListEntry))
+        cold = {name: round(fetch(name)() * 1000, 2) for name in queries}
+        notes["first_request_ms_no_rendered_entries"] = cold
+        print(f"cold {json.dumps(cold)}", file=sys.stderr, flush=True)
         timings: dict[str, list[float]] = {name: [] for name in queries}
-        for name in queries:  # warm-up
-            fetch(name)()
         for _ in range(args.repeat):
             for name in queries:
-                timings[name].append(_timed(fetch(name))[0])
+                timings[name].append(fetch(name)())
         node_results = {name: _summary(v) for name, v in timings.items()}
         print(f"node {json.dumps(node_results)} {json.dumps(sizes)}", file=sys.stderr, flush=True)
 
@@ -445,6 +469,7 @@ def main() -> None:
                         "load": os.getloadavg(),
                     },
                     "setup": notes,
+                    "list_memory_mib": args.memory_mib,
                     "answers": sizes,
                     "reference_shape": {
                         k: {"studies": v[0], "series": v[1]} for k, v in shape.items()

@@ -137,9 +137,15 @@ def _open_index(settings: NodeSettings) -> tuple[Engine, sessionmaker[Session]]:
     return engine, session_factory(engine)
 
 
+def _renders(settings: NodeSettings) -> bool:
+    """Whether list entries can be rendered: manifests need the node's public URLs."""
+    return bool(settings.urls.standard and settings.urls.imaging)
+
+
 def _cmd_index(args: argparse.Namespace) -> int:
     from ncp.dicom.archive import open_archive
     from ncp.provider.indexer import index_source
+    from ncp.provider.list_entries import render_studies
 
     settings = load_settings(args.config)
     engine, sessions = _open_index(settings)
@@ -149,6 +155,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     run = index_source(sessions, source, batch_size=args.batch_size, workers=workers)
     elapsed = time.perf_counter() - started
+    # The changed studies' list entries, rendered now rather than by the next HP's list.
+    rendered = render_studies(settings, sessions, run.touched) if _renders(settings) else 0
     engine.dispose()
     read = run.added + run.updated
     if args.json:
@@ -162,6 +170,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
             "skipped": [{"locator": loc, "reason": why} for loc, why in run.skipped],
             "notes": [{"locator": loc, "note": note} for loc, note in run.notes],
             "seconds": round(elapsed, 3),
+            "list_entries_rendered": rendered,
         }
         print(json.dumps(summary, indent=1))
         return EXIT_OK
@@ -170,7 +179,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
         f"indexed {run.source} source: {run.seen} listed, {run.added} added, "
         f"{run.updated} updated, {run.unchanged} unchanged, {run.removed} removed, "
         f"{len(run.skipped)} skipped "
-        f"({elapsed:.1f} s{rate})"
+        f"({elapsed:.1f} s{rate}); {rendered} list entries rendered"
     )
     for locator, reason in run.skipped[:50]:
         print(f"  skipped {locator}: {reason}")

@@ -145,6 +145,17 @@ class GatewaySection(_Section):
     )
 
 
+class ListSection(_Section):
+    """The metadata list of the standard channel."""
+
+    memory_mib: int = Field(
+        default=128,
+        ge=0,
+        description="Rendered list entries each process keeps in memory besides the database "
+        "(MiB; 0: read them from the database on every request).",
+    )
+
+
 class TokensSection(_Section):
     image_access_lifetime_s: int = Field(
         default=300,
@@ -188,6 +199,7 @@ class NodeSettings(_FileSettings):
     listen: ListenSection = ListenSection()
     gateway: GatewaySection = GatewaySection()
     tokens: TokensSection = TokensSection()
+    lists: ListSection = ListSection()
 
 
 class EdgeSection(_Section):

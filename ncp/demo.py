@@ -62,6 +62,7 @@ from ncp.errors import ConfigError, NcpError
 from ncp.examples.generate import DEFAULT_PATIENT_ID_ISSUER, generate_examples
 from ncp.fhir.identifiers import patient_system
 from ncp.provider.indexer import index_source
+from ncp.provider.list_entries import render_studies
 from ncp.security import pki
 from ncp.security.keystore import KeyStore, load_certificates, load_private_key
 from ncp.store.db import make_engine, migrate, session_factory
@@ -380,9 +381,11 @@ def index_and_list(settings: NodeSettings) -> TopPatient:
         migrate(engine)
         sessions = session_factory(engine)
         run = index_source(sessions, open_archive(settings.archive))
+        rendered = render_studies(settings, sessions, run.touched)
         print(
             f"index of country {COUNTRY_A}: {run.added} added, {run.updated} updated, "
-            f"{run.unchanged} unchanged, {run.removed} removed, {len(run.skipped)} skipped"
+            f"{run.unchanged} unchanged, {run.removed} removed, {len(run.skipped)} skipped; "
+            f"{rendered} list entries rendered"
         )
         _load_reports(settings, sessions)
         issuer = settings.node.patient_id_issuer

@@ -21,6 +21,7 @@ from ncp.security.keystore import KeyStore
 from ncp.security.mtls import MutualTlsJwksFetcher
 from ncp.security.replay import ReplayGuard
 from ncp.security.trust import TrustList
+from ncp.store.entry_memory import EntryMemory
 from ncp.validation.engine import Validator
 
 
@@ -46,6 +47,8 @@ class Node:
     """Database-backed (``ncp.store.replay``): one-time tokens are one-time across replicas."""
     clock: Callable[[], datetime] = field(default=utc_now)
     """Aware UTC; every token check and issue reads the time here."""
+    list_memory: EntryMemory = field(default_factory=lambda: EntryMemory(0))
+    """Rendered list entries kept in this process (``[lists] memory_mib``)."""
 
     @property
     def base_url(self) -> str:
@@ -82,6 +85,7 @@ class Node:
             validator_lock=threading.Lock(),
             clock=now,
             replay=DatabaseReplayGuard(sessions),
+            list_memory=EntryMemory(settings.lists.memory_mib << 20),
         )
 
     def close(self) -> None:

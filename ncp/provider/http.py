@@ -8,6 +8,7 @@ build error responses themselves, so every refusal looks the same to a peer.
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import Mapping
@@ -116,6 +117,14 @@ def fhir_response(
     """``resource`` as FHIR JSON or XML, as the request negotiated."""
     xml = wants_xml(request)
     return _respond(resource, xml, status, headers)
+
+
+def fhir_json_response(request: Request, body: bytes, *, status: int = 200) -> Response:
+    """A resource the caller has as FHIR JSON already (rendered list entries joined as text):
+    sent as it is, or parsed once when XML was asked for."""
+    if wants_xml(request):
+        return _respond(json.loads(body), True, status, None)
+    return Response(body, status_code=status, media_type=f"{JSON_TYPE}; charset=utf-8")
 
 
 def _respond(

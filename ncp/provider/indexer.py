@@ -17,6 +17,7 @@ source lists them in: a folder and an archive holding the same files index ident
 from __future__ import annotations
 
 import multiprocessing
+import secrets
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -31,7 +32,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from ncp.dicom.mapping import IndexRecord, InstanceKeys, map_instance, map_levels
 from ncp.dicom.source import ArchiveSource, InstanceHeader, SkippedEntry, SourceEntry
 from ncp.errors import UnreadableInstance
-from ncp.store.models import Instance, Patient, Series, SourceObject, Study
+from ncp.store.models import (
+    EntryKind,
+    Instance,
+    ListEntry,
+    Patient,
+    Series,
+    SourceObject,
+    Study,
+)
 
 _CHUNK = 500  # bound on IN (...) lists: SQLite allows 32766 parameters, stay far below
 
@@ -49,6 +58,8 @@ class IndexRun:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     notes: list[tuple[str, str]] = field(default_factory=list)
     studies_touched: int = 0
+    touched: frozenset[int] = frozenset()
+    """Row ids of the studies the run changed (some may be gone): their list entries are stale."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +130,7 @@ def index_source(
     with sessions.begin() as session:
         _recompute(session, touched)
     run.studies_touched = len(touched)
+    run.touched = frozenset(touched)
     return run
 
 
@@ -560,7 +572,10 @@ def _current(
 
 
 def _recompute(session: Session, study_pks: set[int]) -> None:
-    """Counts, sizes, modalities and body parts of the touched studies; drop what is empty."""
+    """Counts, sizes, modalities and body parts of the touched studies, and a new revision for
+    each (their rendered list entries are stale now); drop what is empty. Every change to a
+    study ends here, after the batches that made it, so a list entry rendered from a mix of old
+    and new rows carries the old revision and is rendered again."""
     for chunk in _chunks(sorted(study_pks)):
         series_rows = session.execute(
             select(
@@ -608,6 +623,7 @@ def _recompute(session: Session, study_pks: set[int]) -> None:
         study_updates = [
             {
                 "pk": pk,
+                "rev": secrets.token_hex(8),
                 "ns": agg["ns"],
                 "n": agg["n"],
                 "size": agg["size"],
@@ -627,6 +643,7 @@ def _recompute(session: Session, study_pks: set[int]) -> None:
                     size_bytes=bindparam("size"),
                     modalities=bindparam("mods"),
                     body_parts=bindparam("parts"),
+                    revision=bindparam("rev"),
                 ),
                 study_updates,
             )
@@ -637,6 +654,12 @@ def _recompute(session: Session, study_pks: set[int]) -> None:
                 .all()
             )
             session.execute(delete(Study).where(Study.id.in_(empty_studies)))
+            session.execute(
+                delete(ListEntry).where(
+                    ListEntry.kind.in_((EntryKind.MANIFEST, EntryKind.STUDY)),
+                    ListEntry.subject_pk.in_(empty_studies),
+                )
+            )
             orphans = (
                 session.execute(
                     select(Patient.id).where(

@@ -22,7 +22,7 @@ OperationOutcome entry (search mode ``outcome``) instead of failing the whole li
 
 from __future__ import annotations
 
-import logging
+import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -35,29 +35,23 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from ncp.audit.models import Action, Outcome
-from ncp.dicom.uids import is_uid
 from ncp.fhir.identifiers import issuer_of
-from ncp.fhir.listing import manifest_reference, patient_resource, report_reference
-from ncp.fhir.manifest import Custodian, ImagingEndpoints, ManifestError, imaging_study
+from ncp.fhir.io import to_json
+from ncp.fhir.manifest import Custodian
 from ncp.node import Node
 from ncp.provider.auditing import audit
 from ncp.provider.auth import PatientDep
-from ncp.provider.http import FhirHttpError, fhir_response, node_of, outcome, wants_xml
+from ncp.provider.http import FhirHttpError, fhir_json_response, node_of, outcome, wants_xml
+from ncp.provider.list_entries import EntryRenderer, Rendered, Source, store
 from ncp.provider.search import (
-    ManifestMatch,
-    PatientInclude,
-    ReportMatch,
+    PageKeys,
+    Paging,
     SearchError,
-    SearchPage,
     SearchQuery,
-    StudyMatch,
+    find_page,
     parse_search,
-    run_search,
 )
 from ncp.security.pair import RequestContext
-from ncp.store.models import Patient
-
-log = logging.getLogger(__name__)
 
 MAX_FORM_BYTES = 64 * 1024
 """Largest form body of ``POST .../_search``; the engine takes at most 64 parameters anyway."""
@@ -170,18 +164,20 @@ def search(
         )
     node = node_of(request)
     with node.sessions() as session:
-        page = run_search(session, query, patient=(issuer, value), zone=_custodian(node).zone)
-        bundle, studies = searchset(session, node, page, _transport(params))
+        page = find_page(session, query, patient=(issuer, value), zone=_custodian(node).zone)
+        renderer = EntryRenderer(node.settings, node.list_memory)
+        bundle, fresh = searchset(session, renderer, page, _transport(params))
+    store(node.sessions, fresh)
     audit(
         request,
         action=Action.LIST_QUERY,
         context=ctx,
-        studies=studies,
+        studies=list(bundle.studies),
         query=query_text,
         interaction="search-type",
         details={"resourceType": rtype, "total": page.total, "returned": len(page.matches)},
     )
-    return fhir_response(request, bundle)
+    return fhir_json_response(request, bundle.json())
 
 
 def read_one(request: Request, ctx: RequestContext, rtype: str, resource_id: str) -> Response:
@@ -190,16 +186,20 @@ def read_one(request: Request, ctx: RequestContext, rtype: str, resource_id: str
     wants_xml(request)
     issuer, value = issuer_of(ctx.patient.system), ctx.patient.value
     node = node_of(request)
-    found: dict[str, Any] | None = None
+    found: bytes | None = None
     studies: list[str] = []
     known_id = FHIR_ID.fullmatch(resource_id) is not None
     if known_id:  # anything else is no id of ours (and is not written into the audit)
         query = parse_search(rtype, [("_id", resource_id), ("_count", "2")])
         with node.sessions() as session:
-            page = run_search(session, query, patient=(issuer, value), zone=_custodian(node).zone)
-            built = _Builder(session, node).matches(page.matches)
-            if len(built) == 1 and built[0].resource is not None:
-                found, studies = built[0].resource, built[0].studies
+            page = find_page(session, query, patient=(issuer, value), zone=_custodian(node).zone)
+            matches, _included, fresh = EntryRenderer(node.settings, node.list_memory).page(
+                session, page
+            )
+        store(node.sessions, fresh)
+        if len(matches) == 1 and matches[0].body is not None:
+            found = matches[0].body
+            studies = [matches[0].study_uid] if matches[0].study_uid else []
     audit(
         request,
         action=Action.LIST_QUERY,
@@ -217,7 +217,7 @@ def read_one(request: Request, ctx: RequestContext, rtype: str, resource_id: str
             "not-found",
             f"no {rtype} with this id for the patient of the treatment relationship",
         )
-    return fhir_response(request, found)
+    return fhir_json_response(request, found)
 
 
 def _transport(params: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -232,126 +232,82 @@ def _custodian(node: Node) -> Custodian:
 
 
 @dataclass(frozen=True)
-class _Built:
-    """One entry's resource (None: the builder refused it, ``problem`` says why)."""
+class Searchset:
+    """A searchset Bundle whose entries are kept as JSON already: written out by joining
+    bytes (:meth:`json`); parsed only when XML is asked for."""
 
-    rtype: str
-    resource: dict[str, Any] | None
-    studies: list[str]
-    problem: str = ""
+    head: dict[str, Any]
+    base_url: str
+    entries: tuple[tuple[Rendered, bytes], ...]
+    """Each entry's resource and search mode (``match``, ``include``, ``outcome``)."""
+    studies: tuple[str, ...]
+    """The Study Instance UIDs the entries name (for the audit)."""
 
-
-class _Builder:
-    """Turns the engine's rows into resources with the node's endpoints and custodian."""
-
-    def __init__(self, session: Session, node: Node) -> None:
-        self.session = session
-        self.node = node
-        self.base = node.base_url
-        self.custodian = _custodian(node)
-        self._endpoints: ImagingEndpoints | None = None
-
-    @property
-    def endpoints(self) -> ImagingEndpoints:
-        if self._endpoints is None:
-            self._endpoints = ImagingEndpoints.from_settings(self.node.settings)
-        return self._endpoints
-
-    def matches(self, rows: Iterable[Any]) -> list[_Built]:
-        return [self.one(row) for row in rows]
-
-    def one(self, row: Any) -> _Built:
-        try:
-            return self._build(row)
-        except ManifestError as exc:
-            rtype = "ImagingStudy" if isinstance(row, StudyMatch) else "DocumentReference"
-            log.warning("list entry left out: %s", type(exc).__name__)
-            return _Built(rtype, None, [], str(exc))
-
-    def _build(self, row: Any) -> _Built:
-        if isinstance(row, StudyMatch):
-            instances = {s.series_uid: row.instances_of(s) for s in row.series}
-            resource = imaging_study(row.study, self.endpoints, self.custodian, instances=instances)
-            return _Built("ImagingStudy", resource, [row.study.study_uid])
-        if isinstance(row, ManifestMatch):
-            resource = manifest_reference(row.study, self.custodian, base_url=self.base)
-            return _Built("DocumentReference", resource, [row.study.study_uid])
-        if isinstance(row, ReportMatch):
-            # The engine found the report's indexed study of this patient, if any.
-            resource = report_reference(
-                row.report,
-                row.version,
-                base_url=self.base,
-                study=row.study,
-                custodian=self.custodian,
-            )
-            # Versions of one report share the entry's id: the version tells them apart (bdl-7).
-            resource["meta"] = {**resource.get("meta", {}), "versionId": str(row.version.version)}
-            uid = row.version.study_uid
-            return _Built("DocumentReference", resource, [uid] if uid else [])
-        if isinstance(row, PatientInclude):
-            patient = row.patient or Patient(patient_id=row.value, issuer=row.issuer)
-            return _Built("Patient", patient_resource(patient), [])
-        raise TypeError(f"unexpected search row {type(row).__name__}")
+    def json(self) -> bytes:
+        head = to_json(self.head)
+        if not self.entries:
+            return head
+        base = json.dumps(self.base_url, ensure_ascii=False)[1:-1].encode("utf-8")
+        out = [head[:-1], b',"entry":[']
+        for i, (entry, mode) in enumerate(self.entries):
+            out.append(b"{" if not i else b",{")
+            if entry.resource_id:  # every entry but an OperationOutcome's
+                # FHIR ids and resource types need no escaping.
+                rid = f"/{entry.resource_type}/{entry.resource_id}".encode("ascii")
+                out += (b'"fullUrl":"', base, rid, b'",')
+            out += (b'"resource":', entry.body or b"{}", b',"search":{"mode":"', mode, b'"}}')
+        out.append(b"]}")
+        return b"".join(out)
 
 
 def searchset(
-    session: Session, node: Node, page: SearchPage, transport: Sequence[tuple[str, str]] = ()
-) -> tuple[dict[str, Any], list[str]]:
-    """The searchset Bundle of one page, and the Study Instance UIDs it names (for the audit)."""
-    query = page.query
+    session: Session,
+    renderer: EntryRenderer,
+    keys: PageKeys,
+    transport: Sequence[tuple[str, str]] = (),
+) -> tuple[Searchset, list[Source]]:
+    """The searchset Bundle of one page, and the entries built for it that the caller should
+    keep (:func:`ncp.provider.list_entries.store`) once its read is over."""
     bundle: dict[str, Any] = {
         "resourceType": "Bundle",
         "type": "searchset",
-        "total": page.total,
-        "link": links(node.base_url, page, transport),
+        "total": keys.total,
+        "link": links(renderer.base, keys, transport),
     }
-    if query.summary_count:
-        return bundle, []
-    builder = _Builder(session, node)
-    entries: list[dict[str, Any]] = []
-    seen: set[str] = set()
+    if keys.query.summary_count:
+        return Searchset(bundle, renderer.base, (), ()), []
+    matches, included, fresh = renderer.page(session, keys)
+    entries: list[tuple[Rendered, bytes]] = []
     studies: dict[str, None] = {}  # ordered set: pages name a thousand studies
     problems: list[str] = []
-
-    def add(built: _Built, mode: str) -> None:
-        if built.resource is None:
-            problems.append(built.problem)
-            return
-        resource = built.resource
-        full_url = f"{node.base_url}/{resource['resourceType']}/{resource['id']}"
-        version = resource.get("meta", {}).get("versionId")
-        key = f"{full_url}|{version}"
-        if key in seen:
-            return  # an include that is a match already, or included twice
-        seen.add(key)
-        studies.update((uid, None) for uid in built.studies if is_uid(uid))
-        entries.append({"fullUrl": full_url, "resource": resource, "search": {"mode": mode}})
-
-    for built in builder.matches(page.matches):
-        add(built, "match")
-    for built in builder.matches(page.included):
-        add(built, "include")
+    # Matches are distinct rows; an include may repeat a match or another include.
+    seen = {(m.kind, m.pk) for m in matches}
+    for entry, mode in [(m, b"match") for m in matches] + [(i, b"include") for i in included]:
+        if entry.body is None:
+            problems.append(entry.problem)
+            continue
+        if mode == b"include":
+            if entry.kind is not None and (entry.kind, entry.pk) in seen:
+                continue
+            seen.add((entry.kind, entry.pk))
+        if entry.study_uid is not None:  # the index's UIDs: valid (the audit checks again)
+            studies[entry.study_uid] = None
+        entries.append((entry, mode))
     if problems:
+        report = {
+            "resourceType": "OperationOutcome",
+            "issue": [
+                outcome("incomplete", text, severity="warning")["issue"][0] for text in problems
+            ],
+        }
         entries.append(
-            {
-                "resource": {
-                    "resourceType": "OperationOutcome",
-                    "issue": [
-                        outcome("incomplete", text, severity="warning")["issue"][0]
-                        for text in problems
-                    ],
-                },
-                "search": {"mode": "outcome"},
-            }
+            (Rendered(None, 0, "OperationOutcome", "", None, to_json(report), None), b"outcome")
         )
-    if entries:
-        bundle["entry"] = entries
-    return bundle, list(studies)
+    return Searchset(bundle, renderer.base, tuple(entries), tuple(studies)), fresh
 
 
 def links(
-    base: str, page: SearchPage, transport: Sequence[tuple[str, str]] = ()
+    base: str, page: Paging, transport: Sequence[tuple[str, str]] = ()
 ) -> list[dict[str, str]]:
     """self, and next/previous where there is such a page (absolute URLs, canonical params)."""
     rtype = page.query.resource_type

@@ -33,7 +33,7 @@ import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     ColumnElement,
@@ -59,7 +59,12 @@ from sqlalchemy.sql.functions import FunctionElement
 from ncp.fhir import canonical
 from ncp.fhir.conformance import load_definitions
 from ncp.fhir.datatypes import DICOM, LOINC, SNOMED, scheme_system
-from ncp.fhir.identifiers import STUDY_UID_SYSTEM, manifest_reference_id, uid_of
+from ncp.fhir.identifiers import (
+    STUDY_UID_SYSTEM,
+    imaging_study_id,
+    manifest_reference_id,
+    uid_of,
+)
 from ncp.fhir.manifest import MAX_ACCESSION, OTHER_MODALITY, accession_identifier
 from ncp.fhir.terminology import default_terminology
 from ncp.provider.search_params import (
@@ -73,12 +78,23 @@ from ncp.provider.search_params import (
     normalise_text,
     parse_search,
 )
-from ncp.store.models import Instance, Patient, Report, ReportVersion, Series, Study
+from ncp.store.models import (
+    EntryKind,
+    Instance,
+    Patient,
+    Report,
+    ReportVersion,
+    Series,
+    Study,
+)
 
 __all__ = [
     "DOCUMENT_TYPE_CODE",
     "MANIFEST_FORMAT_CODE",
+    "EntryKey",
     "ManifestMatch",
+    "PageKeys",
+    "Paging",
     "PatientInclude",
     "ReportMatch",
     "SearchError",
@@ -86,6 +102,8 @@ __all__ = [
     "SearchQuery",
     "StudyMatch",
     "document_status",
+    "find_page",
+    "load_page",
     "parse_search",
     "run_search",
 ]
@@ -100,7 +118,8 @@ STUDY_STATUS_SYSTEM = "http://hl7.org/fhir/imagingstudy-status"
 BODY_PART_MAP = canonical.concept_map("dicom-body-part-to-snomed")
 _SCHEME_DESIGNATORS = ("LN", "SCT", "SRT", "DCM", "RADLEX", "RDLX")
 
-_REPORT, _MANIFEST, _STUDY = 0, 1, 2
+_REPORT, _MANIFEST, _STUDY = EntryKind.REPORT, EntryKind.MANIFEST, EntryKind.STUDY
+_KINDS = {int(k): k for k in EntryKind}
 _Col = SQLColumnExpression[Any]
 """A column (mapped attribute or expression) of a row kind."""
 
@@ -170,14 +189,11 @@ Included = PatientInclude | StudyMatch | ReportMatch | ManifestMatch
 
 
 @dataclass(frozen=True)
-class SearchPage:
-    """One page of a search: ``matches`` in order (search mode ``match``), ``included`` to add
-    with search mode ``include``, and what the self/next/previous links need."""
+class Paging:
+    """Where a page of a search stands: what the self/next/previous links need."""
 
     query: SearchQuery
     total: int
-    matches: tuple[Match, ...] = ()
-    included: tuple[Included, ...] = ()
 
     @property
     def offset(self) -> int:
@@ -202,6 +218,15 @@ class SearchPage:
     def link_params(self, offset: int | None = None) -> list[tuple[str, str]]:
         """Parameters of the link to the page at ``offset`` (this one if None)."""
         return self.query.canonical_params(offset)
+
+
+@dataclass(frozen=True)
+class SearchPage(Paging):
+    """One page of a search: ``matches`` in order (search mode ``match``), ``included`` to add
+    with search mode ``include``."""
+
+    matches: tuple[Match, ...] = ()
+    included: tuple[Included, ...] = ()
 
 
 # --- SQL helpers -----------------------------------------------------------------------------
@@ -605,6 +630,7 @@ def _branch(query: SearchQuery, t: _Target, ctx: _Context) -> Select[Any]:
         t.title.label("title"),
         t.tie_text.label("tie_text"),
         t.tie_int.label("tie_int"),
+        t.study_uid.label("study_uid"),
     )
     conditions = [_condition(f, t, ctx) for f in query.filters]
     if t.kind == _REPORT:
@@ -624,6 +650,46 @@ def _branch(query: SearchQuery, t: _Target, ctx: _Context) -> Select[Any]:
     return select(*columns).where(Study.patient_pk == ctx.patient_pk).where(*conditions)
 
 
+class EntryKey(NamedTuple):
+    """One entry of a page, named without loading it: what the loader and the store of
+    rendered entries (:mod:`ncp.provider.list_entries`) take. ``pk`` is the report version's or
+    the study's; ``report_id`` and ``version`` are set for report entries only. (A named tuple:
+    a page makes a thousand of them.)"""
+
+    kind: EntryKind
+    pk: int
+    study_uid: str | None
+    report_id: str | None = None
+    version: int | None = None
+
+    @property
+    def resource_type(self) -> str:
+        return "ImagingStudy" if self.kind == EntryKind.STUDY else "DocumentReference"
+
+    @property
+    def resource_id(self) -> str:
+        """The entry's FHIR id, as the builders of :mod:`ncp.fhir.listing` and
+        :mod:`ncp.fhir.manifest` give it."""
+        if self.kind == EntryKind.REPORT:
+            assert self.report_id is not None
+            return self.report_id
+        assert self.study_uid is not None
+        if self.kind == EntryKind.MANIFEST:
+            return manifest_reference_id(self.study_uid)
+        return imaging_study_id(self.study_uid)
+
+
+@dataclass(frozen=True)
+class PageKeys(Paging):
+    """One page of a search as keys: ``matches`` in order, ``included`` to add (the patient,
+    and the entries ``_include``/``_revinclude`` bring). ``patient_pk`` is the patient's index
+    row, if indexed: a report entry shows that patient's study with the report's UID only."""
+
+    patient_pk: int | None = None
+    matches: tuple[EntryKey, ...] = ()
+    included: tuple[EntryKey | PatientInclude, ...] = ()
+
+
 def run_search(
     session: Session,
     query: SearchQuery,
@@ -633,9 +699,21 @@ def run_search(
 ) -> SearchPage:
     """Run ``query`` over the index for the patient ``(issuer, value)`` (as the index keeps
     them: ``issuer_of(system)``, value). A query naming another patient finds nothing."""
+    return load_page(session, find_page(session, query, patient=patient, zone=zone))
+
+
+def find_page(
+    session: Session,
+    query: SearchQuery,
+    *,
+    patient: tuple[str, str],
+    zone: tzinfo = UTC,
+) -> PageKeys:
+    """The page of ``query`` for the patient ``(issuer, value)``, as keys: the index rows are
+    found, sorted and paged, not loaded."""
     issuer, value = patient
     if not query.allows_patient(issuer, value):
-        return SearchPage(query=query, total=0)
+        return PageKeys(query=query, total=0)
     patient_row = session.scalars(
         select(Patient).where(Patient.patient_id == value, Patient.issuer == issuer)
     ).one_or_none()
@@ -652,13 +730,13 @@ def run_search(
     elif patient_row is not None:
         targets.append(_study_target(_STUDY))
     if not targets:
-        return SearchPage(query=query, total=0)
+        return PageKeys(query=query, total=0)
     branches = [_branch(query, t, ctx) for t in targets]
     rows = (union_all(*branches) if len(branches) > 1 else branches[0]).subquery("entries")
 
     if query.summary_count:
         total = session.scalar(select(func.count()).select_from(rows)) or 0
-        return SearchPage(query=query, total=total)
+        return PageKeys(query=query, total=total)
 
     postgres = session.get_bind().dialect.name == "postgresql"
 
@@ -674,7 +752,14 @@ def run_search(
     order += [bytewise(rows.c.tie_text), rows.c.kind, rows.c.tie_int]
     # The total rides along with the page (a window count): one pass over the union, not two.
     page = session.execute(
-        select(rows.c.kind, rows.c.pk, func.count().over().label("total"))
+        select(
+            rows.c.kind,
+            rows.c.pk,
+            rows.c.study_uid,
+            rows.c.tie_text,
+            rows.c.tie_int,
+            func.count().over().label("total"),
+        )
         .order_by(*order)
         .limit(query.count)
         .offset(query.offset)
@@ -686,18 +771,30 @@ def run_search(
     else:  # past the end: the window saw no row
         total = session.scalar(select(func.count()).select_from(rows)) or 0
 
-    loader = _Loader(session, ctx.patient_pk)
-    matches = loader.matches([(row.kind, row.pk) for row in page])
-    included = _included(query, ctx, patient_row, matches, loader)
-    return SearchPage(query=query, total=total, matches=matches, included=included)
+    matches = tuple(
+        EntryKey(_REPORT, pk, uid, tie_text, tie_int)
+        if kind == _REPORT
+        else EntryKey(_KINDS[kind], pk, uid)
+        for kind, pk, uid, tie_text, tie_int, _total in page
+    )
+    included = _included(query, ctx, patient_row, matches)
+    return PageKeys(query, total, ctx.patient_pk, matches, included)
+
+
+def load_page(session: Session, keys: PageKeys) -> SearchPage:
+    """The page's index rows, loaded in a few queries whatever its size."""
+    loader = _Loader(session, keys)
+    matches = loader.matches(keys.matches)
+    included = loader.matches(keys.included)
+    return SearchPage(query=keys.query, total=keys.total, matches=matches, included=included)
 
 
 class _Loader:
-    """Loads page rows in a few queries, whatever the page size."""
+    """Loads the rows of entry keys in a few queries, whatever their number."""
 
-    def __init__(self, session: Session, patient_pk: int | None) -> None:
+    def __init__(self, session: Session, keys: PageKeys) -> None:
         self.session = session
-        self.patient_pk = patient_pk
+        self.patient_pk = keys.patient_pk
 
     def versions(self, pks: Sequence[int]) -> dict[int, ReportVersion]:
         if not pks:
@@ -714,14 +811,12 @@ class _Loader:
             return {}
         return {s.id: s for s in self.session.scalars(select(Study).where(Study.id.in_(pks)))}
 
-    def studies_by_uid(self, uids: Iterable[str | None], *, full: bool) -> dict[str, Study]:
+    def studies_by_uid(self, uids: Iterable[str | None]) -> dict[str, Study]:
         """The patient's studies with these UIDs (never another patient's)."""
         wanted = sorted({u for u in uids if u is not None})
         if not wanted or self.patient_pk is None:
             return {}
         stmt = select(Study).where(Study.patient_pk == self.patient_pk, Study.study_uid.in_(wanted))
-        if full:
-            stmt = stmt.options(selectinload(Study.series))
         return {s.study_uid: s for s in self.session.scalars(stmt)}
 
     def study_matches(self, studies: Iterable[Study]) -> dict[int, StudyMatch]:
@@ -751,20 +846,23 @@ class _Loader:
             out[st.id] = StudyMatch(st, series, instances)
         return out
 
-    def matches(self, page: Sequence[tuple[int, int]]) -> tuple[Match, ...]:
-        versions = self.versions([pk for kind, pk in page if kind == _REPORT])
-        studies = self.studies([pk for kind, pk in page if kind != _REPORT])
-        of_reports = self.studies_by_uid((v.study_uid for v in versions.values()), full=False)
-        full = self.study_matches(studies[pk] for kind, pk in page if kind == _STUDY)
-        out: list[Match] = []
-        for kind, pk in page:
-            if kind == _REPORT:
-                v = versions[pk]
+    def matches(self, keys: Sequence[EntryKey | PatientInclude]) -> tuple[Any, ...]:
+        entries = [k for k in keys if isinstance(k, EntryKey)]
+        versions = self.versions([k.pk for k in entries if k.kind == _REPORT])
+        studies = self.studies([k.pk for k in entries if k.kind != _REPORT])
+        of_reports = self.studies_by_uid(v.study_uid for v in versions.values())
+        full = self.study_matches(studies[k.pk] for k in entries if k.kind == _STUDY)
+        out: list[Any] = []
+        for k in keys:
+            if isinstance(k, PatientInclude):
+                out.append(k)
+            elif k.kind == _REPORT:
+                v = versions[k.pk]
                 out.append(ReportMatch(v.report, v, of_reports.get(v.study_uid or "")))
-            elif kind == _MANIFEST:
-                out.append(ManifestMatch(studies[pk]))
+            elif k.kind == _MANIFEST:
+                out.append(ManifestMatch(studies[k.pk]))
             else:
-                out.append(full[pk])
+                out.append(full[k.pk])
         return tuple(out)
 
 
@@ -776,45 +874,54 @@ def _included(
     query: SearchQuery,
     ctx: _Context,
     patient_row: Patient | None,
-    matches: tuple[Match, ...],
-    loader: _Loader,
-) -> tuple[Included, ...]:
+    matches: tuple[EntryKey, ...],
+) -> tuple[EntryKey | PatientInclude, ...]:
     if not matches:
         return ()
-    out: list[Included] = []
+    out: list[EntryKey | PatientInclude] = []
     if query.include_patient:
         out.append(PatientInclude(ctx.issuer, ctx.value, patient_row))
     if query.include_studies and patient_row is not None:
         uids: list[str] = []
         for m in matches:
-            uid = m.version.study_uid if isinstance(m, ReportMatch) else m.study.study_uid
-            if uid is not None and uid not in uids:
-                uids.append(uid)
-        studies = loader.studies_by_uid(uids, full=True)
-        full = loader.study_matches(studies.values())
-        by_uid = {m.study.study_uid: m for m in full.values()}
-        out.extend(by_uid[uid] for uid in uids if uid in by_uid)
+            if m.study_uid is not None and m.study_uid not in uids:
+                uids.append(m.study_uid)
+        found: dict[str, int] = {
+            uid: pk
+            for uid, pk in ctx.session.execute(
+                select(Study.study_uid, Study.id).where(
+                    Study.patient_pk == patient_row.id, Study.study_uid.in_(uids)
+                )
+            )
+        }
+        out.extend(EntryKey(EntryKind.STUDY, found[uid], uid) for uid in uids if uid in found)
     if query.revinclude_documents:
-        page_studies = [m.study for m in matches if isinstance(m, StudyMatch)]
-        uids = [s.study_uid for s in page_studies]
+        page_studies = [m for m in matches if m.kind == _STUDY]
         stmt = (
-            select(ReportVersion)
+            select(
+                ReportVersion.id,
+                ReportVersion.study_uid,
+                ReportVersion.report_id,
+                ReportVersion.version,
+                ReportVersion.date,
+            )
             .join(Report, Report.id == ReportVersion.report_id)
             .where(
                 Report.patient_id == ctx.value,
                 Report.patient_issuer == ctx.issuer,
-                ReportVersion.study_uid.in_(uids),
+                ReportVersion.study_uid.in_([m.study_uid for m in page_studies]),
                 ReportVersion.latest,
                 ReportVersion.status != "entered-in-error",
             )
-            .options(joinedload(ReportVersion.report), defer(ReportVersion.content))
         )
-        reports: dict[str, list[ReportVersion]] = {}
-        for v in ctx.session.scalars(stmt):
-            reports.setdefault(v.study_uid or "", []).append(v)
+        reports: dict[str, list[Any]] = {}
+        for row in ctx.session.execute(stmt):
+            reports.setdefault(row.study_uid or "", []).append(row)
         for study in page_studies:
-            out.append(ManifestMatch(study))
-            versions = sorted(reports.get(study.study_uid, []), key=lambda v: v.report_id)
-            versions.sort(key=lambda v: v.date, reverse=True)  # stable: newest first
-            out.extend(ReportMatch(v.report, v, study) for v in versions)
+            out.append(EntryKey(EntryKind.MANIFEST, study.pk, study.study_uid))
+            rows = sorted(reports.get(study.study_uid or "", []), key=lambda r: r.report_id)
+            rows.sort(key=lambda r: r.date, reverse=True)  # stable: newest first
+            out.extend(
+                EntryKey(EntryKind.REPORT, r.id, r.study_uid, r.report_id, r.version) for r in rows
+            )
     return tuple(out)

@@ -11,6 +11,7 @@ never collide in a unique constraint and two rows for the same patient would sli
 from __future__ import annotations
 
 from datetime import date, datetime
+from enum import IntEnum
 
 from sqlalchemy import (
     BigInteger,
@@ -20,6 +21,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -92,6 +94,9 @@ class Study(Base):
     num_instances: Mapped[int] = mapped_column(Integer, default=0)
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     header_sop_uid: Mapped[str] = mapped_column(UID)
+    revision: Mapped[str] = mapped_column(String(32), default="", server_default="")
+    """A new random value whenever the indexer changes the study, its series or instances:
+    what a rendered list entry (:class:`ListEntry`) was built from, so a stale one is seen."""
 
     patient: Mapped[Patient] = relationship(back_populates="studies")
     series: Mapped[list[Series]] = relationship(back_populates="study")
@@ -242,3 +247,37 @@ class UsedToken(Base):
 
     jti: Mapped[str] = mapped_column(String(128), primary_key=True)
     expires_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+
+
+class EntryKind(IntEnum):
+    """What a metadata list entry shows (:class:`ListEntry` ``kind``)."""
+
+    REPORT = 0
+    """A report version's DocumentReference (subject: ``report_version.id``)."""
+    MANIFEST = 1
+    """A study's manifest DocumentReference (subject: ``study.id``)."""
+    STUDY = 2
+    """A study's ImagingStudy manifest (subject: ``study.id``)."""
+
+
+class ListEntry(Base):
+    """A metadata list entry as last rendered (compact FHIR JSON, UTF-8), so that a list of a
+    thousand studies is read, not built (:mod:`ncp.provider.list_entries`).
+
+    ``kind`` and ``subject_pk`` name the entry as the search engine does. ``renderer`` is a
+    fingerprint of the node's URLs, custodian and renderer version; ``source`` is what the entry
+    was built from that can change (the study's ``revision``, the patient's name, a report
+    version's ``latest`` flag and status): an entry whose renderer or source differs from what
+    they are now is stale and rendered again. No foreign key: the indexer drops the entries of
+    studies it removes, and a stale row is only ever overwritten, never served.
+    """
+
+    __tablename__ = "list_entry"
+    __table_args__ = (UniqueConstraint("kind", "subject_pk"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[int] = mapped_column(Integer)
+    subject_pk: Mapped[int] = mapped_column(Integer)
+    renderer: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(Text)
+    body: Mapped[bytes] = mapped_column(LargeBinary)

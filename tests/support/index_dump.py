@@ -9,7 +9,9 @@ from sqlalchemy.orm import Session
 
 from ncp.store.models import Instance, Patient, Series, Study
 
-_SKIP = {"id", "patient_pk", "study_pk", "series_pk", "source", "locator"}
+_SKIP = {"id", "patient_pk", "study_pk", "series_pk", "source", "locator", "revision"}
+"""Row ids, where an instance is stored (differ by source by design), and the study's revision
+(a random change marker: two indexes of the same data differ in it)."""
 
 
 def _row(obj: Any) -> dict[str, Any]:
@@ -17,8 +19,8 @@ def _row(obj: Any) -> dict[str, Any]:
 
 
 def dump_index(session: Session) -> dict[str, Any]:
-    """Patients, studies, series and instances keyed by their identifiers, without row ids or
-    where the instance is stored (which differ by source by design)."""
+    """Patients, studies, series and instances keyed by their identifiers, without the columns
+    of :data:`_SKIP`."""
     patients = {(p.patient_id, p.issuer): _row(p) for p in session.scalars(select(Patient))}
     studies = {}
     for s in session.scalars(select(Study)):
