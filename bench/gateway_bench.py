@@ -10,12 +10,16 @@ type="application/dicom"``, bearer token) through each, interleaved with Orthanc
 first round is a dropped warm-up, then medians of ``--repeat``:
 
 - ``direct``: Orthanc itself (plain HTTP, the reference);
-- ``gw_a``: ``build_gateway_app`` (option A) with its default byte mover, plain HTTP;
-- ``gw_a_relay``: the same with ``relay=ncp.gateway.relay.relay`` and uvicorn
-  ``http=RelayH11Protocol`` (docs/decisions/0006-imaging-byte-path.md), plain HTTP;
-- ``gw_a_tls``, ``gw_a_relay_tls``: the same two over HTTPS (the imaging channel as deployed);
-- ``edge_tls``: ``ncp edge``'s app (``build_edge_app``) over HTTPS as ``run_edge`` serves it;
-- ``gw_a_folder_relay`` (+ ``_tls``): option A over the folder archive, with the relay.
+- ``gw_a``: option A as ``ncp serve`` runs it: ``build_gateway_app`` with its default byte
+  mover, the node's index for the study's instances (``ncp.gateway.studyindex.NodeIndex``, the
+  study indexed from its files beforehand) and uvicorn ``http=RelayH11Protocol``
+  (docs/decisions/0006-imaging-byte-path.md), plain HTTP; ``gw_a_tls``: the same over HTTPS
+  (the imaging channel as deployed);
+- ``gw_a_asgi``: ``gw_a`` under uvicorn's plain h11 protocol (the mover sends ASGI messages);
+- ``gw_a_listing``: ``gw_a`` without the index (the study's instances listed by Orthanc);
+- ``edge_tls``: ``ncp edge``'s app (``build_edge_app``) over HTTPS as ``run_edge`` serves it
+  (it has no index: it lists the study's instances at its archive);
+- ``gw_a_folder`` (+ ``_tls``): option A over the folder archive (files sent by ``sendfile``).
 
 Also: resident memory growth of each gateway process while streaming (VmRSS sampled every 10 ms),
 and the latency a QIDO-RS search (``/studies?StudyInstanceUID=``) gains through the gateway
@@ -62,12 +66,12 @@ PATIENT_ID = "BENCH-1"
 VARIANTS = (
     "direct",
     "gw_a",
-    "gw_a_relay",
     "gw_a_tls",
-    "gw_a_relay_tls",
+    "gw_a_asgi",
+    "gw_a_listing",
     "edge_tls",
-    "gw_a_folder_relay",
-    "gw_a_folder_relay_tls",
+    "gw_a_folder",
+    "gw_a_folder_tls",
 )
 
 
@@ -81,7 +85,8 @@ def serve(args: argparse.Namespace) -> None:
     from ncp.config import DicomwebArchive, EdgeSettings, FolderArchive
     from ncp.gateway.access import JwksFileKeys
     from ncp.gateway.app import build_gateway_app
-    from ncp.gateway.relay import RelayH11Protocol, relay
+    from ncp.gateway.relay import RelayH11Protocol
+    from ncp.gateway.studyindex import NodeIndex
     from ncp.store.db import make_engine, migrate, session_factory
 
     archive: Any = (
@@ -104,7 +109,9 @@ def serve(args: argparse.Namespace) -> None:
     else:
         engine = make_engine(f"sqlite:///{args.db}")
         migrate(engine)
-        extra: dict[str, Any] = {"relay": relay} if args.fast else {}
+        extra: dict[str, Any] = {}
+        if args.index:
+            extra["index"] = NodeIndex(session_factory(make_engine(f"sqlite:///{args.index}")))
         app = build_gateway_app(
             archive=archive,
             public_base=args.public_base,
@@ -122,7 +129,7 @@ def serve(args: argparse.Namespace) -> None:
         port=args.port,
         log_level="warning",
         access_log=False,
-        http=RelayH11Protocol if args.fast else "h11",
+        http="h11" if args.asgi else RelayH11Protocol,
         loop="asyncio",
         lifespan="on",
         **tls,
@@ -130,6 +137,19 @@ def serve(args: argparse.Namespace) -> None:
 
 
 # --- measuring ---------------------------------------------------------------------------------
+
+
+def index_study(database: Path, folder: Path) -> None:
+    """The node's index of the study's files, as ``ncp index`` writes it."""
+    from ncp.config import FolderArchive
+    from ncp.dicom.archive import open_archive
+    from ncp.provider.indexer import index_source
+    from ncp.store.db import make_engine, migrate, session_factory
+
+    engine = make_engine(f"sqlite:///{database}")
+    migrate(engine)
+    index_source(session_factory(engine), open_archive(FolderArchive(kind="folder", path=folder)))
+    engine.dispose()
 
 
 def sign_token(key: Any, audience: str, study: str) -> str:
@@ -169,6 +189,8 @@ def run(args: argparse.Namespace) -> None:
         study, files = make_study(work / "study", args.instances)
         upload(orthanc.rest_url, files)
         setup_s = time.monotonic() - t0
+        index = work / "index.db"
+        index_study(index, work / "study")
         ca, cert, key = make_tls(work)
         signing = SigningKey("bench-1", ec.generate_private_key(ec.SECP256R1()))
         jwks = work / "jwks.json"
@@ -197,8 +219,10 @@ def run(args: argparse.Namespace) -> None:
                 cmd += ["--folder", str(work / "study")]
             else:
                 cmd += ["--archive", orthanc.dicomweb_url]
-            if "relay" in name:
-                cmd += ["--fast"]
+            if name == "gw_a_asgi":
+                cmd += ["--asgi"]
+            if name.startswith("gw_a") and name != "gw_a_listing":
+                cmd += ["--index", str(index)]
             if tls:
                 cmd += ["--cert", str(cert), "--key", str(key)]
             log = open(work / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
@@ -261,7 +285,7 @@ def run(args: argparse.Namespace) -> None:
             },
         }
         qido: dict[str, float] = {"direct": qido_p50(orthanc.dicomweb_url, study)}
-        for name in ("gw_a_relay", "gw_a_relay_tls", "edge_tls"):
+        for name in ("gw_a", "gw_a_tls", "edge_tls"):
             t = targets.get(name)
             if t is None:
                 continue
@@ -300,7 +324,8 @@ def main() -> None:
     s.add_argument("--db", required=True)
     s.add_argument("--archive", default="")
     s.add_argument("--folder", default="")
-    s.add_argument("--fast", action="store_true")
+    s.add_argument("--asgi", action="store_true", help="uvicorn's h11, not RelayH11Protocol")
+    s.add_argument("--index", default="", help="the node index database (option A)")
     s.add_argument("--cert", default="")
     s.add_argument("--key", default="")
     parser.add_argument("--instances", type=int, default=1000)

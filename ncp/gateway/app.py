@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -37,7 +38,6 @@ from ncp.audit.record import AuditError, Auditor
 from ncp.config import ArchiveSection, DicomwebArchive, FolderArchive, GatewaySection, TokensSection
 from ncp.dicom.uids import is_uid
 from ncp.fhir.identifiers import issuer_of
-from ncp.gateway import stream as byte_path
 from ncp.gateway.access import BearerAuth
 from ncp.gateway.auditing import GatewayAudit, RequestInfo, printable, request_id_of
 from ncp.gateway.dicomjson import (
@@ -53,10 +53,13 @@ from ncp.gateway.dicomjson import (
 from ncp.gateway.errors import BadRequest, Forbidden, GatewayError, NotFound, StreamBroken
 from ncp.gateway.limits import TransferSlots, rank_of
 from ncp.gateway.multipart import MultipartWriter, PartHead
-from ncp.gateway.qido import parse_query
+from ncp.gateway.qido import TRUNCATED_WARNING, Query, parse_query
+from ncp.gateway.relay import Chunk
+from ncp.gateway.relay import relay as fast_relay
 from ncp.gateway.rewrite import UrlRewriter
-from ncp.gateway.stream import DicomPart, Relay, StreamedAnswer, Tally, dicom_answer
-from ncp.gateway.upstream import GatewayArchive, RawPart, open_gateway_archive
+from ncp.gateway.stream import DicomPart, NotListed, Relay, StreamedAnswer, Tally, dicom_answer
+from ncp.gateway.studyindex import DISTRUST_S, StudyIndex
+from ncp.gateway.upstream import GatewayArchive, RawPart, open_gateway_archive, studies_of
 from ncp.gateway.wado import archive_accept, choose_syntax, dicom_syntaxes
 from ncp.security.access import AccessGrant, AccessVerifier
 from ncp.security.claims import PatientRef
@@ -153,6 +156,7 @@ class Gateway:
         slots: TransferSlots,
         relay: Relay,
         chunk_bytes: int = 1 << 20,
+        index: StudyIndex | None = None,
     ) -> None:
         self.archive = archive
         self.chunk_bytes = chunk_bytes
@@ -163,6 +167,9 @@ class Gateway:
         self.relay = relay
         self.rewriter = UrlRewriter(self.public_base, archive.archive_base)
         self._patients: dict[str, tuple[float, str, str | None]] = {}
+        self.index = index
+        self._distrusted: dict[str, float] = {}
+        """Studies whose indexed instances proved wrong, until when the archive lists them."""
 
     # -- entry ---------------------------------------------------------------------------
 
@@ -268,6 +275,31 @@ class Gateway:
             raise NotFound("no such instance in the study" if series else "the study is empty")
         return found
 
+    async def _listing(
+        self, study: str, series: str | None, sop: str | None
+    ) -> tuple[frozenset[str], bool]:
+        """The instances a retrieve may send, and whether the node's index said so (when it
+        holds the study and has not proved wrong for it lately), else as :meth:`_instances`."""
+        if self.index is not None and self._distrusted.get(study, 0.0) <= time.monotonic():
+            indexed = await self.index.instances(study)
+            if indexed is not None:
+                found = frozenset(
+                    uid
+                    for uid, in_series in indexed.items()
+                    if (series is None or in_series == series)
+                    and (sop is None or uid == sop)
+                    and is_uid(uid)
+                )
+                if not found:
+                    raise NotFound("no such instance in the study")
+                return found, True
+        return await self._instances(study, series, sop), False
+
+    def _distrust_index(self, study: str) -> None:
+        if len(self._distrusted) > 10_000:
+            self._distrusted.clear()
+        self._distrusted[study] = time.monotonic() + DISTRUST_S
+
     # -- QIDO-RS ---------------------------------------------------------------------------------
 
     async def _search(
@@ -281,23 +313,19 @@ class Gateway:
             wanted = query.uids.get(STUDY_UID)
             studies = sorted(s for s in grant.studies if wanted is None or s in wanted)
         fields = set(query.include) | set(_LEVEL_UIDS[level])
-        # The token's studies are asked for side by side (up to _PARALLEL at once): an archive
-        # answers each in a hundred milliseconds or so, and a token may name fifty.
-        limiter = asyncio.Semaphore(_PARALLEL)
-
-        async def one(study: str) -> list[dict[str, Any]]:
-            async with limiter:
-                if level != "studies":
-                    try:
-                        await self._check_patient(study, grant)
-                    except (NotFound, Forbidden):
-                        if target.study is not None:
-                            raise
-                        return []  # gone, or not this patient's: not in the answer
-                return await self._search_study(study, level, target.series, fields, grant)
-
-        results = [item for found in await asyncio.gather(*map(one, studies)) for item in found]
-        matched = [item for item in results if query.matches(item)]
+        if level == "studies":
+            # One archive search for all of them (a token may name fifty studies).
+            found = await self._studies(studies, fields)
+            matched = [
+                item
+                for study in studies
+                for item, patient, issuer in found.get(study, ())
+                if _same_patient(grant.patient, patient, issuer)
+                and (kept := self._kept(item, study, level, None)) is not None
+                and query.matches(kept)
+            ]
+        else:
+            matched = await self._search_levels(studies, level, target, fields, grant, query)
         page = query.page(matched)
         body = json.dumps(page, separators=(",", ":")).encode("utf-8")
         shown = sorted({s for item in page if (s := single_text(item, STUDY_UID))})
@@ -314,46 +342,99 @@ class Gateway:
             )
         )
         headers = {"X-Request-ID": info.request_id}
+        warnings = [TRUNCATED_WARNING] if query.truncated(len(matched)) else []
         if query.fuzzy:
-            headers["Warning"] = '299 ncp: "fuzzymatching is not supported; matched exactly"'
+            warnings.append('299 ncp: "fuzzymatching is not supported; matched exactly"')
+        if warnings:
+            headers["Warning"] = ", ".join(warnings)
         return Response(body, media_type=DICOM_JSON, headers=headers)
 
-    async def _search_study(
-        self, study: str, level: str, series: str | None, fields: set[str], grant: AccessGrant
+    async def _search_levels(
+        self,
+        studies: list[str],
+        level: str,
+        target: Target,
+        fields: set[str],
+        grant: AccessGrant,
+        query: Query,
     ) -> list[dict[str, Any]]:
-        if level == "studies":
-            # The study's own answer carries its patient: checked here, exactly, item by item.
-            items = [
-                item
-                for item in await self.archive.study(
-                    study, fields | {PATIENT_ID, ISSUER_OF_PATIENT_ID}
-                )
-                if isinstance(item, dict)
-                and _same_patient(
-                    grant.patient,
-                    single_text(item, PATIENT_ID) or "",
-                    single_text(item, ISSUER_OF_PATIENT_ID) or None,
-                )
-            ]
-        else:
-            items = await self.archive.search(study, level, series, fields)  # type: ignore[arg-type]
-        out = []
-        for item in items:
-            if not isinstance(item, dict) or single_text(item, STUDY_UID) != study:
-                continue
-            if series is not None and single_text(item, SERIES_UID) != series:
-                continue
-            if level != "studies" and not is_uid(single_text(item, SERIES_UID) or ""):
-                continue
-            if level == "instances" and not is_uid(single_text(item, SOP_UID) or ""):
-                continue
-            self.rewriter.dataset(item)
-            item[RETRIEVE_URL] = element("UR", self._url(item, level))
-            out.append(item)
-        return out
+        """Series or instances of the studies, matched, in study order. Studies are asked
+        _PARALLEL at a time, and no more once the page (and one result past it) is matched."""
+        if target.study is None and len(studies) > 1:
+            await self._studies(  # the patients of the studies not cached, in one search
+                [s for s in studies if not self._patient_known(s)], {STUDY_UID}
+            )
 
-    def _url(self, item: dict[str, Any], level: str) -> str:
-        url = f"{self.public_base}/studies/{single_text(item, STUDY_UID)}"
+        async def one(study: str) -> list[dict[str, Any]]:
+            if target.study is None:
+                try:
+                    await self._check_patient(study, grant)
+                except (NotFound, Forbidden):
+                    return []  # gone, or not this patient's: not in the answer
+            else:
+                await self._check_patient(study, grant)
+            items = await self.archive.search(study, level, target.series, fields)  # type: ignore[arg-type]
+            return [
+                kept
+                for item in items
+                if (kept := self._kept(item, study, level, target.series)) is not None
+                and query.matches(kept)
+            ]
+
+        matched: list[dict[str, Any]] = []
+        for start in range(0, len(studies), _PARALLEL):
+            for found in await asyncio.gather(*map(one, studies[start : start + _PARALLEL])):
+                matched += found
+            if len(matched) > query.end:
+                break
+        return matched
+
+    async def _studies(
+        self, studies: list[str], fields: set[str]
+    ) -> dict[str, list[tuple[dict[str, Any], str, str | None]]]:
+        """The archive's study-level items by Study Instance UID, for those asked only (exact
+        UID), each with its Patient ID and Issuer of Patient ID; the patient of each study
+        found is cached for :meth:`_check_patient`."""
+        if not studies:
+            return {}
+        wanted = set(studies)
+        found: dict[str, list[tuple[dict[str, Any], str, str | None]]] = {}
+        asked = fields | {PATIENT_ID, ISSUER_OF_PATIENT_ID}
+        for item in await studies_of(self.archive, studies, asked):
+            if isinstance(item, dict) and (uid := single_text(item, STUDY_UID)) in wanted:
+                patient = single_text(item, PATIENT_ID) or ""
+                issuer = single_text(item, ISSUER_OF_PATIENT_ID) or None
+                found.setdefault(uid, []).append((item, patient, issuer))
+        now = time.monotonic()
+        if len(self._patients) > 10_000:
+            self._patients.clear()
+        for uid, items in found.items():
+            self._patients[uid] = (now, items[0][1], items[0][2])  # as _check_patient reads it
+        return found
+
+    def _patient_known(self, study: str) -> bool:
+        cached = self._patients.get(study)
+        return cached is not None and time.monotonic() - cached[0] <= _PATIENT_TTL_S
+
+    def _kept(self, item: Any, study: str, level: str, series: str | None) -> dict[str, Any] | None:
+        """``item`` with its URLs rewritten when it is of the study (and series) asked for and
+        names valid UIDs at its level; None when it must be dropped."""
+        if not isinstance(item, dict) or single_text(item, STUDY_UID) != study:
+            return None
+        if series is not None and single_text(item, SERIES_UID) != series:
+            return None
+        if level != "studies" and not is_uid(single_text(item, SERIES_UID) or ""):
+            return None
+        if level == "instances" and not is_uid(single_text(item, SOP_UID) or ""):
+            return None
+        # Ours replaces the archive's RetrieveURL: not rewritten first (URL checks cost).
+        item.pop(RETRIEVE_URL, None)
+        self.rewriter.dataset(item)
+        item[RETRIEVE_URL] = element("UR", self._url(item, level, study))
+        return item
+
+    def _url(self, item: dict[str, Any], level: str, study: str) -> str:
+        url = f"{self.public_base}/studies/{study}"
         if level in ("series", "instances"):
             url += f"/series/{single_text(item, SERIES_UID)}"
         if level == "instances":
@@ -398,16 +479,21 @@ class Gateway:
         if request.url.query:
             raise BadRequest("a retrieve takes no query parameters here")
         accepted = dicom_syntaxes(request.headers.get("accept"))
-        expected = await self._instances(target.study, target.series, target.sop)
+        expected, indexed = await self._listing(target.study, target.series, target.sop)
         syntax = choose_syntax(accepted, self.archive.stored_syntaxes(target.study, expected))
         writer = MultipartWriter("application/dicom")
         tally = Tally()
 
-        async def chunks(parts: AsyncIterator[DicomPart]) -> AsyncIterator[bytes]:
-            async for chunk in dicom_answer(
-                parts, expected, writer, tally, flush_bytes=self.chunk_bytes
-            ):
-                yield chunk
+        async def chunks(parts: AsyncIterator[DicomPart]) -> AsyncIterator[Chunk]:
+            try:
+                async for chunk in dicom_answer(
+                    parts, expected, writer, tally, flush_bytes=self.chunk_bytes
+                ):
+                    yield chunk
+            except NotListed:
+                if indexed:  # the index lags the archive: list this study there for a while
+                    self._distrust_index(target.study or "")
+                raise
 
         return await self._transfer(
             info,
@@ -419,7 +505,12 @@ class Gateway:
             make_chunks=chunks,
             writer=writer,
             tally=tally,
-            details={"service": "WADO-RS", "transfer_syntax": syntax, "expected": len(expected)},
+            details={
+                "service": "WADO-RS",
+                "transfer_syntax": syntax,
+                "expected": len(expected),
+                "listed_by": "index" if indexed else "archive",
+            },
         )
 
     async def _raw(
@@ -441,13 +532,13 @@ class Gateway:
             holder["writer"] = MultipartWriter(part_type)
             return parts
 
-        async def chunks(parts: AsyncIterator[RawPart]) -> AsyncIterator[bytes]:
+        async def chunks(parts: AsyncIterator[RawPart]) -> AsyncIterator[Chunk]:
             writer = holder["writer"]
             async for kind, body in parts:
                 head = writer.open_part(PartHead(kind))
                 first = True
                 async for piece in body:
-                    yield head + piece if first else piece
+                    yield head + bytes(piece) if first else piece
                     first = False
                     tally.dicom_bytes += len(piece)
                 if first:
@@ -474,7 +565,7 @@ class Gateway:
         target: Target,
         *,
         open_parts: Callable[[], Any],
-        make_chunks: Callable[[Any], AsyncIterator[bytes]],
+        make_chunks: Callable[[Any], AsyncIterator[Chunk]],
         writer: MultipartWriter | None,
         tally: Tally,
         details: dict[str, Any],
@@ -502,16 +593,16 @@ class Gateway:
             except StreamBroken as exc:
                 raise _BrokenBeforeStart(str(exc)) from None
             except StopAsyncIteration:
-                first = b""
+                first = None
         except BaseException:
             release()
             raise
         answer_writer = writer or (holder or {}).get("writer")
         assert answer_writer is not None
 
-        async def all_chunks() -> AsyncIterator[bytes]:
+        async def all_chunks() -> AsyncIterator[Chunk]:
             try:
-                if first:
+                if first is not None:
                     yield first
                 async for chunk in chunks:
                     yield chunk
@@ -569,7 +660,11 @@ def _same_patient(token: PatientRef, patient_id: str, issuer: str | None) -> boo
         return False
     if issuer is None:
         return True
-    return issuer == issuer_of(token.system)
+    return issuer == _issuer_of(token.system)
+
+
+_issuer_of = lru_cache(maxsize=1024)(issuer_of)
+"""Asked once per item of a search answer; a handful of patient systems in all."""
 
 
 def _error_response(
@@ -595,7 +690,8 @@ def build_gateway_app(
     limits: GatewaySection | None = None,
     tokens: TokensSection | None = None,
     clock: Callable[[], datetime] | None = None,
-    relay: Relay = byte_path.relay,
+    relay: Relay = fast_relay,
+    index: StudyIndex | None = None,
 ) -> FastAPI:
     """The DICOMweb gateway of one public base URL.
 
@@ -605,7 +701,11 @@ def build_gateway_app(
     ``edge.audience``); routes live below its path. ``issuer``: A's country code; ``keys``:
     A's KeySet or a resolver from issuer to KeySet. ``auditor``: where records go; ``side``:
     GATEWAY (option A) or EDGE (option C). ``limits``/``tokens``: the settings sections.
-    ``clock``: for tests. ``relay``: the byte mover (see :mod:`ncp.gateway.stream`).
+    ``clock``: for tests. ``relay``: the byte mover (see :mod:`ncp.gateway.stream`); the default,
+    :func:`ncp.gateway.relay.relay`, writes straight to the transport and sends folder files by
+    ``sendfile`` when served with ``uvicorn.Config(http=RelayH11Protocol)`` (ASGI messages
+    elsewhere). ``index``: where a retrieve finds the study's instances before asking the
+    archive (option A: the node's index, :class:`ncp.gateway.studyindex.NodeIndex`).
     """
     limits = limits or GatewaySection()
     tokens = tokens or TokensSection()
@@ -644,6 +744,7 @@ def build_gateway_app(
         ),
         relay=relay,
         chunk_bytes=limits.chunk_bytes,
+        index=index,
     )
 
     @asynccontextmanager

@@ -63,6 +63,7 @@ def run_edge(settings: EdgeSettings, *, log_level: str = "info") -> int:
     import uvicorn
 
     from ncp.audit.record import install_log_filter
+    from ncp.gateway.relay import RelayH11Protocol
 
     for path in (settings.tls.certificate, settings.tls.key):
         if not Path(path).is_file():
@@ -75,6 +76,8 @@ def run_edge(settings: EdgeSettings, *, log_level: str = "info") -> int:
         port=edge_port(settings),
         ssl_certfile=str(settings.tls.certificate),
         ssl_keyfile=str(settings.tls.key),
+        # Retrieved parts go straight to the transport (decision 0006).
+        http=RelayH11Protocol,
         # The caller is who TLS says; no X-Forwarded-For may rewrite the client in audit.
         proxy_headers=False,
         server_header=False,

@@ -2,9 +2,9 @@
 by part in constant memory, and writing our own answer.
 
 The reader never holds more than one upstream chunk plus a boundary's length: a part's body is
-handed on as it arrives (:meth:`MultipartReader.read`). The writer frames parts with a fresh
-boundary and only the headers we choose, so nothing of the archive's part headers (a
-``Content-Location`` with its address, say) reaches the client.
+handed on as it arrives, as views into the chunks read (:meth:`MultipartReader.read`). The
+writer frames parts with a fresh boundary and only the headers we choose, so nothing of the
+archive's part headers (a ``Content-Location`` with its address, say) reaches the client.
 """
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from email.message import Message
 
 from ncp.gateway.errors import StreamBroken
+
+Buffer = bytes | bytearray | memoryview
+"""A piece of a body: chunks and part bodies are passed on without copying."""
 
 MAX_PART_HEADER = 16 * 1024
 _TOKEN_PARAM = re.compile(r"[\x21-\x7e]+\Z")
@@ -54,25 +57,42 @@ def safe_header_value(value: str) -> str | None:
 class MultipartReader:
     """Parts of a streamed multipart body: ``await next_part()`` gives the next part's
     headers (lower-case names) or None after the close delimiter; ``await read()`` gives the
-    current part's body, chunk by chunk, then None."""
+    current part's body, piece by piece, then None.
 
-    def __init__(self, chunks: AsyncIterator[bytes], boundary: bytes) -> None:
+    Pieces are views into the chunks read (no copy of the body): a chunk is searched for the
+    delimiter where it lies, and only the few bytes that might start a delimiter at a chunk's
+    end are carried over to the next one. Callers must not change the chunks they hand in.
+    """
+
+    def __init__(self, chunks: AsyncIterator[Buffer], boundary: bytes) -> None:
         self._chunks = chunks
         self._dash = b"--" + boundary
         self._delimiter = b"\r\n" + self._dash
-        self._buf = bytearray()
+        self._data: bytes | bytearray = b""
+        self._pos = 0  # what is left of the current chunk starts here
         self._state = "preamble"  # preamble, after-boundary, body, done
         self._eof = False
 
-    async def _more(self) -> bool:
+    def _left(self) -> int:
+        return len(self._data) - self._pos
+
+    async def _next_chunk(self) -> bytes | bytearray | None:
         if self._eof:
-            return False
+            return None
         try:
             chunk = await anext(self._chunks)
         except StopAsyncIteration:
             self._eof = True
+            return None
+        return bytes(chunk) if isinstance(chunk, memoryview) else chunk
+
+    async def _more(self) -> bool:
+        """Append the next chunk to what is left (copies the rest; only used for heads)."""
+        chunk = await self._next_chunk()
+        if chunk is None:
             return False
-        self._buf.extend(chunk)
+        self._data = chunk if self._left() <= 0 else self._data[self._pos :] + chunk
+        self._pos = 0
         return True
 
     async def next_part(self) -> dict[str, str] | None:
@@ -82,25 +102,25 @@ class MultipartReader:
             return None
         if self._state == "preamble":
             while True:
-                i = self._buf.find(self._dash)
+                i = self._data.find(self._dash, self._pos)
                 if i >= 0:
-                    del self._buf[: i + len(self._dash)]
+                    self._pos = i + len(self._dash)
                     break
-                if len(self._buf) > MAX_PART_HEADER or not await self._more():
+                if self._left() > MAX_PART_HEADER or not await self._more():
                     raise MultipartError("no opening boundary")
         # After a boundary: '--' closes, otherwise optional whitespace, CRLF, headers, CRLF.
-        while len(self._buf) < 2:
+        while self._left() < 2:
             if not await self._more():
                 raise MultipartError("body ends after a boundary")
-        if self._buf[:2] == b"--":
+        if self._data[self._pos : self._pos + 2] == b"--":
             self._state = "done"
             return None
         # The rest of the boundary line, then the header lines, then an empty line.
-        while (end := self._buf.find(b"\r\n\r\n")) < 0:
-            if len(self._buf) > MAX_PART_HEADER or not await self._more():
+        while (end := self._data.find(b"\r\n\r\n", self._pos)) < 0:
+            if self._left() > MAX_PART_HEADER or not await self._more():
                 raise MultipartError("unterminated part headers")
-        head = bytes(self._buf[:end])
-        del self._buf[: end + 4]
+        head = bytes(self._data[self._pos : end])
+        self._pos = end + 4
         lines = head.split(b"\r\n")
         if lines[0].strip(b" \t"):
             raise MultipartError("garbage after a boundary")
@@ -113,28 +133,42 @@ class MultipartReader:
         self._state = "body"
         return headers
 
-    async def read(self) -> bytes | None:
+    async def read(self) -> Buffer | None:
         """The next piece of the current part's body, or None at its end."""
         if self._state != "body":
             return None
-        keep = len(self._delimiter) - 1
+        delimiter = self._delimiter
+        keep = len(delimiter) - 1
         while True:
-            j = self._buf.find(self._delimiter)
+            j = self._data.find(delimiter, self._pos)
             if j >= 0:
-                piece = bytes(self._buf[:j])
-                del self._buf[: j + len(self._delimiter)]
+                piece = memoryview(self._data)[self._pos : j]
+                self._pos = j + len(delimiter)
                 self._state = "after-boundary"
                 # The last piece of the part (if any); the next call returns None.
-                return piece or None
-            if len(self._buf) > keep:
-                cut = len(self._buf) - keep
-                piece = bytes(self._buf[:cut])
-                del self._buf[:cut]
+                return piece if len(piece) else None
+            safe = len(self._data) - keep
+            if safe > self._pos:
+                piece = memoryview(self._data)[self._pos : safe]
+                self._pos = safe
                 return piece
-            if not await self._more():
+            # Only a possible start of a delimiter is left: look across into the next chunk.
+            tail = bytes(self._data[self._pos :])
+            chunk = await self._next_chunk()
+            if chunk is None:
                 raise MultipartError("body ends inside a part (no closing boundary)")
+            if tail and len(chunk) >= keep:
+                edge = tail + bytes(chunk[:keep])
+                j = edge.find(delimiter)
+                self._data, self._pos = chunk, 0
+                if j >= 0:  # the delimiter straddles the two chunks
+                    self._pos = j + len(delimiter) - len(tail)
+                    self._state = "after-boundary"
+                    return edge[:j] or None
+                return tail  # no delimiter starts in it
+            self._data, self._pos = (tail + chunk if tail else chunk), 0
 
-    async def body(self) -> AsyncIterator[bytes]:
+    async def body(self) -> AsyncIterator[Buffer]:
         """The current part's body as an async iterator."""
         while True:
             piece = await self.read()

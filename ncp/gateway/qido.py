@@ -21,6 +21,11 @@ from ncp.gateway.dicomjson import values
 from ncp.gateway.errors import BadRequest
 
 MAX_LIMIT = 10_000
+"""Most results in one answer, also when no ``limit`` is given (more: ask with ``offset``)."""
+TRUNCATED_WARNING = (
+    '299 ncp: "The number of results exceeded the maximum supported by the server. '
+    'Additional results can be requested."'
+)
 _TAG = re.compile(r"[0-9A-Fa-f]{8}\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 Matcher = Callable[[list[Any]], bool]
@@ -38,13 +43,24 @@ class Query:
     limit: int | None = None
     offset: int = 0
     fuzzy: bool = False
+    capped: bool = False
+    """``limit`` asked for more than MAX_LIMIT results and was lowered to it."""
 
     def matches(self, item: dict[str, Any]) -> bool:
         return all(match(values(item, tag)) for tag, match in self.matchers.items())
 
+    @property
+    def end(self) -> int:
+        """One past the last match of the page: at most MAX_LIMIT results, whatever is asked."""
+        return self.offset + (MAX_LIMIT if self.limit is None else self.limit)
+
     def page(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        end = None if self.limit is None else self.offset + self.limit
-        return items[self.offset : end]
+        return items[self.offset : self.end]
+
+    def truncated(self, matched: int) -> bool:
+        """Whether the server's maximum, not the caller's ``limit``, left out some of
+        ``matched`` results (PS3.18 8.3.4.4: the answer then says so in a Warning)."""
+        return (self.limit is None or self.capped) and matched > self.end
 
 
 def tag_of(key: str) -> str:
@@ -76,6 +92,7 @@ def parse_query(params: Sequence[tuple[str, str]]) -> Query:
                 raise BadRequest(f"{key} must be a non-negative integer")
             if key == "limit":
                 query.limit = min(int(value), MAX_LIMIT)
+                query.capped = int(value) > MAX_LIMIT
             else:
                 query.offset = int(value)
         elif key == "fuzzymatching":

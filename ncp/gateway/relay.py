@@ -3,8 +3,8 @@
 The gateway decides (token, study, the exact archive URL, audit, per-part checks); this module
 only moves bytes, with constant memory and honest failure:
 
-- archive reads (:func:`open_upstream`, :meth:`Upstream.body`): a raw non-blocking socket and
-  one reused buffer of ``chunk_bytes``, filled with what the socket holds before each hand-over
+- archive reads (:func:`open_upstream`, :meth:`Upstream.body`): a raw non-blocking socket,
+  one ``recv`` of up to ``chunk_bytes`` per hand-over, taking what the socket holds
   (no HTTP client library on the hot path: httpx/h11 cost most of a naive proxy's time). A body
   is complete only when the archive's framing says so: Content-Length reached, the last chunk,
   or, for a body delimited by the connection's close (Orthanc answers WADO-RS that way), the
@@ -24,11 +24,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import os
 import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -40,6 +41,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from ncp.errors import ArchiveError, NcpError
 
 MAX_HEAD_BYTES = 64 * 1024
+_JOIN_BYTES = 64 * 1024
+"""Pieces up to this size are written in one piece with their chunk framing."""
 DEFAULT_CHUNK_BYTES = 1 << 20
 # Headers of the archive's answer that describe its connection or framing, never ours.
 _HOP_BY_HOP = frozenset(
@@ -61,17 +64,23 @@ _BOUNDARY = re.compile(r'boundary="?([^";,\s]+)"?', re.IGNORECASE)
 @dataclass(frozen=True, slots=True)
 class FileRegion:
     """``count`` bytes of the file at ``path`` from ``offset``: sent with ``sendfile`` where the
-    connection allows it (plain TCP), else read in pieces."""
+    connection allows it (plain TCP), else read in pieces. ``file``: the file already open
+    (unbuffered, binary), so what is sent is what the sender checked, even if the path changed
+    since; the sender keeps it open until the region is sent. Without it, ``path`` is opened
+    (not following a symbolic link)."""
 
     path: Path
     offset: int
     count: int
+    file: Any = field(default=None, compare=False, repr=False)
 
     def __len__(self) -> int:
         return self.count
 
 
-Chunk = bytes | FileRegion
+Buffer = bytes | bytearray | memoryview
+"""Bytes as they are passed along the path: chunks read and views into them, never copied."""
+Chunk = Buffer | FileRegion
 
 
 class RawBody:
@@ -90,9 +99,10 @@ class RawBody:
         self._flow = flow
         self._eligible = scope.get("http_version") == "1.1" and scope.get("method") != "HEAD"
         self.active = False
-        # Plain transports copy what the socket does not take at once; TLS ones may keep a
-        # reference until encrypted: give those bytes of their own.
         self.tls = transport.get_extra_info("sslcontext") is not None
+        # A chunk's closing CRLF goes out with the next chunk's size line (one small write
+        # per chunk, not two); :meth:`finish` writes the last one before h11 ends the body.
+        self._open = False
 
     def started(self, message: Mapping[str, Any]) -> None:
         headers = message.get("headers", [])
@@ -103,27 +113,42 @@ class RawBody:
     def closing(self) -> bool:
         return self._transport.is_closing()
 
-    async def write(self, data: bytes | memoryview) -> None:
-        self._transport.write(b"%x\r\n" % len(data))
-        self._transport.write(bytes(data) if self.tls else data)
-        self._transport.write(b"\r\n")
+    def _lead(self, size: int) -> bytes:
+        lead = (b"\r\n%x\r\n" if self._open else b"%x\r\n") % size
+        self._open = True
+        return lead
+
+    async def write(self, data: Buffer) -> None:
+        if not len(data):
+            return  # a zero-size chunk would end the body
+        lead = self._lead(len(data))
+        if len(data) <= _JOIN_BYTES:  # one write, framing and all: the copy is cheap
+            self._transport.write(lead + data)
+        else:
+            self._transport.write(lead)
+            self._transport.write(_frozen(data))
         await self.drain()
 
+    def finish(self) -> None:
+        """End the last chunk written here: the server's end of body may follow."""
+        if self._open:
+            self._open = False
+            self._transport.write(b"\r\n")
+
     async def send_file(self, region: FileRegion, chunk_bytes: int) -> None:
-        self._transport.write(b"%x\r\n" % region.count)
+        self._transport.write(self._lead(region.count))
         if self.tls:  # sendfile cannot encrypt: read and write in pieces, with back-pressure
             async for data in read_region(region, chunk_bytes):
                 self._transport.write(data)
                 await self.drain()
         else:
-            with open(region.path, "rb") as file:
+            with open_region(region) as file:
                 loop = asyncio.get_running_loop()
                 sent = await loop.sendfile(
                     self._transport, file, region.offset, region.count, fallback=True
                 )
             if sent != region.count:
                 raise TransferBroken("a file of the study is shorter than listed")
-        self._transport.write(b"\r\n")
         await self.drain()
 
     async def drain(self) -> None:
@@ -133,6 +158,15 @@ class RawBody:
 
     def abort(self) -> None:
         self._transport.abort()
+
+
+def _frozen(data: Buffer) -> bytes | memoryview:
+    """``data``, or a copy if it could change: a transport may keep a reference to what the
+    socket did not take yet (TLS until encrypted; plain ones from Python 3.12). The byte path's
+    pieces are bytes or read-only views of bytes (the archive's reads), so nothing is copied."""
+    if isinstance(data, bytes) or (isinstance(data, memoryview) and data.readonly):
+        return data
+    return bytes(data)
 
 
 _raw_body: ContextVar[RawBody | None] = ContextVar("ncp_relay_raw_body", default=None)
@@ -171,7 +205,9 @@ class _WithRawBody:
             _raw_body.reset(token)
 
 
-async def relay(chunks: AsyncIterator[Chunk], send: Send, *, chunk_bytes: int = 1 << 20) -> int:
+async def relay(
+    chunks: AsyncIterator[Chunk], send: Send, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> int:
     """Send every chunk of an answer whose head was sent; returns the body bytes sent.
 
     The contract of ``ncp.gateway.stream.relay`` (the gateway's ``relay`` hook): the answer's
@@ -198,18 +234,32 @@ async def relay(chunks: AsyncIterator[Chunk], send: Send, *, chunk_bytes: int = 
                 async for data in read_region(chunk, chunk_bytes):
                     await send({"type": "http.response.body", "body": data, "more_body": True})
             else:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": bytes(chunk), "more_body": True})
             sent += len(chunk)
     except BaseException:
         if raw is not None:
             raw.abort()  # never let a partial chunk or a clean close look like an end
         raise
+    if raw is not None:
+        raw.finish()
     return sent
+
+
+def open_region(region: FileRegion) -> Any:
+    """The region's file (a context manager): its open ``file`` (left open), or ``path``
+    opened for reading without following a symbolic link."""
+    if region.file is not None:
+        return contextlib.nullcontext(region.file)
+    try:
+        fd = os.open(region.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        raise TransferBroken(f"a file of the study cannot be opened ({e.strerror})") from None
+    return os.fdopen(fd, "rb", buffering=0)
 
 
 async def read_region(region: FileRegion, chunk_bytes: int) -> AsyncIterator[bytes]:
     """A file region in pieces of at most ``chunk_bytes``; TransferBroken if the file is short."""
-    with open(region.path, "rb") as file:
+    with open_region(region) as file:
         file.seek(region.offset)
         left = region.count
         while left:
@@ -286,7 +336,8 @@ class Upstream:
         return [(k, v) for k, v in self.headers if k not in _HOP_BY_HOP]
 
     async def body(self) -> AsyncIterator[bytes]:
-        """The body in pieces of at most ``chunk_bytes``; raises :class:`TransferBroken`
+        """The body in pieces of at most ``chunk_bytes`` (each a new object, never reused by
+        the reader, so views into it stay valid); raises :class:`TransferBroken`
         unless the archive's framing says the body is complete."""
         if self._used:
             raise RuntimeError("the body of an Upstream can be read once")
@@ -309,7 +360,11 @@ class Upstream:
     # -- framing ------------------------------------------------------------------------------
 
     async def _reads(self) -> AsyncIterator[bytes]:
-        """Raw bytes from the socket, in pieces of up to ``chunk_bytes``; b"" once at EOF."""
+        """Raw bytes from the socket, in pieces of up to ``chunk_bytes``; b"" once at EOF.
+
+        One ``recv`` per piece, taking what the socket holds (a full 1 MiB when the archive is
+        ahead of us, which is when it matters): a new bytes object each time, never reused, and
+        not zero-filled first as a ``bytearray`` for ``recv_into`` would be."""
         if self._first:
             first, self._first = self._first, b""
             yield first
@@ -317,32 +372,19 @@ class Upstream:
         if sock is None:
             raise TransferBroken("archive connection closed")
         loop = asyncio.get_running_loop()
-        buffer = bytearray(self._chunk_bytes)
-        view = memoryview(buffer)
+        size = self._chunk_bytes
         while True:
-            filled = 0
-            eof = False
-            # Fill the buffer with what the socket has at hand: fewer, larger pieces downstream.
-            while filled < len(buffer):
+            try:
                 try:
-                    if filled:  # take what the socket has at hand, without waiting
-                        n = sock.recv_into(view[filled:])
-                    else:
-                        n = await asyncio.wait_for(loop.sock_recv_into(sock, view), self._timeout)
+                    data = sock.recv(size)  # what is at hand, without a trip through the loop
                 except BlockingIOError:
-                    break
-                except TimeoutError:
-                    raise TransferBroken("archive stopped sending (timeout)") from None
-                except OSError as e:
-                    raise TransferBroken(f"archive connection failed: {e.strerror or e}") from e
-                if n == 0:
-                    eof = True
-                    break
-                filled += n
-            if filled:
-                yield bytes(view[:filled])
-            if eof:
-                yield b""
+                    data = await asyncio.wait_for(loop.sock_recv(sock, size), self._timeout)
+            except TimeoutError:
+                raise TransferBroken("archive stopped sending (timeout)") from None
+            except OSError as e:
+                raise TransferBroken(f"archive connection failed: {e.strerror or e}") from e
+            yield data
+            if not data:
                 return
 
     async def _sized(self, size: int) -> AsyncIterator[bytes]:
@@ -560,6 +602,8 @@ class RelayResponse(Response):
                     await send({"type": "http.response.body", "body": piece, "more_body": True})
                 sent += len(piece)
             else:
+                if raw is not None:
+                    raw.finish()
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 complete = not gone.is_set()
                 if not complete:

@@ -28,6 +28,8 @@ from ncp.audit.models import Side
 from ncp.config import load_settings
 from ncp.errors import ConfigError
 from ncp.gateway.app import build_gateway_app
+from ncp.gateway.relay import RelayH11Protocol
+from ncp.gateway.studyindex import NodeIndex
 from ncp.node import Node
 from ncp.security.keys import KeySet
 from ncp.security.mtls import audit_refusals, make_server, server_ssl_context
@@ -86,19 +88,23 @@ def gateway_app(node: Node) -> Any | None:
         limits=settings.gateway,
         tokens=settings.tokens,
         clock=node.clock,
+        # Retrieves list a study's instances from the node's index, not the archive.
+        index=NodeIndex(node.sessions),
     )
 
 
 def imaging_server(
     node: Node, app: Any, *, host: str, port: int, log_level: str = "info"
 ) -> uvicorn.Server:
-    """The imaging channel's server: HTTPS with the node's server certificate."""
+    """The imaging channel's server: HTTPS with the node's server certificate, under the byte
+    path's protocol (``RelayH11Protocol``: retrieved parts go straight to the transport)."""
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
         ssl_certfile=str(node.keystore.server.cert_path),
         ssl_keyfile=str(node.keystore.server.key_path),
+        http=RelayH11Protocol,
         ws="none",
         proxy_headers=False,
         server_header=False,

@@ -1,0 +1,549 @@
+"""The gateway's byte path as deployed (decision 0006): served under ``RelayH11Protocol`` (as
+``ncp serve`` and ``ncp edge`` serve it), DICOMweb archives read through the relay's raw
+connection, folder files sent by ``sendfile`` (plain TCP) or read and encrypted (TLS), and
+option A's instance lists from the node's index.
+
+Also the pieces that make it fast and must stay exact: the file meta parser (against pydicom)
+and the multipart reader that hands on views into what it read (bodies full of near-delimiters,
+split anywhere).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import ssl
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from email.message import Message
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pydicom
+import pytest
+import uvicorn
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from pydicom.dataset import FileMetaDataset
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filewriter import write_file_meta_info
+from sqlalchemy import select
+
+from ncp.audit.models import AuditRecord, Outcome, Side
+from ncp.config import DicomwebArchive, FolderArchive, GatewaySection
+from ncp.dicom.archive import open_archive
+from ncp.gateway.app import build_gateway_app
+from ncp.gateway.errors import StreamBroken
+from ncp.gateway.multipart import MultipartReader, MultipartWriter, PartHead
+from ncp.gateway.relay import RelayH11Protocol
+from ncp.gateway.stream import DicomPart, Tally, dicom_answer, file_meta
+from ncp.gateway.studyindex import NodeIndex
+from ncp.provider.indexer import index_source
+from ncp.store.db import make_engine, migrate, session_factory
+from tests.gateway_support import (
+    A_KEYS,
+    AS_STORED,
+    ISSUER_OID,
+    PATIENT,
+    SERIES_1A,
+    STUDY_1,
+    STUDY_2,
+    A,
+    AuditDb,
+    Instance,
+    Tls,
+    audit_db,
+    bearer,
+    free_port,
+    token,
+    write_studies,
+)
+from tests.support import node as node_support
+from tests.support.dicom_factory import encode, make_instance, write_instance
+from tests.support.orthanc import OrthancServer
+
+# -- file meta: our parser against pydicom's -------------------------------------------------
+
+_SYNTAXES = [
+    "1.2.840.10008.1.2",
+    "1.2.840.10008.1.2.1",
+    "1.2.840.10008.1.2.4.90",
+    "1.2.840.10008.1.2.1.99",
+]
+
+
+def _pydicom_meta(data: bytes) -> tuple[str, str]:
+    fp = BytesIO(data)
+    read_preamble(fp, False)
+    meta = _read_file_meta_info(fp)
+    return str(meta.MediaStorageSOPInstanceUID), str(meta.TransferSyntaxUID)
+
+
+def _part10(sop: str, syntax: str, private: bytes, name: str) -> bytes:
+    """Preamble, ``DICM`` and a file meta group as pydicom writes them, then some data set."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = sop
+    meta.TransferSyntaxUID = syntax
+    if name:
+        meta.ImplementationVersionName = name
+    if private:  # an OB element: the long length form
+        meta.PrivateInformationCreatorUID = "1.2.3.4"
+        meta.PrivateInformation = private
+    out = BytesIO()
+    out.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(out, meta, enforce_standard=True)
+    return out.getvalue() + b"\x08\x00\x16\x00UI\x02\x001\x00"
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    sop=st.from_regex(r"1\.2\.[1-9][0-9]{0,20}(\.[1-9][0-9]{0,10}){0,6}", fullmatch=True).filter(
+        lambda uid: len(uid) <= 64
+    ),
+    syntax=st.sampled_from(_SYNTAXES),
+    private=st.binary(max_size=300),
+    name=st.text(alphabet="ABCDEFGHIJ_0123456789", max_size=16),
+)
+def test_file_meta_reads_what_pydicom_reads(
+    sop: str, syntax: str, private: bytes, name: str
+) -> None:
+    data = _part10(sop, syntax, private, name)
+    assert file_meta(data) == _pydicom_meta(data) == (sop, syntax)
+    # Too short to hold the group: wait for more, never guess.
+    end = 144 + int.from_bytes(data[140:144], "little")
+    assert file_meta(data[: end - 1]) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(position=st.integers(min_value=0, max_value=400), value=st.integers(0, 255))
+def test_a_corrupt_file_meta_is_a_broken_stream_or_still_names_valid_uids(
+    position: int, value: int
+) -> None:
+    data = bytearray(
+        encode(
+            make_instance(
+                patient_id="P", study_uid="1.2.3", series_uid="1.2.3.1", sop_uid="1.2.3.1.9"
+            )
+        )
+    )
+    data[position % 400] = value
+    try:
+        found = file_meta(bytes(data))
+    except StreamBroken:
+        return
+    if found is not None:
+        sop, syntax = found
+        assert all(c.isdigit() or c == "." for c in sop + syntax)
+
+
+# -- multipart: views, near-delimiters, any split -------------------------------------------
+
+
+async def _split(data: bytes, cuts: list[int]) -> AsyncIterator[bytes]:
+    start = 0
+    for cut in sorted({c for c in cuts if 0 < c < len(data)}):
+        yield data[start:cut]
+        start = cut
+    yield data[start:]
+
+
+async def _read(data: bytes, cuts: list[int], boundary: bytes) -> list[bytes]:
+    reader = MultipartReader(_split(data, cuts), boundary)
+    bodies = []
+    while await reader.next_part() is not None:
+        bodies.append(b"".join([bytes(p) async for p in reader.body()]))
+    return bodies
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_bodies_full_of_near_delimiters_survive_any_split(data: st.DataObject) -> None:
+    writer = MultipartWriter("application/dicom")
+    delimiter = b"\r\n--" + writer.boundary.encode()
+    fragments = st.one_of(
+        st.sampled_from([delimiter[:k] for k in range(1, len(delimiter))]),
+        st.sampled_from([b"\r", b"\n", b"\r\n", b"-", b"--", delimiter[1:]]),
+        st.binary(max_size=40),
+    )
+    bodies = data.draw(
+        st.lists(st.lists(fragments, max_size=8).map(b"".join), min_size=1, max_size=4)
+    )
+    assume(all(delimiter not in body for body in bodies))
+    framed = (
+        b"".join(writer.open_part(PartHead("application/dicom")) + body for body in bodies)
+        + writer.close()
+    )
+    cuts = data.draw(st.lists(st.integers(0, len(framed)), max_size=40))
+    assert asyncio.run(_read(framed, cuts, writer.boundary.encode())) == bodies
+
+
+# -- the gateways as deployed ----------------------------------------------------------------
+
+
+class RelayServed:
+    """An app under uvicorn with ``RelayH11Protocol``, HTTPS or plain HTTP, in a thread."""
+
+    def __init__(self, app: Any, port: int, tls: Tls | None) -> None:
+        extra: dict[str, Any] = {}
+        if tls is not None:
+            extra = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)}
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            http=RelayH11Protocol,
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=1,
+            **extra,
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the gateway did not start")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@dataclass
+class Deployed:
+    tls: Tls
+    instances: list[Instance]
+    bases: dict[str, str]
+    audits: dict[str, AuditDb]
+    orthanc: OrthancServer
+    archive_root: Path
+
+    def http(self, name: str) -> httpx.Client:
+        if self.bases[name].startswith("https:"):
+            return self.tls.client()
+        return httpx.Client(timeout=30.0)
+
+    def retrieve(self, name: str, path: str, studies: tuple[str, ...]) -> httpx.Response:
+        base = self.bases[name]
+        headers = {**bearer(token(base, studies)), "Accept": AS_STORED}
+        with self.http(name) as http:
+            return http.get(f"{base}{path}", headers=headers)
+
+
+GATEWAYS = {
+    # name: (archive, TLS, uses the node index)
+    "A": ("orthanc", True, True),
+    "A_plain": ("orthanc", False, True),
+    "C": ("orthanc", True, False),
+    "folder": ("folder", True, True),
+    "folder_plain": ("folder", False, True),
+}
+
+
+@pytest.fixture(scope="module")
+def deployed(
+    orthanc: OrthancServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Deployed]:
+    root = tmp_path_factory.mktemp("bytepath")
+    orthanc.clear()
+    instances = write_studies(root / "archive")
+    orthanc.upload(i.path for i in instances)
+    engine = make_engine(f"sqlite:///{root / 'index.db'}")
+    migrate(engine)
+    sessions = session_factory(engine)
+    index_source(sessions, open_archive(FolderArchive(kind="folder", path=root / "archive")))
+    tls = Tls(root / "pki")
+    limits = GatewaySection(max_transfers=4, chunk_bytes=64 * 1024)
+    served: list[RelayServed] = []
+    bases: dict[str, str] = {}
+    audits: dict[str, AuditDb] = {}
+    try:
+        for name, (kind, secure, indexed) in GATEWAYS.items():
+            port = free_port()
+            scheme, host = ("https", "localhost") if secure else ("http", "127.0.0.1")
+            base = f"{scheme}://{host}:{port}/dicomweb"
+            audits[name] = audit_db(root / f"audit-{name}.db")
+            archive: Any = (
+                FolderArchive(path=root / "archive")
+                if kind == "folder"
+                else DicomwebArchive(kind="dicomweb", url=orthanc.dicomweb_url)
+            )
+            app = build_gateway_app(
+                archive=archive,
+                public_base=base,
+                issuer=A,
+                keys=A_KEYS,
+                auditor=audits[name].auditor,
+                side=Side.EDGE if name == "C" else Side.GATEWAY,
+                limits=limits,
+                index=NodeIndex(sessions) if indexed else None,
+            )
+            served.append(RelayServed(app, port, tls if secure else None))
+            bases[name] = base
+        yield Deployed(tls, instances, bases, audits, orthanc, root / "archive")
+    finally:
+        for s in served:
+            s.stop()
+        engine.dispose()
+
+
+def _parts(response: httpx.Response) -> list[bytes]:
+    """The parts of a complete multipart answer (close delimiter required)."""
+    msg = Message()
+    msg["content-type"] = response.headers["content-type"]
+    boundary = msg.get_param("boundary")
+    assert isinstance(boundary, str)
+    dash = b"--" + boundary.encode()
+    body = response.content
+    assert body.rstrip().endswith(dash + b"--"), "no close delimiter"
+    chunks = body.split(b"\r\n" + dash)
+    first = chunks[0]
+    assert first.startswith(dash)
+    out = []
+    for chunk in [first[len(dash) :], *chunks[1:]]:
+        if chunk.startswith(b"--"):
+            break
+        head, _, payload = chunk.partition(b"\r\n\r\n")
+        assert b"content-type: application/dicom" in head.lower()
+        out.append(payload)
+    return out
+
+
+@pytest.mark.orthanc
+@pytest.mark.parametrize("name", list(GATEWAYS))
+def test_a_study_arrives_whole_and_exact_through_each_gateway(
+    deployed: Deployed, name: str
+) -> None:
+    r = deployed.retrieve(name, f"/studies/{STUDY_1}", (STUDY_1,))
+    assert r.status_code == 200, r.text
+    parts = _parts(r)
+    expected = {i.sop: i.path.read_bytes() for i in deployed.instances if i.study == STUDY_1}
+    got = {pydicom.dcmread(BytesIO(p)).SOPInstanceUID: p for p in parts}
+    assert set(got) == set(expected) and len(parts) == len(expected)
+    for sop, data in got.items():
+        if GATEWAYS[name][0] == "folder":
+            assert data == expected[sop]  # the stored file, byte for byte
+        else:
+            ours = pydicom.dcmread(BytesIO(expected[sop]))
+            assert pydicom.dcmread(BytesIO(data)).PixelData == ours.PixelData
+    record = deployed.audits[name].records()[-1]
+    assert record.outcome == Outcome.SUCCESS
+    assert sorted(record.details["instances"]) == sorted(expected)
+    assert record.details["listed_by"] == ("index" if GATEWAYS[name][2] else "archive")
+    assert record.size_bytes == len(r.content)
+
+
+@pytest.mark.orthanc
+@pytest.mark.parametrize("name", ["A", "folder_plain", "C"])
+def test_series_and_instances_are_mapped_through_the_index_or_archive(
+    deployed: Deployed, name: str
+) -> None:
+    sops = sorted(i.sop for i in deployed.instances if i.series == SERIES_1A)
+    r = deployed.retrieve(name, f"/studies/{STUDY_1}/series/{SERIES_1A}", (STUDY_1,))
+    assert r.status_code == 200
+    assert sorted(pydicom.dcmread(BytesIO(p)).SOPInstanceUID for p in _parts(r)) == sops
+    one = f"/studies/{STUDY_1}/series/{SERIES_1A}/instances/{sops[0]}"
+    assert len(_parts(deployed.retrieve(name, one, (STUDY_1,)))) == 1
+    # An instance of another study, asked for below this one: not found, nothing sent.
+    other = next(i for i in deployed.instances if i.study == STUDY_2)
+    wrong = f"/studies/{STUDY_1}/series/{SERIES_1A}/instances/{other.sop}"
+    assert deployed.retrieve(name, wrong, (STUDY_1,)).status_code == 404
+
+
+@pytest.mark.orthanc
+def test_a_stale_index_breaks_one_transfer_then_the_archive_lists_the_study(
+    deployed: Deployed,
+) -> None:
+    # An instance the archive got after the last `ncp index`: the index does not name it.
+    late = make_instance(
+        patient_id=PATIENT.value,
+        study_uid=STUDY_2,
+        series_uid=f"{STUDY_2}.9",
+        sop_uid=f"{STUDY_2}.9.1",
+        IssuerOfPatientID=ISSUER_OID,
+    )
+    path = write_instance(deployed.archive_root.parent / "late" / "late.dcm", late)
+    try:
+        deployed.orthanc.upload([path])
+        base = deployed.bases["A"]
+        headers = {**bearer(token(base, (STUDY_2,))), "Accept": AS_STORED}
+        received = bytearray()
+        with (
+            deployed.tls.client() as http,
+            http.stream("GET", f"{base}/studies/{STUDY_2}", headers=headers) as r,
+        ):
+            # 502 when the new instance comes first; else a broken body, never a clean,
+            # shorter study.
+            if r.status_code == 200:
+                with pytest.raises(httpx.HTTPError):
+                    for chunk in r.iter_raw():
+                        received.extend(chunk)
+                assert not received.rstrip().endswith(b"--")
+            else:
+                assert r.status_code == 502
+        # The study is listed by the archive now: the retrieve is whole, with the new instance.
+        again = deployed.retrieve("A", f"/studies/{STUDY_2}", (STUDY_2,))
+        assert again.status_code == 200
+        sops = {pydicom.dcmread(BytesIO(p)).SOPInstanceUID for p in _parts(again)}
+        assert f"{STUDY_2}.9.1" in sops
+        assert deployed.audits["A"].records()[-1].details["listed_by"] == "archive"
+    finally:
+        deployed.orthanc.delete_study(STUDY_2)
+        deployed.orthanc.upload(i.path for i in deployed.instances if i.study == STUDY_2)
+        shutil.rmtree(path.parent, ignore_errors=True)
+
+
+# -- a failing archive still breaks the client's transfer, under the relay's protocol ------
+
+
+@pytest.mark.parametrize("secure", [True, False])
+def test_an_archive_failing_mid_stream_breaks_the_transfer_under_the_relay(
+    tmp_path: Path, secure: bool
+) -> None:
+    from tests.test_gateway_streaming import STUDY, Script, scripted_archive
+
+    script = Script(behaviour={"2": "truncate", "3": "foreign", "4": "short"})
+    archive_port = free_port()
+    archive = uvicorn.Server(
+        uvicorn.Config(
+            scripted_archive(script), host="127.0.0.1", port=archive_port, log_level="critical"
+        )
+    )
+    thread = threading.Thread(target=archive.run, daemon=True)
+    thread.start()
+    while not archive.started:
+        time.sleep(0.01)
+    tls = Tls(tmp_path / "pki")
+    port = free_port()
+    base = f"https://localhost:{port}/dicomweb" if secure else f"http://127.0.0.1:{port}/dicomweb"
+    audit = audit_db(tmp_path / "audit.db")
+    app = build_gateway_app(
+        archive=DicomwebArchive(kind="dicomweb", url=f"http://127.0.0.1:{archive_port}/dicom-web"),
+        public_base=base,
+        issuer=A,
+        keys=A_KEYS,
+        auditor=audit.auditor,
+        limits=GatewaySection(archive_timeout_s=5.0),
+    )
+    served = RelayServed(app, port, tls if secure else None)
+    try:
+        for number in (1, 2, 3, 4):
+            study = f"{STUDY}.{number}"
+            headers = {**bearer(token(base, (study,))), "Accept": AS_STORED}
+            received = bytearray()
+            error: Exception | None = None
+            client = tls.client() if secure else httpx.Client(timeout=30.0)
+            with (
+                client as http,
+                http.stream("GET", f"{base}/studies/{study}", headers=headers) as r,
+            ):
+                try:
+                    for chunk in r.iter_raw():
+                        received.extend(chunk)
+                except httpx.HTTPError as exc:
+                    error = exc
+            if number == 1:
+                assert error is None and received.rstrip().endswith(b"--")
+            else:
+                # The first part went out; then the answer broke: no close delimiter, no end.
+                assert r.status_code == 200 and error is not None, number
+                assert not received.rstrip().endswith(b"--")
+        # A failed transfer's record is written after the client saw the failure: wait for it.
+        deadline = time.monotonic() + 10
+        while len(audit.records()) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        outcomes = [rec.outcome for rec in audit.records()]
+        assert outcomes == [Outcome.SUCCESS] + [Outcome.SERIOUS_FAILURE] * 3
+    finally:
+        served.stop()
+        archive.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_the_node_index_lists_a_study_and_says_when_it_does_not_hold_one(
+    tmp_path: Path,
+) -> None:
+    instances = write_studies(tmp_path / "archive")
+    engine = make_engine(f"sqlite:///{tmp_path / 'index.db'}")
+    migrate(engine)
+    sessions = session_factory(engine)
+    index_source(sessions, open_archive(FolderArchive(kind="folder", path=tmp_path / "archive")))
+    index = NodeIndex(sessions)
+    found = asyncio.run(index.instances(STUDY_1))
+    assert found == {i.sop: i.series for i in instances if i.study == STUDY_1}
+    assert asyncio.run(index.instances("1.2.3.999")) is None
+    engine.dispose()
+
+
+@settings(max_examples=150, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=0, max_value=600), max_size=25))
+def test_parts_split_anywhere_are_checked_and_passed_on_unchanged(cuts: list[int]) -> None:
+    files = [_part10(f"1.2.3.{n}", "1.2.840.10008.1.2.1", b"\x07" * 50, "NCP") for n in (1, 2)]
+
+    async def run() -> tuple[bytes, Tally]:
+        async def parts() -> AsyncIterator[DicomPart]:
+            for data in files:
+                yield DicomPart(_split(data, cuts))
+
+        writer = MultipartWriter("application/dicom")
+        tally = Tally()
+        out = [
+            bytes(c)  # type: ignore[arg-type]
+            async for c in dicom_answer(parts(), frozenset({"1.2.3.1", "1.2.3.2"}), writer, tally)
+        ]
+        return b"".join(out), tally
+
+    body, tally = asyncio.run(run())
+    assert tally.sops == ["1.2.3.1", "1.2.3.2"]
+    assert tally.dicom_bytes == sum(map(len, files))
+    assert all(data in body for data in files)
+
+
+# -- `ncp serve`: the imaging listener as serve.py wires it ---------------------------------
+
+node_a = node_support.node_a  # a real node A on loopback, its imaging server from serve.py
+
+
+def test_ncp_serve_streams_a_study_listed_by_its_index(node_a: node_support.RunningNode) -> None:
+    assert node_a.imaging_url is not None
+    studies = node_support.studies_of("PAT100")[:1]
+    body = {
+        "resourceType": "Parameters",
+        "parameter": [
+            {"name": "study", "valueString": studies[0]},
+            {"name": "option", "valueCode": "A"},
+            {"name": "purpose", "valueCode": "TREAT"},
+        ],
+    }
+    with node_a.client() as http:
+        headers = node_a.b.headers("PAT100")
+        answer = http.post("/fhir/$imaging-access", json=body, headers=headers)
+    assert answer.status_code == 200, answer.text
+    values = {
+        p["name"]: next(v for k, v in p.items() if k.startswith("value"))
+        for p in answer.json()["parameter"]
+    }
+    context = ssl.create_default_context(cafile=node_a.ca_file)
+    with httpx.Client(verify=context, timeout=30.0) as client:
+        r = client.get(
+            f"{node_a.imaging_url}/studies/{studies[0]}",
+            headers={**bearer(values["token"]), "Accept": AS_STORED},
+        )
+    assert r.status_code == 200, r.text
+    parts = _parts(r)
+    assert parts and all(pydicom.dcmread(BytesIO(p)).StudyInstanceUID == studies[0] for p in parts)
+    with node_a.node.sessions() as session:
+        record = session.scalars(
+            select(AuditRecord)
+            .where(AuditRecord.request_id == r.headers["X-Request-ID"])
+            .where(AuditRecord.action == "image-retrieve")
+        ).one()
+    assert record.details["listed_by"] == "index"
+    assert record.num_instances == len(parts)
