@@ -80,6 +80,7 @@ from ncp.store.db import make_engine, migrate, session_factory  # noqa: E402
 from ncp.store.models import ListEntry  # noqa: E402
 from ncp.validation.engine import Validator  # noqa: E402
 from tests.support.orthanc import OrthancServer  # noqa: E402
+from tests.support.postgres import PostgresCluster  # noqa: E402
 
 NODE = """\
 [node]
@@ -97,7 +98,7 @@ standard_port = {port}
 imaging_port = {imaging_port}
 
 [database]
-url = "sqlite:///index.db"
+url = "{database_url}"
 
 [archive]
 kind = "dicomweb"
@@ -277,6 +278,11 @@ def main() -> None:
     parser.add_argument("--fanout", type=int, default=8, help="connections of qido_parallel")
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="node A's database in a throwaway PostgreSQL cluster instead of SQLite",
+    )
+    parser.add_argument(
         "--memory-mib",
         type=int,
         default=128,
@@ -316,6 +322,11 @@ def main() -> None:
         print(f"generated {notes['generated']}", file=sys.stderr, flush=True)
 
     orthanc = OrthancServer.start()
+    cluster = PostgresCluster.start() if args.postgres else None
+    # PostgreSQL: a throwaway cluster (durability off, as in the tests), indexed afresh.
+    database_url = (
+        cluster.url(cluster.create_database()) if cluster is not None else "sqlite:///index.db"
+    )
     proc: subprocess.Popen[bytes] | None = None
     try:
         files = _select_instances(data / "dicom", args.instances_per_series)
@@ -338,6 +349,7 @@ def main() -> None:
                 imaging_port=imaging_port,
                 archive=orthanc.dicomweb_url,
                 memory_mib=args.memory_mib,
+                database_url=database_url,
             ),
             encoding="utf-8",
         )
@@ -346,7 +358,7 @@ def main() -> None:
         engine = make_engine(settings.database.url)
         migrate(engine)
         sessions = session_factory(engine)
-        if not args.reuse:
+        if not args.reuse or cluster is not None:
             t, run = _timed(lambda: index_source(sessions, open_archive(settings.archive)))
             notes["indexed"] = {"added": run.added, "seconds": round(t, 1)}
             print(f"indexed {notes['indexed']}", file=sys.stderr, flush=True)
@@ -470,6 +482,7 @@ def main() -> None:
                     },
                     "setup": notes,
                     "list_memory_mib": args.memory_mib,
+                    "database": "postgresql" if cluster is not None else "sqlite",
                     "answers": sizes,
                     "reference_shape": {
                         k: {"studies": v[0], "series": v[1]} for k, v in shape.items()
@@ -488,6 +501,8 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
         orthanc.stop()
+        if cluster is not None:
+            cluster.stop()
 
 
 def _patient_id(manifest: dict[str, Any]) -> str:

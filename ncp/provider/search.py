@@ -914,14 +914,16 @@ def _included(
                 ReportVersion.status != "entered-in-error",
             )
         )
-        reports: dict[str, list[Any]] = {}
-        for row in ctx.session.execute(stmt):
-            reports.setdefault(row.study_uid or "", []).append(row)
+        # Plain tuples (date, report id, key): a page brings a thousand of them.
+        reports: dict[str | None, list[tuple[datetime, str, EntryKey]]] = {}
+        for pk, uid, report_id, version, date in ctx.session.execute(stmt).tuples():
+            key = EntryKey(EntryKind.REPORT, pk, uid, report_id, version)
+            reports.setdefault(uid, []).append((date, report_id, key))
         for study in page_studies:
             out.append(EntryKey(EntryKind.MANIFEST, study.pk, study.study_uid))
-            rows = sorted(reports.get(study.study_uid or "", []), key=lambda r: r.report_id)
-            rows.sort(key=lambda r: r.date, reverse=True)  # stable: newest first
-            out.extend(
-                EntryKey(EntryKind.REPORT, r.id, r.study_uid, r.report_id, r.version) for r in rows
-            )
+            of_study = reports.get(study.study_uid, [])
+            if len(of_study) > 1:
+                of_study.sort(key=lambda r: r[1])
+                of_study.sort(key=lambda r: r[0], reverse=True)  # stable: newest first
+            out.extend(r[2] for r in of_study)
     return tuple(out)
