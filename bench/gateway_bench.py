@@ -10,6 +10,9 @@ type="application/dicom"``, bearer token) through each, interleaved with Orthanc
 first round is a dropped warm-up, then medians of ``--repeat``:
 
 - ``direct``: Orthanc itself (plain HTTP, the reference);
+- ``direct_tls``: a second Orthanc over HTTPS (``OrthancServer.start(tls=True)``, curl with its
+  CA) holding the same study, the reference for the TLS variants: Orthanc cannot serve HTTP and
+  HTTPS at once, and two Orthancs cannot share one SQLite index, so the study is uploaded to both;
 - ``gw_a``: option A as ``ncp serve`` runs it: ``build_gateway_app`` with its default byte
   mover, the node's index for the study's instances (``ncp.gateway.studyindex.NodeIndex``, the
   study indexed from its files beforehand) and uvicorn ``http=RelayH11Protocol``
@@ -24,7 +27,9 @@ first round is a dropped warm-up, then medians of ``--repeat``:
 Also: resident memory growth of each gateway process while streaming (VmRSS sampled every 10 ms),
 and the latency a QIDO-RS search (``/studies?StudyInstanceUID=``) gains through the gateway
 (token check, exact filtering, audit), p50 of 50 on a kept-alive connection.
-Prints one JSON object; alternatives that cannot be built are reported with the reason.
+Prints one JSON object: ``ratio_to_direct`` for every variant, and ``ratio_to_direct_tls`` for
+the ``_tls`` ones (both references are always measured); alternatives that cannot be built are
+reported with the reason.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -63,8 +69,9 @@ from byte_path_alternatives import (  # noqa: E402
 COUNTRY = "AT"
 PATIENT_SYSTEM = "urn:oid:1.2.40.0.10.1.4.3.1"
 PATIENT_ID = "BENCH-1"
+REFERENCES = ("direct", "direct_tls")
 VARIANTS = (
-    "direct",
+    *REFERENCES,
     "gw_a",
     "gw_a_tls",
     "gw_a_asgi",
@@ -173,21 +180,46 @@ def sign_token(key: Any, audience: str, study: str) -> str:
     return issue(IMAGE_ACCESS, claims, key, now=now)
 
 
+def upload_to(server: Any, paths: list[Path]) -> None:
+    """``byte_path_alternatives.upload`` through the server's own client (it trusts its CA)."""
+
+    def one(path: Path) -> None:
+        r = server.http.post(
+            "/instances", content=path.read_bytes(), headers={"Content-Type": "application/dicom"}
+        )
+        r.raise_for_status()
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(one, paths))
+
+
 def run(args: argparse.Namespace) -> None:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     from ncp.security.keys import SigningKey
     from ncp.security.keystore import jwks_document
-    from tests.support.orthanc import OrthancServer
+    from tests.support.orthanc import OrthancServer, OrthancUnavailable
 
-    wanted = [v for v in VARIANTS if not args.only or v in args.only.split(",") or v == "direct"]
+    chosen = args.only.split(",") if args.only else VARIANTS
+    wanted = [v for v in VARIANTS if v in chosen or v in REFERENCES]
     work = Path(tempfile.mkdtemp(prefix="ncp-gwbench-"))
     procs: list[subprocess.Popen[bytes]] = []
+    unavailable: dict[str, str] = {}
     orthanc = OrthancServer.start()
+    orthanc_tls: OrthancServer | None = None
     try:
+        try:
+            orthanc_tls = OrthancServer.start(tls=True)
+        except OrthancUnavailable as e:
+            unavailable["direct_tls"] = str(e)[:600]
         t0 = time.monotonic()
         study, files = make_study(work / "study", args.instances)
-        upload(orthanc.rest_url, files)
+        with ThreadPoolExecutor(2) as both:
+            done = [both.submit(upload, orthanc.rest_url, files)]
+            if orthanc_tls is not None:
+                done.append(both.submit(upload_to, orthanc_tls, files))
+            for future in done:
+                future.result()
         setup_s = time.monotonic() - t0
         index = work / "index.db"
         index_study(index, work / "study")
@@ -205,8 +237,17 @@ def run(args: argparse.Namespace) -> None:
                 "qido_base": orthanc.dicomweb_url,
             }
         }
-        unavailable: dict[str, str] = {}
-        for name in wanted[1:]:
+        if orthanc_tls is not None:
+            targets["direct_tls"] = {
+                "url": f"{orthanc_tls.dicomweb_url}/studies/{study}",
+                "pids": [],
+                "ca": orthanc_tls.ca_file,
+                "audience": None,
+                "qido_base": orthanc_tls.dicomweb_url,
+            }
+        for name in wanted:
+            if name in REFERENCES:
+                continue
             tls = name.endswith("_tls")
             port = free_port()
             scheme, host = ("https", "localhost") if tls else ("http", "127.0.0.1")
@@ -269,6 +310,8 @@ def run(args: argparse.Namespace) -> None:
                     results[name]["rss"].append(mem["growth_kb"] / 1024)
         measured = {k: r for k, r in results.items() if r["mbs"]}
         direct = statistics.median(measured["direct"]["mbs"])
+        tls_ref = measured.get("direct_tls")
+        direct_tls = statistics.median(tls_ref["mbs"]) if tls_ref else None
         report: dict[str, Any] = {
             "machine": {
                 "cpus": os.cpu_count(),
@@ -281,10 +324,21 @@ def run(args: argparse.Namespace) -> None:
                 k: round(statistics.median(r["mbs"]) / direct, 2) for k, r in measured.items()
             },
             "rss_growth_mb_max": {
-                k: round(max(r["rss"]), 1) for k, r in measured.items() if k != "direct"
+                k: round(max(r["rss"]), 1) for k, r in measured.items() if k not in REFERENCES
             },
         }
+        if direct_tls is not None:
+            # The TLS variants against a reference that pays for TLS too (server and curl).
+            report["ratio_to_direct_tls"] = {
+                k: round(statistics.median(r["mbs"]) / direct_tls, 2)
+                for k, r in measured.items()
+                if k.endswith("_tls") and k != "direct_tls"
+            }
         qido: dict[str, float] = {"direct": qido_p50(orthanc.dicomweb_url, study)}
+        if orthanc_tls is not None:
+            qido["direct_tls"] = qido_p50(
+                orthanc_tls.dicomweb_url, study, verify=orthanc_tls.verify
+            )
         for name in ("gw_a", "gw_a_tls", "edge_tls"):
             t = targets.get(name)
             if t is None:
@@ -308,6 +362,8 @@ def run(args: argparse.Namespace) -> None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(10)
         orthanc.stop()
+        if orthanc_tls is not None:
+            orthanc_tls.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -330,7 +386,9 @@ def main() -> None:
     s.add_argument("--key", default="")
     parser.add_argument("--instances", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--only", default="", help="comma-separated variants (direct always)")
+    parser.add_argument(
+        "--only", default="", help="comma-separated variants (direct, direct_tls always)"
+    )
     args = parser.parse_args()
     if args.cmd == "serve":
         serve(args)

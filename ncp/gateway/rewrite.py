@@ -11,10 +11,16 @@ client must never be pointed past the gateway.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 _STUDIES = "/studies/"
+# A URL with a control character, a space or DEL is refused whole (one regex search: a loop over
+# the characters in Python cost about 20 us of a 40 us rewrite).
+_UNSAFE = re.compile("[\x00-\x20\x7f]")
+# Where urlsplit/urljoin would split or change a URL that starts with the archive's own base.
+_SPLITS = re.compile("[?#;]")
 
 
 class UrlRewriter:
@@ -25,13 +31,37 @@ class UrlRewriter:
         self.public_base = public_base.rstrip("/")
         self.archive_base = archive_base.rstrip("/") if archive_base else None
         self._archive_root = urlsplit(self.archive_base).path if self.archive_base else None
+        self._public_studies = self.public_base + _STUDIES
+        # The common case, an archive URL under its own base, is rewritten by str methods alone
+        # (what urljoin and urlsplit would give it, without their ~11 us): possible when the base
+        # is a plain absolute http(s) URL.
+        self._fast_prefix: str | None = None
+        self._origin_length = 0
+        if self.archive_base and not _UNSAFE.search(self.archive_base):
+            base = urlsplit(self.archive_base)
+            if (
+                base.scheme in ("http", "https")
+                and base.netloc
+                and not _SPLITS.search(self.archive_base)
+            ):
+                self._fast_prefix = self.archive_base + _STUDIES
+                self._origin_length = len(self.archive_base) - len(base.path)
 
     def url(self, value: str) -> str | None:
         """The public URL for an archive URL, or None when it must not be shown."""
-        if not isinstance(value, str) or any(ord(c) < 0x21 or ord(c) == 0x7F for c in value):
+        if not isinstance(value, str) or _UNSAFE.search(value):
             return None
         if self.archive_base is None:
-            return value if value.startswith(self.public_base + _STUDIES) else None
+            return value if value.startswith(self._public_studies) else None
+        if (
+            self._fast_prefix is not None
+            and value.startswith(self._fast_prefix)
+            and not _SPLITS.search(value)
+        ):
+            # Same scheme and host as the base: urljoin keeps the URL, urlsplit's path is the rest.
+            if "/../" in value[self._origin_length :] + "/":
+                return None
+            return self.public_base + value[len(self.archive_base) :]
         parts = urlsplit(urljoin(self.archive_base + "/", value))
         root = self._archive_root or ""
         if parts.scheme not in ("http", "https") or parts.query or parts.fragment:

@@ -12,6 +12,16 @@ The pytest fixtures at the bottom are re-exported by ``tests/conftest.py``:
 - ``orthanc`` (session): the server; skips the tests that need it when Orthanc cannot be started,
   or fails them when ``NCP_REQUIRE_SERVICES=1`` (CI) so they never skip silently;
 - ``orthanc_empty`` (function): the same server, emptied before the test.
+
+``OrthancServer.start(tls=True)`` serves HTTPS instead (Orthanc's ``SslEnabled``; a test CA and a
+certificate for ``localhost`` and ``127.0.0.1`` made with ``ncp.security.pki``, the CA in
+:attr:`OrthancServer.ca_file`); the fixtures stay plain HTTP. Debian 12's Orthanc serves HTTPS
+through civetweb 1.15, which loads ``libssl.so`` by name at run time and looks up
+``SSL_get_peer_certificate``, a name OpenSSL 3 no longer exports (it became a macro for
+``SSL_get1_peer_certificate``): the worker thread calls a null pointer after the first handshake
+and Orthanc dies. So with ``tls`` a C compiler builds a two-line ``libssl.so`` giving that name
+back (and a ``libcrypto.so`` that only pulls in ``libcrypto.so.3``), found first through
+``LD_LIBRARY_PATH``; no compiler means :class:`OrthancUnavailable`.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import pwd
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -41,6 +52,13 @@ RUN_AS_USER = "nobody"
 RUN_AS_GROUP = "nogroup"
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
+# The one name civetweb 1.15 looks up that OpenSSL 3 does not export; same reference semantics.
+_SSL_SHIM = """
+typedef struct ssl_st SSL;
+typedef struct x509_st X509;
+extern X509 *SSL_get1_peer_certificate(const SSL *s);
+X509 *SSL_get_peer_certificate(const SSL *s) { return SSL_get1_peer_certificate(s); }
+"""
 
 
 class OrthancUnavailable(RuntimeError):
@@ -68,12 +86,18 @@ def _traversable_by_others(path: Path) -> bool:
 class OrthancServer:
     """One Orthanc process on loopback. Start with :meth:`start`, stop with :meth:`stop`."""
 
-    def __init__(self, tmpdir: Path, http_port: int, dicom_port: int) -> None:
+    def __init__(self, tmpdir: Path, http_port: int, dicom_port: int, tls: bool = False) -> None:
         self.tmpdir = tmpdir
         self.http_port = http_port
         self.dicom_port = dicom_port
+        self.tls = tls
         self.config_path = tmpdir / "orthanc.json"
         self.logfile = tmpdir / "orthanc.log"
+        # With ``tls``: the test CA a client must trust, and Orthanc's certificate and key in one
+        # PEM (what ``SslCertificate`` wants). Written at launch.
+        self.ca_file: Path | None = tmpdir / "ca.pem" if tls else None
+        self.server_pem = tmpdir / "server.pem"
+        self._verify: ssl.SSLContext | bool = True
         self.process: subprocess.Popen[bytes] | None = None
         self.startup_seconds: float | None = None
         self.shutdown_seconds: float | None = None
@@ -83,8 +107,9 @@ class OrthancServer:
     # -- construction ----------------------------------------------------------------------
 
     @classmethod
-    def start(cls, attempts: int = 3) -> OrthancServer:
-        """Start Orthanc on free ports; retried on fresh ports if it exits during start-up."""
+    def start(cls, attempts: int = 3, *, tls: bool = False) -> OrthancServer:
+        """Start Orthanc on free ports; retried on fresh ports if it exits during start-up.
+        ``tls``: serve HTTPS (REST and DICOMweb) with a fresh test certificate."""
         binary = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/bin")
         if binary is None:
             raise OrthancUnavailable(
@@ -121,7 +146,7 @@ class OrthancServer:
         last: Exception | None = None
         for _ in range(attempts):
             tmpdir = Path(tempfile.mkdtemp(prefix="ncp-orthanc-", dir=base))
-            server = cls(tmpdir, _free_port(), _free_port())
+            server = cls(tmpdir, _free_port(), _free_port(), tls=tls)
             try:
                 server._launch([*runas, binary], owner)
                 return server
@@ -140,13 +165,16 @@ class OrthancServer:
             RemoteAccessAllowed=False,
             AuthenticationEnabled=False,
             Plugins=[str(DICOMWEB_PLUGIN)],
+            SslEnabled=self.tls,
         )
+        if self.tls:
+            cfg["SslCertificate"] = str(self.server_pem)
         cfg["DicomWeb"] = {
             **cfg.get("DicomWeb", {}),
             "Enable": True,
             "Root": "/dicom-web/",
             "Host": f"127.0.0.1:{self.http_port}",
-            "Ssl": False,
+            "Ssl": self.tls,  # the scheme of the URLs Orthanc writes into its answers
         }
         return cfg
 
@@ -155,10 +183,15 @@ class OrthancServer:
         for sub in ("storage", "index"):
             (self.tmpdir / sub).mkdir()
         self.config_path.write_text(json.dumps(self._config(), indent=2))
+        owned = [self.tmpdir, *(self.tmpdir / d for d in ("storage", "index")), self.config_path]
+        env: dict[str, str] | None = None
+        if self.tls:
+            self._write_certificate()
+            owned.append(self.server_pem)
+            env = self._build_ssl_shim()
         if owner is not None:
-            for p in (self.tmpdir, *(self.tmpdir / d for d in ("storage", "index"))):
+            for p in owned:
                 os.chown(p, owner.pw_uid, owner.pw_gid)
-            os.chown(self.config_path, owner.pw_uid, owner.pw_gid)
         try:
             with open(self.logfile, "wb") as log:
                 self.process = subprocess.Popen(
@@ -167,6 +200,7 @@ class OrthancServer:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     cwd=self.tmpdir,
+                    env=env,
                     start_new_session=True,  # Ctrl-C in the terminal reaches pytest, not Orthanc
                 )
         except OSError as e:
@@ -174,6 +208,43 @@ class OrthancServer:
         atexit.register(self.stop)
         self._wait_ready(START_TIMEOUT)
         self.startup_seconds = time.monotonic() - t0
+
+    def _write_certificate(self) -> None:
+        from ncp.security import pki
+
+        assert self.ca_file is not None
+        ca = pki.make_ca("AT", common_name="NCP-TEST Orthanc CA")
+        key = pki.new_ec_key()
+        cert = pki.issue_server_certificate(ca, key.public_key(), "AT")
+        self.ca_file.write_bytes(pki.cert_pem(ca.certificate))
+        pki.write_file(self.server_pem, pki.cert_pem(cert) + pki.private_pem(key), private=True)
+        self._verify = ssl.create_default_context(cafile=str(self.ca_file))
+
+    def _build_ssl_shim(self) -> dict[str, str]:
+        """The environment that makes civetweb load our ``libssl.so`` (module docstring)."""
+        compiler = shutil.which("cc") or shutil.which("gcc")
+        if compiler is None:
+            raise OrthancUnavailable("Orthanc over HTTPS needs a C compiler (cc) for its shim")
+        lib = self.tmpdir / "ssl-shim"
+        lib.mkdir()
+        (lib / "shim.c").write_text(_SSL_SHIM)
+        for name, source, needed in (
+            ("libssl.so", str(lib / "shim.c"), "ssl"),
+            ("libcrypto.so", "/dev/null", "crypto"),
+        ):
+            command = [compiler, "-shared", "-fPIC", "-o", str(lib / name), "-x", "c", source]
+            done = subprocess.run(
+                [*command, "-Wl,--no-as-needed", f"-l:lib{needed}.so.3"],
+                capture_output=True,
+                text=True,
+            )
+            if done.returncode != 0:
+                raise OrthancUnavailable(f"cannot build the {name} shim: {done.stderr[-500:]}")
+        env = dict(os.environ)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (str(lib), env.get("LD_LIBRARY_PATH", "")) if p
+        )
+        return env
 
     def _wait_ready(self, timeout: float) -> None:
         assert self.process is not None
@@ -187,9 +258,9 @@ class OrthancServer:
                     f"{self.log_tail()}"
                 )
             try:
-                r = httpx.get(f"{self.rest_url}/system", timeout=0.5)
+                r = httpx.get(f"{self.rest_url}/system", timeout=0.5, verify=self.verify)
                 if r.status_code == 200 and "DicomAet" in r.json():
-                    r = httpx.get(f"{self.dicomweb_url}/studies", timeout=5.0)
+                    r = httpx.get(f"{self.dicomweb_url}/studies", timeout=5.0, verify=self.verify)
                     if r.status_code == 200:
                         return
                     last = f"DICOMweb plugin answers {r.status_code} on /dicom-web/studies"
@@ -208,8 +279,8 @@ class OrthancServer:
 
     @property
     def rest_url(self) -> str:
-        """Orthanc's own REST API, e.g. ``http://127.0.0.1:PORT``."""
-        return f"http://127.0.0.1:{self.http_port}"
+        """Orthanc's own REST API, e.g. ``http://127.0.0.1:PORT`` (``https://`` with ``tls``)."""
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.http_port}"
 
     @property
     def dicomweb_url(self) -> str:
@@ -217,10 +288,15 @@ class OrthancServer:
         return f"{self.rest_url}/dicom-web"
 
     @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """What an httpx client passes as ``verify`` to trust this server (its CA with ``tls``)."""
+        return self._verify
+
+    @property
     def http(self) -> httpx.Client:
         """A client of the REST API (kept open: keep-alive makes test setup faster)."""
         if self._http is None:
-            self._http = httpx.Client(base_url=self.rest_url, timeout=60.0)
+            self._http = httpx.Client(base_url=self.rest_url, timeout=60.0, verify=self.verify)
         return self._http
 
     def upload(self, paths: Iterable[Path | str]) -> int:
