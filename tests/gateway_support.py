@@ -177,13 +177,17 @@ def free_port() -> int:
 
 
 class Served:
-    """An ASGI app served by uvicorn over TLS on loopback, in a thread."""
+    """An ASGI app served by uvicorn over TLS on loopback, in a thread; by default with the
+    HTTP protocol ``ncp serve`` and ``ncp edge`` deploy (``RelayH11Protocol``)."""
 
-    def __init__(self, app: Any, tls: Tls, port: int) -> None:
+    def __init__(self, app: Any, tls: Tls, port: int, *, http: Any = None) -> None:
+        from ncp.gateway.relay import RelayH11Protocol
+
         config = uvicorn.Config(
             app,
             host="127.0.0.1",
             port=port,
+            http=http or RelayH11Protocol,
             ssl_certfile=str(tls.cert),
             ssl_keyfile=str(tls.key),
             log_level="warning",

@@ -28,19 +28,23 @@ import pytest
 import uvicorn
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from pydicom.dataset import FileMetaDataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.filewriter import write_file_meta_info
+from pydicom.sequence import Sequence
 from sqlalchemy import select
 
 from ncp.audit.models import AuditRecord, Outcome, Side
 from ncp.config import DicomwebArchive, FolderArchive, GatewaySection
 from ncp.dicom.archive import open_archive
+from ncp.dicom.uids import is_uid
 from ncp.gateway.app import build_gateway_app
 from ncp.gateway.errors import StreamBroken
 from ncp.gateway.multipart import MultipartReader, MultipartWriter, PartHead
+from ncp.gateway.parthead import PartIds, dataset_ids, meta_end
 from ncp.gateway.relay import RelayH11Protocol
-from ncp.gateway.stream import DicomPart, Tally, dicom_answer, file_meta
+from ncp.gateway.stream import DicomPart, Expected, Tally, dicom_answer, file_meta
 from ncp.gateway.studyindex import NodeIndex
 from ncp.provider.indexer import index_source
 from ncp.store.db import make_engine, migrate, session_factory
@@ -139,6 +143,112 @@ def test_a_corrupt_file_meta_is_a_broken_stream_or_still_names_valid_uids(
     if found is not None:
         sop, syntax = found
         assert all(c.isdigit() or c == "." for c in sop + syntax)
+
+
+# -- data set head: our reader against pydicom's ------------------------------------------
+
+_DATA_SET_SYNTAXES = [
+    "1.2.840.10008.1.2",
+    "1.2.840.10008.1.2.1",
+    "1.2.840.10008.1.2.2",
+    "1.2.840.10008.1.2.1.99",
+    "1.2.840.10008.1.2.4.90",
+]
+
+
+def _with_references(ds: Any, depth: int, undefined: bool, blob: int) -> Any:
+    """``ds`` with UIDs of other studies and series nested in sequences before its own (a
+    reader that searched the bytes, or took the first Study Instance UID, would be fooled),
+    and a private blob of ``blob`` bytes before them."""
+    item = Dataset()
+    item.StudyInstanceUID = "9.9.9"
+    item.SeriesInstanceUID = "9.9.9.1"
+    item.ReferencedSOPInstanceUID = "9.9.9.1.1"
+    for _ in range(depth):
+        outer = Dataset()
+        outer.SOPInstanceUID = "9.9.8.1"
+        outer.ReferencedSeriesSequence = Sequence([item])
+        outer["ReferencedSeriesSequence"].is_undefined_length = undefined
+        item = outer
+    ds.ReferencedStudySequence = Sequence([item, item])
+    ds["ReferencedStudySequence"].is_undefined_length = undefined
+    ds.SourceImageSequence = Sequence([])
+    if blob:
+        ds.add_new(0x00090010, "LO", "NCP TEST")
+        ds.add_new(0x00091000, "OB", bytes(blob))
+    return ds
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    syntax=st.sampled_from(_DATA_SET_SYNTAXES),
+    depth=st.integers(0, 4),
+    undefined=st.booleans(),
+    blob=st.sampled_from([0, 1, 1000, 40_000]),
+    cut=st.integers(0, 100_000),
+)
+def test_dataset_ids_read_what_pydicom_reads(
+    syntax: str, depth: int, undefined: bool, blob: int, cut: int
+) -> None:
+    ds = make_instance(patient_id="P", study_uid="1.2.3", series_uid="1.2.3.4", sop_uid="1.2.3.4.5")
+    ds = _with_references(ds, depth, undefined, blob)
+    ds.file_meta.TransferSyntaxUID = syntax
+    if syntax == "1.2.840.10008.1.2.4.90":
+        ds.PixelData = encapsulate([b"\xff\xd8 not really j2k \xff\xd9"])
+        ds["PixelData"].is_undefined_length = True
+    data = encode(ds)
+    ours = file_meta(data)
+    assert ours is not None
+    found = dataset_ids(data, meta_end(data), ours[1])
+    read = pydicom.dcmread(BytesIO(data))
+    assert found == PartIds(read.StudyInstanceUID, read.SeriesInstanceUID, read.SOPInstanceUID)
+    # Any shorter head: asks for more bytes than it has, never answers differently.
+    head = data[: cut % len(data)]
+    try:
+        partial = dataset_ids(head, meta_end(data), ours[1])
+    except StreamBroken:  # only a deflated data set, when cut: it may not inflate
+        assert syntax == "1.2.840.10008.1.2.1.99"
+        return
+    assert partial == found or (isinstance(partial, int) and partial > len(head))
+
+
+def test_a_data_set_that_does_not_name_itself_within_the_bound_is_refused() -> None:
+    ds = make_instance(patient_id="P", study_uid="1.2.3", series_uid="1.2.3.4", sop_uid="1.2.3.4.5")
+    data = encode(_with_references(ds, 1, True, 70_000))
+    with pytest.raises(StreamBroken, match="within its first"):
+        dataset_ids(data, meta_end(data), "1.2.840.10008.1.2.1")
+    with pytest.raises(StreamBroken, match="within its first 1000 bytes"):
+        dataset_ids(encode(ds), meta_end(data), "1.2.840.10008.1.2.1", limit=1000)
+    # No Series Instance UID at the top level (one inside a sequence does not count).
+    del ds.SeriesInstanceUID
+    data = encode(ds)
+    with pytest.raises(StreamBroken, match="does not name"):
+        dataset_ids(data, meta_end(data), "1.2.840.10008.1.2.1")
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    position=st.integers(min_value=0, max_value=2000),
+    value=st.integers(0, 255),
+    syntax=st.sampled_from(_DATA_SET_SYNTAXES[:3]),
+)
+def test_a_corrupt_data_set_is_refused_or_still_names_valid_uids(
+    position: int, value: int, syntax: str
+) -> None:
+    ds = make_instance(patient_id="P", study_uid="1.2.3", series_uid="1.2.3.1", sop_uid="1.2.3.1.9")
+    ds = _with_references(ds, 2, position % 2 == 0, 0)
+    ds.file_meta.TransferSyntaxUID = syntax
+    data = bytearray(encode(ds))
+    start = meta_end(data)
+    data[start + position % (len(data) - start)] = value
+    try:
+        found = dataset_ids(bytes(data), start, syntax)
+    except StreamBroken:
+        return
+    if isinstance(found, PartIds):
+        assert all(is_uid(uid) for uid in (found.study, found.series, found.sop))
+    else:
+        assert found > len(data)
 
 
 # -- multipart: views, near-delimiters, any split -------------------------------------------
@@ -494,9 +604,10 @@ def test_parts_split_anywhere_are_checked_and_passed_on_unchanged(cuts: list[int
 
         writer = MultipartWriter("application/dicom")
         tally = Tally()
+        listed = Expected("1.2.3", listed=frozenset({"1.2.3.1", "1.2.3.2"}))
         out = [
             bytes(c)  # type: ignore[arg-type]
-            async for c in dicom_answer(parts(), frozenset({"1.2.3.1", "1.2.3.2"}), writer, tally)
+            async for c in dicom_answer(parts(), listed, writer, tally)
         ]
         return b"".join(out), tally
 
@@ -504,6 +615,35 @@ def test_parts_split_anywhere_are_checked_and_passed_on_unchanged(cuts: list[int
     assert tally.sops == ["1.2.3.1", "1.2.3.2"]
     assert tally.dicom_bytes == sum(map(len, files))
     assert all(data in body for data in files)
+
+
+@settings(max_examples=100, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=0, max_value=42_000), max_size=25))
+def test_parts_split_anywhere_are_named_by_their_data_sets(cuts: list[int]) -> None:
+    """Without a list: each part's data set names it, wherever the archive's reads cut its
+    head (here a head of 40 kB, a private blob before the Study Instance UID)."""
+    files = []
+    for n, blob in ((1, 40_000), (2, 0), (3, 1)):
+        ds = make_instance(
+            patient_id="P", study_uid="1.2.3", series_uid="1.2.3.4", sop_uid=f"1.2.3.4.{n}"
+        )
+        files.append(encode(_with_references(ds, 1, n == 2, blob)))
+
+    async def run() -> tuple[bytes, Tally]:
+        async def parts() -> AsyncIterator[DicomPart]:
+            for data in files:
+                yield DicomPart(_split(data, cuts))
+
+        tally = Tally()
+        expected = Expected("1.2.3", "1.2.3.4", counts={"1.2.3.4": 3})
+        writer = MultipartWriter("application/dicom")
+        out = [bytes(c) async for c in dicom_answer(parts(), expected, writer, tally)]  # type: ignore[arg-type]
+        return b"".join(out), tally
+
+    body, tally = asyncio.run(run())
+    assert tally.sops == ["1.2.3.4.1", "1.2.3.4.2", "1.2.3.4.3"]
+    assert all(data in body for data in files)
+    assert body.endswith(b"--\r\n")
 
 
 # -- `ncp serve`: the imaging listener as serve.py wires it ---------------------------------

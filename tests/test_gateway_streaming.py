@@ -54,16 +54,36 @@ SERIES = f"{STUDY}.1"
 BOUNDARY = "archive-boundary"
 
 
-def _file(n: int) -> bytes:
-    return encode(
-        make_instance(
-            patient_id=PATIENT.value,
-            study_uid=f"{STUDY}.{n // 100}",
-            series_uid=f"{STUDY}.{n // 100}.1",
-            sop_uid=f"{STUDY}.{n // 100}.1.{n % 100}",
-            IssuerOfPatientID=ISSUER_OID,
-        )
+def _file(n: int, *, meta_sop: str | None = None, series: str | None = None) -> bytes:
+    """Instance ``n % 100`` of study ``{STUDY}.{n // 100}`` (series ``.1`` unless ``series``);
+    ``meta_sop``: another SOP Instance UID (of the same length) in its file meta."""
+    ds = make_instance(
+        patient_id=PATIENT.value,
+        study_uid=f"{STUDY}.{n // 100}",
+        series_uid=series or f"{STUDY}.{n // 100}.1",
+        sop_uid=f"{STUDY}.{n // 100}.1.{n % 100}",
+        IssuerOfPatientID=ISSUER_OID,
     )
+    data = encode(ds)
+    if meta_sop is not None:  # written over the file meta's (pydicom writes the data set's)
+        end = 144 + int.from_bytes(data[140:144], "little")
+        meta = data[:end].replace(ds.SOPInstanceUID.encode(), meta_sop.encode())
+        assert len(meta) == end and meta != data[:end]
+        data = meta + data[end:]
+    return data
+
+
+def _unnamed_file(n: int) -> bytes:
+    """Instance ``n`` whose Study Instance UID comes only after 70 kB of private data."""
+    ds = make_instance(
+        patient_id=PATIENT.value,
+        study_uid=f"{STUDY}.{n // 100}",
+        series_uid=f"{STUDY}.{n // 100}.1",
+        sop_uid=f"{STUDY}.{n // 100}.1.{n % 100}",
+    )
+    ds.add_new(0x00090010, "LO", "NCP TEST")
+    ds.add_new(0x00091000, "OB", bytes(70_000))
+    return encode(ds)
 
 
 BIG_PARTS = 30
@@ -103,9 +123,38 @@ def _uid_json(study: str, n: int) -> dict[str, Any]:
     }
 
 
+def _archive_parts(number: int, behaviour: str) -> list[bytes]:
+    """What the scripted archive sends for study ``number``: its three instances, or what
+    ``behaviour`` makes of them."""
+    if behaviour == "big":
+        return [_big_file(number, n) for n in range(BIG_PARTS)]
+    base = 100 * number
+    files = [_file(base + n) for n in range(3)]
+    if behaviour == "short":  # one missing
+        files = files[:2]
+    elif behaviour == "foreign":  # an instance of another study
+        files[2] = _file(base + 5002)
+    elif behaviour == "extra":  # one more than the study has
+        files.append(_file(base + 3))
+    elif behaviour == "duplicate":
+        files[2] = files[0]
+    elif behaviour == "mismatch":  # its data set is another instance than its file meta says
+        files[2] = _file(base + 7, meta_sop=f"{STUDY}.{number}.1.2")
+    elif behaviour == "unnamed":  # no Study Instance UID within the gateway's bound
+        files[2] = _unnamed_file(base + 2)
+    elif behaviour == "other-series":  # of the study's second series
+        files[2] = _file(base + 2, series=f"{STUDY}.{number}.2")
+    elif behaviour == "capped":  # three series of one instance each
+        files = [_file(base + n, series=f"{STUDY}.{number}.{n + 1}") for n in range(3)]
+    return files
+
+
 def scripted_archive(script: Script) -> Starlette:
-    """Studies ``{STUDY}.K`` with three instances each; ``script.behaviour[K]`` decides how the
-    retrieve of study K goes: ``ok``, ``truncate``, ``short``, ``foreign``, ``gate``, ``slow``."""
+    """Studies ``{STUDY}.K`` with three instances each (series ``.1``; ``other-series`` adds a
+    series ``.2`` of one instance); ``script.behaviour[K]`` decides how the retrieve of study K
+    goes: ``ok``, ``truncate``, ``short``, ``foreign``, ``extra``, ``duplicate``, ``mismatch``,
+    ``unnamed``, ``other-series``, ``gate``, ``slow``, ``big``, ``capped`` (three series, its
+    series list one result per answer)."""
 
     def kind(study: str) -> str:
         return script.behaviour.get(study.rsplit(".", 1)[-1], "ok")
@@ -122,6 +171,25 @@ def scripted_archive(script: Script) -> Starlette:
             ]
         )
 
+    async def series(request: Request) -> Response:
+        study = request.path_params["study"]
+        offset = int(request.query_params.get("offset", "0"))
+        counts = {f"{study}.1": BIG_PARTS if kind(study) == "big" else 3}
+        if kind(study) == "other-series":
+            counts[f"{study}.2"] = 1
+        if kind(study) == "capped":
+            counts = {f"{study}.{n}": 1 for n in (1, 2, 3)}
+        items = [
+            {
+                "0020000D": {"vr": "UI", "Value": [study]},
+                "0020000E": {"vr": "UI", "Value": [uid]},
+                "00201209": {"vr": "IS", "Value": [count]},
+            }
+            for uid, count in counts.items()
+        ]
+        # "capped": one result per answer, like an archive's LimitFindResults of 1.
+        return JSONResponse(items[offset : offset + 1 if kind(study) == "capped" else None])
+
     async def instances(request: Request) -> Response:
         study = request.path_params["study"]
         count = BIG_PARTS if kind(study) == "big" else 3
@@ -134,15 +202,10 @@ def scripted_archive(script: Script) -> Starlette:
         script.retrieves.append(behaviour)
         if behaviour == "slow":
             await asyncio.sleep(3)
+        files = _archive_parts(number, behaviour)
 
         async def body() -> AsyncIterator[bytes]:
-            count = {"short": 2, "big": BIG_PARTS}.get(behaviour, 3)
-            for n in range(count):
-                sop = n + 100 * number
-                if behaviour == "big":
-                    data = _big_file(number, n)
-                else:
-                    data = _file(sop if behaviour != "foreign" or n < 2 else sop + 50)
+            for n, data in enumerate(files):
                 yield f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
                 if behaviour == "truncate" and n == 1:
                     yield data[: len(data) // 2]
@@ -160,8 +223,10 @@ def scripted_archive(script: Script) -> Starlette:
     return Starlette(
         routes=[
             Route("/dicom-web/studies", studies),
+            Route("/dicom-web/studies/{study}/series", series),
             Route("/dicom-web/studies/{study}/instances", instances),
             Route("/dicom-web/studies/{study}", retrieve),
+            Route("/dicom-web/studies/{study}/series/{series}", retrieve),
         ]
     )
 
@@ -178,18 +243,22 @@ class Rig:
         with self.tls.client() as http:
             return http.get(self._url(study), headers=self._headers(study, **claims))
 
-    def _url(self, study: int) -> str:
-        return f"{self.base}/studies/{STUDY}.{study}"
+    def _url(self, study: int, below: str = "") -> str:
+        return f"{self.base}/studies/{STUDY}.{study}{below}"
 
     def _headers(self, study: int, **claims: Any) -> dict[str, str]:
         return {**bearer(token(self.base, (f"{STUDY}.{study}",), **claims)), "Accept": AS_STORED}
 
-    def stream(self, study: int, **claims: Any) -> tuple[int, bytes, Exception | None]:
-        """Status, body received and the error that ended it, if any."""
+    def stream(
+        self, study: int, below: str = "", **claims: Any
+    ) -> tuple[int, bytes, Exception | None]:
+        """Status, body received and the error that ended it, if any; ``below``: a series path
+        below the study."""
         received = bytearray()
+        url = self._url(study, below)
         with (
             self.tls.client() as http,
-            http.stream("GET", self._url(study), headers=self._headers(study, **claims)) as r,
+            http.stream("GET", url, headers=self._headers(study, **claims)) as r,
         ):
             try:
                 for chunk in r.iter_raw():
@@ -247,10 +316,27 @@ def test_a_healthy_transfer_ends_with_the_close_delimiter(rig: Rig) -> None:
     assert body.count(b"Content-Type: application/dicom") == 3
 
 
-@pytest.mark.parametrize("behaviour", ["truncate", "short", "foreign"])
-def test_an_archive_failing_mid_stream_breaks_the_answer(rig: Rig, behaviour: str) -> None:
+@pytest.mark.parametrize(
+    ("behaviour", "below"),
+    [
+        ("truncate", ""),
+        ("short", ""),  # a series ends short
+        ("foreign", ""),  # a part of another study
+        ("extra", ""),  # one instance more than the series has
+        ("duplicate", ""),
+        ("mismatch", ""),  # its data set names another SOP Instance than its file meta
+        ("unnamed", ""),  # no Study Instance UID within the bound
+        ("other-series", f"/series/{STUDY}.2.1"),  # of another series, in a series retrieve
+        ("other-series", ""),  # a study retrieve: series .1 ends short
+    ],
+)
+def test_an_archive_failing_mid_stream_breaks_the_answer(
+    rig: Rig, behaviour: str, below: str
+) -> None:
+    """The gateway has no index here: it checks each part's data set and the archive's
+    series counts, and every way the archive's answer is wrong breaks the transfer."""
     rig.script.behaviour["2"] = behaviour
-    status, body, error = rig.stream(2)
+    status, body, error = rig.stream(2, below)
     assert status == 200, "the first instance was sent before the failure"
     assert error is not None, "the client must see the transfer fail"
     boundary = body.split(b"\r\n", 1)[0]
@@ -258,7 +344,30 @@ def test_an_archive_failing_mid_stream_breaks_the_answer(rig: Rig, behaviour: st
     records = [r for r in rig.audit.records() if r.action == "image-retrieve"]
     assert records[-1].outcome == 8
     assert records[-1].reason
-    assert records[-1].num_instances < 3
+    reasons = {
+        "truncate": "in the middle of the transfer",
+        "short": "of a series' 3 instances",
+        "foreign": "another study",
+        "extra": "more instances of a series",
+        "duplicate": "twice",
+        "mismatch": "different instances",
+        "unnamed": "within its first",
+        "other-series": "another series" if below else "of a series' 3 instances",
+    }
+    assert reasons[behaviour] in records[-1].reason
+    # The instances that went out whole before the failure (the offending part did not).
+    whole = {"truncate": 1, "extra": 3, "other-series": 2 if below else 3}.get(behaviour, 2)
+    assert records[-1].num_instances == whole
+
+
+def test_an_archive_that_caps_results_is_asked_page_by_page(rig: Rig) -> None:
+    rig.script.behaviour["11"] = "capped"
+    status, body, error = rig.stream(11)
+    assert status == 200 and error is None
+    assert body.rstrip().endswith(b"--")
+    assert body.count(b"Content-Type: application/dicom") == 3
+    record = [r for r in rig.audit.records() if r.action == "image-retrieve"][-1]
+    assert record.details["expected"] == 3 and record.details["listed_by"] == "archive"
 
 
 def test_a_slow_archive_gets_503_with_retry_after(rig: Rig) -> None:

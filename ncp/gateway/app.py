@@ -10,8 +10,9 @@
 4. series and instances mapped to their study through the archive, checked exactly on our side
    (404 when they are not in that study, whatever the archive's own matching says);
 5. the answer: JSON filtered and its URLs rewritten to the public base; instances streamed
-   through a transfer slot (:mod:`ncp.gateway.limits`), each part checked to be one of the
-   listed instances of the study;
+   through a transfer slot (:mod:`ncp.gateway.limits`), each part checked to be an instance of
+   the study (series, instance) asked for, once, and all of them sent
+   (:class:`ncp.gateway.stream.Expected`: the node's index, or the archive's series counts);
 6. the audit record (:mod:`ncp.gateway.auditing`).
 """
 
@@ -49,15 +50,31 @@ from ncp.gateway.dicomjson import (
     STUDY_UID,
     element,
     single_text,
+    values,
 )
-from ncp.gateway.errors import BadRequest, Forbidden, GatewayError, NotFound, StreamBroken
+from ncp.gateway.errors import (
+    BadArchiveAnswer,
+    BadRequest,
+    Forbidden,
+    GatewayError,
+    NotFound,
+    StreamBroken,
+)
 from ncp.gateway.limits import TransferSlots, rank_of
 from ncp.gateway.multipart import MultipartWriter, PartHead
 from ncp.gateway.qido import TRUNCATED_WARNING, Query, parse_query
 from ncp.gateway.relay import Chunk
 from ncp.gateway.relay import relay as fast_relay
 from ncp.gateway.rewrite import UrlRewriter
-from ncp.gateway.stream import DicomPart, NotListed, Relay, StreamedAnswer, Tally, dicom_answer
+from ncp.gateway.stream import (
+    DicomPart,
+    Expected,
+    NotListed,
+    Relay,
+    StreamedAnswer,
+    Tally,
+    dicom_answer,
+)
 from ncp.gateway.studyindex import DISTRUST_S, StudyIndex
 from ncp.gateway.upstream import GatewayArchive, RawPart, open_gateway_archive, studies_of
 from ncp.gateway.wado import archive_accept, choose_syntax, dicom_syntaxes
@@ -72,6 +89,8 @@ DICOM_JSON = "application/dicom+json"
 _PATIENT_TTL_S = 60.0
 _PARALLEL = 8
 _BULK_SEGMENT_LIMIT = 12
+SERIES_INSTANCES = "00201209"
+"""Number of Series Related Instances."""
 _LEVEL_UIDS = {
     "studies": (STUDY_UID,),
     "series": (STUDY_UID, SERIES_UID),
@@ -275,11 +294,10 @@ class Gateway:
             raise NotFound("no such instance in the study" if series else "the study is empty")
         return found
 
-    async def _listing(
-        self, study: str, series: str | None, sop: str | None
-    ) -> tuple[frozenset[str], bool]:
-        """The instances a retrieve may send, and whether the node's index said so (when it
-        holds the study and has not proved wrong for it lately), else as :meth:`_instances`."""
+    async def _expected(self, study: str, series: str | None, sop: str | None) -> Expected:
+        """What a retrieve may send: the exact instances from the node's index (when it holds
+        the study and has not proved wrong for it lately), else the archive's instance counts
+        per series (:meth:`_counted`), the parts then naming themselves in their data sets."""
         if self.index is not None and self._distrusted.get(study, 0.0) <= time.monotonic():
             indexed = await self.index.instances(study)
             if indexed is not None:
@@ -292,8 +310,38 @@ class Gateway:
                 )
                 if not found:
                     raise NotFound("no such instance in the study")
-                return found, True
-        return await self._instances(study, series, sop), False
+                return Expected(study, series, sop, listed=found)
+        return await self._counted(study, series, sop)
+
+    async def _counted(self, study: str, series: str | None, sop: str | None) -> Expected:
+        """The study's instances per series from a series-level search (an instance listing
+        takes Orthanc about a second for 1000 instances; this, a few milliseconds), checked
+        exactly: each series once, of this study, with a count."""
+        items = await self.archive.search(
+            study, "series", None, {STUDY_UID, SERIES_UID, SERIES_INSTANCES}
+        )
+        counts: dict[str, int] = {}
+        for item in items:
+            uid = single_text(item, SERIES_UID)
+            if single_text(item, STUDY_UID) != study or uid is None or not is_uid(uid):
+                continue
+            found = values(item, SERIES_INSTANCES)
+            count = found[0] if len(found) == 1 else None
+            if isinstance(count, str) and count.strip().isdigit():
+                count = int(count)
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                raise BadArchiveAnswer("the archive gave a series without its number of instances")
+            if uid in counts:
+                raise BadArchiveAnswer("the archive gave a series twice")
+            counts[uid] = count
+        if series is not None:
+            if not counts.get(series):
+                raise NotFound("no such series in the study")
+            counts = {series: 1 if sop is not None else counts[series]}
+        counts = {uid: n for uid, n in counts.items() if n}
+        if not counts:
+            raise NotFound("the study is empty")
+        return Expected(study, series, sop, counts=counts)
 
     def _distrust_index(self, study: str) -> None:
         if len(self._distrusted) > 10_000:
@@ -479,8 +527,10 @@ class Gateway:
         if request.url.query:
             raise BadRequest("a retrieve takes no query parameters here")
         accepted = dicom_syntaxes(request.headers.get("accept"))
-        expected, indexed = await self._listing(target.study, target.series, target.sop)
-        syntax = choose_syntax(accepted, self.archive.stored_syntaxes(target.study, expected))
+        expected = await self._expected(target.study, target.series, target.sop)
+        indexed = expected.listed is not None
+        stored = self.archive.stored_syntaxes(target.study, target.series, target.sop)
+        syntax = choose_syntax(accepted, stored)
         writer = MultipartWriter("application/dicom")
         tally = Tally()
 
@@ -508,7 +558,9 @@ class Gateway:
             details={
                 "service": "WADO-RS",
                 "transfer_syntax": syntax,
-                "expected": len(expected),
+                "expected": expected.total,
+                # index: the node's exact list; archive: its series counts, parts named by
+                # their data sets.
                 "listed_by": "index" if indexed else "archive",
             },
         )

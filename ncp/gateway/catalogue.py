@@ -34,11 +34,12 @@ from ncp.dicom.source import InstanceHeader, SourceEntry
 from ncp.dicom.uids import is_uid
 from ncp.gateway.dicomjson import SERIES_UID, SOP_UID, STUDY_UID, element
 from ncp.gateway.errors import NotAcceptable, NotFound, StreamBroken
+from ncp.gateway.parthead import HEAD_LIMIT
 from ncp.gateway.relay import Chunk, FileRegion
 from ncp.gateway.stream import DicomPart
 
-_HEAD_BYTES = 64 * 1024
-"""Bytes of each file read before its region: enough for any plausible file meta group."""
+_HEAD_BYTES = HEAD_LIMIT
+"""Bytes of each file read before its region: all a part may need to name itself."""
 
 
 def _tags(text: str) -> frozenset[str]:
@@ -179,10 +180,9 @@ class FolderUpstream:
         tree = await self._study(study)
         return [dict(i.header) for i in self._select(tree, series, sop)]
 
-    def stored_syntaxes(self, study: str, sops: Iterable[str]) -> set[str] | None:
-        tree = self._studies.get(study, {})
-        by_sop = {i.sop: i for s in tree.values() for i in s.values()}
-        return {by_sop[s].transfer_syntax for s in sops if s in by_sop}
+    def stored_syntaxes(self, study: str, series: str | None, sop: str | None) -> set[str] | None:
+        # NotFound for a series or instance not in the study (the retrieve would be 404).
+        return {i.transfer_syntax for i in self._select(self._studies.get(study, {}), series, sop)}
 
     # -- retrieve ------------------------------------------------------------------------------
 

@@ -13,25 +13,21 @@ noticed through ``receive`` and the transfer is cancelled, which closes the arch
 
 from __future__ import annotations
 
-import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 
-from ncp.dicom.uids import is_uid
 from ncp.gateway.errors import StreamBroken
-from ncp.gateway.multipart import MultipartWriter, PartHead
+from ncp.gateway.multipart import Buffer, MultipartWriter, PartHead
+from ncp.gateway.parthead import HEAD_LIMIT, PartIds, dataset_ids, file_meta, meta_end
 from ncp.gateway.relay import Chunk, FileRegion, read_region
 
 Message = MutableMapping[str, Any]
 Send = Callable[[Message], Awaitable[None]]
 Receive = Callable[[], Awaitable[Message]]
 Relay = Callable[[AsyncIterator[Chunk], Send], Awaitable[int]]
-
-_PREFIX_LIMIT = 64 * 1024
-"""Bytes of a part held back to read its file meta group (a few hundred in practice)."""
 
 
 async def relay(chunks: AsyncIterator[Chunk], send: Send) -> int:
@@ -71,123 +67,158 @@ class Tally:
 
 @dataclass(frozen=True, slots=True)
 class DicomPart:
-    """One stored instance on its way: its body, streamed. The first bytes must hold the file
-    meta group (checked before anything of the part is sent); the rest may come as
-    :class:`~ncp.gateway.relay.FileRegion` pieces (a folder archive: sent by ``sendfile``)."""
+    """One stored instance on its way: its body, streamed. Its first
+    :data:`~ncp.gateway.parthead.HEAD_LIMIT` bytes must name it (file meta group and, where
+    checked, the data set's UIDs; all checked before anything of the part is sent); the rest
+    may come as :class:`~ncp.gateway.relay.FileRegion` pieces (a folder archive: sendfile)."""
 
     body: AsyncIterator[Chunk]
 
 
-def file_meta(prefix: bytes) -> tuple[str, str] | None:
-    """``(sop_instance_uid, transfer_syntax_uid)`` from the start of a Part 10 object; None
-    while ``prefix`` is too short to hold the whole file meta group. StreamBroken if it is not
-    a Part 10 object.
+@dataclass(frozen=True, slots=True)
+class Expected:
+    """What a retrieve may send: instances of ``study`` (of ``series``, the one ``sop``, when
+    the path names them), each once, and all of them.
 
-    Parsed here (group 0002 is always Explicit VR Little Endian, PS3.10 7.1): pydicom's reader
-    took about a millisecond per instance, more than moving a CT slice's bytes."""
-    if len(prefix) < 144:
-        return None
-    if prefix[128:132] != b"DICM" or prefix[132:136] != b"\x02\x00\x00\x00":
-        raise StreamBroken("a part is not a DICOM Part 10 object with a file meta group")
-    if prefix[136:138] != b"UL":
-        raise StreamBroken("a part's file meta group length is not UL")
-    (group_length,) = struct.unpack_from("<I", prefix, 140)
-    end = 144 + group_length
-    if end > _PREFIX_LIMIT:
-        raise StreamBroken("a part's file meta group is implausibly long")
-    if len(prefix) < end:
-        return None
-    values: dict[int, bytes] = {}
-    pos = 144
-    while pos < end:
-        if pos + 8 > end:
-            raise StreamBroken("a part's file meta group is unreadable (truncated element)")
-        group, elem = struct.unpack_from("<HH", prefix, pos)
-        vr = prefix[pos + 4 : pos + 6]
-        if group != 2 or not vr.isalpha() or not vr.isupper():
-            raise StreamBroken("a part's file meta group is unreadable (bad element)")
-        if vr in _LONG_VRS:
-            if pos + 12 > end:
-                raise StreamBroken("a part's file meta group is unreadable (truncated element)")
-            (length,) = struct.unpack_from("<I", prefix, pos + 8)
-            pos += 12
+    Either ``listed``, the exact SOP Instance UIDs (option A's index): each part's file meta
+    SOP must be one of them and all must come. Or ``counts``, the archive's instances per
+    series (a series-level QIDO, taken before the transfer): each part's data set must name
+    the study (series, instance) asked for and its file meta's SOP, and each series must bring
+    exactly its count of distinct instances."""
+
+    study: str
+    series: str | None = None
+    sop: str | None = None
+    listed: frozenset[str] | None = None
+    counts: Mapping[str, int] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.listed is None) == (self.counts is None):
+            raise ValueError("a retrieve expects either a list of instances or series counts")
+
+    @property
+    def total(self) -> int:
+        if self.listed is not None:
+            return len(self.listed)
+        return sum((self.counts or {}).values())
+
+
+class Membership:
+    """One transfer's check of its parts against :class:`Expected`."""
+
+    def __init__(self, expected: Expected) -> None:
+        self.expected = expected
+        self.reads_data_set = expected.listed is None
+        self.seen: set[str] = set()
+        self.per_series: dict[str, int] = {}
+
+    def admit(self, sop: str, ids: PartIds | None) -> None:
+        """Let one part through (``sop`` from its file meta, ``ids`` from its data set when
+        :attr:`reads_data_set`), or break the transfer."""
+        want = self.expected
+        if want.listed is not None:
+            if sop not in want.listed:
+                raise NotListed("the archive sent an instance that is not in the study asked for")
         else:
-            (length,) = struct.unpack_from("<H", prefix, pos + 6)
-            pos += 8
-        if pos + length > end:
-            raise StreamBroken("a part's file meta group is unreadable (element too long)")
-        values[elem] = bytes(prefix[pos : pos + length])
-        pos += length
-    sop = _uid_text(values.get(0x0003, b""))
-    syntax = _uid_text(values.get(0x0010, b""))
-    if not is_uid(sop) or not is_uid(syntax):
-        raise StreamBroken("a part's file meta names no valid SOP Instance or Transfer Syntax")
-    return sop, syntax
+            if ids is None or ids.study != want.study:
+                raise StreamBroken("the archive sent an instance of another study")
+            if ids.sop != sop:
+                raise StreamBroken("a part's data set and file meta name different instances")
+            if want.series is not None and ids.series != want.series:
+                raise StreamBroken("the archive sent an instance of another series")
+            if want.sop is not None and sop != want.sop:
+                raise StreamBroken("the archive sent another instance than the one asked for")
+        if sop in self.seen:
+            raise StreamBroken("the archive sent an instance twice")
+        self.seen.add(sop)
+        if want.counts is not None:
+            assert ids is not None
+            count = self.per_series.get(ids.series, 0) + 1
+            if count > want.counts.get(ids.series, 0):
+                raise StreamBroken("the archive sent more instances of a series than it has")
+            self.per_series[ids.series] = count
+
+    def finish(self) -> None:
+        """All that was expected came, or the transfer breaks (before its close delimiter)."""
+        want = self.expected
+        if want.listed is not None:
+            if self.seen != want.listed:
+                raise NotListed(
+                    f"the archive sent {len(self.seen)} of the {len(want.listed)} instances "
+                    "asked for"
+                )
+            return
+        assert want.counts is not None
+        for series, count in want.counts.items():
+            if self.per_series.get(series, 0) != count:
+                raise StreamBroken(
+                    f"the archive sent {self.per_series.get(series, 0)} of a series' {count} "
+                    "instances"
+                )
 
 
-def _meta_end(probe: bytes | bytearray) -> int:
-    """How many bytes of a part hold its file meta group, as far as ``probe`` tells."""
-    if len(probe) < 144:
-        return 144
-    return min(144 + int.from_bytes(probe[140:144], "little"), _PREFIX_LIMIT)
-
-
-# Explicit VR Little Endian: these VRs have 2 reserved bytes and a 4-byte length (PS3.5 7.1.2).
-_LONG_VRS = frozenset(
-    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-)
-
-
-def _uid_text(value: bytes) -> str:
-    return value.decode("ascii", "replace").strip("\x00 ")
+async def _part_head(
+    body: AsyncIterator[Chunk], reads_data_set: bool
+) -> tuple[list[Chunk], str, str, PartIds | None]:
+    """The chunks read to name a part, its SOP Instance UID and transfer syntax (file meta) and
+    its data set UIDs (when asked); StreamBroken when it does not name itself within HEAD_LIMIT
+    bytes (a folder's file region must come after them). The first chunk is looked at in
+    place; bytes are copied only when the head spans chunks, and only as many as needed."""
+    held: list[Chunk] = []
+    head: Buffer = b""
+    need = 144
+    async for chunk in body:
+        if isinstance(chunk, FileRegion):
+            break
+        held.append(chunk)
+        view = memoryview(chunk)
+        offset = 0
+        while offset < len(view) and len(head) < HEAD_LIMIT:
+            if not len(head):
+                head = view[:HEAD_LIMIT]
+                offset = len(head)
+            else:
+                room = min(max(need - len(head), 4096), HEAD_LIMIT - len(head))
+                piece = view[offset : offset + room]
+                head = bytes(head) + piece
+                offset += len(piece)
+            if len(head) < need:
+                continue
+            facts = file_meta(head)
+            if facts is None:
+                need = meta_end(head)
+                continue
+            if not reads_data_set:
+                return held, facts[0], facts[1], None
+            ids = dataset_ids(head, meta_end(head), facts[1])
+            if isinstance(ids, PartIds):
+                return held, facts[0], facts[1], ids
+            need = ids
+    raise StreamBroken("a part ended or left its first bytes before it named its instance")
 
 
 async def dicom_answer(
     parts: AsyncIterator[DicomPart],
-    expected: frozenset[str],
+    expected: Expected,
     writer: MultipartWriter,
     tally: Tally,
     *,
     flush_bytes: int = 1 << 20,
 ) -> AsyncIterator[Chunk]:
-    """Our multipart answer from the archive's parts: each must be one of the ``expected``
-    instances (of the study asked for, as listed and checked on our side), once; all of them
-    must come. Anything else aborts the transfer (StreamBroken) before the close delimiter.
+    """Our multipart answer from the archive's parts, each checked by :class:`Membership`
+    before any of its bytes leave. Anything else aborts the transfer (StreamBroken) before the
+    close delimiter.
 
     Large pieces (an archive's 1 MiB reads, file regions) are passed on as they are, without a
     copy; small ones (part heads, a slow archive's trickle) are gathered up to ``flush_bytes``.
     Each part is flushed when it ends, so a slow archive's complete instances go out at once."""
-    seen: set[str] = set()
+    check = Membership(expected)
     pending = bytearray()
     small = max(flush_bytes // 16, 4096)
     async for part in parts:
         body = part.body
-        probe = bytearray()
-        held: list[Chunk] = []
-        facts = None
-        async for chunk in body:
-            if isinstance(chunk, FileRegion):
-                break  # the file meta group must come before: refused below
-            held.append(chunk)
-            offset = 0
-            while facts is None:
-                # Only the bytes the group needs: 144, then up to its announced end.
-                take = chunk[offset : offset + _meta_end(probe) - len(probe)]
-                if not len(take):
-                    break
-                probe += take
-                offset += len(take)
-                facts = file_meta(bytes(probe))
-            if facts is not None:
-                break
-        if facts is None:
-            raise StreamBroken("a part ended before its file meta group")
-        sop, syntax = facts
-        if sop not in expected:
-            raise NotListed("the archive sent an instance that is not in the study asked for")
-        if sop in seen:
-            raise StreamBroken("the archive sent an instance twice")
-        seen.add(sop)
+        held, sop, syntax, ids = await _part_head(body, check.reads_data_set)
+        check.admit(sop, ids)
         pending += writer.open_part(PartHead(f"application/dicom; transfer-syntax={syntax}"))
         size = 0
         async for chunk in _chain(held, body):
@@ -208,8 +239,7 @@ async def dicom_answer(
         tally.instances += 1
         tally.dicom_bytes += size
         tally.sops.append(sop)
-    if seen != expected:
-        raise NotListed(f"the archive sent {len(seen)} of the {len(expected)} instances asked for")
+    check.finish()
     yield writer.close()
 
 

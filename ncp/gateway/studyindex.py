@@ -4,13 +4,14 @@ A retrieve must know the instances it may send (each part is checked against the
 them must come). Asking a DICOMweb archive for them is an instance-level QIDO, which Orthanc
 answers in about a second for a 1000-instance study, as long as moving the study itself. The
 node already has them in its index (``ncp index``: ``Study`` / ``Series`` / ``Instance``), so
-inside ``ncp serve`` the gateway reads them there; ``ncp edge`` has no index and asks its
-archive.
+inside ``ncp serve`` the gateway reads them there. Without them (``ncp edge``, or a study the
+index does not hold) the gateway checks each part's own data set against the archive's
+instance counts per series instead (``ncp.gateway.stream.Expected``).
 
-The index can lag the archive (it is as fresh as the last ``ncp index`` run). A study it does
-not hold is listed from the archive; a study whose transfer showed the index wrong (an
-instance the index does not name, or one it names that the archive no longer has) is listed
-from the archive for :data:`DISTRUST_S` afterwards (``Gateway`` does that).
+The index can lag the archive (it is as fresh as the last ``ncp index`` run). A study whose
+transfer showed the index wrong (an instance the index does not name, or one it names that
+the archive no longer has) is checked the other way for :data:`DISTRUST_S` afterwards
+(``Gateway`` does that).
 """
 
 from __future__ import annotations

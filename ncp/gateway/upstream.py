@@ -28,6 +28,7 @@ import httpx
 from ncp.config import ArchiveSection, FolderArchive
 from ncp.dicom.uids import is_uid
 from ncp.errors import ConfigError
+from ncp.gateway.dicomjson import SERIES_UID, SOP_UID, STUDY_UID, single_text
 from ncp.gateway.errors import (
     BadArchiveAnswer,
     BadRequest,
@@ -72,8 +73,9 @@ class GatewayArchive(Protocol):
 
     async def metadata(self, study: str, series: str | None, sop: str | None) -> list[Any]: ...
 
-    def stored_syntaxes(self, study: str, sops: Iterable[str]) -> set[str] | None:
-        """Transfer syntaxes the instances are stored in, when known without asking (folder)."""
+    def stored_syntaxes(self, study: str, series: str | None, sop: str | None) -> set[str] | None:
+        """Transfer syntaxes the target's instances are stored in, when known without asking
+        (folder; NotFound when the target is not in the study), else None."""
         ...
 
     async def retrieve(
@@ -87,6 +89,12 @@ class GatewayArchive(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+_KEEPALIVE = 8
+"""Archive connections kept alive between requests (searches across studies use up to 8)."""
+_MAX_PAGES = 1000
+"""Pages of one study's series or instance list asked for at most."""
 
 
 def _check(*uids: str | None) -> None:
@@ -127,7 +135,10 @@ class DicomwebUpstream:
             timeout=httpx.Timeout(timeout_s),
             headers=self._headers,
             follow_redirects=False,
-            limits=httpx.Limits(max_connections=max_connections),
+            # Each kept-alive connection holds one of Orthanc's HTTP threads (docs/gateway.md).
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=_KEEPALIVE
+            ),
         )
 
     async def aclose(self) -> None:
@@ -207,13 +218,27 @@ class DicomwebUpstream:
         else:
             path = f"/studies/{study}/series/{series}/instances"
         params = [("includefield", f) for f in sorted(fields)]
-        return [d for d in await self._json(path, params) if isinstance(d, dict)]
+        # Paged (PS3.18 8.3.4.4): an archive that caps results (Orthanc's LimitFindResults)
+        # would otherwise make a long list short. Asked on until a page brings nothing new;
+        # one more small search when the archive gave everything at once.
+        key = SERIES_UID if level == "series" else SOP_UID
+        found: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for _ in range(_MAX_PAGES):
+            offset = [("offset", str(len(found)))] if found else []
+            page = [d for d in await self._json(path, params + offset) if isinstance(d, dict)]
+            new = {k for d in page if (k := single_text(d, key)) is not None} - seen
+            if not new:
+                break
+            seen |= new
+            found += page
+        return found
 
     async def metadata(self, study: str, series: str | None, sop: str | None) -> list[Any]:
         _check(study, series, sop)
         return await self._json(_path(study, series, sop) + "/metadata")
 
-    def stored_syntaxes(self, study: str, sops: Iterable[str]) -> set[str] | None:
+    def stored_syntaxes(self, study: str, series: str | None, sop: str | None) -> set[str] | None:
         return None
 
     # -- streamed answers ------------------------------------------------------------------
@@ -358,8 +383,6 @@ async def studies_of(
     patient exactly). A DICOMweb archive is asked once per STUDY_BATCH studies (UID list
     matching, PS3.18 8.3.4.1), not once per study; a study its answer leaves out (an archive
     that caps results or ignores lists, a study gone) is asked on its own."""
-    from ncp.gateway.dicomjson import STUDY_UID, single_text
-
     wanted = list(dict.fromkeys(studies))
     _check(*wanted)
     names = sorted(set(fields))
