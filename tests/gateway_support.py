@@ -177,19 +177,22 @@ def free_port() -> int:
 
 
 class Served:
-    """An ASGI app served by uvicorn over TLS on loopback, in a thread; by default with the
-    HTTP protocol ``ncp serve`` and ``ncp edge`` deploy (``RelayH11Protocol``)."""
+    """An ASGI app served by uvicorn on loopback, in a thread: over TLS, or plain HTTP when
+    ``tls`` is None; by default with the HTTP protocol ``ncp serve`` and ``ncp edge`` deploy
+    (``RelayH11Protocol``)."""
 
-    def __init__(self, app: Any, tls: Tls, port: int, *, http: Any = None) -> None:
+    def __init__(self, app: Any, tls: Tls | None, port: int, *, http: Any = None) -> None:
         from ncp.gateway.relay import RelayH11Protocol
 
+        certificate: dict[str, Any] = {}
+        if tls is not None:
+            certificate = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)}
         config = uvicorn.Config(
             app,
             host="127.0.0.1",
             port=port,
             http=http or RelayH11Protocol,
-            ssl_certfile=str(tls.cert),
-            ssl_keyfile=str(tls.key),
+            **certificate,
             log_level="warning",
             lifespan="on",
             # Clients in tests keep connections alive; do not wait for them at the end.

@@ -43,7 +43,6 @@ from ncp.gateway.app import build_gateway_app
 from ncp.gateway.errors import StreamBroken
 from ncp.gateway.multipart import MultipartReader, MultipartWriter, PartHead
 from ncp.gateway.parthead import PartIds, dataset_ids, meta_end
-from ncp.gateway.relay import RelayH11Protocol
 from ncp.gateway.stream import DicomPart, Expected, Tally, dicom_answer, file_meta
 from ncp.gateway.studyindex import NodeIndex
 from ncp.provider.indexer import index_source
@@ -59,6 +58,7 @@ from tests.gateway_support import (
     A,
     AuditDb,
     Instance,
+    Served,
     Tls,
     audit_db,
     bearer,
@@ -295,37 +295,6 @@ def test_bodies_full_of_near_delimiters_survive_any_split(data: st.DataObject) -
 # -- the gateways as deployed ----------------------------------------------------------------
 
 
-class RelayServed:
-    """An app under uvicorn with ``RelayH11Protocol``, HTTPS or plain HTTP, in a thread."""
-
-    def __init__(self, app: Any, port: int, tls: Tls | None) -> None:
-        extra: dict[str, Any] = {}
-        if tls is not None:
-            extra = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)}
-        config = uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=port,
-            http=RelayH11Protocol,
-            log_level="warning",
-            lifespan="on",
-            timeout_graceful_shutdown=1,
-            **extra,
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the gateway did not start")
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-
 @dataclass
 class Deployed:
     tls: Tls
@@ -371,7 +340,7 @@ def deployed(
     index_source(sessions, open_archive(FolderArchive(kind="folder", path=root / "archive")))
     tls = Tls(root / "pki")
     limits = GatewaySection(max_transfers=4, chunk_bytes=64 * 1024)
-    served: list[RelayServed] = []
+    served: list[Served] = []
     bases: dict[str, str] = {}
     audits: dict[str, AuditDb] = {}
     try:
@@ -395,7 +364,7 @@ def deployed(
                 limits=limits,
                 index=NodeIndex(sessions) if indexed else None,
             )
-            served.append(RelayServed(app, port, tls if secure else None))
+            served.append(Served(app, tls if secure else None, port))
             bases[name] = base
         yield Deployed(tls, instances, bases, audits, orthanc, root / "archive")
     finally:
@@ -542,7 +511,7 @@ def test_an_archive_failing_mid_stream_breaks_the_transfer_under_the_relay(
         auditor=audit.auditor,
         limits=GatewaySection(archive_timeout_s=5.0),
     )
-    served = RelayServed(app, port, tls if secure else None)
+    served = Served(app, tls if secure else None, port)
     try:
         for number in (1, 2, 3, 4):
             study = f"{STUDY}.{number}"
