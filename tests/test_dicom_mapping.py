@@ -190,6 +190,24 @@ def test_private_tags_do_not_change_the_record(case: tuple[Dataset, dict[str, ob
     assert with_private.instance.sop_uid == without_private.instance.sop_uid
 
 
+@pytest.mark.parametrize("text", ["INF", "-inf", "1e400", "NaN", "2147483648", "-2147483649", "x"])
+def test_integer_fields_out_of_range_are_noted_not_kept(text: str) -> None:
+    # An IS value the index cannot hold (or that is no number) is dropped with a note.
+    header = read_back(make_instance())
+    raw = text.encode()
+    tag = Tag("SeriesNumber")
+    header.dataset[tag] = RawDataElement(tag, "IS", len(raw), raw, 0, False, True)
+    rec = map_header(header)
+    assert rec.series.number is None
+    assert any("SeriesNumber" in note for note in rec.notes)
+
+
+def test_integer_fields_at_the_edge_of_range_are_kept() -> None:
+    header = read_back(make_instance())
+    header.dataset.SeriesNumber = "2147483647"
+    assert map_header(header).series.number == 2**31 - 1
+
+
 @settings(max_examples=100, deadline=None)
 @given(
     st.dictionaries(

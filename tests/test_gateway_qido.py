@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
+import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ncp.audit.record import AuditError
 from ncp.gateway import qido
+from ncp.gateway.app import build_gateway_app
 from ncp.gateway.dicomjson import (
+    ISSUER_OF_PATIENT_ID,
     PATIENT_ID,
     RETRIEVE_URL,
     SERIES_UID,
@@ -26,12 +29,15 @@ from ncp.gateway.dicomjson import (
 )
 from ncp.gateway.upstream import DicomwebUpstream, studies_of
 from tests.gateway_support import (
+    A_KEYS,
     LOOSE_STUDY,
     OTHER_STUDY,
     ROOT,
     STUDY_1,
     STUDY_2,
+    A,
     Gateways,
+    audit_db,
     bearer,
     start_gateways,
     token,
@@ -103,6 +109,53 @@ def test_an_archive_that_caps_its_answers_still_gives_every_study(gateways: Gate
 
     found = [single_text(item, STUDY_UID) for item in asyncio.run(ask())]
     assert sorted(found) == sorted([STUDY_1, STUDY_2, OTHER_STUDY])  # type: ignore[type-var]
+
+
+def test_a_repeated_search_asks_no_issuer_and_still_refuses_another_domain(
+    gateways: Gateways, tmp_path: Any
+) -> None:
+    # STUDY_2's answers name another issuing domain for the same Patient ID: the study is not
+    # the token's patient's. The first search asks the archive for issuers; the next, with every
+    # study's patient remembered, asks only for Patient IDs and still leaves STUDY_2 out.
+    class Recording(DicomwebUpstream):
+        asked: ClassVar[list[set[str]]] = []
+
+        async def _json(self, path: str, params: Any = None) -> list[Any]:
+            items = await super()._json(path, params)
+            if path == "/studies":
+                self.asked.append({v for k, v in params or () if k == "includefield"})
+                for item in items:
+                    if single_text(item, STUDY_UID) == STUDY_2 and ISSUER_OF_PATIENT_ID in item:
+                        item[ISSUER_OF_PATIENT_ID] = {"vr": "LO", "Value": ["1.2.3.999"]}
+            return items
+
+    base = "https://gw.at.example/dicomweb"
+
+    async def search_twice() -> list[list[str | None]]:
+        archive = Recording(
+            gateways.orthanc.dicomweb_url, timeout_s=10, retry_after_s=1, chunk_bytes=65536
+        )
+        app = build_gateway_app(
+            archive=archive,
+            public_base=base,
+            issuer=A,
+            keys=A_KEYS,
+            auditor=audit_db(tmp_path / "audit.db").auditor,
+        )
+        headers = bearer(token(base, (STUDY_1, STUDY_2)))
+        transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+        try:
+            async with httpx.AsyncClient(transport=transport) as http:
+                answers = [await http.get(f"{base}/studies", headers=headers) for _ in range(2)]
+        finally:
+            await archive.aclose()
+        assert all(a.status_code == 200 for a in answers)
+        return [_uids(a.json(), STUDY_UID) for a in answers]
+
+    first, second = asyncio.run(search_twice())
+    assert first == second == [STUDY_1]
+    assert [ISSUER_OF_PATIENT_ID in fields for fields in Recording.asked] == [True, False]
+    assert all(PATIENT_ID in fields for fields in Recording.asked)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -233,15 +233,22 @@ def _person_display(ds: Dataset, keyword: str) -> str | None:
     return " ".join(parts) or None
 
 
+_IS_MIN, _IS_MAX = -(2**31), 2**31 - 1
+
+
 def _int(ds: Dataset, keyword: str, notes: list[str]) -> int | None:
     text = _text(ds, keyword)
     if text is None:
         return None
     try:
-        return int(float(text))
-    except ValueError:
-        notes.append(f"{keyword} is not a number: {text[:40]!r}")
+        number = int(float(text))
+    except (ValueError, OverflowError):  # 'abc', 'NaN'; 'INF', '1e400'
+        number = None
+    # DICOM's IS is a signed 32-bit value, and the index stores it as one.
+    if number is None or not _IS_MIN <= number <= _IS_MAX:
+        notes.append(f"{keyword} is not a number in range: {text[:40]!r}")
         return None
+    return number
 
 
 def _date(ds: Dataset, keyword: str, notes: list[str]) -> date | None:

@@ -442,17 +442,32 @@ class Gateway:
     ) -> dict[str, list[tuple[dict[str, Any], str, str | None]]]:
         """The archive's study-level items by Study Instance UID, for those asked only (exact
         UID), each with its Patient ID and Issuer of Patient ID; the patient of each study
-        found is cached for :meth:`_check_patient`."""
+        found is cached for :meth:`_check_patient`.
+
+        The Patient ID comes from the archive every time. The issuer is asked for only when
+        some study's patient is not cached: Orthanc reads it from each study's stored files
+        unless it keeps it as a main tag (50 studies: about 40 ms more), and a study does
+        not change issuing domains within the cache's lifetime."""
         if not studies:
             return {}
         wanted = set(studies)
         found: dict[str, list[tuple[dict[str, Any], str, str | None]]] = {}
-        asked = fields | {PATIENT_ID, ISSUER_OF_PATIENT_ID}
+        cached = all(self._patient_known(s) for s in studies)
+        issuers = {s: self._patients[s][2] for s in studies} if cached else {}
+        asked = fields | {PATIENT_ID} | (set() if cached else {ISSUER_OF_PATIENT_ID})
         for item in await studies_of(self.archive, studies, asked):
             if isinstance(item, dict) and (uid := single_text(item, STUDY_UID)) in wanted:
                 patient = single_text(item, PATIENT_ID) or ""
-                issuer = single_text(item, ISSUER_OF_PATIENT_ID) or None
+                if cached:
+                    issuer = issuers[uid]
+                    if issuer is not None and ISSUER_OF_PATIENT_ID not in item:
+                        # As an uncached answer gives it: the archive's value, remembered.
+                        item[ISSUER_OF_PATIENT_ID] = element("LO", issuer)
+                else:
+                    issuer = single_text(item, ISSUER_OF_PATIENT_ID) or None
                 found.setdefault(uid, []).append((item, patient, issuer))
+        if cached:
+            return found  # the cache's entries stand; they expire as they were written
         now = time.monotonic()
         if len(self._patients) > 10_000:
             self._patients.clear()
