@@ -20,6 +20,8 @@ first round is a dropped warm-up, then medians of ``--repeat``:
   (the imaging channel as deployed);
 - ``gw_a_asgi``: ``gw_a`` under uvicorn's plain h11 protocol (the mover sends ASGI messages);
 - ``gw_a_listing``: ``gw_a`` without the index (the study's instances listed by Orthanc);
+- ``gw_a_nosplice``: ``gw_a`` with the mover's ``splice=False`` (part bodies read and written,
+  not moved by ``os.splice``);
 - ``edge_tls``: ``ncp edge``'s app (``build_edge_app``) over HTTPS as ``run_edge`` serves it
   (it has no index: it lists the study's instances at its archive);
 - ``gw_a_folder`` (+ ``_tls``): option A over the folder archive (files sent by ``sendfile``).
@@ -76,6 +78,7 @@ VARIANTS = (
     "gw_a_tls",
     "gw_a_asgi",
     "gw_a_listing",
+    "gw_a_nosplice",
     "edge_tls",
     "gw_a_folder",
     "gw_a_folder_tls",
@@ -119,6 +122,12 @@ def serve(args: argparse.Namespace) -> None:
         extra: dict[str, Any] = {}
         if args.index:
             extra["index"] = NodeIndex(session_factory(make_engine(f"sqlite:///{args.index}")))
+        if args.no_splice:
+            import functools
+
+            from ncp.gateway.relay import relay
+
+            extra["relay"] = functools.partial(relay, splice=False)
         app = build_gateway_app(
             archive=archive,
             public_base=args.public_base,
@@ -262,6 +271,8 @@ def run(args: argparse.Namespace) -> None:
                 cmd += ["--archive", orthanc.dicomweb_url]
             if name == "gw_a_asgi":
                 cmd += ["--asgi"]
+            if name == "gw_a_nosplice":
+                cmd += ["--no-splice"]
             if name.startswith("gw_a") and name != "gw_a_listing":
                 cmd += ["--index", str(index)]
             if tls:
@@ -382,6 +393,7 @@ def main() -> None:
     s.add_argument("--folder", default="")
     s.add_argument("--asgi", action="store_true", help="uvicorn's h11, not RelayH11Protocol")
     s.add_argument("--index", default="", help="the node index database (option A)")
+    s.add_argument("--no-splice", action="store_true", help="the mover with splice=False")
     s.add_argument("--cert", default="")
     s.add_argument("--key", default="")
     parser.add_argument("--instances", type=int, default=1000)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from email.message import Message
 
 from ncp.gateway.errors import StreamBroken
+from ncp.gateway.relay import ArchiveRange, Upstream
 
 Buffer = bytes | bytearray | memoryview
 """A piece of a body: chunks and part bodies are passed on without copying."""
@@ -62,10 +63,18 @@ class MultipartReader:
     Pieces are views into the chunks read (no copy of the body): a chunk is searched for the
     delimiter where it lies, and only the few bytes that might start a delimiter at a chunk's
     end are carried over to the next one. Callers must not change the chunks they hand in.
+
+    ``source``: the archive answer the chunks are read from (their only reader): a part's body
+    may then skip ahead past what was read, as an :class:`~ncp.gateway.relay.ArchiveRange`
+    (:meth:`PartBody.ahead`).
     """
 
-    def __init__(self, chunks: AsyncIterator[Buffer], boundary: bytes) -> None:
+    def __init__(
+        self, chunks: AsyncIterator[Buffer], boundary: bytes, *, source: Upstream | None = None
+    ) -> None:
         self._chunks = chunks
+        self._source = source
+        self._range: ArchiveRange | None = None  # taken by ahead(), moved before reading on
         self._dash = b"--" + boundary
         self._delimiter = b"\r\n" + self._dash
         self._data: bytes | bytearray = b""
@@ -79,6 +88,10 @@ class MultipartReader:
     async def _next_chunk(self) -> bytes | bytearray | None:
         if self._eof:
             return None
+        if self._range is not None:
+            if not self._range.done:
+                raise MultipartError("a part's range was not moved before reading on")
+            self._range = None
         try:
             chunk = await anext(self._chunks)
         except StopAsyncIteration:
@@ -168,13 +181,64 @@ class MultipartReader:
                 return tail  # no delimiter starts in it
             self._data, self._pos = (tail + chunk if tail else chunk), 0
 
-    async def body(self) -> AsyncIterator[Buffer]:
+    def body(self) -> PartBody:
         """The current part's body as an async iterator."""
-        while True:
-            piece = await self.read()
-            if piece is None:
-                return
-            yield piece
+        return PartBody(self)
+
+    @property
+    def spliceable(self) -> bool:
+        return self._source is not None
+
+    def ahead(self, count: int) -> tuple[memoryview, ArchiveRange] | None:
+        """The current part's next ``count`` bytes taken without looking for its end: what
+        was read of them (a view, maybe empty) and an :class:`~ncp.gateway.relay.ArchiveRange`
+        for the rest, which must be moved before anything more is read; None when there is no
+        rest, when what was read holds a delimiter (the part ends before), or the source cannot
+        give a range. A delimiter inside the range (an archive writing its boundary inside a
+        part, which RFC 2046 forbids) is not seen: the caller must know where the part ends
+        (``ncp.gateway.parthead.pixel_end``) and check what follows the range."""
+        if self._state != "body" or self._source is None or self._range is not None:
+            return None
+        held = len(self._data) - self._pos
+        if count <= held or self._data.find(self._delimiter, self._pos) >= 0:
+            return None
+        taken = self._source.range(count - held)
+        if taken is None:
+            return None
+        piece = memoryview(self._data)[self._pos :]
+        self._data, self._pos, self._range = b"", 0, taken
+        return piece, taken
+
+
+class PartBody:
+    """One part's body (:meth:`MultipartReader.body`): an async iterator of pieces, which can
+    also skip ahead (:meth:`ahead`, the byte path's splice)."""
+
+    def __init__(self, reader: MultipartReader) -> None:
+        self._reader = reader
+        self._ended = False
+
+    def __aiter__(self) -> PartBody:
+        return self
+
+    async def __anext__(self) -> Buffer:
+        piece = None if self._ended else await self._reader.read()
+        if piece is None:
+            self._ended = True  # never the next part's bytes
+            raise StopAsyncIteration
+        return piece
+
+    @property
+    def spliceable(self) -> bool:
+        """Whether :meth:`ahead` can give a range at all (the reader knows its source)."""
+        return self._reader.spliceable
+
+    def ahead(self, count: int) -> tuple[memoryview, ArchiveRange] | None:
+        """:meth:`MultipartReader.ahead` for this part."""
+        return None if self._ended else self._reader.ahead(count)
+
+    async def aclose(self) -> None:
+        return None
 
 
 @dataclass(frozen=True, slots=True)

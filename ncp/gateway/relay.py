@@ -11,9 +11,11 @@ only moves bytes, with constant memory and honest failure:
   closing delimiter of its multipart. Otherwise :class:`TransferBroken`.
 - client writes (:func:`relay`, the gateway's ``relay`` hook; :class:`RelayResponse`): under
   uvicorn with ``http=RelayH11Protocol`` and a chunked answer, pieces go straight to the
-  transport and :class:`FileRegion` pieces by ``sendfile`` (zero-copy on plain TCP); elsewhere,
-  ASGI body messages. Either way the next piece is produced only when the transport has room,
-  so a slow client slows the archive read instead of filling memory.
+  transport and :class:`FileRegion` pieces by ``sendfile`` (zero-copy on plain TCP), and on
+  plain TCP :class:`ArchiveRange` pieces (part bodies not read yet) by ``os.splice`` from the
+  archive's socket (:mod:`ncp.gateway.splice`); elsewhere, ASGI body messages. Either way the
+  next piece is produced only when the transport has room, so a slow client slows the archive
+  read instead of filling memory.
 - a failure after the answer began propagates; the direct path aborts the connection first, and
   the ASGI server closes it without the last chunk: the client sees a broken transfer, never a
   clean short study.
@@ -39,11 +41,15 @@ from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ncp.errors import ArchiveError, NcpError
+from ncp.gateway.splice import Pipe, SinkFailed, SourceFailed, move
 
 MAX_HEAD_BYTES = 64 * 1024
 _JOIN_BYTES = 64 * 1024
 """Pieces up to this size are written in one piece with their chunk framing."""
 DEFAULT_CHUNK_BYTES = 1 << 20
+_HEAD_READ_BYTES = 16 * 1024
+"""Read after an archive range, in as many reads as it takes: the next part's delimiter and
+head, not its body."""
 # Headers of the archive's answer that describe its connection or framing, never ours.
 _HOP_BY_HOP = frozenset(
     {
@@ -78,9 +84,32 @@ class FileRegion:
         return self.count
 
 
+class ArchiveRange:
+    """The next ``count`` bytes of an archive's body, not read yet (:meth:`Upstream.range`):
+    moved by ``os.splice`` from the archive's socket to the client's (:meth:`RawBody.splice`,
+    plain TCP) or read in pieces (:meth:`Upstream.read_range`). Moved once, before anything
+    further is read from that archive. ``prefix``: bytes sent just before them, in the same
+    chunk and write (a part's header and head: one send per part, not two)."""
+
+    __slots__ = ("count", "moved", "prefix", "source")
+
+    def __init__(self, source: Upstream, count: int) -> None:
+        self.source = source
+        self.count = count
+        self.moved = 0
+        self.prefix = b""
+
+    def __len__(self) -> int:
+        return len(self.prefix) + self.count
+
+    @property
+    def done(self) -> bool:
+        return self.moved == self.count
+
+
 Buffer = bytes | bytearray | memoryview
 """Bytes as they are passed along the path: chunks read and views into them, never copied."""
-Chunk = Buffer | FileRegion
+Chunk = Buffer | FileRegion | ArchiveRange
 
 
 class RawBody:
@@ -159,6 +188,65 @@ class RawBody:
     def abort(self) -> None:
         self._transport.abort()
 
+    @property
+    def can_splice(self) -> bool:
+        """Plain TCP with a socket of its own: bytes written to it reach the client as they
+        are (never under TLS, asyncio's or a thread's)."""
+        extra = self._transport.get_extra_info
+        return not self.tls and extra("ssl_object") is None and extra("socket") is not None
+
+    async def splice(self, region: ArchiveRange, pipe: Pipe) -> None:
+        """Move an archive range to the client's socket in the kernel (plain TCP only): one
+        chunk, its size line written through the transport, whose buffer is then let drain to
+        empty (so the range follows it on the socket), then ``os.splice`` into a duplicate of
+        the socket's descriptor (the loop refuses to watch a transport's own one), the
+        transport left as it was. :class:`ClientGone` when the client's connection fails."""
+        transport = self._transport
+        transport.write(self._lead(len(region)) + region.prefix)
+        low, high = transport.get_write_buffer_limits()
+        transport.set_write_buffer_limits(high=0)  # paused until the buffer is empty
+        try:
+            while transport.get_write_buffer_size():
+                await self.drain()
+        finally:
+            if not transport.is_closing():
+                transport.set_write_buffer_limits(high=high, low=low)
+        if pipe.sink is None:
+            sock = transport.get_extra_info("socket")
+            if sock is None or transport.is_closing():
+                raise ClientGone("the client's connection closed")
+            pipe.sink = os.dup(sock.fileno())
+        SPLICED.started += 1
+        try:
+            await region.source.splice_into(region, pipe.sink, pipe)
+        except SinkFailed as e:
+            raise ClientGone(str(e)) from None
+        if transport.is_closing():
+            raise ClientGone("the client's connection closed")
+        SPLICED.ranges += 1
+        SPLICED.bytes += region.count
+
+
+@dataclass(slots=True)
+class SpliceCount:
+    """Archive ranges moved by ``os.splice`` in this process (how often the path is taken)."""
+
+    started: int = 0
+    ranges: int = 0
+    bytes: int = 0
+
+
+SPLICED = SpliceCount()
+
+_splicing: ContextVar[bool] = ContextVar("ncp_relay_splicing", default=False)
+
+
+def splice_wanted() -> bool:
+    """Whether the mover now iterating the answer's chunks moves :class:`ArchiveRange` pieces
+    with ``os.splice`` (:func:`relay` on plain TCP): only then is an archive range worth
+    making, elsewhere today's reads are as fast."""
+    return _splicing.get()
+
 
 def _frozen(data: Buffer) -> bytes | memoryview:
     """``data``, or a copy if it could change: a transport may keep a reference to what the
@@ -206,26 +294,45 @@ class _WithRawBody:
 
 
 async def relay(
-    chunks: AsyncIterator[Chunk], send: Send, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    chunks: AsyncIterator[Chunk],
+    send: Send,
+    *,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    splice: bool = True,
 ) -> int:
     """Send every chunk of an answer whose head was sent; returns the body bytes sent.
 
     The contract of ``ncp.gateway.stream.relay`` (the gateway's ``relay`` hook): the answer's
     last message is the caller's, sent once the transfer's audit record is written. Faster:
     under :class:`RelayH11Protocol` with a chunked answer, pieces go straight to the transport
-    and :class:`FileRegion` pieces by ``sendfile`` (plain TCP). A failure of ``chunks``
-    propagates (the caller lets the server drop the connection); on the direct path the
-    connection is aborted first, so no end of body can follow.
+    and :class:`FileRegion` pieces by ``sendfile`` (plain TCP); on plain TCP and with
+    ``splice``, :class:`ArchiveRange` pieces by ``os.splice`` (:func:`splice_wanted` tells the
+    producer while ``chunks`` is iterated). A failure of ``chunks`` propagates (the caller lets
+    the server drop the connection); on the direct path the connection is aborted first, so no
+    end of body can follow.
     """
     raw = _raw_body.get()
     if raw is not None and not raw.active:
         raw = None
+    pipe: Pipe | None = None
+    splicing = raw is not None and splice and raw.can_splice
+    token = _splicing.set(splicing)
     sent = 0
     try:
         async for chunk in chunks:
             if not len(chunk):
                 continue
-            if raw is not None:
+            if isinstance(chunk, ArchiveRange) and raw is not None and splicing:
+                pipe = pipe or Pipe()
+                await raw.splice(chunk, pipe)
+            elif isinstance(chunk, ArchiveRange):
+                prefix = [chunk.prefix] if chunk.prefix else []
+                async for data in _chain(prefix, chunk.source.read_range(chunk)):
+                    if raw is not None:
+                        await raw.write(data)
+                    else:
+                        await send({"type": "http.response.body", "body": data, "more_body": True})
+            elif raw is not None:
                 if isinstance(chunk, FileRegion):
                     await raw.send_file(chunk, chunk_bytes)
                 else:
@@ -240,9 +347,20 @@ async def relay(
         if raw is not None:
             raw.abort()  # never let a partial chunk or a clean close look like an end
         raise
+    finally:
+        _splicing.reset(token)
+        if pipe is not None:
+            pipe.close()
     if raw is not None:
         raw.finish()
     return sent
+
+
+async def _chain(first: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    for data in first:
+        yield data
+    async for data in rest:
+        yield data
 
 
 def open_region(region: FileRegion) -> Any:
@@ -321,6 +439,14 @@ class Upstream:
         self._timeout = timeout
         self._chunk_bytes = chunk_bytes
         self._used = False
+        # For ranges taken from the socket past the reader (:meth:`range`): the body's framing,
+        # what a sized body has left, the tail a close-delimited one ends with, and how much
+        # to read in small pieces (after a range: the next part's head, not its body, which
+        # is left in the socket for the next range).
+        self._framing = ""
+        self._left = 0
+        self._tail = b""
+        self._small_reads = 0
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (case-insensitive), or None."""
@@ -345,14 +471,17 @@ class Upstream:
         encoding = (self.header("transfer-encoding") or "").lower()
         length = self.header("content-length")
         if "chunked" in encoding:
+            self._framing = "chunked"
             pieces = self._chunked()
         elif length is not None:
             try:
                 size = int(length)
             except ValueError:
                 raise TransferBroken(f"archive sent Content-Length {length!r}") from None
+            self._framing = "sized"
             pieces = self._sized(size)
         else:
+            self._framing = "close"
             pieces = self._until_close()
         async for piece in pieces:
             yield piece
@@ -368,52 +497,104 @@ class Upstream:
         if self._first:
             first, self._first = self._first, b""
             yield first
-        sock = self._sock
-        if sock is None:
-            raise TransferBroken("archive connection closed")
-        loop = asyncio.get_running_loop()
-        size = self._chunk_bytes
         while True:
-            try:
-                try:
-                    data = sock.recv(size)  # what is at hand, without a trip through the loop
-                except BlockingIOError:
-                    data = await asyncio.wait_for(loop.sock_recv(sock, size), self._timeout)
-            except TimeoutError:
-                raise TransferBroken("archive stopped sending (timeout)") from None
-            except OSError as e:
-                raise TransferBroken(f"archive connection failed: {e.strerror or e}") from e
+            size = self._chunk_bytes
+            if self._small_reads:
+                size = self._small_reads
+            data = await self._recv(size)
+            self._small_reads = max(self._small_reads - len(data), 0)
             yield data
             if not data:
                 return
 
+    async def _recv(self, size: int) -> bytes:
+        sock = self._sock
+        if sock is None:
+            raise TransferBroken("archive connection closed")
+        try:
+            try:
+                return sock.recv(size)  # what is at hand, without a trip through the loop
+            except BlockingIOError:
+                loop = asyncio.get_running_loop()
+                return await asyncio.wait_for(loop.sock_recv(sock, size), self._timeout)
+        except TimeoutError:
+            raise TransferBroken("archive stopped sending (timeout)") from None
+        except OSError as e:
+            raise TransferBroken(f"archive connection failed: {e.strerror or e}") from e
+
     async def _sized(self, size: int) -> AsyncIterator[bytes]:
-        left = size
+        self._left = size  # less what ranges take while a piece is out
         async for data in self._reads():
             if not data:
                 break
-            if len(data) > left:
-                data = data[:left]  # an archive sending more than it announced: ignore the rest
-            left -= len(data)
+            if len(data) > self._left:
+                data = data[: self._left]  # an archive sending more than it announced: ignore
+            self._left -= len(data)
             yield data
-            if left == 0:
+            if self._left == 0:
                 return
-        if left:
-            raise TransferBroken(f"archive body ended {left} bytes short of its Content-Length")
+        if self._left:
+            raise TransferBroken(
+                f"archive body ended {self._left} bytes short of its Content-Length"
+            )
 
     async def _until_close(self) -> AsyncIterator[bytes]:
         match = _BOUNDARY.search(self.content_type or "")
         closing = b"--" + match.group(1).encode("latin-1") + b"--" if match else None
-        tail = b""
+        keep = len(closing) + 64 if closing is not None else 0
+        self._tail = b""  # emptied by a range: what ends the body is read after it
         async for data in self._reads():
             if not data:
                 break
             if closing is not None:
-                tail = (tail + data[-(len(closing) + 64) :])[-(len(closing) + 64) :]
+                self._tail = (self._tail + data[-keep:])[-keep:]
             yield data
         # Orthanc (and others) end WADO-RS multipart with the closing delimiter, maybe a CRLF.
-        if closing is not None and not tail.rstrip().endswith(closing):
+        if closing is not None and not self._tail.rstrip().endswith(closing):
             raise TransferBroken("archive body ended before the closing multipart delimiter")
+
+    # -- ranges: bytes taken from the socket past the reader ----------------------------------
+
+    def range(self, count: int) -> ArchiveRange | None:
+        """The ``count`` bytes that follow everything :meth:`body` handed out, as an
+        :class:`ArchiveRange` to move before the body is read on; None when they cannot be
+        taken from the socket untouched (a chunked body, a sized one with fewer left, the
+        connection closed). The body's framing is kept: a sized body counts the range, a
+        close-delimited one still needs its closing delimiter after it."""
+        if count <= 0 or self._sock is None or self._first or self._framing == "":
+            return None
+        if self._framing == "chunked" or (self._framing == "sized" and count > self._left):
+            return None
+        if self._framing == "sized":
+            self._left -= count
+        self._tail = b""
+        self._small_reads = _HEAD_READ_BYTES
+        return ArchiveRange(self, count)
+
+    async def splice_into(self, region: ArchiveRange, fd: int, pipe: Pipe) -> None:
+        """Move ``region`` to the socket ``fd`` in the kernel (:func:`ncp.gateway.splice.move`);
+        :class:`TransferBroken` when the archive ends or fails first, ``SinkFailed`` when the
+        client does."""
+        sock = self._sock
+        if sock is None or region.source is not self or region.moved:
+            raise TransferBroken("archive connection closed")
+        try:
+            await move(sock.fileno(), fd, region.count, pipe, timeout=self._timeout)
+        except SourceFailed as e:
+            raise TransferBroken(f"{e} (inside a spliced range)") from None
+        region.moved = region.count
+
+    async def read_range(self, region: ArchiveRange) -> AsyncIterator[bytes]:
+        """``region`` read from the socket in pieces (where it cannot be spliced)."""
+        if region.source is not self or region.moved:
+            raise TransferBroken("archive connection closed")
+        while region.moved < region.count:
+            data = await self._recv(min(self._chunk_bytes, region.count - region.moved))
+            if not data:
+                raise TransferBroken("archive closed its connection inside a range")
+            region.moved += len(data)
+            yield data
+        self._small_reads = _HEAD_READ_BYTES
 
     async def _chunked(self) -> AsyncIterator[bytes]:
         pending = bytearray()

@@ -20,9 +20,17 @@ from typing import Any
 import anyio
 
 from ncp.gateway.errors import StreamBroken
-from ncp.gateway.multipart import Buffer, MultipartWriter, PartHead
-from ncp.gateway.parthead import HEAD_LIMIT, PartIds, dataset_ids, file_meta, meta_end
-from ncp.gateway.relay import Chunk, FileRegion, read_region
+from ncp.gateway.multipart import Buffer, MultipartWriter, PartBody, PartHead
+from ncp.gateway.parthead import (
+    HEAD_LIMIT,
+    AfterPixels,
+    PartIds,
+    dataset_ids,
+    file_meta,
+    meta_end,
+    pixel_end,
+)
+from ncp.gateway.relay import ArchiveRange, Chunk, FileRegion, read_region, splice_wanted
 
 Message = MutableMapping[str, Any]
 Send = Callable[[Message], Awaitable[None]]
@@ -37,8 +45,15 @@ async def relay(chunks: AsyncIterator[Chunk], send: Send) -> int:
     ``ncp.gateway.relay.relay``): :class:`StreamedAnswer` then ends it."""
     sent = 0
     async for chunk in chunks:
-        if isinstance(chunk, FileRegion):
-            async for data in read_region(chunk, 1 << 20):
+        if isinstance(chunk, FileRegion | ArchiveRange):
+            if isinstance(chunk, ArchiveRange) and chunk.prefix:
+                await send({"type": "http.response.body", "body": chunk.prefix, "more_body": True})
+            pieces = (
+                read_region(chunk, 1 << 20)
+                if isinstance(chunk, FileRegion)
+                else chunk.source.read_range(chunk)
+            )
+            async for data in pieces:
                 await send({"type": "http.response.body", "body": data, "more_body": True})
             sent += len(chunk)
         elif chunk:
@@ -159,16 +174,17 @@ class Membership:
 
 async def _part_head(
     body: AsyncIterator[Chunk], reads_data_set: bool
-) -> tuple[list[Chunk], str, str, PartIds | None]:
-    """The chunks read to name a part, its SOP Instance UID and transfer syntax (file meta) and
-    its data set UIDs (when asked); StreamBroken when it does not name itself within HEAD_LIMIT
-    bytes (a folder's file region must come after them). The first chunk is looked at in
-    place; bytes are copied only when the head spans chunks, and only as many as needed."""
+) -> tuple[list[Chunk], str, str, PartIds | None, Buffer]:
+    """The chunks read to name a part, its SOP Instance UID and transfer syntax (file meta),
+    its data set UIDs (when asked) and its first bytes as far as they were looked at;
+    StreamBroken when it does not name itself within HEAD_LIMIT bytes (a folder's file region
+    must come after them). The first chunk is looked at in place; bytes are copied only when
+    the head spans chunks, and only as many as needed."""
     held: list[Chunk] = []
     head: Buffer = b""
     need = 144
     async for chunk in body:
-        if isinstance(chunk, FileRegion):
+        if isinstance(chunk, FileRegion | ArchiveRange):
             break
         held.append(chunk)
         view = memoryview(chunk)
@@ -189,10 +205,10 @@ async def _part_head(
                 need = meta_end(head)
                 continue
             if not reads_data_set:
-                return held, facts[0], facts[1], None
+                return held, facts[0], facts[1], None, head
             ids = dataset_ids(head, meta_end(head), facts[1])
             if isinstance(ids, PartIds):
-                return held, facts[0], facts[1], ids
+                return held, facts[0], facts[1], ids, head
             need = ids
     raise StreamBroken("a part ended or left its first bytes before it named its instance")
 
@@ -211,28 +227,54 @@ async def dicom_answer(
 
     Large pieces (an archive's 1 MiB reads, file regions) are passed on as they are, without a
     copy; small ones (part heads, a slow archive's trickle) are gathered up to ``flush_bytes``.
-    Each part is flushed when it ends, so a slow archive's complete instances go out at once."""
+    Each part is flushed when it ends, so a slow archive's complete instances go out at once.
+
+    Where the mover splices (:func:`ncp.gateway.relay.splice_wanted`: plain TCP) and the part's
+    head shows where its native pixel data ends (:func:`ncp.gateway.parthead.pixel_end`), the
+    part's bytes up to there that were not read yet go as one
+    :class:`~ncp.gateway.relay.ArchiveRange`, unseen: the part must then end right after it,
+    or with whole elements (:class:`~ncp.gateway.parthead.AfterPixels`), else the transfer
+    breaks; what a Pixel Data length that claims too much pulled into the range (the archive's
+    next delimiter and part headers) has then reached the client inside the broken answer. Not
+    caught: a delimiter inside the range (the archive writing its boundary inside a part's
+    content, which RFC 2046 forbids)."""
     check = Membership(expected)
     pending = bytearray()
     small = max(flush_bytes // 16, 4096)
+    first = True
     async for part in parts:
         body = part.body
-        held, sop, syntax, ids = await _part_head(body, check.reads_data_set)
+        held, sop, syntax, ids, head = await _part_head(body, check.reads_data_set)
         check.admit(sop, ids)
         pending += writer.open_part(PartHead(f"application/dicom; transfer-syntax={syntax}"))
         size = 0
-        async for chunk in _chain(held, body):
-            if isinstance(chunk, FileRegion) or len(chunk) >= small:
-                if pending:
-                    yield bytes(pending)
-                    pending.clear()
-                yield chunk
-            else:
-                pending += chunk
-                if len(pending) >= flush_bytes:
-                    yield bytes(pending)
-                    pending.clear()
+        for chunk in held:
+            for out in _pass(chunk, pending, small, flush_bytes):
+                yield out
             size += len(chunk)
+        after: AfterPixels | None = None
+        if isinstance(body, PartBody) and body.spliceable:
+            if first and pending:  # the answer's first bytes, read before the mover runs:
+                yield bytes(pending)  # what splice_wanted() says counts from here on
+                pending.clear()
+            end = pixel_end(head, meta_end(head), syntax) if splice_wanted() else None
+            taken = body.ahead(end - size) if end and end - size >= MIN_SPLICE_BYTES else None
+            if taken is not None:  # what was gathered and read goes out with the range
+                after = AfterPixels(syntax)
+                view, spliced = taken
+                spliced.prefix = bytes(pending) + view
+                pending.clear()
+                yield spliced
+                size += len(view) + spliced.count
+        first = False
+        async for chunk in body:
+            if after is not None and not isinstance(chunk, FileRegion | ArchiveRange):
+                after.feed(chunk)
+            for out in _pass(chunk, pending, small, flush_bytes):
+                yield out
+            size += len(chunk)
+        if after is not None:
+            after.end()
         if pending:
             yield bytes(pending)
             pending.clear()
@@ -243,11 +285,26 @@ async def dicom_answer(
     yield writer.close()
 
 
-async def _chain(held: list[Chunk], rest: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
-    for chunk in held:
-        yield chunk
-    async for chunk in rest:
-        yield chunk
+MIN_SPLICE_BYTES = 64 * 1024
+"""A part's unread bytes up to its pixel data's end worth a splice (which first waits for the
+client to take what was written before it)."""
+
+
+def _pass(chunk: Chunk, pending: bytearray, small: int, flush_bytes: int) -> list[Chunk]:
+    """What to send now of ``chunk``: large pieces as they are (after what was gathered), small
+    ones gathered in ``pending`` up to ``flush_bytes``."""
+    if isinstance(chunk, FileRegion | ArchiveRange) or len(chunk) >= small:
+        if not pending:
+            return [chunk] if len(chunk) else []
+        out: list[Chunk] = [bytes(pending), chunk]
+        pending.clear()
+        return out
+    pending += chunk
+    if len(pending) < flush_bytes:
+        return []
+    out = [bytes(pending)]
+    pending.clear()
+    return out
 
 
 class StreamedAnswer:

@@ -288,7 +288,7 @@ class DicomwebUpstream:
         except BaseException:
             await upstream.aclose()
             raise
-        reader = MultipartReader(_raw_body(upstream), boundary)
+        reader = MultipartReader(_raw_body(upstream), boundary, source=upstream)
 
         async def parts() -> AsyncIterator[DicomPart]:
             try:
