@@ -106,6 +106,14 @@ class ArchiveRange:
     def done(self) -> bool:
         return self.moved == self.count
 
+    async def pieces(self) -> AsyncIterator[bytes]:
+        """The prefix, then the range read from the archive in pieces (movers that do not
+        splice)."""
+        if self.prefix:
+            yield self.prefix
+        async for data in self.source.read_range(self):
+            yield data
+
 
 Buffer = bytes | bytearray | memoryview
 """Bytes as they are passed along the path: chunks read and views into them, never copied."""
@@ -326,8 +334,7 @@ async def relay(
                 pipe = pipe or Pipe()
                 await raw.splice(chunk, pipe)
             elif isinstance(chunk, ArchiveRange):
-                prefix = [chunk.prefix] if chunk.prefix else []
-                async for data in _chain(prefix, chunk.source.read_range(chunk)):
+                async for data in chunk.pieces():
                     if raw is not None:
                         await raw.write(data)
                     else:
@@ -354,13 +361,6 @@ async def relay(
     if raw is not None:
         raw.finish()
     return sent
-
-
-async def _chain(first: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    for data in first:
-        yield data
-    async for data in rest:
-        yield data
 
 
 def open_region(region: FileRegion) -> Any:

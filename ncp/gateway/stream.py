@@ -46,12 +46,8 @@ async def relay(chunks: AsyncIterator[Chunk], send: Send) -> int:
     sent = 0
     async for chunk in chunks:
         if isinstance(chunk, FileRegion | ArchiveRange):
-            if isinstance(chunk, ArchiveRange) and chunk.prefix:
-                await send({"type": "http.response.body", "body": chunk.prefix, "more_body": True})
             pieces = (
-                read_region(chunk, 1 << 20)
-                if isinstance(chunk, FileRegion)
-                else chunk.source.read_range(chunk)
+                read_region(chunk, 1 << 20) if isinstance(chunk, FileRegion) else chunk.pieces()
             )
             async for data in pieces:
                 await send({"type": "http.response.body", "body": data, "more_body": True})
