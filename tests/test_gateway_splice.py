@@ -41,6 +41,7 @@ from ncp.gateway.errors import StreamBroken
 from ncp.gateway.parthead import AfterPixels, file_meta, meta_end, pixel_end
 from ncp.gateway.relay import SPLICED
 from ncp.gateway.relay import relay as fast_relay
+from ncp.gateway.splice import PIPE_BYTES
 from tests.gateway_support import (
     A_KEYS,
     AS_STORED,
@@ -271,6 +272,7 @@ class RawArchive:
     count: int
     steps: list[Step]
     sized: bool = False
+    send_buffer: int | None = None  # SO_SNDBUF of the retrieve's socket; the kernel's otherwise
     sent: int = 0
     peer_closed: threading.Event = field(default_factory=threading.Event)
     server: socket.socket = field(init=False)
@@ -292,6 +294,8 @@ class RawArchive:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        if self.send_buffer is not None:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer)
         with conn:
             head = b""
             while b"\r\n\r\n" not in head:
@@ -591,31 +595,58 @@ def test_a_pixel_data_length_claiming_more_than_the_part_holds_breaks_the_transf
         archive.close()
 
 
+_SMALL_BUFFER = 1 << 18  # the test's own sockets: fixed, so the kernel does not grow them
+_GATEWAY_HELD = 4 << 20  # the gateway's own buffers: a read, a part head, the write buffer
+
+
+def _kernel_max(tcp: str, core: str) -> int:
+    """The most a socket's buffer can hold: grown by the kernel (``tcp_rmem``/``tcp_wmem``) or
+    set by its owner (``rmem_max``/``wmem_max``, doubled by the kernel)."""
+    grown = int(Path(f"/proc/sys/net/ipv4/{tcp}").read_text().split()[2])
+    return max(grown, 2 * int(Path(f"/proc/sys/net/core/{core}").read_text()))
+
+
+def _held_on_the_way() -> int:
+    """The most bytes that can lie between an archive and a client that has stopped reading,
+    the gateway holding no more than its own few buffers: both test sockets' fixed buffers
+    (doubled by the kernel), the gateway's receive buffer, its pipe and its send buffer."""
+    rmem, wmem = _kernel_max("tcp_rmem", "rmem_max"), _kernel_max("tcp_wmem", "wmem_max")
+    return 4 * _SMALL_BUFFER + rmem + PIPE_BYTES + wmem + _GATEWAY_HELD
+
+
 def test_a_stalled_client_stalls_the_archive_then_gets_the_whole_study(
     gateway_for: Callable[..., Gateway],
 ) -> None:
     study = f"{ROOT}.63"
-    # 32 x 1.5 MiB: larger than a read, so whatever the timing, parts are spliced.
-    parts = _study_parts(study, 32, rows=1536, columns=512)
+    # Parts of 1.5 MiB: larger than a read, so whatever the timing, parts are spliced. The
+    # study outgrows what the buffers on the way can hold by 8 MiB (the kernel's own limits
+    # set them: loopback buffers grow to tens of MiB on some machines).
+    bound = _held_on_the_way()
+    count = -(-(bound + (8 << 20)) // (1536 * 512 * 2))
+    parts = _study_parts(study, count, rows=1536, columns=512)
     body = _multipart(parts)
-    archive = RawArchive(study, 32, [body])
+    assert len(body) > bound + (8 << 20)
+    archive = RawArchive(study, count, [body], send_buffer=_SMALL_BUFFER)
     gateway = gateway_for(archive.url)
     before = SPLICED.ranges
+    small = httpx.HTTPTransport(
+        socket_options=[(socket.SOL_SOCKET, socket.SO_RCVBUF, _SMALL_BUFFER)]
+    )
     try:
         url = f"{gateway.base}/studies/{study}"
         with (
-            httpx.Client(timeout=60.0) as http,
+            httpx.Client(timeout=60.0, transport=small) as http,
             http.stream("GET", url, headers=gateway.headers(study)) as r,
         ):
             pieces = r.iter_raw()
             received = bytearray(next(pieces))
             # The client reads no more: the archive must stop once the buffers on the way
-            # (sockets, the gateway's pipe and one read) are full, long before the study ends.
+            # are full, long before the study ends.
             last = -1
             while archive.sent != last:
                 last = archive.sent
                 time.sleep(0.5)
-            assert archive.sent < len(body) // 2
+            assert archive.sent <= bound
             for piece in pieces:
                 received.extend(piece)
             assert _parts(r.headers["content-type"], bytes(received)) == parts
