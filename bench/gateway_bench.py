@@ -4,10 +4,10 @@
 
 Starts one Orthanc, generates a CT study (1000 x 512x512 16-bit: 525 MB; see
 ``byte_path_alternatives.make_study``), stores it in Orthanc and as a folder, and signs an image
-access token for it. Each gateway runs in its own process (uvicorn, as the node and ``ncp edge``
-serve it), and curl retrieves the whole study (``Accept: multipart/related;
-type="application/dicom"``, bearer token) through each, interleaved with Orthanc direct; the
-first round is a dropped warm-up, then medians of ``--repeat``:
+access token for it. Each gateway runs in its own process (``serve_gateway.py``: the server
+that the node and ``ncp edge`` run), and curl retrieves the whole study (``Accept:
+multipart/related; type="application/dicom"``, bearer token) through each, interleaved with
+Orthanc direct; the first round is a dropped warm-up, then medians of ``--repeat``:
 
 - ``direct``: Orthanc itself (plain HTTP, the reference);
 - ``direct_tls``: a second Orthanc over HTTPS (``OrthancServer.start(tls=True)``, curl with its
@@ -83,73 +83,6 @@ VARIANTS = (
     "gw_a_folder",
     "gw_a_folder_tls",
 )
-
-
-# --- the gateway process ---------------------------------------------------------------------
-
-
-def serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
-    from ncp.audit.record import Auditor
-    from ncp.config import DicomwebArchive, EdgeSettings, FolderArchive
-    from ncp.gateway.access import JwksFileKeys
-    from ncp.gateway.app import build_gateway_app
-    from ncp.gateway.relay import RelayH11Protocol
-    from ncp.gateway.studyindex import NodeIndex
-    from ncp.store.db import make_engine, migrate, session_factory
-
-    archive: Any = (
-        FolderArchive(kind="folder", path=Path(args.folder))
-        if args.folder
-        else DicomwebArchive(kind="dicomweb", url=args.archive)
-    )
-    if args.kind == "edge":
-        from ncp.gateway.edge import build_edge_app
-
-        settings = EdgeSettings.model_validate(
-            {
-                "edge": {"country": COUNTRY, "audience": args.public_base, "jwks": args.jwks},
-                "archive": archive.model_dump(),
-                "tls": {"certificate": args.cert, "key": args.key},
-                "database": {"url": f"sqlite:///{args.db}"},
-            }
-        )
-        app = build_edge_app(settings)
-    else:
-        engine = make_engine(f"sqlite:///{args.db}")
-        migrate(engine)
-        extra: dict[str, Any] = {}
-        if args.index:
-            extra["index"] = NodeIndex(session_factory(make_engine(f"sqlite:///{args.index}")))
-        if args.no_splice:
-            import functools
-
-            from ncp.gateway.relay import relay
-
-            extra["relay"] = functools.partial(relay, splice=False)
-        app = build_gateway_app(
-            archive=archive,
-            public_base=args.public_base,
-            issuer=COUNTRY,
-            keys=JwksFileKeys(Path(args.jwks), COUNTRY),
-            auditor=Auditor(session_factory(engine), country=COUNTRY),
-            **extra,
-        )
-    tls: dict[str, Any] = {}
-    if args.cert:
-        tls = {"ssl_certfile": args.cert, "ssl_keyfile": args.key}
-    uvicorn.run(
-        app,
-        host="127.0.0.1",
-        port=args.port,
-        log_level="warning",
-        access_log=False,
-        http="h11" if args.asgi else RelayH11Protocol,
-        loop="asyncio",
-        lifespan="on",
-        **tls,
-    )
 
 
 # --- measuring ---------------------------------------------------------------------------------
@@ -261,7 +194,7 @@ def run(args: argparse.Namespace) -> None:
             port = free_port()
             scheme, host = ("https", "localhost") if tls else ("http", "127.0.0.1")
             public_base = f"{scheme}://{host}:{port}/dicomweb"
-            cmd = [sys.executable, str(Path(__file__).resolve()), "serve", "--port", str(port)]
+            cmd = [sys.executable, str(BENCH / "serve_gateway.py"), "--port", str(port)]
             cmd += ["--kind", "edge" if name.startswith("edge") else "a"]
             cmd += ["--public-base", public_base, "--jwks", str(jwks)]
             cmd += ["--db", str(work / f"{name}.db")]
@@ -382,30 +315,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    sub = parser.add_subparsers(dest="cmd")
-    s = sub.add_parser("serve")
-    s.add_argument("--kind", choices=["a", "edge"], required=True)
-    s.add_argument("--port", type=int, required=True)
-    s.add_argument("--public-base", required=True)
-    s.add_argument("--jwks", required=True)
-    s.add_argument("--db", required=True)
-    s.add_argument("--archive", default="")
-    s.add_argument("--folder", default="")
-    s.add_argument("--asgi", action="store_true", help="uvicorn's h11, not RelayH11Protocol")
-    s.add_argument("--index", default="", help="the node index database (option A)")
-    s.add_argument("--no-splice", action="store_true", help="the mover with splice=False")
-    s.add_argument("--cert", default="")
-    s.add_argument("--key", default="")
     parser.add_argument("--instances", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument(
         "--only", default="", help="comma-separated variants (direct, direct_tls always)"
     )
-    args = parser.parse_args()
-    if args.cmd == "serve":
-        serve(args)
-    else:
-        run(args)
+    run(parser.parse_args())
 
 
 if __name__ == "__main__":

@@ -3,10 +3,9 @@
     python bench/qido_bench.py [--studies 50] [--searches 200] [--only a,edge]
 
 Starts one Orthanc and stores one patient's ``--studies`` studies in it (two series each: ten
-instances and one). Both gateways run in their own process over HTTPS, as they are deployed:
-option A as ``ncp serve`` builds it (``build_gateway_app``, keys through a resolver, audit to a
-SQLite file, uvicorn with the imaging server's settings) and ``ncp edge``'s app
-(``build_edge_app`` from an ``EdgeSettings``, as ``run_edge`` serves it). Each target has its own
+instances and one). Both gateways run in their own process over HTTPS (``serve_gateway.py``:
+option A's app and ``ncp edge``'s, under the imaging server that ``ncp serve`` and ``ncp edge``
+run, ``ncp.gateway.server.imaging_server``). Each target has its own
 kept-alive client; the searches are interleaved round by round (direct, A, edge), the first 10
 rounds are a dropped warm-up, then p50 and p95 of ``--searches`` rounds:
 
@@ -53,60 +52,6 @@ UID_ROOT = "1.2.826.0.1.3680043.10.99"
 WARMUP = 10
 TOKEN_AGE_S = 240.0
 SEARCHES = ("study", "all_1", "all_10", "all_50", "series", "instances")
-
-
-# --- the gateway processes ---------------------------------------------------------------------
-
-
-def serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
-    from ncp.config import DicomwebArchive, EdgeSettings
-
-    if args.kind == "edge":
-        from ncp.gateway.edge import build_edge_app
-
-        settings = EdgeSettings.model_validate(
-            {
-                "edge": {"country": COUNTRY, "audience": args.public_base, "jwks": args.jwks},
-                "archive": {"kind": "dicomweb", "url": args.archive},
-                "tls": {"certificate": args.cert, "key": args.key},
-                "database": {"url": f"sqlite:///{args.db}"},
-            }
-        )
-        app = build_edge_app(settings)
-        extra: dict[str, Any] = {"lifespan": "on"}
-    else:
-        from ncp.audit.models import Side
-        from ncp.audit.record import Auditor
-        from ncp.gateway.access import JwksFileKeys
-        from ncp.gateway.app import build_gateway_app
-        from ncp.store.db import make_engine, migrate, session_factory
-
-        engine = make_engine(f"sqlite:///{args.db}")
-        migrate(engine)
-        jwks = JwksFileKeys(Path(args.jwks), COUNTRY)
-        app = build_gateway_app(
-            archive=DicomwebArchive(kind="dicomweb", url=args.archive),
-            public_base=args.public_base,
-            issuer=COUNTRY,
-            keys=lambda issuer: jwks(issuer),  # a resolver, as the node passes its own keys
-            auditor=Auditor(session_factory(engine), country=COUNTRY),
-            side=Side.GATEWAY,
-        )
-        extra = {"ws": "none"}  # as ncp.provider.serve.imaging_server
-    uvicorn.run(
-        app,
-        host="127.0.0.1",
-        port=args.port,
-        ssl_certfile=args.cert,
-        ssl_keyfile=args.key,
-        proxy_headers=False,
-        server_header=False,
-        log_level="warning",
-        access_log=False,
-        **extra,
-    )
 
 
 # --- data and tokens -------------------------------------------------------------------------
@@ -249,7 +194,7 @@ def run(args: argparse.Namespace) -> None:
         for kind in kinds:
             port = free_port()
             base = f"https://localhost:{port}/{'edge' if kind == 'edge' else 'dicomweb'}"
-            cmd = [sys.executable, str(Path(__file__).resolve()), "serve", "--kind", kind]
+            cmd = [sys.executable, str(BENCH / "serve_gateway.py"), "--kind", kind]
             cmd += ["--port", str(port), "--public-base", base, "--jwks", str(jwks)]
             cmd += ["--db", str(work / f"audit-{kind}.db"), "--archive", orthanc.dicomweb_url]
             cmd += ["--cert", str(cert), "--key", str(key)]
@@ -336,24 +281,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    sub = parser.add_subparsers(dest="cmd")
-    s = sub.add_parser("serve")
-    s.add_argument("--kind", choices=["a", "edge"], required=True)
-    s.add_argument("--port", type=int, required=True)
-    s.add_argument("--public-base", required=True)
-    s.add_argument("--jwks", required=True)
-    s.add_argument("--db", required=True)
-    s.add_argument("--archive", required=True)
-    s.add_argument("--cert", required=True)
-    s.add_argument("--key", required=True)
     parser.add_argument("--studies", type=int, default=50)
     parser.add_argument("--searches", type=int, default=200)
     parser.add_argument("--only", default="", help="a, edge or a,edge (direct always)")
-    args = parser.parse_args()
-    if args.cmd == "serve":
-        serve(args)
-    else:
-        run(args)
+    run(parser.parse_args())
 
 
 if __name__ == "__main__":

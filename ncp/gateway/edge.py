@@ -60,31 +60,17 @@ def build_edge_app(settings: EdgeSettings) -> Any:
 
 def run_edge(settings: EdgeSettings, *, log_level: str = "info") -> int:
     """Serve the edge gateway until interrupted; returns the exit code."""
-    import uvicorn
-
     from ncp.audit.record import install_log_filter
-    from ncp.gateway.relay import RelayH11Protocol
+    from ncp.gateway.server import TlsFiles, imaging_server
 
-    for path in (settings.tls.certificate, settings.tls.key):
-        if not Path(path).is_file():
+    tls = TlsFiles(settings.tls.certificate, settings.tls.key)
+    for path in tls:
+        if not path.is_file():
             raise ConfigError(f"tls: {path}: no such file")
     app = build_edge_app(settings)
     install_log_filter()
-    config = uvicorn.Config(
-        app,
-        host=settings.listen.host,
-        port=edge_port(settings),
-        ssl_certfile=str(settings.tls.certificate),
-        ssl_keyfile=str(settings.tls.key),
-        # Retrieved parts go straight to the transport (decision 0006).
-        http=RelayH11Protocol,
-        # The caller is who TLS says; no X-Forwarded-For may rewrite the client in audit.
-        proxy_headers=False,
-        server_header=False,
-        log_level=log_level,
-        lifespan="on",
-    )
-    uvicorn.Server(config).run()
+    host, port = settings.listen.host, edge_port(settings)
+    imaging_server(app, host=host, port=port, tls=tls, log_level=log_level).run()
     return 0
 
 

@@ -28,7 +28,7 @@ from ncp.audit.models import Side
 from ncp.config import load_settings
 from ncp.errors import ConfigError
 from ncp.gateway.app import build_gateway_app
-from ncp.gateway.relay import RelayH11Protocol
+from ncp.gateway.server import TlsFiles, imaging_server
 from ncp.gateway.studyindex import NodeIndex
 from ncp.node import Node
 from ncp.security.keys import KeySet
@@ -93,24 +93,12 @@ def gateway_app(node: Node) -> Any | None:
     )
 
 
-def imaging_server(
+def node_imaging_server(
     node: Node, app: Any, *, host: str, port: int, log_level: str = "info"
 ) -> uvicorn.Server:
-    """The imaging channel's server: HTTPS with the node's server certificate, under the byte
-    path's protocol (``RelayH11Protocol``: retrieved parts go straight to the transport)."""
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        ssl_certfile=str(node.keystore.server.cert_path),
-        ssl_keyfile=str(node.keystore.server.key_path),
-        http=RelayH11Protocol,
-        ws="none",
-        proxy_headers=False,
-        server_header=False,
-        log_level=log_level,
-    )
-    return uvicorn.Server(config)
+    """The option A gateway's server: HTTPS with the node's server certificate."""
+    tls = TlsFiles(node.keystore.server.cert_path, node.keystore.server.key_path)
+    return imaging_server(app, host=host, port=port, tls=tls, log_level=log_level)
 
 
 def _port(listen_port: int, url: str, setting: str) -> int:
@@ -140,7 +128,9 @@ def serve(node: Node, *, log_level: str = "info") -> None:
     gateway = gateway_app(node)
     if gateway is not None:
         port = _port(settings.listen.imaging_port, settings.urls.imaging, "urls.imaging")
-        servers.append(imaging_server(node, gateway, host=host, port=port, log_level=log_level))
+        servers.append(
+            node_imaging_server(node, gateway, host=host, port=port, log_level=log_level)
+        )
     else:
         log.info("urls.imaging is not set: the option A gateway is not served")
 

@@ -39,7 +39,7 @@ from ncp.config import settings_from_mapping
 from ncp.dicom.folder import FolderSource
 from ncp.node import Node
 from ncp.provider.indexer import index_source
-from ncp.provider.serve import gateway_app, imaging_server, standard_server
+from ncp.provider.serve import gateway_app, node_imaging_server, standard_server
 from ncp.security.claims import HP_ASSERTION, TRC, PatientRef
 from ncp.security.keys import SigningKey
 from ncp.security.keystore import KeyStore
@@ -351,7 +351,7 @@ def running_node(
     threads.append(_start(server, sock))
     gateway = gateway_app(node)
     if gateway is not None:  # the option A gateway, when this build has one
-        imaging = imaging_server(node, gateway, host="127.0.0.1", port=0, log_level="warning")
+        imaging = node_imaging_server(node, gateway, host="127.0.0.1", port=0, log_level="warning")
         running.servers.append(imaging)
         threads.append(_start(imaging, image_sock))
         running.imaging_url = imaging_url
