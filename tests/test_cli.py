@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,8 +80,9 @@ def test_missing_archive_is_a_clear_error(
 
 
 def test_installed_command_runs() -> None:
-    exe = shutil.which("ncp")
-    assert exe is not None, "the ncp console script is not installed (pip install -e .)"
+    # Beside the interpreter under test: a PATH lookup may find another installation.
+    exe = Path(sys.executable).with_name("ncp")
+    assert exe.is_file(), "the ncp console script is not installed (pip install -e .)"
     done = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False)
     assert (done.returncode, done.stdout.strip()) == (0, f"ncp {__version__}")
     done = subprocess.run(

@@ -4,7 +4,6 @@ TLS certificate, A's JWKS file, and its own audit database."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -80,8 +79,8 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
     write_jwks(root / "jwks.json", A_SIGNING)
     port = free_port()
     config = _config(root, port, tls, 'kind = "folder"\npath = "archive"')
-    ncp = shutil.which("ncp")
-    command = [ncp] if ncp else [sys.executable, "-m", "ncp"]
+    # The console script of the installation under test (a PATH lookup may find another one).
+    command = [str(Path(sys.executable).with_name("ncp"))]
     log = (root / "edge.log").open("wb")
     process = subprocess.Popen(
         [*command, "edge", "--config", str(config), "--log-level", "warning"],
