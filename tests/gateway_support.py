@@ -15,24 +15,28 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from email.message import Message
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
-import uvicorn
+from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ncp.audit.models import AuditRecord
 from ncp.audit.record import Auditor
 from ncp.security import pki
-from ncp.security.claims import IMAGE_ACCESS, ImageAccess, PatientRef
+from ncp.security.claims import IMAGE_ACCESS, VIEWER_LAUNCH, ImageAccess, PatientRef, ViewerLaunch
 from ncp.security.keys import KeySet, PublicKey, SigningKey
 from ncp.security.keystore import jwks_document
 from ncp.security.tokens import issue
 from ncp.store.db import make_engine, migrate, session_factory
 from tests.support.dicom_factory import make_instance, write_instance
 from tests.support.token_factory import new_key
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 A = "AT"
 ISSUER_OID = "1.2.40.0.10.1.4.3.1"
@@ -64,6 +68,18 @@ class Instance:
     series: str
     sop: str
     path: Path
+
+
+def patient_instance(study: str, series: str, sop: str, **attrs: Any) -> Dataset:
+    """An instance of PAT200 (A's patient identifier); ``attrs`` as ``make_instance`` takes."""
+    return make_instance(
+        patient_id=PATIENT.value,
+        study_uid=study,
+        series_uid=series,
+        sop_uid=sop,
+        IssuerOfPatientID=ISSUER_OID,
+        **attrs,
+    )
 
 
 def write_studies(root: Path) -> list[Instance]:
@@ -123,6 +139,22 @@ def token(
     return issue(IMAGE_ACCESS, ImageAccess(**values), key, now=moment)
 
 
+def launch_token(audience: str, now: datetime) -> str:
+    """A one-time viewer launch token of A for PAT200's first study, valid 60 s from ``now``."""
+    launch = ViewerLaunch(
+        issuer=A,
+        audience=audience,
+        subject="BE-HP-0042",
+        issued_at=now,
+        expires_at=now + timedelta(seconds=60),
+        requesting_country="BE",
+        patient=PATIENT,
+        studies=(STUDY_1,),
+        purpose_of_use="TREAT",
+    )
+    return issue(VIEWER_LAUNCH, launch, A_KEY, now=now)
+
+
 def bearer(value: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {value}"}
 
@@ -170,6 +202,26 @@ class Tls:
         return httpx.Client(verify=context, timeout=30.0, **kwargs)
 
 
+def http_client(tls: Tls | None) -> httpx.Client:
+    """A client for a server on loopback: trusting A's CA under TLS, plain HTTP otherwise."""
+    return tls.client() if tls else httpx.Client(timeout=30.0)
+
+
+def fetch(
+    http: httpx.Client, url: str, headers: dict[str, str]
+) -> tuple[int, str, bytes, Exception | None]:
+    """A GET read to its end as sent: status, content type, the bytes received and the error
+    that broke the transfer, if one did."""
+    received = bytearray()
+    with http.stream("GET", url, headers=headers) as r:
+        try:
+            for chunk in r.iter_raw():
+                received.extend(chunk)
+        except httpx.HTTPError as exc:
+            return r.status_code, r.headers.get("content-type", ""), bytes(received), exc
+        return r.status_code, r.headers.get("content-type", ""), bytes(received), None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -177,28 +229,26 @@ def free_port() -> int:
 
 
 class Served:
-    """An ASGI app served by uvicorn on loopback, in a thread: over TLS, or plain HTTP when
-    ``tls`` is None; by default with the HTTP protocol ``ncp serve`` and ``ncp edge`` deploy
-    (``RelayH11Protocol``)."""
+    """An ASGI app on loopback, in a thread, under the server ``ncp serve`` and ``ncp edge``
+    run their gateways with (``ncp.gateway.server.imaging_server``): over TLS, or plain HTTP
+    when ``tls`` is None; ``http="auto"``: uvicorn's own protocol, as an archive stand-in is
+    served."""
 
-    def __init__(self, app: Any, tls: Tls | None, port: int, *, http: Any = None) -> None:
-        from ncp.gateway.relay import RelayH11Protocol
+    def __init__(
+        self, app: Any, tls: Tls | None, port: int, *, http: Any = None, log_level: str = "warning"
+    ) -> None:
+        from ncp.gateway.server import TlsFiles, imaging_server
 
-        certificate: dict[str, Any] = {}
-        if tls is not None:
-            certificate = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)}
-        config = uvicorn.Config(
+        self.server = imaging_server(
             app,
             host="127.0.0.1",
             port=port,
-            http=http or RelayH11Protocol,
-            **certificate,
-            log_level="warning",
-            lifespan="on",
-            # Clients in tests keep connections alive; do not wait for them at the end.
-            timeout_graceful_shutdown=1,
+            tls=TlsFiles(tls.cert, tls.key) if tls is not None else None,
+            log_level=log_level,
+            **({"protocol": http} if http else {}),
         )
-        self.server = uvicorn.Server(config)
+        # Clients in tests keep connections alive; do not wait for them at the end.
+        self.server.config.timeout_graceful_shutdown = 1
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 10
@@ -218,6 +268,88 @@ def serve(app: Any, tls: Tls, port: int) -> Iterator[Served]:
         yield served
     finally:
         served.stop()
+
+
+def gateway_app(archive: Any, base: str, audit: AuditDb, **options: Any) -> FastAPI:
+    """Country A's gateway before ``archive``, at ``base``: it trusts A's keys and audits to
+    ``audit``; ``options``: more of ``build_gateway_app``'s (limits, side, relay, index)."""
+    from ncp.gateway.app import build_gateway_app
+
+    return build_gateway_app(
+        archive=archive,
+        public_base=base,
+        issuer=A,
+        keys=A_KEYS,
+        auditor=audit.auditor,
+        **options,
+    )
+
+
+def local_base(port: int, tls: Tls | None, path: str = "dicomweb") -> str:
+    """A base URL on loopback: under TLS by the name A's server certificate holds."""
+    return f"https://localhost:{port}/{path}" if tls else f"http://127.0.0.1:{port}/{path}"
+
+
+@dataclass
+class ServedGateway:
+    """What ``serve_gateway`` started; ``stop`` ends it."""
+
+    base: str
+    audit: AuditDb
+    app: Any
+    served: Served
+
+    def stop(self) -> None:
+        self.served.stop()
+
+
+def serve_gateway(
+    root: Path, archive: Any, tls: Tls | None, *, path: str = "dicomweb", **options: Any
+) -> ServedGateway:
+    """``gateway_app`` served on a free loopback port (plain HTTP when ``tls`` is None), its
+    audit database a new file below ``root``."""
+    port = free_port()
+    base = local_base(port, tls, path)
+    audit = audit_db(root / f"audit-{port}.db")
+    app = gateway_app(archive, base, audit, **options)
+    return ServedGateway(base, audit, app, Served(app, tls, port))
+
+
+def request_head(conn: socket.socket) -> bytes | None:
+    """What a client sent on ``conn`` up to the end of its request head; None if it closed
+    first (for archives played on raw sockets)."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        piece = conn.recv(65536)
+        if not piece:
+            return None
+        head += piece
+    return head
+
+
+def boundary_of(ctype: str) -> str:
+    """The boundary a multipart Content-Type names."""
+    msg = Message()
+    msg["content-type"] = ctype
+    boundary = msg.get_param("boundary")
+    assert isinstance(boundary, str)
+    return boundary
+
+
+def multipart_parts(ctype: str, body: bytes) -> list[bytes]:
+    """The parts of a complete multipart body (close delimiter required), each one DICOM."""
+    dash = b"--" + boundary_of(ctype).encode()
+    assert body.rstrip().endswith(dash + b"--"), "no close delimiter"
+    pieces = body.split(b"\r\n" + dash)
+    assert pieces[0].startswith(dash)
+    out = []
+    for piece in [pieces[0][len(dash) :], *pieces[1:]]:
+        if piece.startswith(b"--"):
+            break
+        head, _, payload = piece.partition(b"\r\n\r\n")
+        assert b"content-type: application/dicom" in head.lower()
+        out.append(payload)
+    return out
 
 
 AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
@@ -259,7 +391,6 @@ class Gateways:
 def start_gateways(root: Path, orthanc: Any, **limits: Any) -> Iterator[Gateways]:
     from ncp.audit.models import Side
     from ncp.config import DicomwebArchive, FolderArchive, GatewaySection
-    from ncp.gateway.app import build_gateway_app
 
     orthanc.clear()
     instances = write_studies(root / "archive")
@@ -271,27 +402,25 @@ def start_gateways(root: Path, orthanc: Any, **limits: Any) -> Iterator[Gateways
         "C": DicomwebArchive(kind="dicomweb", url=orthanc.dicomweb_url),
         "folder": FolderArchive(path=root / "archive"),
     }
-    served: list[Served] = []
-    bases: dict[str, str] = {}
-    audits: dict[str, AuditDb] = {}
-    apps: dict[str, Any] = {}
+    served: dict[str, ServedGateway] = {}
     try:
         for name, archive in archives.items():
-            port = free_port()
-            base = f"https://localhost:{port}/{'edge' if name == 'C' else 'dicomweb'}"
-            audits[name] = audit_db(root / f"audit-{name}.db")
-            apps[name] = build_gateway_app(
-                archive=archive,
-                public_base=base,
-                issuer=A,
-                keys=A_KEYS,
-                auditor=audits[name].auditor,
+            served[name] = serve_gateway(
+                root,
+                archive,
+                tls,
+                path="edge" if name == "C" else "dicomweb",
                 side=Side.EDGE if name == "C" else Side.GATEWAY,
                 limits=settings,
             )
-            served.append(Served(apps[name], tls, port))
-            bases[name] = base
-        yield Gateways(tls, orthanc, instances, bases, audits, apps)
+        yield Gateways(
+            tls,
+            orthanc,
+            instances,
+            {name: g.base for name, g in served.items()},
+            {name: g.audit for name, g in served.items()},
+            {name: g.app for name, g in served.items()},
+        )
     finally:
-        for s in served:
-            s.stop()
+        for g in served.values():
+            g.stop()

@@ -18,10 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ncp.security.claims import VIEWER_LAUNCH, ViewerLaunch
-from ncp.security.tokens import issue
 from tests.gateway_support import (
-    A_KEY,
     LOOSE_STUDY,
     OTHER_PATIENT,
     OTHER_SERIES,
@@ -31,9 +28,9 @@ from tests.gateway_support import (
     STRANGER_KEY,
     STUDY_1,
     STUDY_2,
-    A,
     Gateways,
     bearer,
+    launch_token,
     start_gateways,
     token,
 )
@@ -94,24 +91,12 @@ def _now() -> datetime:
 
 
 def _tokens(base: str, other_base: str) -> dict[str, str | None]:
-    now = _now()
-    launch = ViewerLaunch(
-        issuer=A,
-        audience=base,
-        subject="BE-HP-0042",
-        issued_at=now,
-        expires_at=now + timedelta(seconds=60),
-        requesting_country="BE",
-        patient=PATIENT,
-        studies=(STUDY_1,),
-        purpose_of_use="TREAT",
-    )
     return {
         "no token": None,
         "expired": token(base, now=_now() - timedelta(minutes=10)),
         "another gateway": token(other_base),
         "forged": token(base, key=STRANGER_KEY),
-        "another kind": issue(VIEWER_LAUNCH, launch, A_KEY, now=now),
+        "another kind": launch_token(base, _now()),
         "not yet valid": token(base, now=_now() + timedelta(minutes=10)),
     }
 

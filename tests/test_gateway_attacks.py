@@ -6,7 +6,6 @@ TLS against Orthanc in test_gateway_access.py."""
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import httpx
 import pytest
@@ -14,18 +13,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ncp.config import FolderArchive
-from ncp.gateway.app import build_gateway_app
 from tests.gateway_support import (
-    A_KEYS,
     LOOSE_STUDY,
     OTHER_SERIES,
     OTHER_STUDY,
     SERIES_1A,
     STUDY_1,
     STUDY_2,
-    A,
     audit_db,
     bearer,
+    gateway_app,
     token,
     write_studies,
 )
@@ -55,13 +52,7 @@ QUERY_VALUES = st.sampled_from(
 def app(tmp_path_factory: pytest.TempPathFactory) -> object:
     root = tmp_path_factory.mktemp("attacks")
     write_studies(root / "archive")
-    return build_gateway_app(
-        archive=FolderArchive(path=root / "archive"),
-        public_base=BASE,
-        issuer=A,
-        keys=A_KEYS,
-        auditor=audit_db(Path(root) / "audit.db").auditor,
-    )
+    return gateway_app(FolderArchive(path=root / "archive"), BASE, audit_db(root / "audit.db"))
 
 
 async def _get(app: object, path: str, params: list[tuple[str, str]]) -> httpx.Response:

@@ -13,11 +13,9 @@ from __future__ import annotations
 import asyncio
 import shutil
 import ssl
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from email.message import Message
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -25,21 +23,20 @@ from typing import Any
 import httpx
 import pydicom
 import pytest
-import uvicorn
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.filewriter import write_file_meta_info
 from pydicom.sequence import Sequence
-from sqlalchemy import select
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session, sessionmaker
 
 from ncp.audit.models import AuditRecord, Outcome, Side
 from ncp.config import DicomwebArchive, FolderArchive, GatewaySection
 from ncp.dicom.archive import open_archive
 from ncp.dicom.uids import is_uid
-from ncp.gateway.app import build_gateway_app
 from ncp.gateway.errors import StreamBroken
 from ncp.gateway.multipart import MultipartReader, MultipartWriter, PartHead
 from ncp.gateway.parthead import PartIds, dataset_ids, meta_end
@@ -48,26 +45,25 @@ from ncp.gateway.studyindex import NodeIndex
 from ncp.provider.indexer import index_source
 from ncp.store.db import make_engine, migrate, session_factory
 from tests.gateway_support import (
-    A_KEYS,
     AS_STORED,
-    ISSUER_OID,
-    PATIENT,
     SERIES_1A,
     STUDY_1,
     STUDY_2,
-    A,
     AuditDb,
     Instance,
-    Served,
+    ServedGateway,
     Tls,
-    audit_db,
     bearer,
-    free_port,
+    fetch,
+    http_client,
+    multipart_parts,
+    patient_instance,
+    serve_gateway,
     token,
     write_studies,
 )
 from tests.support import node as node_support
-from tests.support.dicom_factory import encode, make_instance, write_instance
+from tests.support.dicom_factory import encode, make_instance, with_references, write_instance
 from tests.support.orthanc import OrthancServer
 
 # -- file meta: our parser against pydicom's -------------------------------------------------
@@ -160,18 +156,7 @@ def _with_references(ds: Any, depth: int, undefined: bool, blob: int) -> Any:
     """``ds`` with UIDs of other studies and series nested in sequences before its own (a
     reader that searched the bytes, or took the first Study Instance UID, would be fooled),
     and a private blob of ``blob`` bytes before them."""
-    item = Dataset()
-    item.StudyInstanceUID = "9.9.9"
-    item.SeriesInstanceUID = "9.9.9.1"
-    item.ReferencedSOPInstanceUID = "9.9.9.1.1"
-    for _ in range(depth):
-        outer = Dataset()
-        outer.SOPInstanceUID = "9.9.8.1"
-        outer.ReferencedSeriesSequence = Sequence([item])
-        outer["ReferencedSeriesSequence"].is_undefined_length = undefined
-        item = outer
-    ds.ReferencedStudySequence = Sequence([item, item])
-    ds["ReferencedStudySequence"].is_undefined_length = undefined
+    with_references(ds, depth, undefined=undefined, foreign_ids=True)
     ds.SourceImageSequence = Sequence([])
     if blob:
         ds.add_new(0x00090010, "LO", "NCP TEST")
@@ -305,9 +290,7 @@ class Deployed:
     archive_root: Path
 
     def http(self, name: str) -> httpx.Client:
-        if self.bases[name].startswith("https:"):
-            return self.tls.client()
-        return httpx.Client(timeout=30.0)
+        return http_client(self.tls if self.bases[name].startswith("https:") else None)
 
     def retrieve(self, name: str, path: str, studies: tuple[str, ...]) -> httpx.Response:
         base = self.bases[name]
@@ -334,65 +317,46 @@ def deployed(
     orthanc.clear()
     instances = write_studies(root / "archive")
     orthanc.upload(i.path for i in instances)
-    engine = make_engine(f"sqlite:///{root / 'index.db'}")
-    migrate(engine)
-    sessions = session_factory(engine)
-    index_source(sessions, open_archive(FolderArchive(kind="folder", path=root / "archive")))
+    engine, sessions = _indexed(root / "archive", root / "index.db")
     tls = Tls(root / "pki")
     limits = GatewaySection(max_transfers=4, chunk_bytes=64 * 1024)
-    served: list[Served] = []
-    bases: dict[str, str] = {}
-    audits: dict[str, AuditDb] = {}
+    served: dict[str, ServedGateway] = {}
     try:
         for name, (kind, secure, indexed) in GATEWAYS.items():
-            port = free_port()
-            scheme, host = ("https", "localhost") if secure else ("http", "127.0.0.1")
-            base = f"{scheme}://{host}:{port}/dicomweb"
-            audits[name] = audit_db(root / f"audit-{name}.db")
             archive: Any = (
                 FolderArchive(path=root / "archive")
                 if kind == "folder"
                 else DicomwebArchive(kind="dicomweb", url=orthanc.dicomweb_url)
             )
-            app = build_gateway_app(
-                archive=archive,
-                public_base=base,
-                issuer=A,
-                keys=A_KEYS,
-                auditor=audits[name].auditor,
+            served[name] = serve_gateway(
+                root,
+                archive,
+                tls if secure else None,
                 side=Side.EDGE if name == "C" else Side.GATEWAY,
                 limits=limits,
                 index=NodeIndex(sessions) if indexed else None,
             )
-            served.append(Served(app, tls if secure else None, port))
-            bases[name] = base
+        bases = {name: g.base for name, g in served.items()}
+        audits = {name: g.audit for name, g in served.items()}
         yield Deployed(tls, instances, bases, audits, orthanc, root / "archive")
     finally:
-        for s in served:
-            s.stop()
+        for g in served.values():
+            g.stop()
         engine.dispose()
 
 
+def _indexed(archive: Path, database: Path) -> tuple[Engine, sessionmaker[Session]]:
+    """A node index database at ``database``, filled by ``ncp index`` from the folder
+    ``archive``."""
+    engine = make_engine(f"sqlite:///{database}")
+    migrate(engine)
+    sessions = session_factory(engine)
+    index_source(sessions, open_archive(FolderArchive(kind="folder", path=archive)))
+    return engine, sessions
+
+
 def _parts(response: httpx.Response) -> list[bytes]:
-    """The parts of a complete multipart answer (close delimiter required)."""
-    msg = Message()
-    msg["content-type"] = response.headers["content-type"]
-    boundary = msg.get_param("boundary")
-    assert isinstance(boundary, str)
-    dash = b"--" + boundary.encode()
-    body = response.content
-    assert body.rstrip().endswith(dash + b"--"), "no close delimiter"
-    chunks = body.split(b"\r\n" + dash)
-    first = chunks[0]
-    assert first.startswith(dash)
-    out = []
-    for chunk in [first[len(dash) :], *chunks[1:]]:
-        if chunk.startswith(b"--"):
-            break
-        head, _, payload = chunk.partition(b"\r\n\r\n")
-        assert b"content-type: application/dicom" in head.lower()
-        out.append(payload)
-    return out
+    return multipart_parts(response.headers["content-type"], response.content)
 
 
 @pytest.mark.orthanc
@@ -441,13 +405,7 @@ def test_a_stale_index_breaks_one_transfer_then_the_archive_lists_the_study(
     deployed: Deployed,
 ) -> None:
     # An instance the archive got after the last `ncp index`: the index does not name it.
-    late = make_instance(
-        patient_id=PATIENT.value,
-        study_uid=STUDY_2,
-        series_uid=f"{STUDY_2}.9",
-        sop_uid=f"{STUDY_2}.9.1",
-        IssuerOfPatientID=ISSUER_OID,
-    )
+    late = patient_instance(STUDY_2, f"{STUDY_2}.9", f"{STUDY_2}.9.1")
     path = write_instance(deployed.archive_root.parent / "late" / "late.dcm", late)
     try:
         deployed.orthanc.upload([path])
@@ -486,53 +444,29 @@ def test_a_stale_index_breaks_one_transfer_then_the_archive_lists_the_study(
 def test_an_archive_failing_mid_stream_breaks_the_transfer_under_the_relay(
     tmp_path: Path, secure: bool
 ) -> None:
-    from tests.test_gateway_streaming import STUDY, Script, scripted_archive
+    from tests.test_gateway_streaming import STUDY, Script, serve_scripted
 
     script = Script(behaviour={"2": "truncate", "3": "foreign", "4": "short"})
-    archive_port = free_port()
-    archive = uvicorn.Server(
-        uvicorn.Config(
-            scripted_archive(script), host="127.0.0.1", port=archive_port, log_level="critical"
-        )
-    )
-    thread = threading.Thread(target=archive.run, daemon=True)
-    thread.start()
-    while not archive.started:
-        time.sleep(0.01)
+    archive, archive_url = serve_scripted(script)
     tls = Tls(tmp_path / "pki")
-    port = free_port()
-    base = f"https://localhost:{port}/dicomweb" if secure else f"http://127.0.0.1:{port}/dicomweb"
-    audit = audit_db(tmp_path / "audit.db")
-    app = build_gateway_app(
-        archive=DicomwebArchive(kind="dicomweb", url=f"http://127.0.0.1:{archive_port}/dicom-web"),
-        public_base=base,
-        issuer=A,
-        keys=A_KEYS,
-        auditor=audit.auditor,
+    served = serve_gateway(
+        tmp_path,
+        DicomwebArchive(kind="dicomweb", url=archive_url),
+        tls if secure else None,
         limits=GatewaySection(archive_timeout_s=5.0),
     )
-    served = Served(app, tls if secure else None, port)
+    base, audit = served.base, served.audit
     try:
         for number in (1, 2, 3, 4):
             study = f"{STUDY}.{number}"
             headers = {**bearer(token(base, (study,))), "Accept": AS_STORED}
-            received = bytearray()
-            error: Exception | None = None
-            client = tls.client() if secure else httpx.Client(timeout=30.0)
-            with (
-                client as http,
-                http.stream("GET", f"{base}/studies/{study}", headers=headers) as r,
-            ):
-                try:
-                    for chunk in r.iter_raw():
-                        received.extend(chunk)
-                except httpx.HTTPError as exc:
-                    error = exc
+            with http_client(tls if secure else None) as http:
+                status, _, received, error = fetch(http, f"{base}/studies/{study}", headers)
             if number == 1:
                 assert error is None and received.rstrip().endswith(b"--")
             else:
                 # The first part went out; then the answer broke: no close delimiter, no end.
-                assert r.status_code == 200 and error is not None, number
+                assert status == 200 and error is not None, number
                 assert not received.rstrip().endswith(b"--")
         # A failed transfer's record is written after the client saw the failure: wait for it.
         deadline = time.monotonic() + 10
@@ -542,18 +476,14 @@ def test_an_archive_failing_mid_stream_breaks_the_transfer_under_the_relay(
         assert outcomes == [Outcome.SUCCESS] + [Outcome.SERIOUS_FAILURE] * 3
     finally:
         served.stop()
-        archive.should_exit = True
-        thread.join(timeout=10)
+        archive.stop()
 
 
 def test_the_node_index_lists_a_study_and_says_when_it_does_not_hold_one(
     tmp_path: Path,
 ) -> None:
     instances = write_studies(tmp_path / "archive")
-    engine = make_engine(f"sqlite:///{tmp_path / 'index.db'}")
-    migrate(engine)
-    sessions = session_factory(engine)
-    index_source(sessions, open_archive(FolderArchive(kind="folder", path=tmp_path / "archive")))
+    engine, sessions = _indexed(tmp_path / "archive", tmp_path / "index.db")
     index = NodeIndex(sessions)
     found = asyncio.run(index.instances(STUDY_1))
     assert found == {i.sop: i.series for i in instances if i.study == STUDY_1}

@@ -9,7 +9,6 @@ them through a ``requests`` session that trusts A's CA.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from email.message import Message
 
 import httpx
 import pydicom
@@ -25,6 +24,7 @@ from tests.gateway_support import (
     STUDY_2,
     Gateways,
     bearer,
+    multipart_parts,
     start_gateways,
     token,
 )
@@ -95,19 +95,7 @@ def test_metadata_and_retrieve_at_every_level(gateways: Gateways, name: str) -> 
 
 
 def _parts(response: httpx.Response) -> list[bytes]:
-    ctype = Message()
-    ctype["content-type"] = response.headers["content-type"]
-    boundary = ctype.get_param("boundary")
-    assert isinstance(boundary, str)
-    body = response.content
-    pieces = body.split(b"--" + boundary.encode())
-    assert pieces[-1].strip() == b"--", "the close delimiter ends the body"
-    out = []
-    for piece in pieces[1:-1]:
-        head, _, data = piece.partition(b"\r\n\r\n")
-        assert b"application/dicom" in head
-        out.append(data.removesuffix(b"\r\n"))
-    return out
+    return multipart_parts(response.headers["content-type"], response.content)
 
 
 def test_a_plain_http_client_gets_the_same_bytes_through_both_gateways(

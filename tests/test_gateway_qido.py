@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 
 from ncp.audit.record import AuditError
 from ncp.gateway import qido
-from ncp.gateway.app import build_gateway_app
 from ncp.gateway.dicomjson import (
     ISSUER_OF_PATIENT_ID,
     PATIENT_ID,
@@ -29,16 +28,15 @@ from ncp.gateway.dicomjson import (
 )
 from ncp.gateway.upstream import DicomwebUpstream, studies_of
 from tests.gateway_support import (
-    A_KEYS,
     LOOSE_STUDY,
     OTHER_STUDY,
     ROOT,
     STUDY_1,
     STUDY_2,
-    A,
     Gateways,
     audit_db,
     bearer,
+    gateway_app,
     start_gateways,
     token,
 )
@@ -135,13 +133,7 @@ def test_a_repeated_search_asks_no_issuer_and_still_refuses_another_domain(
         archive = Recording(
             gateways.orthanc.dicomweb_url, timeout_s=10, retry_after_s=1, chunk_bytes=65536
         )
-        app = build_gateway_app(
-            archive=archive,
-            public_base=base,
-            issuer=A,
-            keys=A_KEYS,
-            auditor=audit_db(tmp_path / "audit.db").auditor,
-        )
+        app = gateway_app(archive, base, audit_db(tmp_path / "audit.db"))
         headers = bearer(token(base, (STUDY_1, STUDY_2)))
         transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
         try:

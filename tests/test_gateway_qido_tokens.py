@@ -15,11 +15,18 @@ from hypothesis import strategies as st
 from ncp.gateway.access import BearerAuth
 from ncp.gateway.errors import Forbidden, Unauthorized
 from ncp.security.access import AccessVerifier
-from ncp.security.claims import VIEWER_LAUNCH, ViewerLaunch
+from ncp.security.claims import VIEWER_LAUNCH
 from ncp.security.keys import KeySet, PublicKey
 from ncp.security.replay import MemoryReplayGuard
-from ncp.security.tokens import issue
-from tests.gateway_support import A_KEY, PATIENT, STRANGER_KEY, STUDY_1, STUDY_2, A, token
+from tests.gateway_support import (
+    A_KEY,
+    STRANGER_KEY,
+    STUDY_1,
+    STUDY_2,
+    A,
+    launch_token,
+    token,
+)
 
 BASE = "https://gw.at.example/dicomweb"
 T0 = datetime(2026, 11, 22, 10, 0, 0, tzinfo=UTC)
@@ -137,18 +144,7 @@ def test_one_time_tokens_are_never_remembered() -> None:
         keys, BASE, A, MemoryReplayGuard(), kinds=(VIEWER_LAUNCH,), clock=lambda: T0
     )
     auth = BearerAuth(verifier, BASE)
-    launch = ViewerLaunch(
-        issuer=A,
-        audience=BASE,
-        subject="BE-HP-0042",
-        issued_at=T0,
-        expires_at=T0 + timedelta(seconds=60),
-        requesting_country="BE",
-        patient=PATIENT,
-        studies=(STUDY_1,),
-        purpose_of_use="TREAT",
-    )
-    value = issue(VIEWER_LAUNCH, launch, A_KEY, now=T0)
+    value = launch_token(BASE, T0)
     auth.grant([f"Bearer {value}"], STUDY_1)
     with pytest.raises(Unauthorized) as refused:
         auth.grant([f"Bearer {value}"], STUDY_1)

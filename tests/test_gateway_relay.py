@@ -41,6 +41,7 @@ from ncp.gateway.relay import (
     relay,
 )
 from ncp.security import pki
+from tests.gateway_support import request_head
 from tests.support.dicom_factory import encode, make_instance
 from tests.support.orthanc import OrthancServer
 
@@ -77,12 +78,8 @@ class Archive:
         yield tail
 
     def serve(self, conn: socket.socket) -> None:
-        request = b""
-        while b"\r\n\r\n" not in request:
-            data = conn.recv(65536)
-            if not data:
-                return
-            request += data
+        if request_head(conn) is None:
+            return
         headers = b"HTTP/1.1 200 OK\r\nContent-Type: multipart/related; "
         headers += b'type="application/dicom"; boundary=' + BOUNDARY + b"\r\n"
         if self.framing == "length":
@@ -137,13 +134,6 @@ def archive_server(archive: Archive) -> Iterator[str]:
 
 
 # --- the relay under uvicorn, in this process ----------------------------------------------------
-
-
-@dataclass
-class Served:
-    url: str
-    outcomes: list[RelayOutcome]
-    cafile: Path | None
 
 
 def relay_app(upstream_base: str, outcomes: list[RelayOutcome]) -> Any:
@@ -204,6 +194,20 @@ def serve(
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+@contextlib.contextmanager
+def relaying(
+    archive: Archive, fast: bool, tls_dir: Path | None = None
+) -> Iterator[tuple[str, Path | None, list[RelayOutcome]]]:
+    """``archive`` on a socket, relayed by ``relay_app`` under uvicorn: the relay's base URL,
+    the CA file to trust it (under TLS) and the outcomes it reports."""
+    outcomes: list[RelayOutcome] = []
+    with (
+        archive_server(archive) as upstream,
+        serve(relay_app(upstream, outcomes), fast=fast, tls_dir=tls_dir) as (base, cafile),
+    ):
+        yield base, cafile, outcomes
 
 
 def curl(url: str, cafile: Path | None = None, out: str = "/dev/null") -> tuple[int, int]:
@@ -270,14 +274,7 @@ def test_each_archive_framing_is_relayed_whole(
 ) -> None:
     archive = Archive(size=3 * MB + 12345, framing=framing)
     expected = b"".join(archive.body_parts())
-    outcomes: list[RelayOutcome] = []
-    with (
-        archive_server(archive) as upstream,
-        serve(relay_app(upstream, outcomes), fast=fast, tls_dir=tmp_path if tls else None) as (
-            base,
-            cafile,
-        ),
-    ):
+    with relaying(archive, fast, tmp_path if tls else None) as (base, cafile, outcomes):
         code, size = curl(f"{base}/studies/x", cafile, out=str(tmp_path / "body"))
     assert (code, size) == (0, len(expected))
     assert (tmp_path / "body").read_bytes() == expected
@@ -293,14 +290,7 @@ def test_an_archive_that_stops_mid_study_breaks_the_client_transfer(
     tmp_path: Path, framing: str, fast: bool, tls: bool
 ) -> None:
     archive = Archive(size=8 * MB, framing=framing, cut_at=5 * MB + 7)
-    outcomes: list[RelayOutcome] = []
-    with (
-        archive_server(archive) as upstream,
-        serve(relay_app(upstream, outcomes), fast=fast, tls_dir=tmp_path if tls else None) as (
-            base,
-            cafile,
-        ),
-    ):
+    with relaying(archive, fast, tmp_path if tls else None) as (base, cafile, outcomes):
         code, size = curl(f"{base}/studies/x", cafile, out=str(tmp_path / "body"))
     # curl 18 (partial file) or 56 (receive failure): the client knows the study is incomplete.
     assert code in (18, 56), code
@@ -344,14 +334,7 @@ def test_an_unreachable_or_garbled_archive_fails_before_any_byte() -> None:
 @pytest.mark.parametrize(("fast", "tls"), PATHS)
 def test_200_mb_pass_through_in_constant_memory(tmp_path: Path, fast: bool, tls: bool) -> None:
     archive = Archive(size=200 * MB)
-    outcomes: list[RelayOutcome] = []
-    with (
-        archive_server(archive) as upstream,
-        serve(relay_app(upstream, outcomes), fast=fast, tls_dir=tmp_path if tls else None) as (
-            base,
-            cafile,
-        ),
-    ):
+    with relaying(archive, fast, tmp_path if tls else None) as (base, cafile, outcomes):
         tracemalloc.start()
         try:
             code, size = curl(f"{base}/studies/x", cafile)
@@ -367,14 +350,7 @@ def test_200_mb_pass_through_in_constant_memory(tmp_path: Path, fast: bool, tls:
 @pytest.mark.parametrize(("fast", "tls"), PATHS)
 def test_a_stalled_client_stalls_the_archive_read(tmp_path: Path, fast: bool, tls: bool) -> None:
     archive = Archive(size=400 * MB)
-    outcomes: list[RelayOutcome] = []
-    with (
-        archive_server(archive) as upstream,
-        serve(relay_app(upstream, outcomes), fast=fast, tls_dir=tmp_path if tls else None) as (
-            base,
-            cafile,
-        ),
-    ):
+    with relaying(archive, fast, tmp_path if tls else None) as (base, cafile, _):
         port = int(base.rsplit(":", 1)[1])
         raw = socket.create_connection(("127.0.0.1", port))
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
@@ -407,14 +383,7 @@ def test_a_stalled_client_stalls_the_archive_read(tmp_path: Path, fast: bool, tl
 
 def test_a_client_that_goes_away_ends_the_transfer_and_the_archive_read(tmp_path: Path) -> None:
     archive = Archive(size=400 * MB)
-    outcomes: list[RelayOutcome] = []
-    with (
-        archive_server(archive) as upstream,
-        serve(relay_app(upstream, outcomes), fast=True) as (
-            base,
-            _,
-        ),
-    ):
+    with relaying(archive, fast=True) as (base, _, outcomes):
         port = int(base.rsplit(":", 1)[1])
         client = socket.create_connection(("127.0.0.1", port))
         client.sendall(b"GET /studies/x HTTP/1.1\r\nHost: localhost\r\n\r\n")

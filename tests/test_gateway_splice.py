@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from email.message import Message
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -32,31 +31,32 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
-from pydicom.sequence import Sequence
 
 from ncp.audit.models import Outcome
 from ncp.config import DicomwebArchive, GatewaySection
-from ncp.gateway.app import build_gateway_app
 from ncp.gateway.errors import StreamBroken
 from ncp.gateway.parthead import AfterPixels, file_meta, meta_end, pixel_end
 from ncp.gateway.relay import SPLICED
 from ncp.gateway.relay import relay as fast_relay
 from ncp.gateway.splice import PIPE_BYTES
 from tests.gateway_support import (
-    A_KEYS,
     AS_STORED,
     ISSUER_OID,
     PATIENT,
-    A,
     AuditDb,
-    Served,
+    ServedGateway,
     Tls,
-    audit_db,
     bearer,
-    free_port,
+    boundary_of,
+    fetch,
+    http_client,
+    multipart_parts,
+    patient_instance,
+    request_head,
+    serve_gateway,
     token,
 )
-from tests.support.dicom_factory import encode, make_instance
+from tests.support.dicom_factory import encode, with_references
 from tests.support.orthanc import OrthancServer
 
 EXPLICIT = "1.2.840.10008.1.2.1"
@@ -83,27 +83,16 @@ def _instance(
     nested sequences before its pixel data, Data Set Trailing Padding of ``trailing`` bytes
     after it; ``kind``: native, float or double pixel data, or encapsulated (J2K syntax)."""
     pixels = (np.arange(rows * columns, dtype=np.uint32) * 2654435761 >> 16).astype(np.uint16)
-    ds = make_instance(
-        patient_id=PATIENT.value,
-        study_uid=study,
-        series_uid=series or f"{study}.1",
-        sop_uid=sop,
-        IssuerOfPatientID=ISSUER_OID,
+    ds = patient_instance(
+        study,
+        series or f"{study}.1",
+        sop,
         Rows=rows,
         Columns=columns,
         PixelData=pixels.tobytes(),
     )
     if references:
-        item = Dataset()
-        item.ReferencedSOPInstanceUID = "9.9.9.1.1"
-        for _ in range(references):
-            outer = Dataset()
-            outer.SOPInstanceUID = "9.9.8.1"
-            outer.ReferencedSeriesSequence = Sequence([item])
-            outer["ReferencedSeriesSequence"].is_undefined_length = undefined
-            item = outer
-        ds.ReferencedStudySequence = Sequence([item, item])
-        ds["ReferencedStudySequence"].is_undefined_length = undefined
+        with_references(ds, references, undefined=undefined)
     if kind in ("float", "double"):
         del ds.PixelData
         del ds.BitsStored, ds.HighBit, ds.PixelRepresentation
@@ -297,12 +286,9 @@ class RawArchive:
         if self.send_buffer is not None:
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer)
         with conn:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                piece = conn.recv(65536)
-                if not piece:
-                    return
-                head += piece
+            head = request_head(conn)
+            if head is None:
+                return
             target = urlsplit(head.split(b" ")[1].decode())
             path = target.path.removeprefix("/dicom-web")
             if path == "/studies":
@@ -368,7 +354,6 @@ class RawArchive:
 class Gateway:
     base: str
     audit: AuditDb
-    served: Served
     tls: Tls | None = None
 
     def headers(self, study: str) -> dict[str, str]:
@@ -383,71 +368,51 @@ class Gateway:
 
 @pytest.fixture
 def gateway_for(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
-    started: list[Served] = []
+    started: list[ServedGateway] = []
 
     def make(archive_url: str, *, splice: bool = True, tls: Tls | None = None) -> Gateway:
-        port = free_port()
-        base = f"https://localhost:{port}/dicomweb" if tls else f"http://127.0.0.1:{port}/dicomweb"
-        audit = audit_db(tmp_path / f"audit-{port}.db")
-        app = build_gateway_app(
-            archive=DicomwebArchive(kind="dicomweb", url=archive_url),
-            public_base=base,
-            issuer=A,
-            keys=A_KEYS,
-            auditor=audit.auditor,
+        served = serve_gateway(
+            tmp_path,
+            DicomwebArchive(kind="dicomweb", url=archive_url),
+            tls,
             limits=GatewaySection(archive_timeout_s=10.0),
             relay=fast_relay if splice else functools.partial(fast_relay, splice=False),
         )
-        served = Served(app, tls, port)
         started.append(served)
-        return Gateway(base, audit, served, tls)
+        return Gateway(served.base, served.audit, tls)
 
     yield make
     for served in started:
         served.stop()
 
 
-def _parts(ctype: str, body: bytes) -> list[bytes]:
-    """The parts of a complete multipart body (close delimiter required)."""
-    msg = Message()
-    msg["content-type"] = ctype
-    boundary = msg.get_param("boundary")
-    assert isinstance(boundary, str)
-    dash = b"--" + boundary.encode()
-    assert body.rstrip().endswith(dash + b"--"), "no close delimiter"
-    pieces = body.split(b"\r\n" + dash)
-    assert pieces[0].startswith(dash)
-    out = []
-    for piece in [pieces[0][len(dash) :], *pieces[1:]]:
-        if piece.startswith(b"--"):
-            break
-        out.append(piece.partition(b"\r\n\r\n")[2])
-    return out
-
-
 def _closed(ctype: str, body: bytes) -> bool:
     """Whether ``body`` ends with the close delimiter of our answer (its boundary: ``ctype``)."""
-    msg = Message()
-    msg["content-type"] = ctype
-    boundary = msg.get_param("boundary")
-    assert isinstance(boundary, str)
-    return body.rstrip().endswith(b"--" + boundary.encode() + b"--")
+    return body.rstrip().endswith(b"--" + boundary_of(ctype).encode() + b"--")
 
 
 def _fetch(gateway: Gateway, study: str) -> tuple[int, str, bytes, Exception | None]:
-    received = bytearray()
-    error: Exception | None = None
-    url = f"{gateway.base}/studies/{study}"
-    with (
-        gateway.tls.client() if gateway.tls else httpx.Client(timeout=30.0) as http,
-        http.stream("GET", url, headers=gateway.headers(study)) as r,
-    ):
-        try:
-            for chunk in r.iter_raw():
-                received.extend(chunk)
-        except httpx.HTTPError as exc:
-            error = exc
-        return r.status_code, r.headers.get("content-type", ""), bytes(received), error
+    with http_client(gateway.tls) as http:
+        return fetch(http, f"{gateway.base}/studies/{study}", gateway.headers(study))
+
+
+def _fetch_whole(gateway: Gateway, study: str) -> list[bytes]:
+    """The parts of a retrieve that must succeed: 200, the body whole."""
+    status, ctype, received, error = _fetch(gateway, study)
+    assert status == 200 and error is None
+    return multipart_parts(ctype, received)
+
+
+def _fetch_broken(gateway: Gateway, study: str) -> Any:
+    """The audit record of a retrieve that must break once begun: 200, then no close
+    delimiter, recorded as a serious failure."""
+    status, ctype, received, error = _fetch(gateway, study)
+    # The answer began; then it broke: no last chunk, no close delimiter.
+    assert status == 200 and error is not None
+    assert not _closed(ctype, received)
+    record = gateway.records(1)[-1]
+    assert record.outcome == Outcome.SERIOUS_FAILURE
+    return record
 
 
 # -- through option A before Orthanc ---------------------------------------------------------
@@ -485,7 +450,7 @@ def test_a_study_from_orthanc_is_spliced_and_arrives_byte_for_byte(
             f"{orthanc.dicomweb_url}/studies/{study}", headers={"Accept": AS_STORED}, timeout=30
         )
         assert direct.status_code == 200
-        archived = _parts(direct.headers["content-type"], direct.content)
+        archived = multipart_parts(direct.headers["content-type"], direct.content)
         by_sop = {pydicom.dcmread(BytesIO(p)).SOPInstanceUID: p for p in archived}
         assert len(by_sop) == len(shapes)
 
@@ -494,7 +459,7 @@ def test_a_study_from_orthanc_is_spliced_and_arrives_byte_for_byte(
             before = SPLICED.ranges, SPLICED.bytes
             status, ctype, body, error = _fetch(gateway, study)
             assert status == 200 and error is None
-            parts = _parts(ctype, body)
+            parts = multipart_parts(ctype, body)
             got = {pydicom.dcmread(BytesIO(p)).SOPInstanceUID: p for p in parts}
             assert len(parts) == len(shapes) and got == by_sop  # byte for byte
             record = gateway.records(1)[-1]
@@ -518,6 +483,16 @@ def _study_parts(study: str, count: int, **shape: Any) -> list[bytes]:
     return [encode(_instance(f"{study}.1.{n}", study=study, **shape)) for n in range(1, count + 1)]
 
 
+_CLOSE = b"--" + BOUNDARY + b"--\r\n"
+
+
+def _cut_in(parts: list[bytes], n: int) -> int:
+    """An offset in ``_multipart(parts)`` 70 + 4000 bytes past the parts before part ``n``
+    (for part 0 past the empty body's close delimiter): past part ``n``'s header and head, so
+    the rest of it reaches the gateway only through the splice."""
+    return len(_multipart(parts[:n])) - (len(_CLOSE) if n else 0) + 70 + 4000
+
+
 @pytest.mark.parametrize("sized", [False, True])
 def test_elements_after_pixel_data_are_passed_on_after_the_splice(
     gateway_for: Callable[..., Gateway], sized: bool
@@ -525,14 +500,12 @@ def test_elements_after_pixel_data_are_passed_on_after_the_splice(
     study = f"{ROOT}.60"
     parts = _study_parts(study, 3, trailing=5000, references=1)
     body = _multipart(parts)
-    cut = len(_multipart(parts[:1])) - len(b"--" + BOUNDARY + b"--\r\n") + 70 + 4000
+    cut = _cut_in(parts, 1)
     archive = RawArchive(study, 3, [body[:cut], _splice_started(), body[cut:]], sized=sized)
     gateway = gateway_for(archive.url)
     before = SPLICED.ranges
     try:
-        status, ctype, received, error = _fetch(gateway, study)
-        assert status == 200 and error is None
-        assert _parts(ctype, received) == parts
+        assert _fetch_whole(gateway, study) == parts
         assert SPLICED.ranges > before
         assert gateway.records(1)[-1].outcome == Outcome.SUCCESS
     finally:
@@ -545,17 +518,12 @@ def test_an_archive_closing_inside_a_spliced_range_breaks_the_transfer(
     study = f"{ROOT}.61"
     parts = _study_parts(study, 2)
     body = _multipart(parts)
-    cut = len(_multipart(parts[:1])) - len(b"--" + BOUNDARY + b"--\r\n") + 70 + 4000
+    cut = _cut_in(parts, 1)
     steps: list[Step] = [body[:cut], _splice_started(), body[cut : cut + 20000]]
     archive = RawArchive(study, 2, steps)
     gateway = gateway_for(archive.url)
     try:
-        status, ctype, received, error = _fetch(gateway, study)
-        # The answer began; then it broke: no last chunk, no close delimiter.
-        assert status == 200 and error is not None
-        assert not _closed(ctype, received)
-        record = gateway.records(1)[-1]
-        assert record.outcome == Outcome.SERIOUS_FAILURE
+        record = _fetch_broken(gateway, study)
         assert "spliced range" in (record.reason or "")
     finally:
         archive.close()
@@ -576,17 +544,11 @@ def test_a_pixel_data_length_claiming_more_than_the_part_holds_breaks_the_transf
     lying[at : at + 4] = claimed.to_bytes(4, "little")
     parts[liar] = bytes(lying)
     body = _multipart(parts)
-    cut = len(_multipart(parts[:liar])) - (len(b"--" + BOUNDARY + b"--\r\n") if liar else 0)
-    cut += 70 + 4000  # the liar's part header and head: the rest only through the splice
+    cut = _cut_in(parts, liar)
     archive = RawArchive(study, 3, [body[:cut], _splice_started(), body[cut:]])
     gateway = gateway_for(archive.url)
     try:
-        status, ctype, received, error = _fetch(gateway, study)
-        assert status == 200 and error is not None
-        assert not _closed(ctype, received)
-        record = gateway.records(1)[-1]
-        assert record.outcome == Outcome.SERIOUS_FAILURE
-        reason = record.reason or ""
+        reason = _fetch_broken(gateway, study).reason or ""
         if liar == 2:  # the prediction lies past the body's end
             assert "spliced range" in reason
         else:
@@ -649,7 +611,7 @@ def test_a_stalled_client_stalls_the_archive_then_gets_the_whole_study(
             assert archive.sent <= bound
             for piece in pieces:
                 received.extend(piece)
-            assert _parts(r.headers["content-type"], bytes(received)) == parts
+            assert multipart_parts(r.headers["content-type"], bytes(received)) == parts
         assert SPLICED.ranges > before
         assert gateway.records(1)[-1].outcome == Outcome.SUCCESS
     finally:
@@ -696,9 +658,7 @@ def test_under_tls_nothing_is_spliced_and_the_study_arrives_whole(
     gateway = gateway_for(archive.url, tls=Tls(tmp_path / "pki"))
     started = SPLICED.started
     try:
-        status, ctype, received, error = _fetch(gateway, study)
-        assert status == 200 and error is None
-        assert _parts(ctype, received) == parts
+        assert _fetch_whole(gateway, study) == parts
         assert SPLICED.started == started  # bytes on a TLS connection are encrypted, never spliced
         assert gateway.records(1)[-1].outcome == Outcome.SUCCESS
     finally:

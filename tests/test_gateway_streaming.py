@@ -22,7 +22,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -30,20 +29,22 @@ from starlette.routing import Route
 
 from ncp.audit.models import Side
 from ncp.config import DicomwebArchive, FolderArchive, GatewaySection
-from ncp.gateway.app import build_gateway_app
 from ncp.gateway.stream import relay
 from tests.gateway_support import (
-    A_KEYS,
     AS_STORED,
     ISSUER_OID,
     PATIENT,
-    A,
     AuditDb,
     Served,
     Tls,
     audit_db,
     bearer,
+    fetch,
     free_port,
+    gateway_app,
+    local_base,
+    patient_instance,
+    serve_gateway,
     token,
 )
 from tests.support.dicom_factory import encode, make_instance, write_instance
@@ -57,13 +58,8 @@ BOUNDARY = "archive-boundary"
 def _file(n: int, *, meta_sop: str | None = None, series: str | None = None) -> bytes:
     """Instance ``n % 100`` of study ``{STUDY}.{n // 100}`` (series ``.1`` unless ``series``);
     ``meta_sop``: another SOP Instance UID (of the same length) in its file meta."""
-    ds = make_instance(
-        patient_id=PATIENT.value,
-        study_uid=f"{STUDY}.{n // 100}",
-        series_uid=series or f"{STUDY}.{n // 100}.1",
-        sop_uid=f"{STUDY}.{n // 100}.1.{n % 100}",
-        IssuerOfPatientID=ISSUER_OID,
-    )
+    study = f"{STUDY}.{n // 100}"
+    ds = patient_instance(study, series or f"{study}.1", f"{study}.1.{n % 100}")
     data = encode(ds)
     if meta_sop is not None:  # written over the file meta's (pydicom writes the data set's)
         end = 144 + int.from_bytes(data[140:144], "little")
@@ -254,54 +250,38 @@ class Rig:
     ) -> tuple[int, bytes, Exception | None]:
         """Status, body received and the error that ended it, if any; ``below``: a series path
         below the study."""
-        received = bytearray()
-        url = self._url(study, below)
-        with (
-            self.tls.client() as http,
-            http.stream("GET", url, headers=self._headers(study, **claims)) as r,
-        ):
-            try:
-                for chunk in r.iter_raw():
-                    received.extend(chunk)
-            except httpx.HTTPError as exc:
-                return r.status_code, bytes(received), exc
-            return r.status_code, bytes(received), None
+        url, headers = self._url(study, below), self._headers(study, **claims)
+        with self.tls.client() as http:
+            status, _, body, error = fetch(http, url, headers)
+        return status, body, error
+
+
+def serve_scripted(script: Script) -> tuple[Served, str]:
+    """The scripted archive on loopback (plain HTTP, uvicorn's own protocol) and its URL."""
+    port = free_port()
+    served = Served(scripted_archive(script), None, port, http="auto", log_level="critical")
+    return served, local_base(port, None, "dicom-web")
 
 
 def _rig(root: Path, relay: Any = relay, **limits: Any) -> Iterator[Rig]:
     script = Script()
-    archive_port = free_port()
-    config = uvicorn.Config(
-        scripted_archive(script), host="127.0.0.1", port=archive_port, log_level="critical"
-    )
-    archive = uvicorn.Server(config)
-    thread = threading.Thread(target=archive.run, daemon=True)
-    thread.start()
-    while not archive.started:
-        time.sleep(0.01)
+    archive, archive_url = serve_scripted(script)
     tls = Tls(root / "pki")
-    port = free_port()
-    base = f"https://localhost:{port}/dicomweb"
-    audit = audit_db(root / "audit.db")
     settings = GatewaySection(**{"archive_timeout_s": 1.0, "retry_after_s": 7, **limits})
-    app = build_gateway_app(
-        archive=DicomwebArchive(kind="dicomweb", url=f"http://127.0.0.1:{archive_port}/dicom-web"),
-        public_base=base,
-        issuer=A,
-        keys=A_KEYS,
-        auditor=audit.auditor,
+    served = serve_gateway(
+        root,
+        DicomwebArchive(kind="dicomweb", url=archive_url),
+        tls,
         side=Side.GATEWAY,
         limits=settings,
         relay=relay,
     )
-    served = Served(app, tls, port)
     try:
-        yield Rig(script, base, tls, audit, app)
+        yield Rig(script, served.base, tls, served.audit, served.app)
     finally:
         script.gate.set()
         served.stop()
-        archive.should_exit = True
-        thread.join(timeout=10)
+        archive.stop()
 
 
 @pytest.fixture
@@ -490,12 +470,10 @@ BIG_PIXELS = 1024 * 1024 * 2  # 2 MB a file, 48 MB a study
 def _write_big_study(root: Path) -> list[Path]:
     paths = []
     for n in range(BIG_FILES):
-        ds = make_instance(
-            patient_id=PATIENT.value,
-            study_uid=BIG,
-            series_uid=f"{BIG}.1",
-            sop_uid=f"{BIG}.1.{n + 1}",
-            IssuerOfPatientID=ISSUER_OID,
+        ds = patient_instance(
+            BIG,
+            f"{BIG}.1",
+            f"{BIG}.1.{n + 1}",
             Rows=1024,
             Columns=1024,
             PixelData=bytes(BIG_PIXELS),
@@ -541,19 +519,9 @@ def test_memory_stays_bounded_whatever_the_study_size(
         FolderArchive(path=tmp_path / "archive"),
         DicomwebArchive(kind="dicomweb", url=orthanc.dicomweb_url),
     ):
-        port = free_port()
-        base = f"https://localhost:{port}/dicomweb"
-        app = build_gateway_app(
-            archive=archive,
-            public_base=base,
-            issuer=A,
-            keys=A_KEYS,
-            auditor=audit_db(tmp_path / f"audit-{port}.db").auditor,
-            limits=settings,
-        )
-        served = Served(app, tls, port)
+        served = serve_gateway(tmp_path, archive, tls, limits=settings)
         try:
-            received, peak = _peak_while_streaming(tls, base)
+            received, peak = _peak_while_streaming(tls, served.base)
         finally:
             served.stop()
         assert received > study_bytes
@@ -563,12 +531,10 @@ def test_memory_stays_bounded_whatever_the_study_size(
 
 def test_an_archive_that_cannot_be_reached_gets_503_with_retry_after(tmp_path: Path) -> None:
     base = "https://gw.at.example/dicomweb"
-    app = build_gateway_app(
-        archive=DicomwebArchive(kind="dicomweb", url=f"http://127.0.0.1:{free_port()}/dicom-web"),
-        public_base=base,
-        issuer=A,
-        keys=A_KEYS,
-        auditor=audit_db(tmp_path / "audit.db").auditor,
+    app = gateway_app(
+        DicomwebArchive(kind="dicomweb", url=f"http://127.0.0.1:{free_port()}/dicom-web"),
+        base,
+        audit_db(tmp_path / "audit.db"),
         limits=GatewaySection(retry_after_s=11),
     )
 

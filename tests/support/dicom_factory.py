@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import dcmwrite
+from pydicom.sequence import Sequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian
 
 
@@ -61,6 +62,29 @@ def make_instance(
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.file_meta = meta
+    return ds
+
+
+def with_references(
+    ds: Dataset, depth: int, *, undefined: bool = False, foreign_ids: bool = False
+) -> Dataset:
+    """``ds`` with a Referenced Study Sequence of two items, each ``depth`` levels of Referenced
+    Series Sequence deep around an item naming SOP instance 9.9.9.1.1 (and, with
+    ``foreign_ids``, study 9.9.9 and series 9.9.9.1: UIDs a reader must not take for ``ds``'s);
+    ``undefined``: the sequences in undefined length form."""
+    item = Dataset()
+    if foreign_ids:
+        item.StudyInstanceUID = "9.9.9"
+        item.SeriesInstanceUID = "9.9.9.1"
+    item.ReferencedSOPInstanceUID = "9.9.9.1.1"
+    for _ in range(depth):
+        outer = Dataset()
+        outer.SOPInstanceUID = "9.9.8.1"
+        outer.ReferencedSeriesSequence = Sequence([item])
+        outer["ReferencedSeriesSequence"].is_undefined_length = undefined
+        item = outer
+    ds.ReferencedStudySequence = Sequence([item, item])
+    ds["ReferencedStudySequence"].is_undefined_length = undefined
     return ds
 
 
