@@ -302,6 +302,63 @@ def test_successful_read_is_audited(node: RunningNode, stored: dict[str, str]) -
     assert record.details["version"] == "2"
 
 
+def test_a_conditional_read_of_the_version_held_is_304_and_audited(
+    node: RunningNode, stored: dict[str, str]
+) -> None:
+    rid = stored["s1"]
+    current = get(node, f"/fhir/Bundle/{rid}")
+    modified = current.headers["last-modified"]
+    held = {"If-None-Match": 'W/"2"'}
+    for path, conditions in [
+        (f"/fhir/Bundle/{rid}", held),
+        (f"/fhir/Bundle/{rid}", {"If-None-Match": '"2"'}),  # compared weakly
+        (f"/fhir/Bundle/{rid}", {"If-None-Match": 'W/"7", W/"2"'}),
+        (f"/fhir/Bundle/{rid}", {"If-None-Match": "*"}),
+        (f"/fhir/Bundle/{rid}", {"If-Modified-Since": modified}),
+        (f"/fhir/Bundle/{rid}/_history/1", {"If-None-Match": 'W/"1"'}),
+    ]:
+        response = get(node, path, **conditions)
+        assert response.status_code == 304, (path, conditions)
+        assert response.content == b""
+        assert response.headers["etag"] == ('W/"1"' if path.endswith("/1") else 'W/"2"')
+        (record,) = node.audit_records(response.headers["x-request-id"])
+        assert (record.action, record.outcome) == (Action.REPORT_READ, Outcome.SUCCESS)
+
+
+def test_the_capability_statement_says_reports_are_read_conditionally(node: RunningNode) -> None:
+    with node.client(B) as client:
+        statement = body_of(client.get("/fhir/metadata"))
+    by_type = {r["type"]: r for r in statement["rest"][0]["resource"]}
+    assert by_type["Bundle"]["conditionalRead"] == "full-support"
+    # The list's resources are derived, not versioned: no conditional read is promised there.
+    assert all("conditionalRead" not in by_type[t] for t in ("DocumentReference", "ImagingStudy"))
+    assert_valid(statement)
+
+
+def test_a_conditional_read_of_another_version_gets_the_version(
+    node: RunningNode, stored: dict[str, str]
+) -> None:
+    rid = stored["s1"]
+    for conditions in [
+        {"If-None-Match": 'W/"1"'},  # a stale copy
+        {"If-None-Match": "W/2"},  # not an entity tag: no match
+        {"If-Modified-Since": "Mon, 01 Jan 2001 00:00:00 GMT"},
+        {"If-Modified-Since": "yesterday"},  # unreadable: ignored
+        # If-None-Match decides when both are sent, however far ahead the date.
+        {"If-None-Match": 'W/"1"', "If-Modified-Since": "Fri, 01 Jan 2100 00:00:00 GMT"},
+    ]:
+        response = get(node, f"/fhir/Bundle/{rid}", **conditions)
+        assert response.status_code == 200, conditions
+        assert body_of(response)["meta"]["versionId"] == "2"
+
+
+def test_a_conditional_read_tells_nothing_of_another_patients_report(
+    node: RunningNode, stored: dict[str, str]
+) -> None:
+    response = get(node, f"/fhir/Bundle/{stored['pat101']}", **{"If-None-Match": "*"})
+    assert response.status_code == 404
+
+
 # --- ingest ------------------------------------------------------------------------------------
 
 

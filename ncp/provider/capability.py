@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import fastapi.routing
+
 from ncp import __version__
 
 FHIR_VERSION = "4.0.1"
@@ -182,6 +184,7 @@ def capability_statement(
         if "vread" in interactions:
             entry["versioning"] = "versioned"
             entry["readHistory"] = True
+            entry["conditionalRead"] = "full-support"  # ncp.provider.conditional
         params = SEARCH_PARAMS.get(rtype, ()) if "search-type" in interactions else ()
         if params:
             entry["searchParam"] = [_search_param(p) for p in params]
@@ -252,9 +255,13 @@ def _escape(text: str) -> str:
 
 
 def routes_of(app: Any) -> list[tuple[str, str]]:
-    """(method, path template) of every FHIR route of a FastAPI app."""
+    """(method, path template) of every FHIR route of a FastAPI app. From FastAPI 0.137 on,
+    ``app.routes`` holds each included router as one node of a tree, so a plain walk sees none
+    of their routes; ``iter_route_contexts`` flattens the tree (older versions copied them in)."""
+    routes = getattr(app, "routes", [])
+    flatten = getattr(fastapi.routing, "iter_route_contexts", None)
     out = []
-    for route in getattr(app, "routes", []):
+    for route in flatten(routes) if flatten is not None else routes:
         path = getattr(route, "path", "")
         for method in sorted(getattr(route, "methods", None) or ()):
             if path.startswith("/fhir/"):

@@ -3,7 +3,9 @@
 - ``GET /fhir/Bundle/{id}``: the latest version of a report (ETag ``W/"<version>"``,
   Last-Modified), ``GET /fhir/Bundle/{id}/_history``: every version, newest first, as a FHIR
   history Bundle; ``GET /fhir/Bundle/{id}/_history/{vid}``: one version. Each needs a verified
-  pair (HP assertion and TRC) and a report of the TRC's patient.
+  pair (HP assertion and TRC) and a report of the TRC's patient. Reads of a version are
+  conditional (``If-None-Match``, ``If-Modified-Since``: 304 when the client holds it,
+  :mod:`ncp.provider.conditional`).
 - ``POST /fhir/Bundle``: a national system of this node's own country submits a report version
   (JSON or XML, at most :data:`MAX_REPORT_BYTES`); it is validated and stored in one
   transaction. 201 with ``Location: {base}/Bundle/{id}/_history/{vid}`` and the stored Bundle
@@ -33,6 +35,7 @@ from ncp.fhir.identifiers import issuer_of
 from ncp.provider import reports
 from ncp.provider.auditing import audit
 from ncp.provider.auth import national_system, patient_context
+from ncp.provider.conditional import not_modified
 from ncp.provider.http import (
     FhirHttpError,
     fhir_response,
@@ -198,18 +201,28 @@ def _version_of(served: dict[str, Any]) -> str:
     return str(served.get("meta", {}).get("versionId", ""))
 
 
+def _last_updated(served: dict[str, Any]) -> datetime | None:
+    modified = served.get("meta", {}).get("lastUpdated")
+    if not isinstance(modified, str):
+        return None
+    return datetime.fromisoformat(modified.replace("Z", "+00:00")).astimezone(UTC)
+
+
 def _version_headers(served: dict[str, Any]) -> dict[str, str]:
-    meta = served.get("meta", {})
-    headers = {"ETag": f'W/"{meta.get("versionId", "")}"'}
-    modified = meta.get("lastUpdated")
-    if isinstance(modified, str):
-        moment = datetime.fromisoformat(modified.replace("Z", "+00:00")).astimezone(UTC)
+    headers = {"ETag": f'W/"{_version_of(served)}"'}
+    moment = _last_updated(served)
+    if moment is not None:
         headers["Last-Modified"] = format_datetime(moment, usegmt=True)
     return headers
 
 
 def _version_response(request: Request, served: dict[str, Any]) -> Response:
-    return fhir_response(request, served, headers=_version_headers(served))
+    """The version, or ``304 Not Modified`` when the client's copy is this version (the read
+    is audited all the same: the client learnt the version is current)."""
+    headers = _version_headers(served)
+    if not_modified(request.headers, headers["ETag"], _last_updated(served)):
+        return Response(status_code=304, headers=headers)
+    return fhir_response(request, served, headers=headers)
 
 
 def history_bundle(
