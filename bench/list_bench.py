@@ -61,6 +61,7 @@ from ncp.config import load_settings  # noqa: E402
 from ncp.dicom.archive import open_archive  # noqa: E402
 from ncp.examples import reports as example_reports  # noqa: E402
 from ncp.examples.generate import DEFAULT_PATIENT_ID_ISSUER, generate_examples  # noqa: E402
+from ncp.fhir.datatypes import zone_of  # noqa: E402
 from ncp.fhir.identifiers import patient_system  # noqa: E402
 from ncp.provider.indexer import index_source  # noqa: E402
 from ncp.provider.reports import load_folder  # noqa: E402
@@ -359,7 +360,11 @@ def main() -> None:
         migrate(engine)
         sessions = session_factory(engine)
         if not args.reuse or cluster is not None:
-            t, run = _timed(lambda: index_source(sessions, open_archive(settings.archive)))
+            t, run = _timed(
+                lambda: index_source(
+                    sessions, open_archive(settings.archive), zone=zone_of(settings.node.country)
+                )
+            )
             notes["indexed"] = {"added": run.added, "seconds": round(t, 1)}
             print(f"indexed {notes['indexed']}", file=sys.stderr, flush=True)
             t, loaded = _timed(

@@ -144,6 +144,7 @@ def _renders(settings: NodeSettings) -> bool:
 
 def _cmd_index(args: argparse.Namespace) -> int:
     from ncp.dicom.archive import open_archive
+    from ncp.fhir.datatypes import zone_of
     from ncp.provider.indexer import index_source
     from ncp.provider.list_entries import render_studies
 
@@ -153,7 +154,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
     # Worker processes only for the folder source: a network source shares its connections.
     workers = args.workers if isinstance(settings.archive, FolderArchive) else 1
     started = time.perf_counter()
-    run = index_source(sessions, source, batch_size=args.batch_size, workers=workers)
+    zone = zone_of(settings.node.country)  # the archive's naive times: the sort's UTC
+    run = index_source(sessions, source, batch_size=args.batch_size, workers=workers, zone=zone)
     elapsed = time.perf_counter() - started
     # The changed studies' list entries, rendered now rather than by the next HP's list.
     rendered = render_studies(settings, sessions, run.touched) if _renders(settings) else 0

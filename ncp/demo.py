@@ -60,6 +60,7 @@ from ncp.config import NodeSettings, load_edge_settings, load_settings
 from ncp.dicom.archive import open_archive
 from ncp.errors import ConfigError, NcpError
 from ncp.examples.generate import DEFAULT_PATIENT_ID_ISSUER, generate_examples
+from ncp.fhir.datatypes import zone_of
 from ncp.fhir.identifiers import patient_system
 from ncp.provider.indexer import index_source
 from ncp.provider.list_entries import render_studies
@@ -380,7 +381,8 @@ def index_and_list(settings: NodeSettings) -> TopPatient:
     try:
         migrate(engine)
         sessions = session_factory(engine)
-        run = index_source(sessions, open_archive(settings.archive))
+        zone = zone_of(settings.node.country)
+        run = index_source(sessions, open_archive(settings.archive), zone=zone)
         rendered = render_studies(settings, sessions, run.touched)
         print(
             f"index of country {COUNTRY_A}: {run.added} added, {run.updated} updated, "

@@ -6,11 +6,16 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
+from sqlalchemy import select
 
 from ncp import __version__
 from ncp.cli import main
+from ncp.fhir.datatypes import utc_of
+from ncp.store.db import make_engine, session_factory
+from ncp.store.models import Study
 from tests.support.dicom_factory import make_instance, write_instance
 
 
@@ -64,6 +69,14 @@ def test_index_then_studies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
     assert main(["index", "--config", str(config)]) == 0
     assert "0 added, 0 updated, 3 unchanged" in capsys.readouterr().out
+    # The studies' starts in UTC, read in Austria's zone, for the list's sort by date.
+    engine = make_engine(f"sqlite:///{tmp_path / 'index.db'}")
+    with session_factory(engine)() as session:
+        rows = session.execute(select(Study.started, Study.started_utc, Study.utc_zone)).all()
+    engine.dispose()
+    assert [zone for *_, zone in rows] == ["Europe/Vienna", "Europe/Vienna"]
+    for started, started_utc, _ in rows:
+        assert started_utc == utc_of(started, ZoneInfo("Europe/Vienna"))
 
     assert main(["studies", "--config", str(config), "--patient", "PAT-1"]) == 0
     out = capsys.readouterr().out

@@ -253,7 +253,10 @@ def test_default_list_is_current_reports_and_every_manifest_newest_first(
     assert all(m.report.patient_id == index.big[1] for m in reports(page))
     assert "rwithdrawn/1" not in keys(page)
     dates = [
-        m.version.date if isinstance(m, ReportMatch) else m.study.started for m in page.matches
+        m.version.date.replace(tzinfo=UTC)  # true instants: reports UTC, studies local
+        if isinstance(m, ReportMatch)
+        else m.study.started and m.study.started.replace(tzinfo=ZONE)
+        for m in page.matches
     ]
     assert all(d is not None for d in dates)
     assert dates == sorted(dates, reverse=True)  # type: ignore[type-var]

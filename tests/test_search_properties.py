@@ -15,7 +15,7 @@ import functools
 import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -275,7 +275,7 @@ def passes(entry: Entry, rtype: str, f: Any) -> bool:
 def sort_value(entry: Entry, column: str) -> Any:
     r = entry.resource
     if column == "date":
-        return datetime.fromisoformat(entry_date(entry)).replace(tzinfo=None)  # wall clock
+        return datetime.fromisoformat(entry_date(entry)).astimezone(UTC)  # the true instant
     if column == "modality":
         if r["resourceType"] == "ImagingStudy":
             return "\\".join(c["code"] for c in r["modality"])

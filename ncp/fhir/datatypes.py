@@ -6,7 +6,7 @@ resources they end up in are checked by the validator in the tests.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -164,6 +164,22 @@ def local_moment(value: datetime, zone: ZoneInfo) -> str:
     if value.tzinfo is None:
         value = value.replace(tzinfo=zone)
     return value.isoformat()
+
+
+def utc_of(value: datetime, zone: tzinfo) -> datetime:
+    """A naive local DICOM date and time as naive UTC: the instant :func:`local_moment` shows.
+
+    A wall-clock time that a DST change makes ambiguous (autumn) or skips (spring) is read
+    with ``fold=0``: the offset in force before the change, as ``local_moment`` writes it.
+    """
+    return value.replace(tzinfo=zone, fold=0).astimezone(UTC).replace(tzinfo=None)
+
+
+def zone_name(zone: tzinfo) -> str:
+    """A stable name of a zone (the IANA key of a ZoneInfo): what an index records to tell
+    which zone its UTC values were computed in."""
+    key = getattr(zone, "key", None)
+    return key if isinstance(key, str) else str(zone)
 
 
 def utc_moment(value: datetime) -> str:

@@ -7,7 +7,9 @@ One run:
    under its new locator instead of being refused as a duplicate of itself);
 3. reads the headers of new and changed entries in batches, one transaction per batch, so an
    interrupted run keeps what it committed and the next run resumes;
-4. recomputes the denormalised counts, sizes, modalities and body parts of the studies it touched.
+4. recomputes the denormalised counts, sizes, modalities and body parts of the studies it touched,
+   and their start in UTC (``started_utc``) when the run is given the archive's zone; then fills
+   that UTC start in every study that lacks it for this zone (rows indexed before it existed).
 
 Patient, study and series attributes come from the instance with the smallest SOP Instance UID
 seen so far (``header_sop_uid``), so the same instances give the same index whatever order the
@@ -22,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from itertools import islice
 from typing import Any, TypeVar, cast
 
@@ -32,6 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ncp.dicom.mapping import IndexRecord, InstanceKeys, map_instance, map_levels
 from ncp.dicom.source import ArchiveSource, InstanceHeader, SkippedEntry, SourceEntry
 from ncp.errors import UnreadableInstance
+from ncp.fhir.datatypes import utc_of, zone_name
 from ncp.store.models import (
     EntryKind,
     Instance,
@@ -76,8 +79,14 @@ def index_source(
     batch_size: int = 500,
     workers: int = 1,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC).replace(tzinfo=None),
+    zone: tzinfo | None = None,
 ) -> IndexRun:
     """Bring the index up to date with ``source``. Safe to run again at any time.
+
+    ``zone`` is the zone of the archive's naive dates and times (the custodian's,
+    :func:`ncp.fhir.datatypes.zone_of`): with it, each study gets its start in UTC. Without it,
+    the studies the run touches lose theirs (``started_utc``/``utc_zone`` NULL), and the search
+    computes it itself: never a stale value.
 
     With ``workers`` > 1, headers are read and mapped in that many forked processes while this
     one writes to the database; the source must then be usable from a forked child (the folder
@@ -108,8 +117,11 @@ def index_source(
     touched: set[int] = set()
     removed_sops: set[str] = set()
     with sessions.begin() as session:
-        run.removed, removed_sops = _remove(session, source.name, gone, touched)
+        marked: set[int] = set()
+        run.removed, removed_sops = _remove(session, source.name, gone, marked)
         _record_skips(session, source.name, listed_skips, clock())
+        _forget_instants(session, marked)
+        touched |= marked
     run.skipped.extend((s.entry.locator, s.reason) for s in listed_skips)
 
     todo: list[SourceEntry] = []
@@ -125,10 +137,15 @@ def index_source(
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     for results in _mapped_batches(source, batches, workers):
         with sessions.begin() as session:
-            _apply_batch(session, source.name, results, known, run, touched, clock())
+            marked = set()
+            _apply_batch(session, source.name, results, known, run, marked, clock())
+            _forget_instants(session, marked)
+            touched |= marked
 
     with sessions.begin() as session:
-        _recompute(session, touched)
+        _recompute(session, touched, zone)
+    if zone is not None:
+        fill_study_instants(sessions, zone)
     run.studies_touched = len(touched)
     run.touched = frozenset(touched)
     return run
@@ -571,9 +588,65 @@ def _current(
     return found
 
 
-def _recompute(session: Session, study_pks: set[int]) -> None:
-    """Counts, sizes, modalities and body parts of the touched studies, and a new revision for
-    each (their rendered list entries are stale now); drop what is empty. Every change to a
+def _forget_instants(session: Session, study_pks: set[int]) -> None:
+    """Unset the UTC start of studies a batch changed, in the batch's transaction: until the
+    run's last step computes it again, the search computes it (an interrupted run leaves no
+    stale value behind)."""
+    for chunk in _chunks(sorted(study_pks)):
+        session.execute(
+            update(_table(Study))
+            .where(_table(Study).c.id.in_(chunk))
+            .values(started_utc=None, utc_zone=None)
+        )
+
+
+def _instant(
+    started: datetime | None, first_series: datetime | None, zone: tzinfo | None
+) -> datetime | None:
+    """``started_utc`` of a study: the start its entries show (Study Date/Time, else its
+    earliest series start, as :func:`ncp.fhir.manifest.study_started`) in UTC."""
+    local = started if started is not None else first_series
+    return None if local is None or zone is None else utc_of(local, zone)
+
+
+def fill_study_instants(
+    sessions: sessionmaker[Session], zone: tzinfo, *, batch_size: int = 2000
+) -> int:
+    """Give every study whose ``started_utc`` was not computed in ``zone`` (indexed before
+    revision 0005, without a zone, or in another zone) its start in UTC; returns how many.
+    One transaction per batch; safe to run at any time (the indexer runs it at each end)."""
+    name = zone_name(zone)
+    first_series = (
+        select(func.min(Series.started)).where(Series.study_pk == Study.id).scalar_subquery()
+    )
+    done, last = 0, 0
+    while True:
+        with sessions.begin() as session:
+            rows = session.execute(
+                select(Study.id, Study.started, first_series)
+                .where(Study.id > last, func.coalesce(Study.utc_zone, "") != name)
+                .order_by(Study.id)
+                .limit(batch_size)
+            ).all()
+            if not rows:
+                return done
+            session.execute(
+                update(_table(Study))
+                .where(_table(Study).c.id == bindparam("pk"))
+                .values(started_utc=bindparam("utc"), utc_zone=bindparam("zone")),
+                [
+                    {"pk": pk, "utc": _instant(started, first, zone), "zone": name}
+                    for pk, started, first in rows
+                ],
+            )
+        done += len(rows)
+        last = rows[-1][0]
+
+
+def _recompute(session: Session, study_pks: set[int], zone: tzinfo | None = None) -> None:
+    """Counts, sizes, modalities and body parts of the touched studies, their start in UTC (in
+    ``zone``; NULL without one), and a new revision for each (their rendered list entries are
+    stale now); drop what is empty. Every change to a
     study ends here, after the batches that made it, so a list entry rendered from a mix of old
     and new rows carries the old revision and is rendered again."""
     for chunk in _chunks(sorted(study_pks)):
@@ -585,14 +658,15 @@ def _recompute(session: Session, study_pks: set[int]) -> None:
                 Series.body_part,
                 func.count(Instance.id),
                 func.coalesce(func.sum(Instance.size_bytes), 0),
+                Series.started,
             )
             .outerjoin(Instance, Instance.series_pk == Series.id)
             .where(Series.study_pk.in_(chunk))
-            .group_by(Series.id, Series.study_pk, Series.modality, Series.body_part)
+            .group_by(Series.id, Series.study_pk, Series.modality, Series.body_part, Series.started)
         ).all()
-        empty_series = [sid for sid, _, _, _, n, _ in series_rows if n == 0]
+        empty_series = [sid for sid, _, _, _, n, _, _ in series_rows if n == 0]
         series_updates = [
-            {"pk": sid, "n": n, "size": size} for sid, _, _, _, n, size in series_rows if n > 0
+            {"pk": sid, "n": n, "size": size} for sid, _, _, _, n, size, _ in series_rows if n > 0
         ]
         if series_updates:
             session.execute(
@@ -608,10 +682,19 @@ def _recompute(session: Session, study_pks: set[int]) -> None:
             pk: {"pk": pk, "ns": 0, "n": 0, "size": 0, "mods": set(), "parts": set()}
             for pk in chunk
         }
-        for _, study_pk, modality, body_part, n, size in series_rows:
+        study_started: dict[int, datetime | None] = {
+            pk: started
+            for pk, started in session.execute(
+                select(Study.id, Study.started).where(Study.id.in_(chunk))
+            )
+        }
+        for _, study_pk, modality, body_part, n, size, series_started in series_rows:
             if n == 0:
                 continue
             agg = per_study[study_pk]
+            if series_started is not None:
+                first = agg.get("first")
+                agg["first"] = series_started if first is None else min(first, series_started)
             agg["ns"] += 1
             agg["n"] += n
             agg["size"] += size
@@ -629,6 +712,8 @@ def _recompute(session: Session, study_pks: set[int]) -> None:
                 "size": agg["size"],
                 "mods": "\\".join(sorted(agg["mods"])),
                 "parts": "\\".join(sorted(agg["parts"])),
+                "utc": _instant(study_started.get(pk), agg.get("first"), zone),
+                "zone": None if zone is None else zone_name(zone),
             }
             for pk, agg in per_study.items()
             if agg["n"] > 0
@@ -644,6 +729,8 @@ def _recompute(session: Session, study_pks: set[int]) -> None:
                     modalities=bindparam("mods"),
                     body_parts=bindparam("parts"),
                     revision=bindparam("rev"),
+                    started_utc=bindparam("utc"),
+                    utc_zone=bindparam("zone"),
                 ),
                 study_updates,
             )

@@ -23,8 +23,14 @@ in report titles, and in study descriptions, procedure meanings and series descr
 Dates: report dates are stored in UTC, study dates in the archive's local time. A search date
 with a time zone is converted to UTC for reports and to ``zone`` (the archive's, see
 :func:`ncp.fhir.datatypes.zone_of`) for studies; a date without one is compared as written.
-Sorting by date compares those stored wall-clock values, so a report and a study less than the
-zone's offset apart may sort in either order (the index keeps no UTC study time).
+Sorting by date compares true instants: a report's UTC date with a study's start in UTC, which
+is the instant its entries show (Study Date/Time, else its earliest series start, read in
+``zone`` with ``fold=0`` where a DST change makes the wall clock ambiguous or skips it:
+:func:`ncp.fhir.datatypes.utc_of`). The index keeps that instant (``study.started_utc``, with the
+zone it was computed in); a study of the patient whose instant was not computed in ``zone``
+(indexed before revision 0005, by a run given no zone, or in another zone) has it computed here
+for the search, so a sort never compares a missing or stale instant. Equal instants fall to the
+tie-breaks. The date filter is unchanged: it compares the stored wall-clock values as above.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import (
     ColumnElement,
+    DateTime,
     Integer,
     Select,
     SQLColumnExpression,
@@ -45,6 +52,7 @@ from sqlalchemy import (
     false,
     func,
     literal,
+    literal_column,
     not_,
     or_,
     select,
@@ -58,7 +66,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from ncp.fhir import canonical
 from ncp.fhir.conformance import load_definitions
-from ncp.fhir.datatypes import DICOM, LOINC, SNOMED, scheme_system
+from ncp.fhir.datatypes import DICOM, LOINC, SNOMED, scheme_system, utc_of, zone_name
 from ncp.fhir.identifiers import (
     STUDY_UID_SYSTEM,
     imaging_study_id,
@@ -386,6 +394,36 @@ class _Context:
     _report_texts: list[tuple[int, str]] | None = None
     _study_texts: dict[int, str] | None = None
     _issuers: dict[str, set[str | None]] | None = None
+    _instant: _Col | None = None
+
+    def study_instant(self) -> _Col:
+        """A study's start in UTC, what a sort by date compares with report dates: the index's
+        ``started_utc``, except for the patient's studies whose value was not computed in this
+        search's zone, computed here from their local start (:func:`utc_of`, as the indexer
+        does). Usually none: one small query finds that out."""
+        if self._instant is not None:
+            return self._instant
+        first_series = (
+            select(func.min(Series.started)).where(Series.study_pk == Study.id).scalar_subquery()
+        )
+        stale = self.session.execute(
+            select(Study.id, Study.started, first_series).where(
+                Study.patient_pk == self.patient_pk,
+                func.coalesce(Study.utc_zone, "") != zone_name(self.zone),
+            )
+        ).all()
+        if not stale:
+            self._instant = Study.started_utc
+            return self._instant
+        whens: list[tuple[ColumnElement[bool], Any]] = []
+        for pk, started, first in stale:
+            local = started if started is not None else first
+            moment = None if local is None else utc_of(local, self.zone)
+            # Row ids are integers read from the index: inlined, so that a patient with many
+            # such studies does not run into the engines' limits on bound parameters.
+            whens.append((Study.id == literal_column(str(int(pk))), literal(moment, DateTime())))
+        self._instant = case(*whens, else_=Study.started_utc)
+        return self._instant
 
     def manifest_uid(self, resource_id: str) -> str | None:
         if self._manifest_ids is None:
@@ -622,10 +660,13 @@ def _status(tok: Token, t: _Target) -> ColumnElement[bool]:
 
 
 def _branch(query: SearchQuery, t: _Target, ctx: _Context) -> Select[Any]:
+    # "date" is what a sort compares: an instant in UTC (a report's date is one already).
+    by_date = not query.summary_count and any(k.column == "date" for k in query.sort)
+    date = ctx.study_instant() if by_date and not t.utc else t.date
     columns: tuple[Any, ...] = (
         literal(t.kind, Integer).label("kind"),
         t.pk.label("pk"),
-        t.date.label("date"),
+        date.label("date"),
         t.sort_modality.label("modality"),
         t.title.label("title"),
         t.tie_text.label("tie_text"),

@@ -66,7 +66,11 @@ class Patient(Base):
 
 class Study(Base):
     __tablename__ = "study"
-    __table_args__ = (Index(None, "patient_pk", "started"), Index(None, "accession_number"))
+    __table_args__ = (
+        Index(None, "patient_pk", "started"),
+        Index(None, "patient_pk", "started_utc"),
+        Index(None, "accession_number"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_uid: Mapped[str] = mapped_column(UID, unique=True)
@@ -75,6 +79,14 @@ class Study(Base):
     accession_issuer: Mapped[str | None] = mapped_column(LO)
     study_id: Mapped[str | None] = mapped_column(LO)
     started: Mapped[datetime | None] = mapped_column(DateTime)
+    """Study Date and Time as written: the archive's local wall clock."""
+    started_utc: Mapped[datetime | None] = mapped_column(DateTime)
+    """The start the study's entries show (``started``, else its earliest series start) as
+    naive UTC, read in the zone ``utc_zone`` (``fold=0``, :func:`ncp.fhir.datatypes.utc_of`):
+    what a sort by date compares with the reports' UTC dates. NULL without a date."""
+    utc_zone: Mapped[str | None] = mapped_column(String(64))
+    """The zone ``started_utc`` was computed in (:func:`ncp.fhir.datatypes.zone_name`); NULL
+    until the indexer computed it (a row indexed before revision 0005, or without a zone)."""
     description: Mapped[str | None] = mapped_column(LO)
     procedure_scheme: Mapped[str | None] = mapped_column(LO)
     procedure_code: Mapped[str | None] = mapped_column(LO)

@@ -37,6 +37,7 @@ from ncp.app import build_app
 from ncp.audit.models import AuditRecord
 from ncp.config import settings_from_mapping
 from ncp.dicom.folder import FolderSource
+from ncp.fhir.datatypes import zone_of
 from ncp.node import Node
 from ncp.provider.indexer import index_source
 from ncp.provider.serve import gateway_app, node_imaging_server, standard_server
@@ -332,7 +333,7 @@ def running_node(
         mapping[section] = {**mapping.get(section, {}), **values}
     settings = settings_from_mapping(mapping, base_dir=root, environ={})
     node = Node.from_settings(settings)
-    index_source(node.sessions, FolderSource(archive))
+    index_source(node.sessions, FolderSource(archive), zone=zone_of(settings.node.country))
     app = build_app(node)
     running = RunningNode(
         node=node,
