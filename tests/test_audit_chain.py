@@ -64,16 +64,6 @@ N = 12
 
 
 @pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url)
-    migrate(eng)
-    try:
-        yield eng
-    finally:
-        eng.dispose()
-
-
-@pytest.fixture
 def chain(engine: Engine) -> Engine:
     """A chain of N records, full and sparse ones mixed (so NULLs and values both occur)."""
     fill(engine, mixed_events(N))

@@ -6,14 +6,13 @@ import argparse
 import csv
 import io
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
 
 from ncp.audit.command import register
-from ncp.store.db import make_engine, migrate
 from tests.audit_support import (
     PATIENT_ID,
     delete_record,
@@ -49,16 +48,6 @@ path = "{tmp_path / "archive"}"
         encoding="utf-8",
     )
     return config
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url)
-    migrate(eng)
-    try:
-        yield eng
-    finally:
-        eng.dispose()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import base64
 import io
 import itertools
 import json
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -30,23 +29,12 @@ from ncp.audit.export import (
 from ncp.audit.models import Action, AuditRecord, Side
 from ncp.audit.record import AuditEvent
 from ncp.fhir.canonical import structure_definition
-from ncp.store.db import make_engine, migrate
 from tests.audit_support import PATIENT_ID, T0, fill, sample_event, sparse_event
 
 try:
     from ncp.validation.engine import Validator
 except ImportError:  # pragma: no cover - the validator is built alongside
     Validator = None  # type: ignore[assignment,misc]
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url)
-    migrate(eng)
-    try:
-        yield eng
-    finally:
-        eng.dispose()
 
 
 def _exported(engine: Engine, events: list[AuditEvent]) -> list[dict[str, Any]]:

@@ -36,19 +36,8 @@ from ncp.audit.record import (
     install_log_filter,
     mask_patient_data,
 )
-from ncp.store.db import make_engine, migrate, session_factory
+from ncp.store.db import make_engine, session_factory
 from tests.audit_support import PATIENT_ID, sample_event, sparse_event
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url)
-    migrate(eng)
-    try:
-        yield eng
-    finally:
-        eng.dispose()
-
 
 # -- AuditEvent ----------------------------------------------------------------------------------
 

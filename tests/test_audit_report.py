@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine
@@ -18,18 +16,7 @@ from ncp.audit.chain import append
 from ncp.audit.models import AccessOption, Action, Outcome, Priority
 from ncp.audit.record import AuditEvent
 from ncp.audit.report import COLUMNS, ReportRow, percentile, summarise, write_csv, write_text
-from ncp.store.db import make_engine, migrate
 from tests.audit_support import T0
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url)
-    migrate(eng)
-    try:
-        yield eng
-    finally:
-        eng.dispose()
 
 
 def _brute_percentile(values: list[int], p: float) -> int | None:

@@ -8,7 +8,6 @@ import copy
 import hashlib
 import shutil
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from ncp.fhir.identifiers import report_resource_id
 from ncp.fhir.io import read_path, read_resource, to_json, to_xml
 from ncp.provider import reports
 from ncp.provider.report_fields import BODY_PART_SYSTEM, SNOMED, report_fields
-from ncp.store.db import make_engine, migrate, session_factory
+from ncp.store.db import session_factory
 from ncp.store.models import Report, ReportVersion
 from ncp.validation.engine import Validator
 from ncp.validation.issues import from_operation_outcome, has_errors
@@ -34,14 +33,6 @@ SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample" / "reports"
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 LKA = "RPT-LKA2023283035"
 _LOCK = threading.Lock()
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url)
-    migrate(eng)
-    yield eng
-    eng.dispose()
 
 
 @pytest.fixture

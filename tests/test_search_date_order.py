@@ -5,7 +5,6 @@ UTC start existed (revision 0005) and after an index run that was given no zone.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from ncp.fhir.datatypes import local_moment
 from ncp.provider.indexer import fill_study_instants, index_source
 from ncp.provider.search import EntryKey, find_page
 from ncp.provider.search_params import parse_search
-from ncp.store.db import make_engine, migrate, session_factory
+from ncp.store.db import migrate, session_factory
 from ncp.store.models import (
     EntryKind,
     Instance,
@@ -42,12 +41,9 @@ ROOT = "1.2.826.0.1.3680043.10.98"
 
 
 @pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url)
-    try:
-        yield eng
-    finally:
-        eng.dispose()
+def engine(empty_engine: Engine) -> Engine:
+    """This module's engine starts with no table: its tests migrate it themselves."""
+    return empty_engine
 
 
 @pytest.fixture

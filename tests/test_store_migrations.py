@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
@@ -47,12 +47,9 @@ MODEL_TABLES = {
 
 
 @pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url)
-    try:
-        yield eng
-    finally:
-        eng.dispose()
+def engine(empty_engine: Engine) -> Engine:
+    """This module's engine starts with no table: its tests migrate it themselves."""
+    return empty_engine
 
 
 @pytest.fixture
