@@ -23,8 +23,8 @@ from ncp.audit.command import register as register_audit
 from ncp.config import FolderArchive, NodeSettings, load_settings
 from ncp.errors import ArchiveError, ConfigError, NcpError
 from ncp.gateway.edge import register as register_edge
-from ncp.provider.serve import register as register_serve
 from ncp.security.command import register as register_keys
+from ncp.serve import register as register_serve
 from ncp.validation.command import register as register_validate
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2

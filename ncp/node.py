@@ -1,7 +1,7 @@
 """The composition root of a running node: settings, database, audit, keys, trust, validator.
 
 Everything a request handler needs is reached from one :class:`Node` (``request.app.state.node``,
-see :func:`ncp.provider.http.node_of`), built once at start by :meth:`Node.from_settings`. Tests
+see :func:`node_of`), built once at start by :meth:`Node.from_settings`. Tests
 build one the same way from generated settings, so the code under test is the code that runs.
 """
 
@@ -12,11 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from fastapi import Request
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from ncp.audit.record import Auditor
 from ncp.config import NodeSettings
+from ncp.fhir.http import FhirHttpError
 from ncp.security.keystore import KeyStore
 from ncp.security.mtls import MutualTlsJwksFetcher
 from ncp.security.replay import ReplayGuard
@@ -90,3 +92,11 @@ class Node:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def node_of(request: Request) -> Node:
+    """The node serving this request (``build_app`` puts it on the app's state)."""
+    node: Node | None = getattr(request.app.state, "node", None)
+    if node is None:
+        raise FhirHttpError(500, "exception", "this application has no node configured")
+    return node

@@ -26,9 +26,9 @@ from sqlalchemy.orm import Session
 
 from ncp.audit.models import Action, AuditRecord, Side
 from ncp.dicom.uids import is_uid
+from ncp.fhir.http import FhirHttpError
 from ncp.fhir.identifiers import issuer_of
 from ncp.node import Node
-from ncp.provider.http import FhirHttpError
 from ncp.security.claims import (
     IMAGE_ACCESS,
     MAX_STUDIES,

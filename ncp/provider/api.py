@@ -12,11 +12,12 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from ncp.audit.models import Action, Outcome
+from ncp.fhir.http import FhirHttpError, fhir_response, read_resource_body
+from ncp.node import node_of
 from ncp.provider import access, match
 from ncp.provider.auditing import audit
 from ncp.provider.auth import HpDep, PatientDep
 from ncp.provider.capability import capability_statement, routes_of
-from ncp.provider.http import FhirHttpError, fhir_response, node_of, read_resource_body
 from ncp.security.pair import RequestContext
 
 MAX_PARAMETERS_BYTES = 64 * 1024

@@ -16,8 +16,9 @@ from fastapi import Request
 
 from ncp.audit.models import Action, Outcome, Side
 from ncp.audit.record import AuditError, AuditEvent
+from ncp.fhir.http import FhirHttpError, request_id
 from ncp.fhir.identifiers import issuer_of
-from ncp.provider.http import FhirHttpError, node_of, request_id
+from ncp.node import node_of
 from ncp.security.claims import PatientRef
 from ncp.security.pair import RequestContext
 

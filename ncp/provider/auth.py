@@ -24,9 +24,9 @@ from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from ncp.audit.models import Action, Outcome
-from ncp.node import Node
+from ncp.fhir.http import FhirHttpError
+from ncp.node import Node, node_of
 from ncp.provider.auditing import audit
-from ncp.provider.http import FhirHttpError, node_of
 from ncp.security.claims import HP_ASSERTION, HpAssertion
 from ncp.security.keystore import subject_country
 from ncp.security.mtls import TlsPeerRefused, client_certificate, tls_peer

@@ -35,13 +35,13 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from ncp.audit.models import Action, Outcome
+from ncp.fhir.http import FhirHttpError, fhir_json_response, outcome, wants_xml
 from ncp.fhir.identifiers import issuer_of
 from ncp.fhir.io import to_json
 from ncp.fhir.manifest import Custodian
-from ncp.node import Node
+from ncp.node import Node, node_of
 from ncp.provider.auditing import audit
 from ncp.provider.auth import PatientDep
-from ncp.provider.http import FhirHttpError, fhir_json_response, node_of, outcome, wants_xml
 from ncp.provider.list_entries import EntryRenderer, Rendered, Source, store
 from ncp.provider.search import (
     PageKeys,

@@ -26,9 +26,9 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from ncp.fhir.http import FhirHttpError
 from ncp.fhir.identifiers import issuer_of
 from ncp.fhir.listing import patient_resource
-from ncp.provider.http import FhirHttpError
 from ncp.store.models import Patient
 
 MATCH_GRADE_URL = "http://hl7.org/fhir/StructureDefinition/match-grade"

@@ -31,19 +31,13 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from ncp.audit.models import Action, Outcome
+from ncp.fhir.http import FhirHttpError, fhir_response, outcome, read_resource_body, wants_xml
 from ncp.fhir.identifiers import issuer_of
+from ncp.node import node_of
 from ncp.provider import reports
 from ncp.provider.auditing import audit
 from ncp.provider.auth import national_system, patient_context
 from ncp.provider.conditional import not_modified
-from ncp.provider.http import (
-    FhirHttpError,
-    fhir_response,
-    node_of,
-    outcome,
-    read_resource_body,
-    wants_xml,
-)
 from ncp.provider.list_api import FHIR_ID
 from ncp.security.claims import PatientRef
 from ncp.security.pair import RequestContext

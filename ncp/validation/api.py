@@ -16,8 +16,8 @@ from typing import Any
 from fastapi import APIRouter, Request, params
 from fastapi.responses import Response
 
+from ncp.fhir.http import FhirHttpError, error_response, fhir_response, read_resource_body
 from ncp.fhir.io import DEFAULT_MAX_BYTES
-from ncp.provider.http import FhirHttpError, error_response, fhir_response, read_resource_body
 from ncp.validation.engine import UnknownProfile, Validator
 from ncp.validation.issues import to_operation_outcome
 

@@ -3,7 +3,7 @@
 ``running_node(root)`` builds test PKIs for A (AT), its peer B (BE), a second trusted peer (DE)
 and an untrusted country (FR), a small generated DICOM archive indexed into A's database, and
 serves A's app over HTTPS with mutual TLS exactly as ``ncp serve`` does
-(:func:`ncp.provider.serve.standard_server`). The session fixture ``node_a`` shares one such
+(:func:`ncp.serve.standard_server`). The session fixture ``node_a`` shares one such
 node; tests needing a node of their own call ``running_node`` themselves.
 
 :class:`PeerSide` plays country B's node: it signs HP assertions and TRCs with B's own key and
@@ -40,12 +40,12 @@ from ncp.dicom.folder import FolderSource
 from ncp.fhir.datatypes import zone_of
 from ncp.node import Node
 from ncp.provider.indexer import index_source
-from ncp.provider.serve import gateway_app, node_imaging_server, standard_server
 from ncp.security.claims import HP_ASSERTION, TRC, PatientRef
 from ncp.security.keys import SigningKey
 from ncp.security.keystore import KeyStore
 from ncp.security.mtls import bind
 from ncp.security.tokens import issue
+from ncp.serve import gateway_app, node_imaging_server, standard_server
 from tests.security_support import make_node, trust_toml, write_client
 from tests.support.dicom_factory import make_instance, write_instance
 from tests.support.token_factory import hp_claims, trc_claims

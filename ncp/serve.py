@@ -1,5 +1,9 @@
 """``ncp serve --config FILE``: run a node's standard channel (and its option A gateway).
 
+This module is part of the composition root (with :mod:`ncp.node` and :mod:`ncp.app`): it
+assembles the servers of the roles a node's configuration enables, so that ``provider/``,
+``consumer/``, ``gateway/`` and ``viewer/`` never need to know of each other.
+
 The standard channel is HTTPS with mutual TLS (``ncp.security.mtls``): the handshake requires a
 client certificate of a peer on the trust list, or of this node's own CA (its national systems,
 for report ingest; the application then tells the two apart). Handshake refusals are written to

@@ -12,16 +12,13 @@ import json
 import re
 import uuid
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response
 
 from ncp.errors import NcpError
 from ncp.fhir.io import FhirReadError, read_resource, to_json, to_xml
-
-if TYPE_CHECKING:
-    from ncp.node import Node
 
 JSON_TYPE = "application/fhir+json"
 XML_TYPE = "application/fhir+xml"
@@ -198,11 +195,3 @@ def request_id(request: Request) -> str:
 
 def valid_request_id(value: str) -> bool:
     return bool(_REQUEST_ID.match(value))
-
-
-def node_of(request: Request) -> Node:
-    """The node serving this request (``build_app`` puts it on the app's state)."""
-    node: Node | None = getattr(request.app.state, "node", None)
-    if node is None:
-        raise FhirHttpError(500, "exception", "this application has no node configured")
-    return node
