@@ -91,7 +91,7 @@ class Launcher:
         self.base = base_path.rstrip("/")
         self.clock = clock
 
-    async def __call__(self, request: Request) -> Response:
+    async def handle(self, request: Request) -> Response:
         given = request.headers.get("x-request-id", "")
         rid = given if _REQUEST_ID.match(given) else _new_id()
         access: AccessGrant | None = None
@@ -357,7 +357,7 @@ def build_option_b_app(
         audit=audit,
         settings=settings,
         base_path=base,
-        extra_routes=[("/launch", launcher)],
+        extra_routes=[("/launch", launcher.handle)],
         on_tick=sweep,
         title="ncp option B viewer",
     )

@@ -29,6 +29,7 @@ def viewer_page(asset_version: str) -> str:
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="referrer" content="no-referrer">
 <title>ncp viewer</title>
+<link rel="icon" href="data:,">
 <link rel="stylesheet" href="static/viewer.css?v={v}">
 <script src="static/viewer.js?v={v}" defer></script>
 </head>
@@ -38,9 +39,8 @@ def viewer_page(asset_version: str) -> str:
     <div class="brand" id="brand">ncp</div>
     <div class="tools" id="tools"></div>
     <div class="presets" id="presets"></div>
-    <div class="session" id="session"></div>
   </header>
-  <nav class="sidebar" id="sidebar" aria-label="studies"></nav>
+  <nav class="sidebar" aria-label="studies"><div class="session" id="session"></div><div id="sidebar"></div></nav>
   <main class="stage" id="stage">
     <div class="viewport" id="viewport" tabindex="0">
       <img id="image" class="image" alt="">
