@@ -37,7 +37,7 @@ class NotAcceptable(ValueError):
 @dataclass(frozen=True, slots=True)
 class Viewport:
     """PS3.18 8.3.5.1.3: the output fits ``width`` x ``height``; ``region`` (x, y, w, h) is the
-    part of the image shown, a negative w or h flipping it."""
+    part of the image shown (from x, y over |w| x |h| pixels), a negative w or h flipping it."""
 
     width: int
     height: int
@@ -121,9 +121,10 @@ def fit(image: Display, viewport: Viewport | None) -> Display:
         rows, cols = image.shape[:2]
         if sx >= cols or sy >= rows:
             raise BadParameter("the viewport's source region starts outside the image")
-        x0, x1 = sorted((sx, sx + sw))
-        y0, y1 = sorted((sy, sy + sh))
-        cut = image[max(y0, 0) : min(y1, rows), max(x0, 0) : min(x1, cols)]
+        # The region starts at (sx, sy) and spans |sw| x |sh|; a negative size flips it.
+        cut = image[sy : min(sy + abs(sh), rows), sx : min(sx + abs(sw), cols)]
+        if cut.size == 0:
+            raise BadParameter("the viewport's source region holds no pixels")
         if sw < 0:
             cut = cut[:, ::-1]
         if sh < 0:
