@@ -80,9 +80,7 @@ def test_a_window_given_overrides_the_image_and_the_functions_differ() -> None:
         shown = render(ds, stored, window).astype(float)
         x = stored.astype(float)
         if function == "LINEAR_EXACT":
-            ref = np.where(
-                x <= 750, 0, np.where(x > 1250, 255, ((x - 1000) / 500 + 0.5) * 255)
-            )
+            ref = np.where(x <= 750, 0, np.where(x > 1250, 255, ((x - 1000) / 500 + 0.5) * 255))
         elif function == "SIGMOID":
             ref = 255 / (1 + np.exp(-4 * (x - 1000) / 500))
         else:
