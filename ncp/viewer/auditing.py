@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -169,15 +169,17 @@ class ViewAudit:
         tally.last = now
         tally.last_mono = time.monotonic()
 
-    async def flush(self, *, everything: bool = False) -> int:
+    async def flush(self, *, everything: bool = False, ended: Set[str] = frozenset()) -> int:
         """Write the ``viewed`` record of every viewing idle for ``idle_s`` or whose session
-        has ended (all of them with ``everything``, when the process stops). Returns how many
-        were written; a record that cannot be written stays counted for the next flush."""
+        has ended (its expiry passed, or its id in ``ended``; all of them with ``everything``,
+        when the process stops). Returns how many were written; a record that cannot be
+        written stays counted for the next flush."""
         now_mono, now = time.monotonic(), datetime.now(UTC)
         due = [
             key
             for key, t in self._tallies.items()
             if everything
+            or key[0] in ended
             or now_mono - t.last_mono >= self.idle_s
             or (t.grant.expires_at is not None and t.grant.expires_at <= now)
         ]

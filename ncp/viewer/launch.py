@@ -336,7 +336,8 @@ def build_option_b_app(
     async def sweep() -> None:
         ended = await anyio.to_thread.run_sync(lambda: store.ended(now=now()))
         if ended:
-            await audit.flush()  # the ended sessions' viewing records come first
+            # The ended sessions' viewing records come first.
+            await audit.flush(ended={grant.session for grant, _ in ended})
         for grant, opened in ended:
             await audit.record(
                 audit.event(

@@ -40,7 +40,10 @@ def viewer_page(asset_version: str) -> str:
     <div class="tools" id="tools"></div>
     <div class="presets" id="presets"></div>
   </header>
-  <nav class="sidebar" aria-label="studies"><div class="session" id="session"></div><div id="sidebar"></div></nav>
+  <nav class="sidebar" aria-label="studies">
+    <div class="session" id="session"></div>
+    <div id="sidebar"></div>
+  </nav>
   <main class="stage" id="stage">
     <div class="viewport" id="viewport" tabindex="0">
       <img id="image" class="image" alt="">

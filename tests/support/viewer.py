@@ -13,6 +13,7 @@ import ssl
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -130,7 +131,7 @@ def launch_url(
     assert answer.status_code == 200, answer.text
     url = next(p["valueUrl"] for p in answer.json()["parameter"] if p["name"] == "viewer")
     for name, value in iid.items():
-        url += f"&{name}={value}"
+        url += f"&{name}={quote(value, safe=',')}"
     return str(url)
 
 
