@@ -186,7 +186,7 @@
       const part = val(s, TAG.bodyPart);
       list.append(el("button", { class: "series-item", type: "button", "data-series": suid, title: `${modalityName(mod)}${part ? " · " + bodyPartName(part) : ""}`, onclick: () => openSeries(suid) },
         el("img", { src: `studies/${uid}/series/${suid}/thumbnail`, alt: val(s, TAG.seriesDesc) || mod, loading: "lazy" }),
-        el("span", { class: "series-caption" }, el("b", {}, `${mod} ${val(s, TAG.seriesNumber)}`), el("span", {}, val(s, TAG.seriesDesc) || "—"), el("span", {}, `${val(s, TAG.seriesInstances)} ${L("images")}`))));
+        el("span", { class: "series-caption" }, el("b", {}, `${mod} ${val(s, TAG.seriesNumber)}`), el("span", {}, val(s, TAG.seriesDesc) || "—"), el("span", {}, `${L("images")}: ${val(s, TAG.seriesInstances)}`))));
     }
     if (series.length) await openSeries(val(series[0], TAG.seriesUid));
   }
