@@ -25,6 +25,8 @@ COLOR goes through its palette (pydicom's ``apply_color_lut``). No VOI applies t
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,19 +154,52 @@ def _grayscale(ds: Dataset, frame: NDArray[Any], window: Window | None, *, inver
     if frame.size == 0:
         raise RenderError("the frame has no pixels")
     chosen = window or default_window(ds, frame)
+    if frame.dtype.kind in "iu" and frame.dtype.itemsize <= 2:
+        # 8 and 16-bit frames: a table over every bit pattern of the type, built once per
+        # header and window, then one gather; no pass over the frame to find its range.
+        unsigned = np.dtype(f"u{frame.dtype.itemsize}")
+        lut = _table(ds, chosen, invert, frame.dtype)
+        return np.take(lut, frame.view(unsigned))
     if frame.dtype.kind in "iub":
         lo, hi = int(frame.min()), int(frame.max())
         if hi - lo < _LUT_SPAN:
             domain = np.arange(lo, hi + 1, dtype=np.int64)
-            lut = _display(ds, domain, chosen, invert, frame)
+            lut = _display(ds, domain, chosen, invert)
             index = frame.astype(np.int64) - lo if lo else frame
             return lut[index]
-    return _display(ds, frame, chosen, invert, frame)
+    return _display(ds, frame, chosen, invert)
 
 
-def _display(
-    ds: Dataset, stored: NDArray[Any], window: Window | None, invert: bool, frame: NDArray[Any]
-) -> Display:
+_TABLES: OrderedDict[tuple[Any, ...], Display] = OrderedDict()
+_TABLES_LOCK = threading.Lock()
+_TABLES_KEPT = 64
+
+
+def _table(ds: Dataset, window: Window | None, invert: bool, dtype: np.dtype[Any]) -> Display:
+    """Display values for every bit pattern of ``dtype`` (256 or 65536 entries), in the order of
+    the patterns read as unsigned. Kept for headers whose rescale values are equal: the images
+    of a series share one table per window."""
+    bits = dtype.itemsize * 8
+    patterns = np.arange(1 << bits, dtype=np.dtype(f"u{dtype.itemsize}"))
+    if "ModalityLUTSequence" in ds or window is None:
+        # Tables from a header's own LUT data are not kept: their key would be the data.
+        return _display(ds, patterns.view(dtype).astype(np.int64), window, invert)
+    rescale = (str(ds.get("RescaleSlope", "")), str(ds.get("RescaleIntercept", "")))
+    key = (rescale, window, invert, dtype.str)
+    with _TABLES_LOCK:
+        found = _TABLES.get(key)
+        if found is not None:
+            _TABLES.move_to_end(key)
+            return found
+    table = _display(ds, patterns.view(dtype).astype(np.int64), window, invert)
+    with _TABLES_LOCK:
+        _TABLES[key] = table
+        while len(_TABLES) > _TABLES_KEPT:
+            _TABLES.popitem(last=False)
+    return table
+
+
+def _display(ds: Dataset, stored: NDArray[Any], window: Window | None, invert: bool) -> Display:
     values = _modality(ds, stored)
     out = voi_window(values, window) if window is not None else _voi_lut(ds, values)
     if invert:
