@@ -95,6 +95,9 @@
 
   // -- start ----------------------------------------------------------------------------------
   async function start() {
+    // Both at once: the list does not wait for the labels.
+    const studies = getJson("studies");
+    studies.catch(() => {});
     try {
       state.ctx = await getJson("context");
     } catch (error) {
@@ -112,7 +115,7 @@
       setTimeout(endSession, Math.max(0, ends - Date.now()));
     }
     try {
-      state.studies = await getJson("studies");
+      state.studies = await studies;
     } catch (error) {
       return fail(error);
     }
@@ -185,7 +188,7 @@
       const mod = val(s, TAG.modality);
       const part = val(s, TAG.bodyPart);
       list.append(el("button", { class: "series-item", type: "button", "data-series": suid, title: `${modalityName(mod)}${part ? " · " + bodyPartName(part) : ""}`, onclick: () => openSeries(suid) },
-        el("img", { src: `studies/${uid}/series/${suid}/thumbnail`, alt: val(s, TAG.seriesDesc) || mod, loading: "lazy" }),
+        el("img", { "data-src": `studies/${uid}/series/${suid}/thumbnail`, alt: val(s, TAG.seriesDesc) || mod }),
         el("span", { class: "series-caption" }, el("b", {}, `${mod} ${val(s, TAG.seriesNumber)}`), el("span", {}, val(s, TAG.seriesDesc) || "—"), el("span", {}, `${L("images")}: ${val(s, TAG.seriesInstances)}`))));
     }
     if (series.length) await openSeries(val(series[0], TAG.seriesUid));
@@ -275,8 +278,17 @@
       state.busy = false;
     }
     drawOverlays();
+    loadThumbnails();
     prefetch();
     state.losslessTimer = setTimeout(showLossless, LOSSLESS_AFTER_MS);
+  }
+
+  // Thumbnails are asked for once the first image is shown: it comes first.
+  function loadThumbnails() {
+    for (const img of document.querySelectorAll(".series-item img[data-src]")) {
+      img.src = img.dataset.src;
+      img.removeAttribute("data-src");
+    }
   }
 
   function paint(src, job, lossless) {
