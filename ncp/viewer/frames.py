@@ -27,6 +27,7 @@ The archives are the kinds :mod:`ncp.dicom.source` reads:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import time
@@ -34,11 +35,13 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from email.message import Message
+from io import BytesIO
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import httpx
 from numpy.typing import NDArray
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -57,6 +60,7 @@ _STUDIES_KEPT = 32
 _FIRST_PIXEL_TAG = 0x7FE00008
 _FRAMES_ACCEPT = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
 _INSTANCE_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+_WHOLE_KEPT = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,7 +360,8 @@ class DicomwebFrames:
             limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
         )
         self._cache = _StudyCache()
-        self._whole: OrderedDict[str, Dataset] = OrderedDict()
+        self._whole: OrderedDict[str, bytes] = OrderedDict()
+        """Whole objects of images whose headers carry bulk data, most recent last."""
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -378,16 +383,41 @@ class DicomwebFrames:
         found: list[ImageRef] = []
         for item in items if isinstance(items, list) else []:
             ref = _image_of_json(study, item)
+            if ref is not None and _needs_bulk_data(ref.header):
+                # The metadata leaves the palette or LUT data out (bulk data): the header
+                # comes from the object itself.
+                ref = await self._whole_header(ref)
             if ref is not None:
                 found.append(ref)
         images = StudyImages(study, _order(found)) if found else None
         self._cache.put(study, images)
         return images
 
+    async def _whole_header(self, ref: ImageRef) -> ImageRef | None:
+        path = f"/studies/{ref.study}/series/{ref.series}/instances/{ref.sop}"
+        try:
+            data = await self._instance(path, ref.sop)
+        except Undecodable:
+            return None
+        header = await asyncio.to_thread(_header_of, data)
+        if header is None or str(header.ds.get("SOPInstanceUID", "")) != ref.sop:
+            return None
+        self._keep_whole(ref.sop, data)
+        return ImageRef(ref.study, ref.series, ref.sop, ref.locator, header.syntax, header.ds)
+
+    def _keep_whole(self, sop: str, data: bytes) -> None:
+        self._whole[sop] = data
+        self._whole.move_to_end(sop)
+        while len(self._whole) > _WHOLE_KEPT:
+            self._whole.popitem(last=False)
+
     async def frame(self, image: ImageRef, index: int) -> NDArray[Any]:
         path = f"/studies/{image.study}/series/{image.series}/instances/{image.sop}"
         if _needs_bulk_data(image.header):
-            whole = await self._instance(path, image.sop)
+            whole = self._whole.get(image.sop)
+            if whole is None:
+                whole = await self._instance(path, image.sop)
+                self._keep_whole(image.sop, whole)
             return await asyncio.to_thread(_decode_whole, whole, index)
         response = await self._get(f"{path}/frames/{index + 1}", _FRAMES_ACCEPT)
         if response is None:
@@ -419,9 +449,24 @@ class DicomwebFrames:
 
 
 def _decode_whole(data: bytes, index: int) -> NDArray[Any]:
-    from io import BytesIO
-
     return decode_file_frame(BytesIO(data), index, "")
+
+
+@dataclass(frozen=True, slots=True)
+class _Header:
+    ds: Dataset
+    syntax: str
+
+
+def _header_of(data: bytes) -> _Header | None:
+    try:
+        ds = dcmread(BytesIO(data), stop_before_pixels=True)
+    except Exception:  # not a Part 10 object: the image is left out, as a corrupt file is
+        return None
+    syntax = str(ds.file_meta.get("TransferSyntaxUID", "")) if "file_meta" in dir(ds) else ""
+    with contextlib.suppress(AttributeError):
+        del ds.file_meta
+    return _Header(ds, syntax)
 
 
 def _needs_bulk_data(ds: Dataset) -> bool:
