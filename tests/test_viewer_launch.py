@@ -321,3 +321,20 @@ def test_sessions_never_outlive_the_pair(node: RunningNode, tmp_path: Path) -> N
         store.grant_of(opened.secret, now=later)
     assert refused.value.status == 401
     assert store.grant_of(unbounded.secret, now=later).subject == "hp"
+
+
+def test_the_viewer_is_served_over_https_only(node: RunningNode) -> None:
+    from ncp.errors import ConfigError
+    from ncp.viewer.launch import build_option_b_app
+
+    parts = node.node
+    with pytest.raises(ConfigError, match="https"):
+        build_option_b_app(
+            archive=parts.settings.archive,
+            public_base="http://viewer.at.test/viewer",
+            issuer="AT",
+            keys=parts.keystore.published_keys(),
+            replay=parts.replay,
+            sessions=parts.sessions,
+            auditor=parts.auditor,
+        )
