@@ -648,8 +648,8 @@ class PeerClient:
         for the whole list); next links are followed only under the peer's own base, never
         twice, at most ``max_pages``."""
         correlation = self._request_id(request_id)
-        channel = self._channel(context.peer)
-        url: str | None = f"{channel.base}/{rtype}"
+        channel: PeerChannel | None = None
+        url: str | None = rtype  # made absolute once the peer is known to be one B may ask
         page_params: list[tuple[str, str]] | None = params
         seen: set[str] = set()
         number = 0
@@ -661,6 +661,9 @@ class PeerClient:
             )
             step.details["page"] = number
             with self._audited(step) as call:
+                if channel is None:
+                    channel = self._channel(context.peer)
+                    url = f"{channel.base}/{rtype}"
                 resource, answer = self._exchange(
                     call, channel, "GET", url, context=context, params=page_params, fmt=fmt
                 )

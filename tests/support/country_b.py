@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import ssl
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,6 +24,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
+
+from ncp.audit.models import AuditRecord
 from ncp.config import settings_from_mapping
 from ncp.consumer.assertions import HpIdentity, isco_role
 from ncp.consumer.peer import PeerClient
@@ -111,6 +115,15 @@ class Sleeps:
         self.calls.append(seconds)
 
 
+def b_records(node: Node, request_id: str | None = None) -> list[AuditRecord]:
+    """B's audit records (of one correlation id), in chain order."""
+    query = select(AuditRecord).order_by(AuditRecord.seq)
+    if request_id is not None:
+        query = query.where(AuditRecord.request_id == request_id)
+    with node.sessions() as session:
+        return list(session.scalars(query))
+
+
 @contextmanager
 def b_client(node: Node, sleeps: Sleeps | None = None) -> Iterator[PeerClient]:
     client = PeerClient.from_node(node, sleep=sleeps if sleeps is not None else Sleeps())
@@ -128,6 +141,8 @@ class Scripted:
     status: int
     body: Mapping[str, Any] | bytes | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
+    delay_s: float = 0.0
+    """Wait this long before answering (a slow peer)."""
 
 
 @dataclass
@@ -165,6 +180,8 @@ class FakePeer:
                 )
                 index = min(len(fake.received), len(fake.script)) - 1
                 answer = fake.script[index]
+                if answer.delay_s:
+                    time.sleep(answer.delay_s)
                 payload = answer.body
                 data = (
                     payload
