@@ -9,6 +9,7 @@ retries against a scripted server in tests/test_peer_retries.py.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 
 from ncp.audit.chain import verify as verify_chain
 from ncp.audit.models import Action, Outcome
+from ncp.cli import main
 from ncp.config import settings_from_mapping
 from ncp.consumer.assertions import AssertionSigner, context_of, own_claims
 from ncp.consumer.model import (
@@ -557,3 +559,58 @@ def test_b_audit_chain_stays_intact(b: Node) -> None:
     ]
     assert all(r.patient_id and r.actor_id == HP.subject for r in patient_level)
     assert all(len(r.details["policies"]) == 2 for r in patient_level)
+
+
+# --- ncp ask -------------------------------------------------------------------------------------
+
+HP_TOML = """
+subject = "BE-HP-0042"
+name = "Dr. Anne Peeters"
+role = "221"
+role_display = "Medical doctors"
+organisation = "UZ Leuven"
+organisation_id = "urn:oid:2.16.56.1.1.1.1"
+point_of_care = "Emergency department, Gasthuisberg"
+language = "nl-BE"
+authentication = "http://eidas.europa.eu/LoA/substantial"
+"""
+
+
+def test_ncp_ask_asks_as_country_b(
+    b: Node, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hp = tmp_path / "hp.toml"
+    hp.write_text(HP_TOML)
+    base = [
+        "ask",
+        "--config",
+        str(Path(b.settings.trust.list).parent / "node.toml"),
+        "--peer",
+        A,
+        "--hp",
+        str(hp),
+    ]
+    patient = ["--patient", f"{SYSTEM}|PAT100"]
+    identify = ["match", "--identifier", f"{SYSTEM}|PAT100", "--family", "Gruber"]
+    assert main([*base, "--json", *identify, "--birth-date", "1980-05-17"]) == 0
+    assert json.loads(capsys.readouterr().out)["outcome"] == "certain"
+
+    assert main([*base, "--xml", "list", *patient, "--modality", "MR"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("1 studies, 0 reports") and studies_of("PAT100")[1] in out
+
+    assert main([*base, "--json", "list", *patient, "--manifests", "--page-size", "1"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["pages"] == 2 and len(listed["manifests"]) == 2
+
+    study = studies_of("PAT100")[0]
+    assert main([*base, "access", *patient, "--study", study, "--option", "B"]) == 0
+    assert f"{VIEWER_URL}/launch?code=" in capsys.readouterr().out
+
+    theirs = studies_of("PAT101")[0]
+    assert main([*base, "access", *patient, "--study", theirs]) == 1
+    assert "not a study of the patient" in capsys.readouterr().err
+
+    assert main([*base, "access", "--patient", "no-system", "--study", study]) == 2
+    hp.write_text(HP_TOML + 'extra = "x"\n')
+    assert main([*base, *identify]) == 2

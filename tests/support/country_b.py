@@ -89,20 +89,28 @@ def b_node(
         "timeout_s": 10,
     }
     consumer_settings.update(consumer or {})
-    settings = settings_from_mapping(
-        {
-            "node": {"country": country, "name": f"Test node {country}"},
-            "urls": {"standard": f"https://ncp.{country.lower()}.test/fhir"},
-            "database": {"url": f"sqlite:///{root / 'node-b.db'}"},
-            "archive": {"kind": "folder", "path": str(archive)},
-            "keys": {"dir": str(keys_dir or node_a.b.keys_dir)},
-            "trust": {"list": str(trust)},
-            "consumer": consumer_settings,
-        },
-        base_dir=root,
-        environ={},
-    )
+    mapping: dict[str, dict[str, Any]] = {
+        "node": {"country": country, "name": f"Test node {country}"},
+        "urls": {"standard": f"https://ncp.{country.lower()}.test/fhir"},
+        "database": {"url": f"sqlite:///{root / 'node-b.db'}"},
+        "archive": {"kind": "folder", "path": str(archive)},
+        "keys": {"dir": str(keys_dir or node_a.b.keys_dir)},
+        "trust": {"list": str(trust)},
+        "consumer": consumer_settings,
+    }
+    # Written out too, for ``ncp ask --config`` (the same settings, read from the file).
+    (root / "node.toml").write_text(_toml(mapping))
+    settings = settings_from_mapping(mapping, base_dir=root, environ={})
     return Node.from_settings(settings)
+
+
+def _toml(mapping: Mapping[str, Mapping[str, Any]]) -> str:
+    lines = []
+    for section, values in mapping.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+        lines.append("")
+    return "\n".join(lines)
 
 
 @dataclass
