@@ -105,6 +105,24 @@ def test_b_signs_the_hp_assertion_with_acr_and_the_trc_bound_to_it(
     assert context_of(A, context.hp_assertion, context.trc) == context
 
 
+def test_acr_is_optional_and_checked_like_every_claim() -> None:
+    from dataclasses import replace
+
+    from ncp.security.claims import ClaimProblem, HpAssertion
+    from tests.support.token_factory import hp_claims
+
+    without = hp_claims()
+    assert without.authentication_context is None and "acr" not in without.to_payload()
+    with_acr = replace(without, authentication_context="urn:example:acr:2fa")
+    payload = with_acr.to_payload()
+    assert payload["acr"] == "urn:example:acr:2fa"
+    assert HpAssertion.from_payload(payload) == with_acr
+    with pytest.raises(ClaimProblem, match="acr"):
+        replace(without, authentication_context=" ")
+    with pytest.raises(ClaimProblem, match="acr"):
+        HpAssertion.from_payload({**payload, "acr": 2})
+
+
 def test_an_emergency_may_go_ahead_uninformed_but_treatment_may_not(client: PeerClient) -> None:
     hp = client.hp_assertion(A, HP)
     emergency = client.confirm(A, hp, PAT100.ref, purpose="EMERGENCY", informed=False)
