@@ -131,6 +131,18 @@ def test_an_emergency_may_go_ahead_uninformed_but_treatment_may_not(client: Peer
         client.confirm(A, hp, PAT100.ref, purpose="TREATMENT", informed=False)
 
 
+def test_a_trc_is_only_signed_under_an_assertion_for_the_same_peer(
+    client: PeerClient, node_a: RunningNode
+) -> None:
+    keystore = KeyStore.load(node_a.b.keys_dir, country="BE")
+    signer = AssertionSigner(
+        keystore, lifetime=timedelta(minutes=5), clock=lambda: datetime.now(UTC)
+    )
+    elsewhere = signer.hp_assertion(HP, "https://ncp.de.test/fhir")
+    with pytest.raises(ValueError, match="another peer"):
+        client.confirm(A, elsewhere, PAT100.ref, purpose="TREAT", informed=True)
+
+
 def test_confirming_is_audited_on_b(client: PeerClient, b: Node) -> None:
     hp = client.hp_assertion(A, HP)
     client.confirm(A, hp, PAT100.ref, purpose="TREAT", informed=True, request_id="confirm-1")

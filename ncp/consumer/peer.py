@@ -230,7 +230,9 @@ class PeerClient:
     ) -> PeerContext:
         """Sign the TRC (the HP confirmed the treatment relationship, and that the patient was
         informed unless in an emergency) under ``hp_assertion``; audited as ``trc-confirm``."""
-        self.peer(peer)
+        audience = self.peer(peer).standard
+        if own_claims(HP_ASSERTION, hp_assertion).audience != audience:
+            raise ValueError(f"the HP assertion was signed for another peer than {peer}")
         context = self.signer.context(
             peer, hp_assertion, patient, purpose=purpose, informed=informed
         )
