@@ -425,6 +425,11 @@ def test_a_peer_not_on_the_trust_list_is_refused_before_any_connection(
     assert mine.peer_country == UNTRUSTED and "status" not in mine.details
     with pytest.raises(PeerNotAllowed):
         client.hp_assertion(UNTRUSTED, HP)
+    typo = PeerContext("at ", context.hp_assertion, context.trc, PAT100.ref, context.expires_at)
+    with pytest.raises(PeerNotAllowed):
+        client.report(typo, "r1", request_id="typo-peer")
+    [mine] = b_records(b, "typo-peer")
+    assert mine.peer_country is None and mine.details["peer"] == "at "
 
 
 def test_config_naming_a_peer_the_trust_list_lacks_is_refused(
@@ -583,7 +588,7 @@ def test_b_audit_chain_stays_intact(b: Node) -> None:
     assert records and all(r.side == "consumer" for r in records)
     actions = {r.action for r in records}
     assert {"patient-identify", "list-query", "access-token-issue", "viewer-launch"} <= actions
-    assert all(r.request_id and r.peer_country for r in records)
+    assert all(r.request_id and (r.peer_country or "peer" in r.details) for r in records)
     patient_level = [
         r for r in records if r.action in (Action.LIST_QUERY, Action.ACCESS_TOKEN_ISSUE)
     ]

@@ -14,6 +14,7 @@ answer (a step that is not audited did not happen).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,8 @@ from ncp.audit.models import Action, Outcome, Side
 from ncp.audit.record import AuditEvent, Auditor
 from ncp.fhir.identifiers import issuer_of
 from ncp.security.claims import HpAssertion, PatientRef, Trc
+
+_COUNTRY = re.compile(r"[A-Z]{2}")
 
 
 @dataclass
@@ -69,6 +72,9 @@ class PeerStep:
             values.update(patient_id=patient.value, patient_issuer=issuer_of(patient.system))
         jti = self.token_jti or (self.trc.jti if self.trc else self.hp.jti if self.hp else None)
         details = {**self.details}
+        country = self.peer if _COUNTRY.fullmatch(self.peer) else None
+        if country is None:  # a caller's typo, kept for the record but not as a country
+            details["peer"] = self.peer[:64]
         if policies:
             details["policies"] = policies
         return AuditEvent(
@@ -78,7 +84,7 @@ class PeerStep:
             outcome=outcome,
             reason=reason[:2000] if reason else None,
             interaction=self.interaction,
-            peer_country=self.peer,
+            peer_country=country,
             studies=tuple(self.studies),
             option=self.option,
             priority=self.priority,
