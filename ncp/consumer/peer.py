@@ -66,6 +66,7 @@ from ncp.consumer.read import (
     manifest,
     match_result,
     outcome_text,
+    parse_body,
     report_document,
     report_history,
     searchset_page,
@@ -84,7 +85,7 @@ from ncp.consumer.results import (
 )
 from ncp.errors import ConfigError
 from ncp.fhir.http import JSON_TYPE, REQUEST_ID_HEADER, XML_TYPE, valid_request_id
-from ncp.fhir.io import FhirReadError, read_resource, to_json, to_xml
+from ncp.fhir.io import to_json, to_xml
 from ncp.security.claims import (
     HP_ASSERTION,
     IMAGE_ACCESS,
@@ -737,8 +738,8 @@ class PeerClient:
             call.details["echoed_request_id"] = answer.echoed_id[:128]
         resource: dict[str, Any] | None
         try:
-            resource = read_resource(answer.body)
-        except FhirReadError as exc:
+            resource = parse_body(answer.body)
+        except ValueError as exc:
             resource = None
             problem = str(exc)
         if answer.status >= 300:

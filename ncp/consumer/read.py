@@ -20,6 +20,7 @@ and XML into it) and never raise anything but PeerAnswerInvalid on bad content.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ from ncp.consumer.results import (
 from ncp.dicom.uids import is_uid
 from ncp.fhir.datatypes import SIZE_BYTES_URL
 from ncp.fhir.identifiers import STUDY_UID_SYSTEM, patient_resource_id
+from ncp.fhir.io import FhirReadError, read_resource
 from ncp.security.claims import PatientRef
 
 MATCH_GRADE_URL = "http://hl7.org/fhir/StructureDefinition/match-grade"
@@ -101,6 +103,31 @@ class Notes:
 
     def refuse(self, reason: str) -> PeerAnswerInvalid:
         return PeerAnswerInvalid(self.peer, reason)
+
+
+# --- the body ------------------------------------------------------------------------------------
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    """A's answer as a resource in its JSON form: FHIR JSON read by the C parser (a list page is
+    megabytes: ``ncp.fhir.io``'s reader, built to report every malformed value to the validator,
+    costs several times more and B needs none of that), FHIR XML by ``ncp.fhir.io``. ValueError
+    when it is neither, or not a JSON object."""
+    head = body.lstrip()[:1]
+    if head == b"<":
+        try:
+            return read_resource(body, max_bytes=len(body) + 1)
+        except FhirReadError as exc:
+            raise ValueError(str(exc)) from None
+    if head != b"{":
+        raise ValueError("neither FHIR JSON nor FHIR XML")
+    try:
+        resource = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"not JSON: {str(exc)[:200]}") from None
+    if not isinstance(resource, dict):
+        raise ValueError("not a JSON object")
+    return resource
 
 
 # --- OperationOutcome ----------------------------------------------------------------------------
