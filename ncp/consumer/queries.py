@@ -9,6 +9,7 @@ different filters are separate parameters (AND).
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from datetime import date, datetime
 from typing import Any, Literal
@@ -85,6 +86,8 @@ def list_parameters(
         )
         params.append((names["study_uids"], _joined(names["study_uids"], uids)))
     if filters.text and filters.text.strip():
+        if not text_words(filters.text):
+            raise ValueError("text: a free-text filter needs at least one word (letters or digits)")
         params.append(("_text", escape(filters.text.strip())))
     if resource_type == "DocumentReference" and filters.include_superseded:
         params.append(("status", "current,superseded"))
@@ -94,6 +97,14 @@ def list_parameters(
         raise ValueError("page_size: 1 to 1000 entries a page")
     params.append(("_count", str(page_size)))
     return params
+
+
+def text_words(text: str) -> list[str]:
+    """The words of a free-text filter as the standard channel compares them: case folded,
+    accents removed (NFKD without combining marks), split at white space. A text without any
+    (an accent alone) is refused by A, so B refuses it before sending."""
+    folded = unicodedata.normalize("NFKD", text.casefold())
+    return "".join(c for c in folded if not unicodedata.combining(c)).split()
 
 
 def _date(value: date | datetime) -> str:
