@@ -97,7 +97,13 @@ from ncp.security.claims import (
 from ncp.security.keystore import KeyStore
 from ncp.security.mtls import client_ssl_context
 from ncp.security.replay import MemoryReplayGuard
-from ncp.security.tokens import DEFAULT_LEEWAY_S, KeyNotFound, TokenError, verify
+from ncp.security.tokens import (
+    DEFAULT_LEEWAY_S,
+    MAX_LEEWAY_S,
+    KeyNotFound,
+    TokenError,
+    verify,
+)
 from ncp.security.trust import Peer, TrustList, UnknownPeer
 
 if TYPE_CHECKING:
@@ -181,7 +187,8 @@ class PeerClient:
             auditor=node.auditor,
             settings=node.settings.consumer,
             clock=node.clock,
-            leeway_s=node.settings.tokens.leeway_s,
+            # The verifier takes at most MAX_LEEWAY_S; the setting allows more for A's side.
+            leeway_s=min(node.settings.tokens.leeway_s, MAX_LEEWAY_S),
             **options,
         )
 
