@@ -166,6 +166,65 @@ class TokensSection(_Section):
     leeway_s: int = Field(default=30, ge=0, le=120, description="Clock skew tolerated.")
 
 
+class ConsumerSection(_Section):
+    """Country B's peer client: which peers this node may ask, and how patiently. Where each
+    peer is and how to recognise it (base URL, CA, pins, signing keys) is the trust list's."""
+
+    peers: list[str] = Field(
+        default_factory=list,
+        description="Countries (on the trust list) whose standard channel this node may ask, "
+        "e.g. ['AT']. Empty: this node asks no one (a node that only answers).",
+    )
+    connect_timeout_s: float = Field(
+        default=5.0, gt=0, le=60, description="Longest wait for a TCP and TLS connection."
+    )
+    timeout_s: float = Field(
+        default=30.0, gt=0, le=600, description="Longest wait for each read of an answer."
+    )
+    attempts: int = Field(
+        default=4,
+        ge=1,
+        le=10,
+        description="Tries of one request when the failure is transient (connection failed, "
+        "503); 4xx answers are never retried.",
+    )
+    backoff_s: float = Field(
+        default=0.5,
+        ge=0,
+        le=30,
+        description="First wait between tries, doubled each time (up to retry_after_max_s).",
+    )
+    retry_after_max_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=300,
+        description="Longest wait honoured from a peer's Retry-After (a larger one is cut).",
+    )
+    assertion_lifetime_s: int = Field(
+        default=3600,
+        ge=60,
+        le=7200,
+        description="Life of the HP identity assertions and TRCs this node signs (eHDSI: a "
+        "TRC is valid at most 2 hours).",
+    )
+    max_pages: int = Field(
+        default=100,
+        ge=1,
+        le=10_000,
+        description="Most pages of one list followed; a longer list is refused as unusable.",
+    )
+
+    @field_validator("peers")
+    @classmethod
+    def _peer_codes(cls, value: list[str]) -> list[str]:
+        for code in value:
+            if not _COUNTRY.match(code):
+                raise ValueError(f"{code!r} is not an ISO 3166-1 alpha-2 code in capitals")
+        if len(set(value)) != len(value):
+            raise ValueError("a peer is named twice")
+        return value
+
+
 class _FileSettings(BaseSettings):
     """Settings read from a TOML file (passed as init values) with ``NCP_*`` overrides."""
 
@@ -200,6 +259,7 @@ class NodeSettings(_FileSettings):
     gateway: GatewaySection = GatewaySection()
     tokens: TokensSection = TokensSection()
     lists: ListSection = ListSection()
+    consumer: ConsumerSection = ConsumerSection()
 
 
 class EdgeSection(_Section):
