@@ -232,6 +232,8 @@ url = "sqlite:///index.db"
 [archive]
 kind = "folder"
 path = "../dicom"
+# Assigning authority of Patient IDs that carry no Issuer of Patient ID (the edge says the same).
+patient_id_issuer = "{issuer}"
 
 [reports]
 kind = "folder"
@@ -267,6 +269,8 @@ name = "edge gateway {country} (demo)"
 [archive]
 kind = "folder"
 path = "../dicom"
+# As node A's [archive]: the same patient check for IDs without Issuer of Patient ID.
+patient_id_issuer = "{issuer}"
 
 [tls]
 certificate = "tls/server.pem"
@@ -338,7 +342,13 @@ def prepare(layout: Layout, ports: Ports, *, patients: int, seed: int, big: int)
     )
     _write(
         layout.edge_config,
-        _EDGE.format(country=COUNTRY_A, audience=ports.edge_url, host=HOST, port=ports.edge),
+        _EDGE.format(
+            country=COUNTRY_A,
+            audience=ports.edge_url,
+            host=HOST,
+            port=ports.edge,
+            issuer=ISSUER_A,
+        ),
     )
     # Read back as the services will: a config the node would refuse fails here, named.
     load_edge_settings(layout.edge_config)
@@ -382,7 +392,12 @@ def index_and_list(settings: NodeSettings) -> TopPatient:
         migrate(engine)
         sessions = session_factory(engine)
         zone = zone_of(settings.node.country)
-        run = index_source(sessions, open_archive(settings.archive), zone=zone)
+        run = index_source(
+            sessions,
+            open_archive(settings.archive),
+            zone=zone,
+            patient_id_issuer=settings.archive.patient_id_issuer,
+        )
         rendered = render_studies(settings, sessions, run.touched)
         print(
             f"index of country {COUNTRY_A}: {run.added} added, {run.updated} updated, "

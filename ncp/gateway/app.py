@@ -37,6 +37,7 @@ from starlette.responses import Response
 from ncp.audit.models import Action, Outcome, Side
 from ncp.audit.record import AuditError, Auditor
 from ncp.config import ArchiveSection, DicomwebArchive, FolderArchive, GatewaySection, TokensSection
+from ncp.dicom.mapping import patient_issuer
 from ncp.dicom.uids import is_uid
 from ncp.fhir.identifiers import issuer_of
 from ncp.gateway.access import BearerAuth
@@ -176,8 +177,11 @@ class Gateway:
         relay: Relay,
         chunk_bytes: int = 1 << 20,
         index: StudyIndex | None = None,
+        patient_id_issuer: str = "",
     ) -> None:
         self.archive = archive
+        self.patient_id_issuer = patient_id_issuer
+        """The archive's assigning authority of Patient IDs without issuer (``[archive]``)."""
         self.chunk_bytes = chunk_bytes
         self.public_base = public_base.rstrip("/")
         self.auth = auth
@@ -273,7 +277,7 @@ class Gateway:
             if len(self._patients) > 10_000:
                 self._patients.clear()
             self._patients[study] = cached
-        if not _same_patient(grant.patient, cached[1], cached[2]):
+        if not _same_patient(grant.patient, cached[1], cached[2], self.patient_id_issuer):
             raise Forbidden("the study belongs to another patient than the token's", jti=grant.jti)
 
     async def _instances(self, study: str, series: str | None, sop: str | None) -> frozenset[str]:
@@ -368,7 +372,7 @@ class Gateway:
                 item
                 for study in studies
                 for item, patient, issuer in found.get(study, ())
-                if _same_patient(grant.patient, patient, issuer)
+                if _same_patient(grant.patient, patient, issuer, self.patient_id_issuer)
                 and (kept := self._kept(item, study, level, None)) is not None
                 and query.matches(kept)
             ]
@@ -719,15 +723,14 @@ class _BrokenBeforeStart(GatewayError):
     status = 502
 
 
-def _same_patient(token: PatientRef, patient_id: str, issuer: str | None) -> bool:
-    """The archive's Patient ID (and Issuer of Patient ID, when the archive records one) is
-    the token's patient, compared exactly; an archive without issuers is the node's own
-    issuing domain."""
+def _same_patient(token: PatientRef, patient_id: str, issuer: str | None, default: str) -> bool:
+    """The archive's Patient ID and its issuer are the token's patient, compared exactly. The
+    issuer is the Issuer of Patient ID the archive gives, else the archive's configured
+    assigning authority ``default`` (:func:`ncp.dicom.mapping.patient_issuer`, as the index
+    read it); with neither, no token's patient is the study's."""
     if patient_id != token.value:
         return False
-    if issuer is None:
-        return True
-    return issuer == _issuer_of(token.system)
+    return patient_issuer(issuer, default) == _issuer_of(token.system)
 
 
 _issuer_of = lru_cache(maxsize=1024)(issuer_of)
@@ -759,6 +762,7 @@ def build_gateway_app(
     clock: Callable[[], datetime] | None = None,
     relay: Relay = fast_relay,
     index: StudyIndex | None = None,
+    patient_id_issuer: str | None = None,
 ) -> FastAPI:
     """The DICOMweb gateway of one public base URL.
 
@@ -773,6 +777,8 @@ def build_gateway_app(
     ``sendfile`` when served with ``uvicorn.Config(http=RelayH11Protocol)`` (ASGI messages
     elsewhere). ``index``: where a retrieve finds the study's instances before asking the
     archive (option A: the node's index, :class:`ncp.gateway.studyindex.NodeIndex`).
+    ``patient_id_issuer``: the archive's assigning authority of Patient IDs without issuer;
+    None: the ``[archive]`` settings' own (none for an open GatewayArchive).
     """
     limits = limits or GatewaySection()
     tokens = tokens or TokensSection()
@@ -789,6 +795,12 @@ def build_gateway_app(
         clock=clock,
     )
     owned = isinstance(archive, FolderArchive | DicomwebArchive)
+    if patient_id_issuer is None:
+        patient_id_issuer = (
+            archive.patient_id_issuer
+            if isinstance(archive, FolderArchive | DicomwebArchive)
+            else ""
+        )
     upstream = (
         open_gateway_archive(
             archive,  # type: ignore[arg-type]
@@ -812,6 +824,7 @@ def build_gateway_app(
         relay=relay,
         chunk_bytes=limits.chunk_bytes,
         index=index,
+        patient_id_issuer=patient_id_issuer,
     )
 
     @asynccontextmanager
