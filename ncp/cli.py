@@ -178,6 +178,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
             "removed": run.removed,
             "skipped": [{"locator": loc, "reason": why} for loc, why in run.skipped],
             "notes": [{"locator": loc, "note": note} for loc, note in run.notes],
+            "unservable": [{"locator": loc, "reason": why} for loc, why in run.unservable],
             "patient_id_issuer": run.patient_id_issuer,
             "without_issuer": run.without_issuer,
             "seconds": round(elapsed, 3),
@@ -196,6 +197,10 @@ def _cmd_index(args: argparse.Namespace) -> int:
         print(f"  skipped {locator}: {reason}")
     if len(run.skipped) > 50:
         print(f"  ... and {len(run.skipped) - 50} more skipped (use --json for all)")
+    for locator, why in run.unservable[:50]:
+        print(f"  not servable by the gateways {locator}: {why}")
+    if len(run.unservable) > 50:
+        print(f"  ... and {len(run.unservable) - 50} more not servable (use --json for all)")
     for locator, note in run.notes[:20]:
         print(f"  note {locator}: {note}")
     if run.without_issuer:

@@ -147,6 +147,12 @@ def map_instance(header: InstanceHeader, default_issuer: str = "") -> InstanceKe
         return value
 
     sop_uid = uid("SOPInstanceUID")
+    if header.meta_sop_uid is not None and header.meta_sop_uid != sop_uid:
+        # The data set names the instance (ncp.gateway.servable): noted, not refused.
+        notes.append(
+            f"file meta names SOP Instance UID {header.meta_sop_uid[:64]}, the data set "
+            f"{sop_uid}: indexed and served as the data set's"
+        )
     sop_class = uid("SOPClassUID")
     study_uid = uid("StudyInstanceUID")
     series_uid = uid("SeriesInstanceUID")

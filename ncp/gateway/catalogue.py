@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import warnings
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +31,9 @@ from typing import Any
 import anyio
 
 from ncp.dicom.folder import FolderSource
+from ncp.dicom.mapping import map_instance
 from ncp.dicom.source import InstanceHeader, SourceEntry
-from ncp.dicom.uids import is_uid
+from ncp.errors import UnreadableInstance
 from ncp.gateway.dicomjson import SERIES_UID, SOP_UID, STUDY_UID, element
 from ncp.gateway.errors import NotAcceptable, NotFound, StreamBroken
 from ncp.gateway.parthead import HEAD_LIMIT
@@ -231,24 +233,25 @@ async def _file_part(path: Path) -> AsyncIterator[Chunk]:
 
 
 def _instance(header: InstanceHeader) -> _Instance | None:
-    ds = header.dataset
-    study = str(ds.get("StudyInstanceUID", "") or "").strip("\x00 ")
-    series = str(ds.get("SeriesInstanceUID", "") or "").strip("\x00 ")
-    sop = str(ds.get("SOPInstanceUID", "") or "").strip("\x00 ")
-    if not (is_uid(study) and is_uid(series) and is_uid(sop)):
-        return None
+    """The catalogue's entry of one file, by the index's own mapping (the same identity, and
+    the same instances refused: ``ncp.dicom.mapping.map_instance``); None when the index
+    would not take it."""
     try:
-        header_json = ds.to_json_dict()
-    except Exception:  # an element pydicom cannot write as JSON: keep the identity only
-        header_json = {
-            STUDY_UID: element("UI", study),
-            SERIES_UID: element("UI", series),
-            SOP_UID: element("UI", sop),
-        }
+        keys = map_instance(header)
+    except UnreadableInstance:
+        return None
+    # A value pydicom cannot write as DICOM JSON (an IS of "1A") is left out alone, never the
+    # whole header with it: the Patient ID must stay for the patient check (servable.py).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        header_json = header.dataset.to_json_dict(suppress_invalid_tags=True)
+    header_json[STUDY_UID] = element("UI", keys.study_uid)
+    header_json[SERIES_UID] = element("UI", keys.series_uid)
+    header_json[SOP_UID] = element("UI", keys.instance.sop_uid)
     return _Instance(
-        study,
-        series,
-        sop,
+        keys.study_uid,
+        keys.series_uid,
+        keys.instance.sop_uid,
         header.entry.locator,
         header.entry.fingerprint,
         header.transfer_syntax_uid,

@@ -37,10 +37,13 @@ from typing import Any, TypeVar, cast
 from sqlalchemy import Table, bindparam, delete, func, insert, select, tuple_, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from ncp.dicom.folder import FolderSource
 from ncp.dicom.mapping import IndexRecord, InstanceKeys, map_instance, map_levels
 from ncp.dicom.source import ArchiveSource, InstanceHeader, SkippedEntry, SourceEntry
 from ncp.errors import UnreadableInstance
 from ncp.fhir.datatypes import utc_of, zone_name
+from ncp.gateway.parthead import HEAD_LIMIT
+from ncp.gateway.servable import part_problem
 from ncp.store.models import (
     EntryKind,
     Instance,
@@ -71,6 +74,9 @@ class IndexRun:
     """Row ids of the studies the run changed (some may be gone): their list entries are stale."""
     patient_id_issuer: str = ""
     """The source's assigning authority for Patient IDs without issuer, as the run applied it."""
+    unservable: list[tuple[str, str]] = field(default_factory=list)
+    """(locator, reason) of the instances indexed in this run that the gateways would refuse
+    (``ncp.gateway.servable``; checked for a folder archive, whose files the index reads)."""
     without_issuer: int = 0
     """Instances read in this run whose header carries no Issuer of Patient ID (they took
     ``patient_id_issuer``; with none configured their patients cannot be named by a peer)."""
@@ -265,6 +271,8 @@ class _Mapped:
     keys: InstanceKeys
     levels: IndexRecord | None
     """Patient, study and series values, for the instances that speak for a level."""
+    unservable: str | None = None
+    """Why the gateways would refuse the stored object, when they would."""
 
 
 def _read_and_map(
@@ -291,8 +299,20 @@ def _read_and_map(
     }
     for header, keys in read:
         levels = map_levels(header, keys) if keys.instance.sop_uid in speakers else None
-        out.append(_Mapped(header.entry, keys, levels))
+        out.append(_Mapped(header.entry, keys, levels, _serving_problem(source, header.entry)))
     return out
+
+
+def _serving_problem(source: ArchiveSource, entry: SourceEntry) -> str | None:
+    """Why the gateways would refuse this stored object (their own rule, run on its first
+    bytes), for a source whose files the index can read; None otherwise."""
+    if not isinstance(source, FolderSource):
+        return None
+    try:
+        head = source.read_head(entry.locator, HEAD_LIMIT)
+    except (OSError, UnreadableInstance) as exc:
+        return f"its first bytes cannot be read again ({exc})"
+    return part_problem(head)
 
 
 def _patient_of(keys: InstanceKeys) -> object:
@@ -363,6 +383,7 @@ def _apply_batch(
     # Level values of every speaker, duplicates included: a duplicate carries the same SOP
     # Instance UID as the instance it duplicates, so by the smallest-UID rule its header speaks.
     speakers: list[IndexRecord] = []
+    problems: dict[str, str] = {}
     for result in sorted(results, key=_locator_of):
         if isinstance(result, SkippedEntry):
             skips.append(result)
@@ -377,6 +398,8 @@ def _apply_batch(
             continue
         records[sop] = (result.entry, keys)
         run.without_issuer += not keys.issuer_given
+        if result.unservable is not None:
+            problems[result.entry.locator] = result.unservable
         notes = result.levels.notes if result.levels is not None else keys.notes
         run.notes.extend((result.entry.locator, note) for note in notes)
 
@@ -398,6 +421,11 @@ def _apply_batch(
 
     _record_skips(session, source, skips, now, dup_sops)
     run.skipped.extend((s.entry.locator, s.reason) for s in skips)
+    run.unservable.extend(
+        (entry.locator, problems[entry.locator])
+        for entry, _ in records.values()
+        if entry.locator in problems
+    )
     if not records:
         return
 
