@@ -347,6 +347,23 @@ class Gateway:
             raise NotFound("the study is empty")
         return Expected(study, series, sop, counts=counts)
 
+    async def _index_is_stale(self, study: str) -> bool:
+        """Whether the archive's series-level listing of ``study`` (its instances per series)
+        disagrees with the node's index; False when either cannot tell."""
+        if self.index is None:
+            return False
+        try:
+            indexed = await self.index.instances(study)
+            listed = await self._counted(study, None, None)
+        except (GatewayError, OSError):
+            return False  # the archive (or the index) failing says nothing of staleness
+        if indexed is None:
+            return True
+        per_series: dict[str, int] = {}
+        for series in indexed.values():
+            per_series[series] = per_series.get(series, 0) + 1
+        return dict(listed.counts or {}) != per_series
+
     def _distrust_index(self, study: str) -> None:
         if len(self._distrusted) > 10_000:
             self._distrusted.clear()
@@ -560,7 +577,11 @@ class Gateway:
                 ):
                     yield chunk
             except NotListed:
-                if indexed:  # the index lags the archive: list this study there for a while
+                # The parts and the index disagree: a stale index, or an archive that failed
+                # (a transcode it could not do, an instance it left out). Only the archive's
+                # own listing disagreeing with the index says stale; then the study is listed
+                # there for a while. An archive error is not staleness.
+                if indexed and await self._index_is_stale(target.study or ""):
                     self._distrust_index(target.study or "")
                 raise
 
