@@ -13,6 +13,7 @@ noticed through ``receive`` and the transfer is cancelled, which closes the arch
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -315,6 +316,39 @@ def _pass(chunk: Chunk, pending: bytearray, small: int, flush_bytes: int) -> lis
     return out
 
 
+class TransferCutShort(Exception):
+    """A transfer that failed after its answer had started: the connection is dropped. Its
+    text is the one log line the server writes of it (:class:`CutShortFilter`)."""
+
+    def __init__(self, request_id: str, reason: str) -> None:
+        text = "".join(c if c.isprintable() else " " for c in reason)[:300]
+        super().__init__(f"transfer cut short (request {request_id}): {text}")
+        self.request_id = request_id
+        self.reason = reason
+
+
+class CutShortFilter(logging.Filter):
+    """Turns the server's "Exception in ASGI application" record of a
+    :class:`TransferCutShort` into one warning line without traceback: a transfer cut short is
+    an event of the archive or the network, not a fault of the program, and a traceback per
+    broken transfer buries the faults that are."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, TransferCutShort):
+            record.msg, record.args = "%s", (str(exc),)
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def install_cut_short_filter(logger: logging.Logger | None = None) -> None:
+    """Attach one :class:`CutShortFilter` to ``logger`` (uvicorn's error logger by default)."""
+    target = logger or logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, CutShortFilter) for f in target.filters):
+        target.addFilter(CutShortFilter())
+
+
 class StreamedAnswer:
     """An ASGI answer that streams ``chunks`` through ``relay`` while watching for the client
     going away. ``on_end`` runs once with the tally, whatever happened (the audit record); when
@@ -400,4 +434,7 @@ class StreamedAnswer:
         if failure is not None:
             # Raised after the answer started: the server drops the connection without the
             # last chunk, so the client sees a broken body, never a complete shorter study.
-            raise failure
+            # The server logs it in one line (CutShortFilter): reason and request id; the
+            # audit record holds the rest.
+            reason = tally.error or type(failure).__name__
+            raise TransferCutShort(self.headers.get("X-Request-ID", "-"), reason) from failure
