@@ -14,6 +14,10 @@ by ``sendfile`` where the client's connection allows it (decision 0006). The ope
 read are done on the event loop: a few microseconds from the page cache, cheaper than a thread
 hop per instance.
 
+A retrieve that asks for another syntax than an instance's stored one gets that instance
+transcoded (``ncp.dicom.transcode``: to Explicit or Implicit VR Little Endian), one instance at a
+time in a worker thread as the answer asks for it; the others keep the zero-copy path.
+
 Frames and bulk data are not offered for a folder (its metadata carries bulk data inline).
 """
 
@@ -33,6 +37,7 @@ import anyio
 from ncp.dicom.folder import FolderSource
 from ncp.dicom.mapping import map_instance
 from ncp.dicom.source import InstanceHeader, SourceEntry
+from ncp.dicom.transcode import TranscodeError, can_transcode, syntax_name, transcode
 from ncp.errors import UnreadableInstance
 from ncp.gateway.dicomjson import SERIES_UID, SOP_UID, STUDY_UID, element
 from ncp.gateway.errors import NotAcceptable, NotFound, StreamBroken
@@ -193,16 +198,27 @@ class FolderUpstream:
     ) -> AsyncIterator[DicomPart]:
         tree = await self._study(study)
         chosen = self._select(tree, series, sop)
-        if accept_syntax != "*" and any(i.transfer_syntax != accept_syntax for i in chosen):
-            raise NotAcceptable(
-                "this archive serves instances as stored only (transfer-syntax=* or the stored "
-                "one); it does not transcode"
-            )
-        paths = [self.source.path_of(i.locator) for i in chosen]
+        # Each instance as stored when that is what was asked for (zero copy), else
+        # transcoded; all refused before anything is sent when one cannot be.
+        recode = {i.locator for i in chosen if accept_syntax not in ("*", i.transfer_syntax)}
+        for instance in chosen:
+            if instance.locator in recode and not can_transcode(
+                instance.transfer_syntax, accept_syntax
+            ):
+                raise NotAcceptable(
+                    f"an instance is stored in {syntax_name(instance.transfer_syntax)}, which "
+                    f"this archive cannot transcode to {syntax_name(accept_syntax)}; ask with "
+                    "transfer-syntax=* (as stored)"
+                )
+        plan = [(self.source.path_of(i.locator), i.locator in recode) for i in chosen]
+        chunk_bytes = self.chunk_bytes
 
         async def parts() -> AsyncIterator[DicomPart]:
-            for path in paths:
-                yield DicomPart(_file_part(path))
+            for path, transcoded in plan:
+                if transcoded:
+                    yield DicomPart(_transcoded_part(path, accept_syntax, chunk_bytes))
+                else:
+                    yield DicomPart(_file_part(path))
 
         return parts()
 
@@ -230,6 +246,18 @@ async def _file_part(path: Path) -> AsyncIterator[Chunk]:
         yield bytes(head)
         if size > len(head):
             yield FileRegion(path, len(head), size - len(head), file=fh)
+
+
+async def _transcoded_part(path: Path, syntax: str, chunk_bytes: int) -> AsyncIterator[Chunk]:
+    """One stored file written in ``syntax`` (``ncp.dicom.transcode``), decoded in a worker
+    thread only when the answer asks for this part: one instance in memory at a time."""
+    try:
+        data = await anyio.to_thread.run_sync(transcode, path, syntax)
+    except TranscodeError as exc:
+        raise StreamBroken(f"an instance could not be transcoded: {exc}") from None
+    view = memoryview(data)
+    for start in range(0, len(view), chunk_bytes):
+        yield view[start : start + chunk_bytes]
 
 
 def _instance(header: InstanceHeader) -> _Instance | None:

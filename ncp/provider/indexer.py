@@ -40,10 +40,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from ncp.dicom.folder import FolderSource
 from ncp.dicom.mapping import IndexRecord, InstanceKeys, map_instance, map_levels
 from ncp.dicom.source import ArchiveSource, InstanceHeader, SkippedEntry, SourceEntry
+from ncp.dicom.transcode import can_transcode, syntax_name
 from ncp.errors import UnreadableInstance
 from ncp.fhir.datatypes import utc_of, zone_name
 from ncp.gateway.parthead import HEAD_LIMIT
 from ncp.gateway.servable import part_problem
+from ncp.gateway.wado import EXPLICIT_VR_LITTLE_ENDIAN
 from ncp.store.models import (
     EntryKind,
     Instance,
@@ -299,11 +301,18 @@ def _read_and_map(
     }
     for header, keys in read:
         levels = map_levels(header, keys) if keys.instance.sop_uid in speakers else None
-        out.append(_Mapped(header.entry, keys, levels, _serving_problem(source, header.entry)))
+        out.append(
+            _Mapped(
+                header.entry,
+                keys,
+                levels,
+                _serving_problem(source, header.entry, header.transfer_syntax_uid),
+            )
+        )
     return out
 
 
-def _serving_problem(source: ArchiveSource, entry: SourceEntry) -> str | None:
+def _serving_problem(source: ArchiveSource, entry: SourceEntry, syntax: str) -> str | None:
     """Why the gateways would refuse this stored object (their own rule, run on its first
     bytes), for a source whose files the index can read; None otherwise."""
     if not isinstance(source, FolderSource):
@@ -312,7 +321,14 @@ def _serving_problem(source: ArchiveSource, entry: SourceEntry) -> str | None:
         head = source.read_head(entry.locator, HEAD_LIMIT)
     except (OSError, UnreadableInstance) as exc:
         return f"its first bytes cannot be read again ({exc})"
-    return part_problem(head)
+    problem = part_problem(head)
+    if problem is None and not can_transcode(syntax, EXPLICIT_VR_LITTLE_ENDIAN):
+        # Served as stored; the default representation (what dicomweb-client asks for) 406.
+        return (
+            f"stored in {syntax_name(syntax)}, which this node cannot decode: served as stored "
+            "only (transfer-syntax=*), not in the default Explicit VR Little Endian"
+        )
+    return problem
 
 
 def _patient_of(keys: InstanceKeys) -> object:
