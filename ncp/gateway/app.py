@@ -850,6 +850,11 @@ def build_gateway_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Before the server accepts a request (uvicorn binds after the startup): a folder's
+        # catalogue is built here, so the first search is answered in milliseconds.
+        warm = getattr(gateway.archive, "warm", None)
+        if warm is not None:
+            await warm()
         yield
         if owned:
             await gateway.archive.aclose()
