@@ -223,6 +223,8 @@ class RunningNode:
     """The option C edge gateway's base, when ``running_node(edge=True)`` serves one."""
     edge_audit: Any = None
     """The edge gateway's audit sessions (a sessionmaker), when it runs."""
+    index_run: Any = None
+    """What indexing the archive reported (``ncp.provider.indexer.IndexRun``)."""
     servers: list[uvicorn.Server] = field(default_factory=list)
 
     def client(self, who: str = B, *, timeout: float = 10.0) -> httpx.Client:
@@ -355,7 +357,7 @@ def running_node(
         mapping[section] = {**mapping.get(section, {}), **values}
     settings = settings_from_mapping(mapping, base_dir=root, environ={})
     node = Node.from_settings(settings)
-    index_source(
+    index_run = index_source(
         node.sessions,
         FolderSource(archive),
         zone=zone_of(settings.node.country),
@@ -372,6 +374,7 @@ def running_node(
         b=b,
         other=other,
         creds=creds,
+        index_run=index_run,
     )
     threads = []
     server = standard_server(node, app, host="127.0.0.1", port=port, log_level="warning")
