@@ -261,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
                     shutil.copy(database.removeprefix("sqlite:///"), copy)
                     config = work / f"{name}.toml"
                     config.write_text(
-                        node_toml(settings, archive=section, ports=ports, database=f"sqlite:///{copy}")
+                        node_toml(
+                            settings, archive=section, ports=ports, database=f"sqlite:///{copy}"
+                        )
                     )
                     stack.enter_context(serve(config, ports["viewer"]))
                     viewer = f"https://localhost:{ports['viewer']}/viewer"
