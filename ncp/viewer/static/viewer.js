@@ -196,6 +196,7 @@
 
   async function openSeries(suid) {
     stopCine();
+    clearTimeout(state.losslessTimer);
     state.seriesUid = suid;
     for (const b of document.querySelectorAll(".series-item")) b.setAttribute("aria-current", String(b.dataset.series === suid));
     let instances;
@@ -208,7 +209,7 @@
     state.frames = [];
     for (const inst of instances) {
       const n = Math.max(1, parseInt(val(inst, TAG.frames) || "1", 10) || 1);
-      for (let f = 1; f <= n; f += 1) state.frames.push({ inst, frame: f, frames: n });
+      for (let f = 1; f <= n; f += 1) state.frames.push({ inst, frame: f, frames: n, study: state.study, series: suid });
     }
     const first = instances[0];
     const c = num(first, TAG.center);
@@ -230,7 +231,8 @@
   function activeWindow() { return state.window || state.imageWindow; }
   function frameUrl(entry, win, media, quality) {
     const i = entry.inst;
-    let url = `studies/${state.study}/series/${state.seriesUid}/instances/${val(i, TAG.sopUid)}/frames/${entry.frame}/rendered?accept=${encodeURIComponent(media)}`;
+    // The frame's own study and series: a request made while another series opens stays right.
+    let url = `studies/${entry.study}/series/${entry.series}/instances/${val(i, TAG.sopUid)}/frames/${entry.frame}/rendered?accept=${encodeURIComponent(media)}`;
     if (win) url += `&window=${round(win.center, 2)},${round(win.width, 2)},${win.fn || "linear"}`;
     if (quality) url += `&quality=${quality}`;
     return url;
