@@ -7,7 +7,8 @@
 - ``ncp audit report --config F [--since ISO] [--until ISO] [--csv]``: per peer country, option,
   priority and step.
 
-The commands read the database and never migrate it (``ncp db upgrade`` does).
+Each takes a node's config or an edge gateway's (``ncp edge --config``): the edge keeps an audit
+chain of its own. The commands read the database and never migrate it (``ncp db upgrade`` does).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tomllib
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,10 +25,11 @@ from typing import Any, TextIO
 from sqlalchemy import Engine, inspect
 from sqlalchemy.orm import Session
 
-from ncp.config import load_settings
+from ncp.config import EdgeSettings, NodeSettings, load_edge_settings, load_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 SHOWN_PROBLEMS = 20
+CONFIG_HELP = "the node's TOML file, or the edge gateway's (ncp edge --config)"
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -37,11 +40,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     actions = parser.add_subparsers(metavar="ACTION", required=True)
 
     verify = actions.add_parser("verify", help="prove the hash chain intact, or name the break")
-    verify.add_argument("--config", type=Path, required=True, help="the node's TOML file")
+    verify.add_argument("--config", type=Path, required=True, help=CONFIG_HELP)
     verify.set_defaults(handler=_cmd_verify)
 
     export = actions.add_parser("export", help="write FHIR AuditEvent resources (IHE BALP)")
-    export.add_argument("--config", type=Path, required=True, help="the node's TOML file")
+    export.add_argument("--config", type=Path, required=True, help=CONFIG_HELP)
     export.add_argument("--since", type=_when, help="records written at or after (ISO 8601)")
     export.add_argument("--out", default="-", help="a folder, or - for standard output")
     export.add_argument(
@@ -55,7 +58,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     report = actions.add_parser(
         "report", help="volumes and turnaround per peer country, option, priority and step"
     )
-    report.add_argument("--config", type=Path, required=True, help="the node's TOML file")
+    report.add_argument("--config", type=Path, required=True, help=CONFIG_HELP)
     report.add_argument("--since", type=_when, help="records written at or after (ISO 8601)")
     report.add_argument("--until", type=_when, help="records written before (ISO 8601)")
     report.add_argument("--csv", action="store_true", help="CSV instead of a text table")
@@ -74,10 +77,22 @@ def _when(text: str) -> datetime:
     return value
 
 
+def load_any_settings(config: Path) -> NodeSettings | EdgeSettings:
+    """A node's settings, or an edge gateway's: an edge's file has an ``[edge]`` section and no
+    ``[node]``. Either is read by its own loader, so unknown keys are still refused."""
+    try:
+        data = tomllib.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return load_settings(config)  # which words the error, naming the file
+    if "edge" in data and "node" not in data:
+        return load_edge_settings(config)
+    return load_settings(config)
+
+
 def _open(config: Path) -> Engine | None:
     from ncp.store.db import make_engine
 
-    settings = load_settings(config)
+    settings = load_any_settings(config)
     engine = make_engine(settings.database.url)
     if not inspect(engine).has_table("audit_chain_head"):
         engine.dispose()
