@@ -248,7 +248,8 @@ def _cmd_examples_generate(args: argparse.Namespace) -> int:
         f"generated {summary.patients} patients, {summary.studies} studies, "
         f"{summary.series} series, {summary.instances} instances "
         f"({summary.bytes / 1e6:.1f} MB), {summary.reports} reports "
-        f"in {summary.report_versions} versions into {args.out} ({elapsed:.1f} s)"
+        f"in {summary.report_versions} versions (a report corrected or amended keeps each "
+        f"version) into {args.out} ({elapsed:.1f} s)"
     )
     return EXIT_OK
 
