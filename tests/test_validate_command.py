@@ -31,7 +31,7 @@ def run(
     code = run_validate(
         [str(p) for p in paths],
         fmt=fmt,  # type: ignore[arg-type]
-        profile=profile,
+        profiles=[profile] if profile else [],
         stdin=io.BytesIO(stdin),
         stdout=out,
     )
@@ -156,7 +156,7 @@ def test_register_adds_the_sub_command(capsys: pytest.CaptureFixture[str]) -> No
     parser = argparse.ArgumentParser(prog="ncp")
     register(parser.add_subparsers())
     args = parser.parse_args(["validate", str(VALID), "--format", "junit"])
-    assert args.paths == [str(VALID)] and args.format == "junit" and args.profile is None
+    assert args.paths == [str(VALID)] and args.format == "junit" and args.profile == []
     assert args.handler(args) == 0
     assert "<testsuites" in capsys.readouterr().out
     with pytest.raises(SystemExit):
@@ -179,3 +179,41 @@ def test_runs_as_a_process_through_register() -> None:
     )
     assert done.returncode == 1
     OperationOutcome.model_validate(json.loads(done.stdout))
+
+
+PATIENT_PROFILE = "https://ncp.example/fhir/StructureDefinition/ncp-patient"
+ORGANIZATION_PROFILE = "https://ncp.example/fhir/StructureDefinition/ncp-organization"
+
+
+def test_profile_given_several_times_checks_each(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ncp.cli import main
+
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [
+            {"resource": {"resourceType": "Patient", "id": "p"}},
+            {"resource": {"resourceType": "Organization", "id": "o", "name": "X"}},
+        ],
+    }
+    path = tmp_path / "bundle.json"
+    path.write_text(json.dumps(bundle))
+
+    def failing_types(*profiles: str) -> set[str]:
+        argv = ["validate", str(path), "--format", "json"]
+        for url in profiles:
+            argv += ["--profile", url]
+        assert main(argv) == 1
+        issues = json.loads(capsys.readouterr().out)["issue"]
+        return {
+            i["expression"][0].split(".ofType(")[1].split(")")[0]
+            for i in issues
+            if i["severity"] == "error"
+        }
+
+    assert failing_types(PATIENT_PROFILE) == {"Patient"}
+    assert failing_types(ORGANIZATION_PROFILE) == {"Organization"}
+    assert failing_types(PATIENT_PROFILE, ORGANIZATION_PROFILE) == {"Patient", "Organization"}
+    assert failing_types(ORGANIZATION_PROFILE, PATIENT_PROFILE) == {"Patient", "Organization"}

@@ -8,6 +8,10 @@ for standard input; the format of each is detected from its first byte. Output f
   naming its input in an extension;
 - ``junit``: JUnit XML, one test case per input, a ``failure`` when the input has an error.
 
+``--profile URL`` may be given several times: each resource is checked against every profile of
+its type among them (as against the profiles it claims), each profile applying to the resources
+of its type, nested ones included.
+
 Exit codes: 0 every input valid (warnings allowed), 1 an input is invalid or unreadable, 2 a usage
 error (a path that does not exist, an unknown ``--profile``).
 """
@@ -80,7 +84,7 @@ def run_validate(
     paths: Sequence[str],
     *,
     fmt: Format,
-    profile: str | None,
+    profiles: Sequence[str] = (),
     stdin: BinaryIO,
     stdout: TextIO,
     max_bytes: int = DEFAULT_MAX_BYTES,
@@ -98,7 +102,7 @@ def run_validate(
         print(f"ncp validate: unknown format {fmt!r}", file=sys.stderr)
         return EXIT_USAGE
     validator = validator or Validator.default()
-    profiles = [profile] if profile else []
+    profiles = list(dict.fromkeys(profiles))
     for url in profiles:
         try:
             validator.check_profile(url)
@@ -213,7 +217,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="text (default), json (OperationOutcome) or junit (JUnit XML)",
     )
     parser.add_argument(
-        "--profile", metavar="URL", help="a profile every resource of its type must conform to"
+        "--profile",
+        metavar="URL",
+        action="append",
+        default=[],
+        help="a profile every resource of its type must conform to; repeat for several",
     )
     parser.add_argument(
         "--max-bytes",
@@ -229,7 +237,7 @@ def _handler(args: argparse.Namespace) -> int:
     return run_validate(
         args.paths,
         fmt=args.format,
-        profile=args.profile,
+        profiles=args.profile,
         stdin=sys.stdin.buffer,
         stdout=sys.stdout,
         max_bytes=args.max_bytes,
