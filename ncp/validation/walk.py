@@ -88,6 +88,11 @@ class Walker:
 
     def resource(self, tree: Tree) -> None:
         resource = self.where.resource
+        rid = resource.get("id")
+        if isinstance(rid, str):
+            # R4 declares Resource.id a string (fhir-type), but a logical id is an ``id``:
+            # 1 to 64 of A-Z a-z 0-9 - . (R4 2.1.0 "Resource.id"; the HL7 validator checks it).
+            self.v.formats.check("id", rid, f"{self.where.location}.id", self.issues)
         item = Item(tree.type, None, resource, self.where.location)
         self.item(tree.root, tree, tree.type, item)
 
@@ -100,6 +105,7 @@ class Walker:
         issues = self.issues
         if is_primitive(type_code):
             structure.check_primitive(type_code, value, item.location, issues)
+            self.v.formats.check(type_code, value, item.location, issues)
             self.rules(node, type_code, item)
             return
         if not isinstance(value, dict):
