@@ -42,7 +42,8 @@ CONFIG_HELP = "the node's TOML file, or the edge gateway's (ncp edge --config)"
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``audit verify|export|report`` to the ``ncp`` command's sub-parsers."""
     parser: argparse.ArgumentParser = subparsers.add_parser(
-        "audit", help="the audit trail: verify its hash chain, export AuditEvents, report"
+        "audit",
+        help="the audit trail: verify its hash chain, sign checkpoints, export AuditEvents, report",
     )
     actions = parser.add_subparsers(metavar="ACTION", required=True)
 

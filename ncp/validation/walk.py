@@ -127,7 +127,7 @@ class Walker:
             own = {c.key for c in node.constraints}
             extra = tuple(c for c in parent.constraints if c.key not in own)
             if extra:
-                self.v.invariants.check(
+                self.v.invariants.check_each(
                     extra,
                     value,
                     inner.type,
