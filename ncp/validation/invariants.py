@@ -348,6 +348,71 @@ def _cmp_2(value: Any, scope: Scope) -> bool:
     return not _exists(value, "emptyReason") or not _exists(value, "entry")
 
 
+def _count(value: Any, key: str) -> int:
+    found = value.get(key) if isinstance(value, dict) else None
+    if found is None:
+        # A primitive with only its extension (``_name``) is still an element that counts.
+        return 1 if isinstance(value, dict) and value.get("_" + key) is not None else 0
+    return len(found) if isinstance(found, list) else 1
+
+
+def _org_1(value: Any, scope: Scope) -> bool:
+    return _count(value, "identifier") + _count(value, "name") > 0
+
+
+def _org_2(value: Any, scope: Scope) -> bool:
+    return not (isinstance(value, dict) and value.get("use") == "home")
+
+
+def _prr_1(value: Any, scope: Scope) -> bool:
+    return not _exists(value, "orderDetail") or _exists(value, "code")
+
+
+_REPORT_STATUSES = frozenset({"preliminary", "final", "amended"})
+
+
+def _ncp_dr_1(value: Any, scope: Scope) -> bool:
+    status = value.get("status") if isinstance(value, dict) else None
+    return status is None or (isinstance(status, str) and status in _REPORT_STATUSES)
+
+
+def _values_of(extension: Any) -> list[Any]:
+    if not isinstance(extension, dict):
+        return []
+    return [v for k, v in extension.items() if k.startswith("value") and v is not None]
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _ncp_rv_1(value: Any, scope: Scope) -> bool:
+    found = _values_of(value)
+    # Several values, or one that is not a number, cannot be compared: FHIRPath gives empty
+    # (or fails), which is not a failure.
+    return len(found) != 1 or not _number(found[0]) or found[0] >= 1
+
+
+_VERSION_EXTENSION = "https://ncp.example/fhir/StructureDefinition/ncp-report-version"
+
+
+def _ncp_comp_1(value: Any, scope: Scope) -> bool:
+    extensions = value.get("extension") if isinstance(value, dict) else None
+    found = [
+        v
+        for e in (extensions if isinstance(extensions, list) else [])
+        if isinstance(e, dict) and e.get("url") == _VERSION_EXTENSION
+        for v in _values_of(e)
+    ]
+    if len(found) != 1 or not _number(found[0]) or found[0] <= 1:
+        return True
+    relates = value.get("relatesTo")
+    return any(
+        isinstance(r, dict) and r.get("code") == "replaces"
+        for r in (relates if isinstance(relates, list) else [])
+    )
+
+
 NATIVE: dict[tuple[str, str], Native] = {
     ("bdl-1", "total.empty() or (type = 'searchset') or (type = 'history')"): _bdl_1,
     ("bdl-2", "entry.search.empty() or (type = 'searchset')"): _bdl_2,
@@ -405,6 +470,17 @@ NATIVE: dict[tuple[str, str], Native] = {
     ): _per_1,
     ("txt-1", "htmlChecks()"): _txt_1,
     ("txt-2", "htmlChecks()"): _txt_2,
+    # Met in every report bundle; fhirpathpy took a tenth of a validation for these six.
+    ("org-1", "(identifier.count() + name.count()) > 0"): _org_1,
+    ("org-2", "where(use = 'home').empty()"): _org_2,
+    ("prr-1", "orderDetail.empty() or code.exists()"): _prr_1,
+    ("ncp-dr-1", "status = 'preliminary' or status = 'final' or status = 'amended'"): _ncp_dr_1,
+    ("ncp-rv-1", "value.exists() implies value >= 1"): _ncp_rv_1,
+    (
+        "ncp-comp-1",
+        f"extension('{_VERSION_EXTENSION}').value > 1 implies "
+        "relatesTo.where(code = 'replaces').exists()",
+    ): _ncp_comp_1,
 }
 
 
