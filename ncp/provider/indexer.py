@@ -54,6 +54,7 @@ from ncp.store.models import (
     Series,
     SourceObject,
     Study,
+    name_key,
 )
 
 _CHUNK = 500  # bound on IN (...) lists: SQLite allows 32766 parameters, stay far below
@@ -523,6 +524,7 @@ def _upsert_patients(session: Session, rows: list[IndexRecord]) -> dict[tuple[st
             rec.instance.sop_uid,
             {
                 "family_name": rec.patient.family_name,
+                "family_key": name_key(rec.patient.family_name),
                 "given_name": rec.patient.given_name,
                 "birth_date": rec.patient.birth_date,
                 "sex": rec.patient.sex,
