@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, object_session, sessionmaker
 
 from ncp.config import NodeSettings
 from ncp.dicom.folder import FolderSource
@@ -29,9 +29,9 @@ from ncp.fhir.manifest import (
     Custodian,
     ImagingEndpoints,
     ManifestError,
-    imaging_study,
-    load_instances,
 )
+from ncp.fhir.manifest import imaging_study as build_imaging_study
+from ncp.provider.describe import describe_indexed_study, describe_study
 from ncp.provider.indexer import index_source
 from ncp.store import db
 from ncp.store.models import Instance, Patient, Series, Study
@@ -51,6 +51,25 @@ CUSTODIAN = Custodian(
     country="AT",
     zone=ZoneInfo("Europe/Vienna"),
 )
+
+
+def imaging_study(
+    study: Study,
+    endpoints: ImagingEndpoints,
+    custodian: Custodian,
+    *,
+    instances: dict[str, list[Instance]] | None = None,
+) -> dict[str, Any]:
+    """The manifest of an index study row, described as the provider describes it (its
+    instances read through its session when not given)."""
+    if instances is None:
+        session = object_session(study)
+        if session is None:
+            raise ManifestError("a detached study row needs its instances")
+        facts = describe_indexed_study(session, study)
+    else:
+        facts = describe_study(study, study.series, instances)
+    return build_imaging_study(facts, endpoints, custodian)
 
 
 def errors(resource: dict[str, Any]) -> list[Issue]:
@@ -261,7 +280,11 @@ def test_endpoints_and_custodian_from_settings(tmp_path: Path) -> None:
 
 def test_explicit_instances_give_the_same_manifest(session: Session) -> None:
     study = studies(session)[2]
-    loaded = load_instances(study)
+    loaded: dict[str, list[Instance]] = {s.series_uid: [] for s in study.series}
+    for series in study.series:
+        loaded[series.series_uid] = list(
+            session.scalars(select(Instance).where(Instance.series_pk == series.id))
+        )
     assert imaging_study(study, ENDPOINTS, CUSTODIAN, instances=loaded) == imaging_study(
         study, ENDPOINTS, CUSTODIAN
     )

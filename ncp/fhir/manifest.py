@@ -1,5 +1,6 @@
-"""The image manifest: one indexed study as an IHE MADO-style ImagingStudy (profile
-ncp-imaging-study-manifest), built from index rows without asking the archive.
+"""The image manifest: one study as an IHE MADO-style ImagingStudy (profile
+ncp-imaging-study-manifest), built from plain values (:mod:`ncp.fhir.values`) without asking the
+archive or knowing how the values are stored.
 
 What country B needs to pick and pull a study is all here: Study Instance UID and accession,
 counts and sizes, modality, body site, description, date, study type, the custodian (series
@@ -25,15 +26,12 @@ out. Naive DICOM dates and times are local to the custodian's zone (:attr:`Custo
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
-
-from sqlalchemy import select
-from sqlalchemy.orm import object_session
 
 from ncp.config import NodeSettings
 from ncp.errors import ConfigError, NcpError
@@ -62,7 +60,7 @@ from ncp.fhir.identifiers import (
     patient_system,
 )
 from ncp.fhir.terminology import default_terminology
-from ncp.store.models import Instance, Patient, Series, Study
+from ncp.fhir.values import DicomCode, InstanceFacts, PatientFacts, SeriesFacts, StudyFacts
 
 IMAGING_OPTION_SYSTEM = f"{canonical.BASE}/sid/imaging-option"
 """System of ``Endpoint.identifier``: value ``A`` (NCPeH-A's gateway) or ``C`` (edge gateway)."""
@@ -158,8 +156,8 @@ class Custodian:
 # --- shared by the manifest and the list entries -----------------------------------------------
 
 
-def patient_identifier(patient: Patient) -> dict[str, str]:
-    """Country A's identifier of an index patient (raises :class:`ManifestError` without issuer)."""
+def patient_identifier(patient: PatientFacts) -> dict[str, str]:
+    """Country A's identifier of a patient (raises :class:`ManifestError` without issuer)."""
     if not patient.issuer:
         raise ManifestError(
             "the patient has no Issuer of Patient ID: the identifier would have no system"
@@ -176,7 +174,7 @@ def patient_display(family: str | None, given: str | None) -> str | None:
     return text or None
 
 
-def patient_reference(patient: Patient) -> dict[str, Any]:
+def patient_reference(patient: PatientFacts) -> dict[str, Any]:
     identifier = patient_identifier(patient)
     out: dict[str, Any] = {
         "reference": f"Patient/{patient_resource_id(identifier['system'], identifier['value'])}",
@@ -206,10 +204,9 @@ def accession_identifier(number: str | None, issuer: str | None) -> dict[str, An
     return {"type": accession_type(), "system": system, "value": number}
 
 
-def modalities(joined: str) -> list[str]:
-    """Backslash-joined modalities of the index, OT when there are none."""
-    codes = [m for m in joined.split("\\") if m.strip()]
-    return codes or [OTHER_MODALITY]
+def modalities(codes: Sequence[str]) -> list[str]:
+    """A study's modalities, OT when there are none."""
+    return [m for m in codes if m.strip()] or [OTHER_MODALITY]
 
 
 def body_part_codings(body_part: str) -> list[dict[str, Any]]:
@@ -222,66 +219,52 @@ def body_part_codings(body_part: str) -> list[dict[str, Any]]:
     return out
 
 
-def study_type(study: Study) -> dict[str, Any] | None:
+def coded(value: DicomCode | None) -> dict[str, Any] | None:
+    """A DICOM code as a CodeableConcept, its display from the terminology where known."""
+    if value is None:
+        return None
     terms = default_terminology()
-    system = scheme_system(study.procedure_scheme)
-    display = (
-        terms.display(system, study.procedure_code) if system and study.procedure_code else None
-    )
-    return dicom_concept(
-        study.procedure_scheme, study.procedure_code, study.procedure_meaning, display
-    )
+    system = scheme_system(value.scheme)
+    display = terms.display(system, value.code) if system and value.code else None
+    return dicom_concept(value.scheme, value.code, value.meaning, display)
 
 
-def requesting_specialty(study: Study) -> dict[str, Any] | None:
-    terms = default_terminology()
-    system = scheme_system(study.requesting_scheme)
-    code = study.requesting_code
-    display = terms.display(system, code) if system and code else None
-    meaning = study.requesting_meaning or study.requesting_service
-    return dicom_concept(study.requesting_scheme, code, meaning, display)
+def study_type(study: StudyFacts) -> dict[str, Any] | None:
+    return coded(study.procedure)
 
 
-def study_started(study: Study) -> datetime:
-    """The study's start: Study Date/Time, else its earliest series start."""
-    if study.started is not None:
-        return study.started
-    starts = [s.started for s in study.series if s.started is not None]
-    if not starts:
+def requesting_specialty(study: StudyFacts) -> dict[str, Any] | None:
+    return coded(study.requesting)
+
+
+def study_started(study: StudyFacts) -> datetime:
+    """The study's start (Study Date/Time, else its earliest series start)."""
+    if study.started is None:
         raise ManifestError(f"study {study.study_uid} has no date: ImagingStudy.started is 1..1")
-    return min(starts)
+    return study.started
 
 
 # --- the ImagingStudy ---------------------------------------------------------------------------
 
 
 def imaging_study(
-    study: Study,
-    endpoints: ImagingEndpoints,
-    custodian: Custodian,
-    *,
-    instances: Mapping[str, Sequence[Instance]] | None = None,
+    study: StudyFacts, endpoints: ImagingEndpoints, custodian: Custodian
 ) -> dict[str, Any]:
-    """The manifest of one indexed study.
+    """The manifest of one study.
 
-    ``instances`` maps Series Instance UID to that series' instance rows; when None they are
-    read through the session the study row belongs to (one query for the whole study; the
-    index model has no Series→Instance relationship). A series without instances is left out:
-    the manifest lists what can be retrieved, and its counts are those of what it lists.
+    A series without instances is left out: the manifest lists what can be retrieved, and its
+    counts are those of what it lists.
     """
-    if instances is None:
-        instances = load_instances(study)
     uid = study.study_uid
     contained = _endpoints(endpoints, custodian, uid)
     wado = [{"reference": "#a"}] + ([{"reference": "#c"}] if endpoints.option_c else [])
     series_out: list[dict[str, Any]] = []
     total_instances = 0
-    for series in sorted(study.series, key=_series_order):
-        rows = instances.get(series.series_uid, ())
-        if not rows:
+    for series in sorted(study.series, key=series_order):
+        if not series.instances:
             continue
-        total_instances += len(rows)
-        series_out.append(_series(series, rows, wado, custodian))
+        total_instances += len(series.instances)
+        series_out.append(_series(series, wado, custodian))
     if not series_out:
         raise ManifestError(f"study {uid} has no instances: a manifest lists at least one")
 
@@ -323,39 +306,23 @@ def imaging_study(
     return out
 
 
-def load_instances(study: Study) -> dict[str, list[Instance]]:
-    """The instance rows of a study's series, by Series Instance UID, in one query."""
-    session = object_session(study)
-    if session is None:
-        raise ManifestError(
-            f"study {study.study_uid} is not attached to a session: pass its instances"
-        )
-    uid_of = {s.id: s.series_uid for s in study.series}
-    out: dict[str, list[Instance]] = {uid: [] for uid in uid_of.values()}
-    if uid_of:
-        rows = session.scalars(select(Instance).where(Instance.series_pk.in_(list(uid_of))))
-        for row in rows:
-            out[uid_of[row.series_pk]].append(row)
-    return out
-
-
-def _series_order(series: Series) -> tuple[int, int, str]:
+def series_order(series: SeriesFacts) -> tuple[int, int, str]:
+    """The manifest's order of series: by number (none last), then Series Instance UID."""
     return (series.number is None, series.number or 0, series.series_uid)
 
 
-def _instance_order(instance: Instance) -> tuple[int, int, str]:
-    number = instance.instance_number
+def instance_order(instance: InstanceFacts) -> tuple[int, int, str]:
+    """The manifest's order of instances: by number (none last), then SOP Instance UID."""
+    number = instance.number
     return (number is None, number or 0, instance.sop_uid)
 
 
 def _series(
-    series: Series,
-    rows: Sequence[Instance],
-    wado: list[dict[str, Any]],
-    custodian: Custodian,
+    series: SeriesFacts, wado: list[dict[str, Any]], custodian: Custodian
 ) -> dict[str, Any]:
+    rows = series.instances
     out: dict[str, Any] = {
-        "extension": [size_bytes(sum(r.size_bytes for r in rows))],
+        "extension": [size_bytes(series.size_bytes)],
         "uid": series.series_uid,
     }
     # DICOM IS allows negative numbers; FHIR's unsignedInt does not: leave those out.
@@ -381,22 +348,22 @@ def _series(
             "actor": custodian.reference(),
         }
     ]
-    out["instance"] = [_instance(r) for r in sorted(rows, key=_instance_order)]
+    out["instance"] = [_instance(r) for r in sorted(rows, key=instance_order)]
     return out
 
 
-def _instance(row: Instance) -> dict[str, Any]:
+def _instance(row: InstanceFacts) -> dict[str, Any]:
     out: dict[str, Any] = {
         "uid": row.sop_uid,
         # R4's sopClass binding (DICOM UIDs as URIs), as in the R4 ImagingStudy examples.
         "sopClass": coding(URI, f"urn:oid:{row.sop_class_uid}"),
     }
-    if row.instance_number is not None and row.instance_number >= 0:
-        out["number"] = row.instance_number
+    if row.number is not None and row.number >= 0:
+        out["number"] = row.number
     return out
 
 
-def _referrer(study: Study) -> dict[str, Any] | None:
+def _referrer(study: StudyFacts) -> dict[str, Any] | None:
     """The referring physician as a contained PractitionerRole, carrying the requesting
     specialty (a guideline selection parameter ImagingStudy has no element for)."""
     specialty = requesting_specialty(study)
@@ -478,6 +445,7 @@ __all__ = [
     "ImagingEndpoints",
     "ManifestError",
     "imaging_study",
-    "load_instances",
+    "instance_order",
+    "series_order",
     "viewer_address",
 ]
