@@ -20,7 +20,8 @@ SAMPLE_REPORTS = sorted(
 def test_committed_sample_reports_are_valid_against_their_claimed_profiles(path: Path) -> None:
     bundle = read_resource(read_path(path))
     assert bundle["meta"]["profile"] == [
-        canonical.structure_definition("ncp-imaging-report-bundle")
+        canonical.structure_definition("ncp-imaging-report-bundle"),
+        "http://hl7.eu/fhir/imaging/StructureDefinition/BundleReportEuImaging",
     ]
     issues = Validator.default().validate(bundle)
     assert not has_errors(issues), [i for i in issues if i.severity in ("error", "fatal")]

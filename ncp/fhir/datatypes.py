@@ -99,9 +99,18 @@ def concept(*codings: dict[str, Any], text: str | None = None) -> dict[str, Any]
     return out
 
 
-def claims(profile: str) -> dict[str, Any]:
-    """meta claiming one of the project's profiles (the validator checks what is claimed)."""
-    return {"profile": [canonical.structure_definition(profile)]}
+def claims(profile: str | None, *guides: str) -> dict[str, Any]:
+    """meta claiming one of the project's profiles and, where the resource conforms to them, the
+    profiles of the guides it follows (full canonical URLs: HL7 Europe imaging, IHE MADO). The
+    validator checks every profile claimed (a guide's through the project's transcription)."""
+    own = [canonical.structure_definition(profile)] if profile else []
+    return {"profile": [*own, *guides]}
+
+
+EU_IMAGING = "http://hl7.eu/fhir/imaging/StructureDefinition/"
+"""Canonical base of the HL7 Europe imaging report's profiles (hl7.fhir.eu.imaging, R4)."""
+MADO = "https://profiles.ihe.net/RAD/MADO/StructureDefinition/"
+"""Canonical base of IHE RAD MADO's profiles (ihe.rad.mado)."""
 
 
 def modality_coding(code: str) -> dict[str, Any]:
