@@ -101,7 +101,10 @@ def test_every_manifest_entry_is_valid_and_carries_the_selection_parameters(
         assert entry["id"] == manifest_reference_id(study.study_uid)
         (content,) = entry["content"]
         assert content["format"] == MADO_FORMAT
-        assert content["attachment"]["url"] == f"{BASE}/ImagingStudy/{study.study_uid}"
+        assert (
+            content["attachment"]["url"]
+            == f"{BASE}/Bundle/{manifest_reference_id(study.study_uid)}"
+        )
         assert content["attachment"]["title"] == study.description
         size = sum(i[3] for rows in truth.series.values() for i in rows)
         assert extensions(entry, SIZE_URL) == [{"url": SIZE_URL, "valueDecimal": size}]

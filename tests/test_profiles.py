@@ -224,6 +224,7 @@ def test_search_parameters_add_only_what_core_lacks() -> None:
         ("DocumentReference", "study-instance-uid"),
         ("DocumentReference", "accession-number"),
         ("ImagingStudy", "study-type"),
+        ("ImagingStudy", "requesting-specialty"),
     }
 
 

@@ -19,6 +19,11 @@ DICOM = "http://dicom.nema.org/resources/ontology/DCM"
 RADLEX = "http://www.radlex.org"
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 URI = "urn:ietf:rfc:3986"
+PRIORITY_CATEGORY = (
+    "http://hl7.eu/fhir/health-data-api/CodeSystem/eehrxf-document-priority-category-cs"
+)
+"""The EU health data API's priority categories: ``Medical-Imaging`` for imaging reports and
+manifests (HL7 Europe imaging ``category[imaging]``)."""
 DATA_ABSENT_REASON_URL = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
 SIZE_BYTES_URL = canonical.structure_definition("ncp-size-bytes")
 

@@ -87,8 +87,8 @@ def _document_type() -> dict[str, Any]:
 
 
 def manifest_reference(study: StudyFacts, custodian: Custodian, *, base_url: str) -> dict[str, Any]:
-    """The DocumentReference that lists one study's manifest (the ImagingStudy at
-    ``{base_url}/ImagingStudy/{id}``)."""
+    """The DocumentReference that lists one study's manifest: the IHE MADO document at
+    ``{base_url}/Bundle/{id}`` (the same id), about the ImagingStudy ``context.related`` names."""
     uid = study.study_uid
     started = local_moment(study_started(study), custodian.zone)
     body_parts = [b for b in study.body_parts if b.strip()]
@@ -118,7 +118,9 @@ def manifest_reference(study: StudyFacts, custodian: Custodian, *, base_url: str
             {
                 "attachment": {
                     "contentType": FHIR_JSON,
-                    "url": f"{base_url.rstrip('/')}/ImagingStudy/{imaging_study_id(uid)}",
+                    # The IHE MADO manifest document (ncp.fhir.mado); the ImagingStudy
+                    # itself is context.related, and searchable.
+                    "url": f"{base_url.rstrip('/')}/Bundle/{manifest_reference_id(uid)}",
                     "title": title,
                 },
                 "format": dict(MADO_FORMAT),

@@ -44,6 +44,7 @@ from ncp.fhir import canonical
 from ncp.fhir.datatypes import DICOM as DICOM
 from ncp.fhir.datatypes import EU_IMAGING
 from ncp.fhir.datatypes import LOINC as LOINC
+from ncp.fhir.datatypes import PRIORITY_CATEGORY as PRIORITY_CATEGORY
 from ncp.fhir.datatypes import SNOMED as SNOMED
 from ncp.fhir.datatypes import URI as URI
 from ncp.fhir.datatypes import V2_0203 as V2_0203
@@ -61,11 +62,7 @@ V3_CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
 LIST_EMPTY_REASON = "http://terminology.hl7.org/CodeSystem/list-empty-reason"
 OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 UCUM = "http://unitsofmeasure.org"
-PRIORITY_CATEGORY = (
-    "http://hl7.eu/fhir/health-data-api/CodeSystem/eehrxf-document-priority-category-cs"
-)
-"""The EU health data API's priority categories: ``Medical-Imaging`` for imaging reports and
-manifests (HL7 Europe imaging ``category[imaging]``)."""
+
 # R4 has no Composition.version; HL7 Europe imaging (R4) uses the R5 element through its
 # cross-version extension (a string), and so do we, with the version number as its value.
 COMPOSITION_VERSION_URL = (

@@ -53,7 +53,7 @@ from ncp.store.models import EntryKind, ListEntry, Patient, ReportVersion, Study
 
 log = logging.getLogger(__name__)
 
-RENDERER_VERSION = "1"
+RENDERER_VERSION = "2"
 """Raise when the builders' output changes without a change of the ncp version."""
 _CHUNK = 500
 """Keys per ``IN`` list."""
