@@ -8,6 +8,9 @@ for standard input; the format of each is detected from its first byte. Output f
   naming its input in an extension;
 - ``junit``: JUnit XML, one test case per input, a ``failure`` when the input has an error.
 
+``--ig eu-imaging`` / ``--ig mado`` check each resource against the profiles of that
+implementation guide too (:mod:`ncp.validation.guides`).
+
 Exit codes: 0 every input valid (warnings allowed), 1 an input is invalid or unreadable, 2 a usage
 error (a path that does not exist, an unknown ``--profile``).
 """
@@ -27,6 +30,7 @@ from lxml import etree
 from ncp.fhir import canonical
 from ncp.fhir.io import DEFAULT_MAX_BYTES, FhirReadError, read_limited, read_path, read_resource
 from ncp.validation.engine import UnknownProfile, Validator
+from ncp.validation.guides import GUIDES, guide_profiles
 from ncp.validation.issues import Issue, has_errors, to_operation_outcome
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
@@ -85,6 +89,7 @@ def run_validate(
     stdout: TextIO,
     max_bytes: int = DEFAULT_MAX_BYTES,
     validator: Validator | None = None,
+    guides: Sequence[str] = (),
 ) -> int:
     """Validate every input and write the report; returns the exit code."""
     if not paths:
@@ -99,6 +104,11 @@ def run_validate(
         return EXIT_USAGE
     validator = validator or Validator.default()
     profiles = [profile] if profile else []
+    unknown = [g for g in guides if g not in GUIDES]
+    if unknown:
+        print(f"ncp validate: unknown guide {', '.join(unknown)}", file=sys.stderr)
+        return EXIT_USAGE
+    profiles += guide_profiles(list(guides))
     for url in profiles:
         try:
             validator.check_profile(url)
@@ -216,6 +226,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "--profile", metavar="URL", help="a profile every resource of its type must conform to"
     )
     parser.add_argument(
+        "--ig",
+        action="append",
+        default=[],
+        choices=sorted(GUIDES),
+        help="also check against an implementation guide's profiles (repeatable)",
+    )
+    parser.add_argument(
         "--max-bytes",
         type=int,
         default=DEFAULT_MAX_BYTES,
@@ -233,4 +250,5 @@ def _handler(args: argparse.Namespace) -> int:
         stdin=sys.stdin.buffer,
         stdout=sys.stdout,
         max_bytes=args.max_bytes,
+        guides=args.ig,
     )
