@@ -47,6 +47,11 @@ def describe_instance(row: Instance) -> InstanceFacts:
         number=row.instance_number,
         frames=row.number_of_frames,
         size_bytes=row.size_bytes,
+        document_title=(
+            DicomCode(row.title_scheme, row.title_code, row.title_meaning)
+            if row.title_code or row.title_meaning
+            else None
+        ),
     )
 
 
