@@ -204,7 +204,12 @@ class Validator:
             trees.append(base)
         for tree in trees:
             if job.entry is not None:
-                run.walked.add((id(job.bundle), job.entry, tree.url))
+                # An entry is met once per profile of its bundle (ours and a guide's) that
+                # slices the entries: each of its own profiles is walked once.
+                key = (id(job.bundle), job.entry, tree.url)
+                if key in run.walked:
+                    continue
+                run.walked.add(key)
             self._walk(job, tree, run)
 
     def _walk(self, job: Job, tree: Tree | None, run: Run) -> None:

@@ -379,7 +379,132 @@ def _dr_comp_author_org(value: Any, scope: Scope) -> bool:
     return performers == authors
 
 
+# --- the guides' invariants and ours on report and manifest resources ---------------------------
+# Met once per section, resource or narrative of every emitted report and manifest: evaluated
+# here rather than by fhirpathpy (checked against it in tests/test_validation_rules.py).
+
+_NOTE_URL = "http://hl7.org/fhir/StructureDefinition/note"
+_VERSION_URL = "http://hl7.org/fhir/5.0/StructureDefinition/extension-Composition.version"
+_V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
+_VERSION_NUMBER = re.compile(r"[1-9][0-9]{0,8}")
+
+
+def _list(value: Any, key: str) -> list[Any]:
+    found = value.get(key) if isinstance(value, dict) else None
+    if found is None:
+        return []
+    return found if isinstance(found, list) else [found]
+
+
+def _extension_values(value: Any, url: str) -> list[Any]:
+    out: list[Any] = []
+    for ext in _list(value, "extension"):
+        if isinstance(ext, dict) and ext.get("url") == url:
+            out.extend(v for k, v in ext.items() if k.startswith("value"))
+    return out
+
+
+def _eu_imaging_composition_1(value: Any, scope: Scope) -> bool:
+    notes = _extension_values(value, _NOTE_URL)
+    return (
+        bool(_list(value, "entry"))
+        or _exists(value, "emptyReason")
+        or bool(_list(value, "section"))
+        or any(isinstance(n, dict) and _exists(n, "text") for n in notes)
+    )
+
+
+def _accession_in_order_refs(value: Any, scope: Scope) -> bool:
+    for ref in _list(value, "basedOn"):
+        if not isinstance(ref, dict) or ref.get("type") != "ServiceRequest":
+            continue
+        identifier = ref.get("identifier") if isinstance(ref.get("identifier"), dict) else {}
+        types = _list(identifier.get("type"), "coding") if identifier else []
+        acsn = any(
+            isinstance(c, dict) and c.get("system") == _V2_0203 and c.get("code") == "ACSN"
+            for c in types
+        )
+        if not (_exists(identifier, "system") and _exists(identifier, "value") and acsn):
+            return False
+    return True
+
+
+def _im_imagingstudy_01(value: Any, scope: Scope) -> bool:
+    values = [
+        i.get("value")
+        for i in _list(value, "identifier")
+        if isinstance(i, dict) and i.get("system") == "urn:dicom:uid" and "value" in i
+    ]
+    return all(isinstance(v, str) and v.startswith("urn:oid:") for v in values)
+
+
+def _ncp_comp_1(value: Any, scope: Scope) -> bool:
+    versions = _extension_values(value, _VERSION_URL)
+    if not versions or all(v == "1" for v in versions):
+        return True
+    return any(
+        isinstance(r, dict) and r.get("code") == "replaces" for r in _list(value, "relatesTo")
+    )
+
+
+def _ncp_comp_2(value: Any, scope: Scope) -> bool:
+    return all(
+        isinstance(v, str) and _VERSION_NUMBER.fullmatch(v) is not None
+        for v in _extension_values(value, _VERSION_URL)
+    )
+
+
+def _mado_reqproc_1(value: Any, scope: Scope) -> bool:
+    for code in _list(value, "procedureCode"):
+        if _exists(code, "text") or any(_exists(c, "display") for c in _list(code, "coding")):
+            return True
+    return False
+
+
+def _narrative_not_empty(value: Any, scope: Scope) -> bool:
+    return not isinstance(value, dict) or value.get("status") != "empty"
+
+
+_ACCESSION_IN_ORDER_REFS = (
+    "basedOn.where(type = 'ServiceRequest').all(identifier.system.exists() and "
+    "identifier.value.exists() and identifier.type.coding.where(system = "
+    "'http://terminology.hl7.org/CodeSystem/v2-0203' and code = 'ACSN').exists())"
+)
+
+
 NATIVE: dict[tuple[str, str], Native] = {
+    (
+        "eu-imaging-composition-1",
+        "entry.empty().not() or emptyReason.exists() or section.exists() or "
+        "extension('http://hl7.org/fhir/StructureDefinition/note').value.text.exists()",
+    ): _eu_imaging_composition_1,
+    ("eu-imaging-composition-2", "text.exists() or entry.exists() or section.exists()"): _cmp_1,
+    ("hl7eu-diagnosticreporteuimaging-accession", _ACCESSION_IN_ORDER_REFS): (
+        _accession_in_order_refs
+    ),
+    ("hl7eu-imagingstudyeuimaging-accession", _ACCESSION_IN_ORDER_REFS): _accession_in_order_refs,
+    ("hl7eu-observationfindingeuimaging-accession", _ACCESSION_IN_ORDER_REFS): (
+        _accession_in_order_refs
+    ),
+    (
+        "im-imagingstudy-01",
+        "identifier.where(system='urn:dicom:uid').value.startsWith('urn:oid:')",
+    ): _im_imagingstudy_01,
+    (
+        "ncp-comp-1",
+        f"extension('{_VERSION_URL}').value != '1' implies "
+        "relatesTo.where(code = 'replaces').exists()",
+    ): _ncp_comp_1,
+    (
+        "ncp-comp-2",
+        f"extension('{_VERSION_URL}').value.all($this.matches('^[1-9][0-9]{{0,8}}$'))",
+    ): _ncp_comp_2,
+    (
+        "mado-reqproc-1",
+        "procedureCode.text.exists() or  procedureCode.coding.display.exists()",
+    ): _mado_reqproc_1,
+    ("mado-narrative-not-empty", "status != 'empty'"): _narrative_not_empty,
+    ("mado-section-narrative-not-empty", "status != 'empty'"): _narrative_not_empty,
     (
         "dr-comp-author-org",
         "Bundle.entry.resource.ofType(DiagnosticReport).performer.resolve().ofType(Organization) "
@@ -501,6 +626,17 @@ class Stats:
     native: int = 0
     skipped: int = 0
     skipped_keys: set[str] = field(default_factory=set)
+    memo: dict[tuple[int, int, int, str, str], bool] = field(default_factory=dict)
+    """Results of one run by (object, %resource, %rootResource, key, expression): a resource
+    checked against several profiles (ours and a guide's) meets the same base constraints on
+    the same objects, evaluated once."""
+
+
+def _failure(constraint: Constraint, location: str) -> Issue:
+    severity: Severity = "warning" if constraint.severity == "warning" else "error"
+    return Issue(
+        severity, INVARIANT, location, f"{constraint.key}: {constraint.human}", constraint.key
+    )
 
 
 class Invariants:
@@ -558,7 +694,22 @@ class Invariants:
         issues: list[Issue],
     ) -> None:
         """Evaluate the constraints of one element on one value, adding an issue per failure."""
+        memo = stats.memo
         for constraint in constraints:
+            memo_key = None
+            if isinstance(value, dict):
+                memo_key = (
+                    id(value),
+                    id(scope.resource),
+                    id(scope.root_resource),
+                    constraint.key,
+                    constraint.expression,
+                )
+                known = memo.get(memo_key)
+                if known is not None:
+                    if not known:
+                        issues.append(_failure(constraint, location))
+                    continue
             prepared = self.prepare(constraint)
             if prepared.native is not None:
                 ok = prepared.native(value, scope)
@@ -577,14 +728,7 @@ class Invariants:
                 stats.skipped_keys.add(constraint.key)
                 continue
             stats.evaluated += 1
+            if memo_key is not None:
+                memo[memo_key] = ok
             if not ok:
-                severity: Severity = "warning" if constraint.severity == "warning" else "error"
-                issues.append(
-                    Issue(
-                        severity,
-                        INVARIANT,
-                        location,
-                        f"{constraint.key}: {constraint.human}",
-                        constraint.key,
-                    )
-                )
+                issues.append(_failure(constraint, location))
