@@ -40,6 +40,7 @@ from ncp.fhir.identifiers import (
     patient_system,
 )
 from ncp.fhir.manifest import (
+    PATIENT_SYSTEM_RULE,
     Custodian,
     ManifestError,
     accession_identifier,
@@ -180,7 +181,8 @@ def report_reference(
     uid = version.study_uid or (study.study_uid if study is not None else None)
     if uid is None:
         raise ManifestError(
-            f"report {version.resource_id} names no study: context.related needs its UID"
+            f"report {version.resource_id} names no study: context.related needs its UID",
+            rule="DocumentReference.context.related 1..*",
         )
     base = base_url.rstrip("/")
     url = f"{base}/Bundle/{version.resource_id}"
@@ -188,7 +190,10 @@ def report_reference(
         url = f"{url}/_history/{version.version}"
     doc_status = _DOC_STATUS.get(version.status)
     if doc_status is None:
-        raise ManifestError(f"report status {version.status!r} has no docStatus")
+        raise ManifestError(
+            f"report status {version.status!r} has no docStatus",
+            rule="DocumentReference.docStatus",
+        )
     extensions = _report_extensions(version, study)
     attachment: dict[str, Any] = {"contentType": FHIR_JSON}
     if version.language:
@@ -277,11 +282,14 @@ def _report_subject(version: ReportFacts, study: StudyFacts | None) -> dict[str,
     ):
         return patient_reference(study.patient)
     if not version.patient_issuer:
-        raise ManifestError(f"report {version.resource_id}: the patient identifier has no issuer")
+        raise ManifestError(
+            f"report {version.resource_id}: the patient identifier has no issuer",
+            rule=PATIENT_SYSTEM_RULE,
+        )
     try:
         system = patient_system(version.patient_issuer)
     except ValueError as exc:
-        raise ManifestError(str(exc)) from exc
+        raise ManifestError(str(exc), rule=PATIENT_SYSTEM_RULE) from exc
     return {
         "reference": f"Patient/{patient_resource_id(system, version.patient_id)}",
         "type": "Patient",
@@ -294,7 +302,10 @@ def _report_custodian(version: ReportFacts, fallback: Custodian | None) -> dict[
     if named is not None and named.name and named.system and named.value:
         return Custodian(named.name, named.system, named.value).reference()
     if fallback is None:
-        raise ManifestError("the report names no custodian and none was given")
+        raise ManifestError(
+            "the report names no custodian and none was given",
+            rule="DocumentReference.custodian 1..1",
+        )
     return fallback.reference()
 
 

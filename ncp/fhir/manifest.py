@@ -142,8 +142,18 @@ _LATERALITY = {
 _SEX = {"M": "male", "F": "female", "O": "other"}
 
 
+PATIENT_SYSTEM_RULE = "Patient.identifier.system 1..1 (ncp-patient)"
+"""A patient reference names country A's identifier with its system (the Issuer of Patient ID)."""
+
+
 class ManifestError(NcpError, ValueError):
-    """An index row cannot become a valid resource (the message says which value is missing)."""
+    """An index row cannot become a valid resource (the message says which value is missing);
+    ``rule`` names the rule of the resource it would break (an element's cardinality, say), so
+    that the entry left out of a list can be logged with its reason."""
+
+    def __init__(self, message: str, *, rule: str = "") -> None:
+        super().__init__(message)
+        self.rule = rule
 
 
 @dataclass(frozen=True)
@@ -220,12 +230,13 @@ def patient_identifier(patient: PatientFacts) -> dict[str, str]:
     """Country A's identifier of a patient (raises :class:`ManifestError` without issuer)."""
     if not patient.issuer:
         raise ManifestError(
-            "the patient has no Issuer of Patient ID: the identifier would have no system"
+            "the patient has no Issuer of Patient ID: the identifier would have no system",
+            rule=PATIENT_SYSTEM_RULE,
         )
     try:
         system = patient_system(patient.issuer)
     except ValueError as exc:
-        raise ManifestError(str(exc)) from exc
+        raise ManifestError(str(exc), rule=PATIENT_SYSTEM_RULE) from exc
     return {"system": system, "value": patient.patient_id}
 
 
@@ -300,7 +311,10 @@ def requesting_specialty(study: StudyFacts) -> dict[str, Any] | None:
 def study_started(study: StudyFacts) -> datetime:
     """The study's start (Study Date/Time, else its earliest series start)."""
     if study.started is None:
-        raise ManifestError(f"study {study.study_uid} has no date: ImagingStudy.started is 1..1")
+        raise ManifestError(
+            f"study {study.study_uid} has no date: ImagingStudy.started is 1..1",
+            rule="ImagingStudy.started 1..1",
+        )
     return study.started
 
 
@@ -342,7 +356,10 @@ def imaging_study(
         total_instances += len(series.instances)
         series_out.append(_series(series, wado, custodian))
     if not series_out:
-        raise ManifestError(f"study {uid} has no instances: a manifest lists at least one")
+        raise ManifestError(
+            f"study {uid} has no instances: a manifest lists at least one",
+            rule="ImagingStudy.series.instance 1..*",
+        )
 
     identifiers = [study_uid_identifier(uid)]
     accession = accession_identifier(study.accession_number, study.accession_issuer)
