@@ -164,6 +164,11 @@ class Instance(Base):
     instance_number: Mapped[int | None] = mapped_column(Integer)
     number_of_frames: Mapped[int | None] = mapped_column(Integer)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
+    title_scheme: Mapped[str | None] = mapped_column(LO)
+    title_code: Mapped[str | None] = mapped_column(LO)
+    title_meaning: Mapped[str | None] = mapped_column(LO)
+    """A Key Object Selection document's title (Concept Name Code Sequence: scheme, code,
+    meaning); NULL for other instances, and for instances indexed before revision kotitle."""
     source: Mapped[str] = mapped_column(String(32))
     locator: Mapped[str] = mapped_column(String(1024))
 

@@ -2,7 +2,7 @@
 the browser as a cookie.
 
 Why the database and not a signed cookie (decision record
-``docs/decisions/0011-viewer-sessions-in-the-database.md``): every replica of the node reads the
+``docs/decisions/0012-viewer-sessions-in-the-database.md``): every replica of the node reads the
 same table, so a session opened on one replica works on the next; a session names up to 50
 studies of 64-character UIDs, more than a cookie may carry (4 KB); and a session's end can be
 recorded once, by whichever replica sees it first. The cost is one indexed read per request,

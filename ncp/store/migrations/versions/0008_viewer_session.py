@@ -1,7 +1,7 @@
 """sessions of the option B viewer, shared by every replica of the node
 
 Revision ID: viewer_session
-Revises: name_key
+Revises: kotitle
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "viewer_session"
-down_revision = "name_key"
+down_revision = "kotitle"
 branch_labels = None
 depends_on = None
 
