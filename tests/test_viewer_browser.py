@@ -231,7 +231,64 @@ def test_a_refused_launch_is_a_readable_page(chromium: Any, node: Any) -> None:
         page.goto(url)
         page.goto(url)  # the same link again
         assert "Les images ne peuvent pas être ouvertes" in page.inner_text("h1")
-        assert "used already" in page.inner_text(".reason")
+        # The reason in the HP's language; the help desk's line keeps the audit's wording.
+        assert "déjà été utilisé" in page.inner_text(".reason")
+        assert "used already" in page.inner_text(".request")
         page.screenshot(path=str(ARTIFACTS / "refused-fr.png"))
+    finally:
+        context.close()
+
+
+NETWORK_LOG = """() => {
+    const entries = performance.getEntriesByType("resource");
+    const frame = entries.find((e) => /\\/(rendered|first-image)$/.test(new URL(e.name).pathname));
+    const nav = performance.getEntriesByType("navigation")[0];
+    const mark = performance.getEntriesByName("ncp-first-image")[0];
+    return {
+        redirects: nav.redirectCount,
+        frameEnd: frame ? frame.responseEnd : null,
+        shownAt: mark ? mark.startTime : null,
+        resources: entries.map((e) => ({
+            path: new URL(e.name).pathname.replace(/^.*\\/viewer\\//, ""),
+            initiator: e.initiatorType,
+            start: e.startTime,
+            end: e.responseEnd,
+        })),
+    };
+}"""
+
+
+def test_the_first_image_needs_only_the_page_its_two_files_and_itself(
+    chromium: Any, node: Any
+) -> None:
+    """The page's own network log (Resource Timing): from the launch to the first image, the
+    browser asks for the launch (redirected), the page, its script and style, the image and at
+    most the page's data (one request, in parallel with the image); no list of studies,
+    series or images, no context, no thumbnail comes before the image, and the image is asked
+    for by the page's HTML (an ``img``), not by the script once it has run and asked for data.
+    Before: the script asked for the context and the studies, then the series, then the
+    images, then the frame (7 requests after the page, 5 of them one after another)."""
+    running, _ = node
+    context, page, _, problems = open_viewer(chromium, running, "en")
+    try:
+        log = page.evaluate(NETWORK_LOG)
+        assert log["redirects"] == 1  # the launch, then the page: one navigation
+        assert log["frameEnd"] is not None
+        before = [r for r in log["resources"] if r["start"] < log["frameEnd"]]
+        paths = sorted(r["path"] for r in before)
+        lists = ("context", "studies", "series", "instances", "thumbnail")
+        assert not [p for p in paths if p.endswith(lists)], paths
+        assert len(before) <= 4, paths
+        assert set(paths) <= {
+            "static/viewer.css",
+            "static/viewer.js",
+            "initial",
+            f"studies/{CT_STUDY}/first-image",
+        }, paths
+        [frame] = [r for r in before if r["path"].endswith(("/rendered", "/first-image"))]
+        assert frame["initiator"] == "img", frame
+        # The page marks the moment its first image is shown, for the benchmark.
+        assert log["shownAt"] is not None and log["shownAt"] >= frame["end"] - 1
+        assert problems == []
     finally:
         context.close()

@@ -7,6 +7,12 @@ then seeks to that frame (native data) or to its fragments (encapsulated data, b
 Extended Offset Table or by walking the fragments). A deflated data set must be inflated whole
 first, so it is read whole. YBR colour is converted to RGB by pydicom.
 
+Native little-endian grayscale and 8-bit RGB data (nearly every CT, MR, CR and DX file) take a
+shorter path: the header the viewer keeps already says how a frame is laid out
+(:func:`native_layout`), so a frame is the bytes at its offset read as an array
+(:func:`native_frame`), with pydicom's correction of unused high bits; no header is parsed
+again. Everything else goes through pydicom.
+
 Whatever fails becomes :class:`Undecodable` with a short reason (the viewer shows a
 placeholder saying so and logs it); pydicom and the plugins raise many kinds of exception.
 """
@@ -14,14 +20,21 @@ placeholder saying so and logs it); pydicom and the plugins raise many kinds of 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+import numpy as np
 from numpy.typing import NDArray
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels.utils import pixel_array
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from ncp.errors import NcpError
 
@@ -38,6 +51,10 @@ _PIXEL_MODULE = (
     "HighBit",
     "PixelRepresentation",
 )
+
+
+_NATIVE_LITTLE_ENDIAN = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian})
+_ONE_SAMPLE = frozenset({"MONOCHROME1", "MONOCHROME2", "PALETTE COLOR"})
 
 
 class Undecodable(NcpError):
@@ -69,9 +86,82 @@ def decode_file_frame(fh: BinaryIO, index: int, transfer_syntax: str) -> NDArray
         raise _undecodable(exc) from None
 
 
+@dataclass(frozen=True, slots=True)
+class NativeLayout:
+    """Where the frames of native (uncompressed, little-endian) pixel data are, as the header
+    says: every frame ``frame_bytes`` long, one after another."""
+
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    """Of one frame as stored: (rows, columns), (rows, columns, 3), or (3, rows, columns) for
+    colour by plane."""
+    frame_bytes: int
+    frames: int
+    unused_bits: int
+    """Bits Allocated minus Bits Stored: the high bits pydicom clears (or sign-extends)."""
+
+    @property
+    def value_length(self) -> int:
+        """The Pixel Data element's length: all frames, padded to an even length."""
+        total = self.frame_bytes * self.frames
+        return total + total % 2
+
+
+def native_layout(header: Dataset, transfer_syntax: str) -> NativeLayout | None:
+    """The layout of the frames of an image stored natively in little-endian byte order, for
+    the images :func:`native_frame` reads exactly as pydicom does (grayscale and palette
+    images of 8, 16 or 32 bits, RGB of 8 bits); None for everything else (compressed, big
+    endian, deflated, 1-bit, YBR, float pixel data), which pydicom decodes."""
+    if transfer_syntax not in _NATIVE_LITTLE_ENDIAN:
+        return None
+    try:
+        rows, cols = int(header.Rows), int(header.Columns)
+        samples = int(header.get("SamplesPerPixel") or 1)
+        allocated, stored = int(header.BitsAllocated), int(header.BitsStored)
+        signed = int(header.get("PixelRepresentation") or 0) == 1
+        photometric = str(header.PhotometricInterpretation).strip()
+        planar = int(header.get("PlanarConfiguration") or 0)
+        frames = max(1, int(header.get("NumberOfFrames") or 1))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if rows < 1 or cols < 1 or allocated not in (8, 16, 32) or not 1 <= stored <= allocated:
+        return None
+    if samples == 1 and photometric in _ONE_SAMPLE:
+        shape: tuple[int, ...] = (rows, cols)
+    elif samples == 3 and photometric == "RGB" and allocated == 8 and planar in (0, 1):
+        shape = (3, rows, cols) if planar == 1 else (rows, cols, 3)
+    else:
+        return None
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{allocated // 8}")
+    return NativeLayout(
+        dtype, shape, rows * cols * samples * allocated // 8, frames, allocated - stored
+    )
+
+
+def native_frame(layout: NativeLayout, data: bytes | memoryview) -> NDArray[Any]:
+    """One frame's bytes (``layout.frame_bytes`` of them) as pydicom's ``pixel_array`` gives
+    it: unused high bits cleared (unsigned) or sign-extended (signed), colour by pixel."""
+    if len(data) < layout.frame_bytes:
+        raise Undecodable("the pixel data is shorter than its header says")
+    frame = np.frombuffer(data, layout.dtype, count=layout.frame_bytes // layout.dtype.itemsize)
+    frame = frame.reshape(layout.shape)
+    if layout.unused_bits:
+        frame = frame.copy()
+        np.left_shift(frame, layout.unused_bits, out=frame)
+        np.right_shift(frame, layout.unused_bits, out=frame)
+    if len(layout.shape) == 3 and layout.shape[0] == 3:
+        frame = np.ascontiguousarray(frame.transpose(1, 2, 0))
+    # Frames are kept in memory and shared between threads: nobody may change one.
+    frame.flags.writeable = False
+    return frame
+
+
 def decode_frame_bytes(header: Dataset, transfer_syntax: str, data: bytes) -> NDArray[Any]:
     """One frame's bytes as a DICOMweb archive sends them (WADO-RS frames, as stored): the raw
     pixels of native data, or the codestream of an encapsulated frame."""
+    layout = native_layout(header, transfer_syntax)
+    if layout is not None:
+        return native_frame(layout, data)
     try:
         syntax = UID(transfer_syntax)
         ds = Dataset()

@@ -43,6 +43,7 @@ import httpx
 from numpy.typing import NDArray
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import ImplicitVRLittleEndian
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -52,7 +53,14 @@ from ncp.dicom.source import ArchiveSource, InstanceHeader, SkippedEntry, Source
 from ncp.dicom.uids import is_uid
 from ncp.errors import ArchiveError, ConfigError, UnreadableInstance
 from ncp.store.models import Instance, Series, Study
-from ncp.viewer.decode import Undecodable, decode_file_frame, decode_frame_bytes
+from ncp.viewer.decode import (
+    NativeLayout,
+    Undecodable,
+    decode_file_frame,
+    decode_frame_bytes,
+    native_frame,
+    native_layout,
+)
 
 _STUDY_TTL_S = 60.0
 """How long a study's headers are kept before the source is asked again."""
@@ -186,6 +194,8 @@ class FolderFrames:
     """Part 10 files under a folder; ``catalogue`` says which files make a study."""
 
     name = "folder"
+    parallel_reads = 2
+    """Frames read ahead at once: files on a local disk, the CPU decodes."""
 
     def __init__(self, source: FolderSource | Path, catalogue: Catalogue) -> None:
         self.source = source if isinstance(source, FolderSource) else FolderSource(source)
@@ -248,7 +258,36 @@ class FolderFrames:
         except (UnreadableInstance, OSError) as exc:
             raise Undecodable(f"the file cannot be opened ({type(exc).__name__})") from None
         with os.fdopen(fd, "rb") as fh:
+            layout = native_layout(image.header, image.transfer_syntax)
+            if layout is not None and index < layout.frames:
+                data = _native_frame_bytes(fh.fileno(), layout, index, image.transfer_syntax)
+                if data is not None:
+                    return native_frame(layout, data)
             return decode_file_frame(fh, index, image.transfer_syntax)
+
+
+def _native_frame_bytes(fd: int, layout: NativeLayout, index: int, syntax: str) -> bytes | None:
+    """Frame ``index`` of a file whose native Pixel Data is its last element, read at its
+    offset without parsing the file again (the header was parsed when the study was listed);
+    None when the file does not end that way (an element after Pixel Data, another length),
+    and pydicom reads it.
+
+    The Pixel Data value is the file's last ``value_length`` bytes when the element just
+    before them is Pixel Data (7FE0,0010) of exactly that length: 12 bytes of tag, VR OB/OW,
+    two reserved bytes and length (explicit VR), or 8 of tag and length (implicit VR).
+    """
+    length = layout.value_length
+    head = 8 if syntax == ImplicitVRLittleEndian else 12
+    start = os.fstat(fd).st_size - length
+    if start < 132 + head:  # preamble, DICM and a file meta group come first
+        return None
+    element = os.pread(fd, head, start - head)
+    if element[:4] != b"\xe0\x7f\x10\x00" or int.from_bytes(element[-4:], "little") != length:
+        return None
+    if head == 12 and (element[4:6] not in (b"OB", b"OW") or element[6:8] != b"\0\0"):
+        return None
+    data = os.pread(fd, layout.frame_bytes, start + index * layout.frame_bytes)
+    return data if len(data) == layout.frame_bytes else None
 
 
 class IndexCatalogue:
@@ -344,6 +383,9 @@ class DicomwebFrames:
     """
 
     name = "dicomweb"
+    parallel_reads = 4
+    """Frames asked for ahead at once: each is a round trip to the archive, which works on
+    several requests at a time."""
 
     def __init__(
         self, url: str, *, timeout_s: float = 30.0, headers: dict[str, str] | None = None
