@@ -19,9 +19,25 @@ medians of ``--repeat`` rounds:
   no HTTP (what any Python renderer costs at least).
 
 Also ``first_frames_per_s``: each variant's first pass over a series it has not rendered yet
-(no decoded frame in memory), and, in Chromium (Debian's, driven by Playwright), the time from
-the click on a launch link to the first image shown, median and worst of ``--launches``.
-Prints one JSON object.
+(no decoded frame in memory; the launch before it has read the study's headers, as Orthanc
+has them in its index), and ``server_memory_mib``: each node process's resident memory after
+the launch and its peak after all passes (``VmRSS``, ``VmHWM``), the decoded frames being
+bounded by ``viewer.frame_memory_mib``.
+
+Then, in Chromium (Debian's, driven by Playwright), ``--launches`` launches from a link on
+another site's page, each in a new browser context (``cold``: nothing cached) and then again in
+the same context (``warm``: the page's script and style cached, as an HP's browser has them).
+For each, from the page's own Performance API, in ms from the start of the navigation (the
+launch request and its redirect included):
+
+- ``painted``: the first image painted (Element Timing ``renderTime`` of the page's ``img``);
+- ``shown``: the page's ``ncp-first-image`` mark, once its script has placed the image and
+  drawn the overlays;
+- ``requests``: the requests made before the first image arrived (launch, page, then each
+  resource started before it), and the breakdown (launch, page, style, script, image).
+
+``click_s`` is the old wall-clock measure (click to the image shown, as Playwright sees it).
+Medians and worst; ``load_average`` before and after. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -191,33 +207,112 @@ def bare_pass(paths: list[Path]) -> float:
     return len(paths) / (time.perf_counter() - started)
 
 
-def first_image_times(peer: Peer, viewer: str, ca: Path, launches: int) -> dict[str, Any]:
+PAGE_TIMING = """() => new Promise((resolve) => {
+    const out = {};
+    const nav = performance.getEntriesByType("navigation")[0];
+    const resources = performance.getEntriesByType("resource");
+    const image = resources.find((e) => /(first-image|rendered)$/.test(new URL(e.name).pathname));
+    const mark = performance.getEntriesByName("ncp-first-image")[0];
+    const name = (e) => new URL(e.name).pathname.replace(/^.*\\/viewer\\//, "");
+    out.shown = mark ? mark.startTime : null;
+    out.launch = nav.redirectEnd ? nav.redirectEnd - nav.redirectStart : null;
+    out.page = nav.responseEnd;
+    out.cached = 0;
+    for (const e of resources) {
+        if (name(e) === "static/viewer.css") out.style = e.responseEnd;
+        if (name(e) === "static/viewer.js") out.script = e.responseEnd;
+        if (name(e).startsWith("static/") && e.transferSize === 0) out.cached += 1;
+    }
+    out.image = image ? image.responseEnd : null;
+    const before = image ? resources.filter((e) => e.startTime < image.responseEnd) : resources;
+    out.requests = 2 + before.length;  // the launch and the page: one navigation
+    out.asked = before.map(name);
+    new PerformanceObserver((list) => {
+        const first = list.getEntries().find((e) => e.identifier === "first-image");
+        out.painted = first ? first.renderTime || first.loadTime : null;
+        resolve(out);
+    }).observe({ type: "element", buffered: true });
+    setTimeout(() => resolve(out), 2000);
+})"""
+
+
+def spki_pin(cert: Path) -> str:
+    """The base64 SHA-256 of a certificate's public key, as Chromium's
+    ``--ignore-certificate-errors-spki-list`` takes it."""
+    import base64
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    key = x509.load_pem_x509_certificate(cert.read_bytes()).public_key()
+    der = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return base64.b64encode(hashlib.sha256(der).digest()).decode("ascii")
+
+
+def first_image_times(peer: Peer, viewer: str, cert: Path, launches: int) -> dict[str, Any]:
     from playwright.sync_api import sync_playwright
 
-    times = []
+    runs: dict[str, list[dict[str, Any]]] = {"cold": [], "warm": []}
+    clicks: dict[str, list[float]] = {"cold": [], "warm": []}
+    # The node's certificate trusted by its key (not by ignoring errors: Chromium keeps
+    # nothing in its cache from a site whose certificate it does not trust).
+    trust = f"--ignore-certificate-errors-spki-list={spki_pin(cert)}"
     with sync_playwright() as pw:
         browser = pw.chromium.launch(
-            executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS
+            executable_path="/usr/bin/chromium", headless=True, args=[*CHROMIUM_ARGS, trust]
         )
         try:
             for _ in range(launches):
-                context = browser.new_context(ignore_https_errors=True)
-                page = context.new_page()
-                url = peer.launch_url(CT_STUDY, viewer)
-                page.set_content(f'<a id="open" href="{url}">open</a>')
-                started = time.perf_counter()
-                page.click("#open")
-                page.wait_for_selector("#image[data-pos='0']", state="attached", timeout=30_000)
-                times.append(time.perf_counter() - started)
+                context = browser.new_context()
+                for kind in ("cold", "warm"):
+                    page = context.new_page()
+                    url = peer.launch_url(CT_STUDY, viewer)
+                    page.set_content(f'<a id="open" href="{url}">open</a>')
+                    started = time.perf_counter()
+                    page.click("#open")
+                    page.wait_for_selector("#image[data-pos='0']", state="attached", timeout=30_000)
+                    clicks[kind].append(time.perf_counter() - started)
+                    runs[kind].append(page.evaluate(PAGE_TIMING))
+                    page.close()
                 context.close()
         finally:
             browser.close()
-    return {
-        "median_s": round(statistics.median(times[1:] or times), 3),
-        "worst_s": round(max(times[1:] or times), 3),
-        "first_launch_s": round(times[0], 3),
-        "launches": len(times),
-    }
+    out: dict[str, Any] = {"launches": launches}
+    for kind, measured in runs.items():
+        # The first launch of the run warms the server's code paths: reported on its own.
+        kept = measured[1:] or measured
+        summary: dict[str, Any] = {}
+        for key in ("painted", "shown", "launch", "page", "style", "script", "image"):
+            values = [m[key] for m in kept if m.get(key) is not None]
+            if values:
+                summary[f"{key}_ms"] = {
+                    "median": round(statistics.median(values)),
+                    "worst": round(max(values)),
+                }
+        summary["requests_before_image"] = max(m["requests"] for m in kept)
+        summary["static_files_from_cache"] = min(m["cached"] for m in kept)
+        summary["asked_before_image"] = sorted({a for m in kept for a in m["asked"]})
+        click = clicks[kind][1:] or clicks[kind]
+        summary["click_s"] = {
+            "median": round(statistics.median(click), 3),
+            "worst": round(max(click), 3),
+            "first_launch": round(clicks[kind][0], 3),
+        }
+        out[kind] = summary
+    return out
+
+
+def memory_mib(pid: int) -> dict[str, float]:
+    """Resident memory of a process now and at its peak (Linux ``/proc``), MiB."""
+    out: dict[str, float] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            out[name] = round(int(value.split()[0]) / 1024, 1)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="viewer-bench-"))
     os.chmod(work, 0o755)
     result: dict[str, Any] = {"slices": args.slices, "size": "512x512", "window": WINDOW}
+    result["load_average"] = {"before": [round(x, 2) for x in os.getloadavg()]}
     try:
         paths: list[Path] = []
 
@@ -239,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         # node from its own process as `ncp serve` does.
         with running_node(work / "a", archive_extra=extra) as prep:
             settings = prep.node.settings
+            server_cert = prep.node.keystore.server.cert_path
             peer_b = prep.b
             creds = prep.creds["BE"]
             ca = prep.ca_file
@@ -265,14 +362,18 @@ def main(argv: list[str] | None = None) -> int:
                             settings, archive=section, ports=ports, database=f"sqlite:///{copy}"
                         )
                     )
-                    stack.enter_context(serve(config, ports["viewer"]))
+                    process = stack.enter_context(serve(config, ports["viewer"]))
                     viewer = f"https://localhost:{ports['viewer']}/viewer"
                     standard = f"https://localhost:{ports['standard']}/fhir"
                     peer = Peer(peer_b, creds, ca, standard)
                     client = viewer_client(ca, peer.launch_url(CT_STUDY, viewer))
                     stack.callback(client.close)
                     clients[name] = (client, frame_urls(viewer, sops, orthanc=False))
-                    variants[name] = {"peer": peer, "viewer": viewer}
+                    variants[name] = {"peer": peer, "viewer": viewer, "pid": process.pid}
+                time.sleep(1.0)  # what each launch started in the background is done
+                memory = {
+                    name: {"after_launch": memory_mib(v["pid"])} for name, v in variants.items()
+                }
                 orthanc_client = httpx.Client(verify=reference.verify, timeout=60)
                 stack.callback(orthanc_client.close)
                 clients["orthanc_tls"] = (
@@ -287,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
                         rounds[name].append(timed_pass(client, urls))
                     rounds["bare"].append(bare_pass(paths))
                 fps = {name: round(statistics.median(v), 1) for name, v in rounds.items()}
+                for name, v in variants.items():
+                    memory[name]["after_passes"] = memory_mib(v["pid"])
+                result["server_memory_mib"] = memory
                 result["frames_per_s"] = fps
                 result["first_frames_per_s"] = first
                 result["ratio_to_orthanc"] = {
@@ -294,10 +398,11 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 folder = variants["viewer_folder"]
                 result["launch_to_first_image"] = first_image_times(
-                    folder["peer"], folder["viewer"], ca, args.launches
+                    folder["peer"], folder["viewer"], server_cert, args.launches
                 )
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    result["load_average"]["after"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(result, indent=2))
     return 0
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import re
@@ -331,7 +332,8 @@ class ViewerApp:
         language = _language(request, grant)
         if not initial:
             initial = {"labels": i18n.labels(language)}  # words for a refusal, nothing more
-        html = viewer_page(
+        html = await asyncio.to_thread(
+            viewer_page,
             self.asset_version,
             language=language,
             initial=initial,
@@ -347,7 +349,11 @@ class ViewerApp:
         """``GET /initial?study=UID``: the page's data, when the page came without it."""
 
         async def work(grant: ViewerGrant, rid: str) -> Response:
-            return JSONResponse(await self.initial(grant, request))
+            data = await self.initial(grant, request)
+            # Written off the event loop: a hundred images' lists is some 100 KB of JSON,
+            # and the first image may be waiting for the loop meanwhile.
+            body = await asyncio.to_thread(_json_bytes, data)
+            return Response(body, media_type="application/json")
 
         return await self.guarded(request, work)
 
@@ -386,14 +392,15 @@ class ViewerApp:
             return out
         opening = images.series_uids()[0]
         members = images.of_series(opening)
-        out.update(
-            series=series_json(images),
-            seriesUid=opening,
-            instances=[instance_json(i) for i in members],
-            first=_first_frame_url(members[0]),
-        )
         # The first frame starts decoding now, before the browser asks for it.
         self.service.read_ahead(images, members[0], 0, this_one=True)
+        series, instances = await asyncio.to_thread(_lists, images, members)
+        out.update(
+            series=series,
+            seriesUid=opening,
+            instances=instances,
+            first=_first_frame_url(members[0]),
+        )
         return out
 
     async def first_image(self, request: Request, study: str) -> Response:
@@ -453,7 +460,10 @@ class ViewerApp:
             members = _series(images, series)
             # A series being opened: its first frames start decoding before they are asked for.
             self.service.read_ahead(images, members[0], 0, this_one=True)
-            return JSONResponse([instance_json(i) for i in members], media_type=DICOM_JSON)
+            listed = await asyncio.to_thread(
+                lambda: _json_bytes([instance_json(i) for i in members])
+            )
+            return Response(listed, media_type=DICOM_JSON)
 
         return await self.guarded(request, work, study=study)
 
@@ -664,6 +674,20 @@ def _language(request: Request, grant: ViewerGrant | None) -> str:
 
 def _header_text(text: str) -> str:
     return "".join(c for c in text if 0x20 <= ord(c) < 0x7F and c not in '"\\')[:300]
+
+
+def _lists(
+    images: StudyImages, members: list[ImageRef]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    return series_json(images), [instance_json(i) for i in members]
+
+
+def _instances_json(members: list[ImageRef]) -> bytes:
+    return _json_bytes([instance_json(i) for i in members])
+
+
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def _first_frame_url(image: ImageRef) -> str:

@@ -20,6 +20,7 @@ placeholder saying so and logs it); pydicom and the plugins raise many kinds of 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -154,6 +155,31 @@ def native_frame(layout: NativeLayout, data: bytes | memoryview) -> NDArray[Any]
     # Frames are kept in memory and shared between threads: nobody may change one.
     frame.flags.writeable = False
     return frame
+
+
+def pixel_data_start(
+    read_at: Callable[[int, int], bytes], size: int, layout: NativeLayout, syntax: str
+) -> int | None:
+    """Where the native Pixel Data value of a Part 10 object of ``size`` bytes starts, when it
+    is the object's last element (as nearly always); None otherwise, and pydicom reads it.
+    ``read_at(offset, n)``: n bytes of the object from ``offset``.
+
+    The value is the last ``value_length`` bytes when the element just before them is Pixel
+    Data (7FE0,0010) of exactly that length: 12 bytes of tag, VR OB or OW, two reserved bytes
+    and length (explicit VR), or 8 of tag and length (implicit VR). A header that says the
+    frames are laid out otherwise than the object holds them fails this check.
+    """
+    length = layout.value_length
+    head = 8 if syntax == ImplicitVRLittleEndian else 12
+    start = size - length
+    if start < 132 + head:  # preamble, DICM and a file meta group come first
+        return None
+    element = read_at(start - head, head)
+    if element[:4] != b"\xe0\x7f\x10\x00" or int.from_bytes(element[-4:], "little") != length:
+        return None
+    if head == 12 and (element[4:6] not in (b"OB", b"OW") or element[6:8] != b"\0\0"):
+        return None
+    return start
 
 
 def decode_frame_bytes(header: Dataset, transfer_syntax: str, data: bytes) -> NDArray[Any]:

@@ -29,10 +29,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from email.message import Message
 from io import BytesIO
@@ -43,7 +44,6 @@ import httpx
 from numpy.typing import NDArray
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import ImplicitVRLittleEndian
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -60,7 +60,10 @@ from ncp.viewer.decode import (
     decode_frame_bytes,
     native_frame,
     native_layout,
+    pixel_data_start,
 )
+
+log = logging.getLogger(__name__)
 
 _STUDY_TTL_S = 60.0
 """How long a study's headers are kept before the source is asked again."""
@@ -69,6 +72,8 @@ _FIRST_PIXEL_TAG = 0x7FE00008
 _FRAMES_ACCEPT = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
 _INSTANCE_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 _WHOLE_KEPT = 8
+_STREAM_PART_LIMIT = 256 << 20
+"""The longest stored object read from a series stream (a CT slice is about 0.5 MB)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,22 +274,10 @@ class FolderFrames:
 def _native_frame_bytes(fd: int, layout: NativeLayout, index: int, syntax: str) -> bytes | None:
     """Frame ``index`` of a file whose native Pixel Data is its last element, read at its
     offset without parsing the file again (the header was parsed when the study was listed);
-    None when the file does not end that way (an element after Pixel Data, another length),
-    and pydicom reads it.
-
-    The Pixel Data value is the file's last ``value_length`` bytes when the element just
-    before them is Pixel Data (7FE0,0010) of exactly that length: 12 bytes of tag, VR OB/OW,
-    two reserved bytes and length (explicit VR), or 8 of tag and length (implicit VR).
-    """
-    length = layout.value_length
-    head = 8 if syntax == ImplicitVRLittleEndian else 12
-    start = os.fstat(fd).st_size - length
-    if start < 132 + head:  # preamble, DICM and a file meta group come first
-        return None
-    element = os.pread(fd, head, start - head)
-    if element[:4] != b"\xe0\x7f\x10\x00" or int.from_bytes(element[-4:], "little") != length:
-        return None
-    if head == 12 and (element[4:6] not in (b"OB", b"OW") or element[6:8] != b"\0\0"):
+    None when the file does not end that way, and pydicom reads it."""
+    size = os.fstat(fd).st_size
+    start = pixel_data_start(lambda offset, n: os.pread(fd, n, offset), size, layout, syntax)
+    if start is None:
         return None
     data = os.pread(fd, layout.frame_bytes, start + index * layout.frame_bytes)
     return data if len(data) == layout.frame_bytes else None
@@ -470,6 +463,51 @@ class DicomwebFrames:
             raise Undecodable("the archive did not say the frame's transfer syntax")
         return await asyncio.to_thread(decode_frame_bytes, image.header, syntax, body)
 
+    async def stream_series(
+        self,
+        images: StudyImages,
+        series: str,
+        keep: Callable[[ImageRef, int, NDArray[Any]], bool],
+    ) -> int:
+        """Read a series of single-frame images in one request (WADO-RS retrieve series, as
+        stored), decoding each instance as it arrives and handing its frame to ``keep``, until
+        ``keep`` says no more (False: the memory for reading ahead is full) or the series
+        ends. Returns how many frames were kept.
+
+        For the archive, one stream of stored files costs a fraction of a frame request per
+        image (Orthanc: about 1 ms an instance against 4-6 ms a frame, measured in
+        ``bench/viewer_bench.py``'s conditions). Only the part being read is held; an image is
+        known by its own data set's SOP Instance UID, never by its place in the answer.
+        Multi-frame images and images whose header needs bulk data are left to the frame
+        requests.
+        """
+        members = {m.sop: m for m in images.of_series(series)}
+        if not members or any(m.frames > 1 or _needs_bulk_data(m.header) for m in members.values()):
+            return 0
+        path = f"/studies/{images.study}/series/{series}"
+        kept = 0
+        try:
+            async with self._http.stream(
+                "GET", path, headers={"Accept": _INSTANCE_ACCEPT}
+            ) as response:
+                if response.status_code != 200:
+                    return 0
+                boundary = _param(response.headers.get("content-type", ""), "boundary")
+                if not boundary:
+                    return 0
+                parts = _PartReader(boundary.encode("latin-1"), _STREAM_PART_LIMIT)
+                async for chunk in response.aiter_bytes():
+                    for part in parts.feed(chunk):
+                        found = await asyncio.to_thread(_frame_of_part, part, members)
+                        if found is None:
+                            continue
+                        kept += 1
+                        if not keep(found[0], 0, found[1]):
+                            return kept
+        except (httpx.HTTPError, ValueError) as exc:
+            log.info("streaming a series from the archive stopped: %s", exc)
+        return kept
+
     async def _instance(self, path: str, sop: str) -> bytes:
         response = await self._get(path, _INSTANCE_ACCEPT)
         if response is None:
@@ -488,6 +526,76 @@ class DicomwebFrames:
         if response.status_code != 200:
             raise ArchiveError(f"the archive answered HTTP {response.status_code}")
         return response
+
+
+class _PartReader:
+    """The parts of a ``multipart/related`` body as its chunks arrive: each part's body once
+    it is whole. A part longer than ``limit`` stops the reading (ValueError)."""
+
+    def __init__(self, boundary: bytes, limit: int) -> None:
+        self.delimiter = b"--" + boundary
+        self.limit = limit
+        self.buffer = bytearray()
+        self.started = False
+        self.ended = False
+        self.searched = 0
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        out: list[bytes] = []
+        if self.ended:
+            return out
+        self.buffer += chunk
+        while True:
+            if not self.started:
+                start = self.buffer.find(self.delimiter)
+                if start < 0:
+                    return out
+                del self.buffer[: start + len(self.delimiter)]
+                self.started = True
+            if len(self.buffer) < 2:
+                return out
+            if self.buffer[:2] == b"--":
+                self.ended = True
+                self.buffer.clear()
+                return out
+            end = self.buffer.find(b"\r\n" + self.delimiter, self.searched)
+            if end < 0:
+                if len(self.buffer) > self.limit:
+                    raise ValueError("a part of the archive's answer is too long")
+                self.searched = max(0, len(self.buffer) - len(self.delimiter) - 2)
+                return out
+            part = bytes(self.buffer[:end])
+            del self.buffer[: end + 2 + len(self.delimiter)]
+            self.searched = 0
+            head = part.find(b"\r\n\r\n")
+            if head >= 0:
+                out.append(part[head + 4 :])
+
+
+def _frame_of_part(
+    data: bytes, members: dict[str, ImageRef]
+) -> tuple[ImageRef, NDArray[Any]] | None:
+    """The image of the series a stored instance is (by its data set's SOP Instance UID) and
+    its single frame decoded; None for an object that is not one of them or cannot be read."""
+    header = _header_of(data)
+    if header is None:
+        return None
+    image = members.get(str(header.ds.get("SOPInstanceUID", "")))
+    if image is None:
+        return None
+    syntax = header.syntax or image.transfer_syntax
+    try:
+        layout = native_layout(image.header, syntax)
+        if layout is not None:
+            view = memoryview(data)
+            start = pixel_data_start(
+                lambda at, n: bytes(view[at : at + n]), len(data), layout, syntax
+            )
+            if start is not None:
+                return image, native_frame(layout, view[start : start + layout.frame_bytes])
+        return image, decode_file_frame(BytesIO(data), 0, syntax)
+    except Undecodable:
+        return None
 
 
 def _decode_whole(data: bytes, index: int) -> NDArray[Any]:

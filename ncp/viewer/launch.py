@@ -144,10 +144,13 @@ class Launcher:
             return await self._refused(request, rid, refusal, access)
         except AuditError:
             return Response("the audit record could not be written\n", status_code=500)
-        # While the browser follows the redirect, the studies' headers are read and the first
-        # frames decoded: the page and its first image find them ready.
+        # A launch of one study opens it; of several, the one its IID parameters chose (else
+        # the page opens the most recent). While the browser follows the redirect, the
+        # studies' headers are read and the first frames decoded: the page and its first
+        # image find them ready.
         studies = sorted(access.studies)
-        self.service.warm(studies, first=first or (studies[0] if len(studies) == 1 else None))
+        first = first or (studies[0] if len(studies) == 1 else None)
+        self.service.warm(studies, first=first)
         target = f"{self.base}/" + (f"?study={quote(first)}" if first else "")
         expires = opened.grant.expires_at or now
         return Response(

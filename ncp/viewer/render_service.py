@@ -31,6 +31,7 @@ from numpy.typing import NDArray
 
 from ncp.errors import ArchiveError
 from ncp.viewer.decode import Undecodable
+from ncp.viewer.dicomjson import instance_json
 from ncp.viewer.frames import FrameSource, ImageRef, StudyImages
 from ncp.viewer.i18n import labels
 from ncp.viewer.render import RenderError, Window, pixel_aspect, render
@@ -116,6 +117,8 @@ class RenderService:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="viewer-render")
         self._loading: dict[tuple[str, str, int], asyncio.Task[NDArray[Any]]] = {}
         self._studies: dict[str, asyncio.Task[StudyImages | None]] = {}
+        self._streams: dict[tuple[str, str], asyncio.Task[Any]] = {}
+        """Series being read in one stream (a DICOMweb source), by (study, series)."""
         self._wanted: deque[tuple[ImageRef, int]] = deque()
         self._workers = 0
         self._last: OrderedDict[str, int] = OrderedDict()
@@ -191,6 +194,13 @@ class RenderService:
         )
         if here is None:
             return
+        missing = sum(1 for m, f in frames if self._key(m, f) not in self.memory)
+        if this_one and self._stream(images, image.series, missing):
+            # The series comes in one stream: only the frame asked for is loaded on its own.
+            self._want([frames[here]])
+            return
+        if (images.study, image.series) in self._streams:
+            return
         last = self._last.pop(image.series, None)
         self._last[image.series] = here
         while len(self._last) > 64:
@@ -206,22 +216,54 @@ class RenderService:
             order.append(here + step * d)
             if d <= behind:
                 order.append(here - step * d)
+        self._want([frames[p] for p in order if 0 <= p < len(frames)])
+
+    def _want(self, frames: list[tuple[ImageRef, int]]) -> None:
         wanted = [
-            frames[p]
-            for p in order
-            if 0 <= p < len(frames)
-            and self._key(*frames[p]) not in self.memory
-            and self._key(*frames[p]) not in self._loading
+            (image, index)
+            for image, index in frames
+            if self._key(image, index) not in self.memory
+            and self._key(image, index) not in self._loading
         ]
         if not wanted:
             return
         # The newest wishes go first; old ones beyond a few screens are dropped.
         self._wanted.extendleft(reversed(wanted))
-        while len(self._wanted) > 4 * max(ahead, 1) + 1:
+        while len(self._wanted) > 4 * max(self.read_ahead_frames, 1) + 1:
             self._wanted.pop()
         while self._workers < self.parallel and self._wanted:
             self._workers += 1
             self._spawn(self._read_ahead_worker())
+
+    def _stream(self, images: StudyImages, series: str, missing: int) -> bool:
+        """Start reading a whole series in one request when the source can (a DICOMweb
+        archive: ``stream_series``) and it is worth it (more frames missing from the memory
+        than a read-ahead asks for), up to a quarter of the memory. True while such a stream
+        runs for the series."""
+        stream = getattr(self.source, "stream_series", None)
+        key = (images.study, series)
+        if key in self._streams:
+            return True
+        if stream is None or missing <= self.read_ahead_frames:
+            return False
+        budget = self.memory.max_bytes // 4
+        used = 0
+
+        def keep(image: ImageRef, index: int, frame: NDArray[Any]) -> bool:
+            nonlocal used
+            held = self._key(image, index)
+            if held not in self.memory:
+                self.memory.put(held, frame)
+                self.loads += 1
+            used += frame.nbytes
+            return used < budget
+
+        while len(self._streams) >= 2:  # an older series' stream gives way
+            self._streams.pop(next(iter(self._streams))).cancel()
+        task = self._spawn(stream(images, series, keep))
+        self._streams[key] = task
+        task.add_done_callback(lambda _: self._streams.pop(key, None))
+        return True
 
     async def _read_ahead_worker(self) -> None:
         try:
@@ -254,8 +296,10 @@ class RenderService:
                 log.warning("warming study headers failed: %s", exc)
                 return
             if study == first and images is not None and images.images:
-                opening = images.of_series(images.series_uids()[0])[0]
-                self.read_ahead(images, opening, 0, this_one=True)
+                members = images.of_series(images.series_uids()[0])
+                self.read_ahead(images, members[0], 0, this_one=True)
+                # The first series' list, which the page asks for next, made meanwhile.
+                await asyncio.to_thread(_listed, members)
 
     def stats(self) -> dict[str, int]:
         """What the service holds now: frames decoded since the start, frames and bytes kept."""
@@ -372,6 +416,11 @@ def _frame_bytes(image: ImageRef) -> int:
     samples = _int(image.header.get("SamplesPerPixel"), 1)
     bits = _int(image.header.get("BitsAllocated"), 16)
     return rows * cols * samples * max(1, bits // 8)
+
+
+def _listed(members: list[ImageRef]) -> None:
+    for image in members:
+        instance_json(image)
 
 
 def _retrieved(task: asyncio.Task[Any]) -> None:
