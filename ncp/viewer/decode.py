@@ -100,6 +100,8 @@ class NativeLayout:
     frames: int
     unused_bits: int
     """Bits Allocated minus Bits Stored: the high bits pydicom clears (or sign-extends)."""
+    by_plane: bool = False
+    """Colour stored plane by plane (Planar Configuration 1): shown pixel by pixel."""
 
     @property
     def value_length(self) -> int:
@@ -134,9 +136,9 @@ def native_layout(header: Dataset, transfer_syntax: str) -> NativeLayout | None:
     else:
         return None
     dtype = np.dtype(f"<{'i' if signed else 'u'}{allocated // 8}")
-    return NativeLayout(
-        dtype, shape, rows * cols * samples * allocated // 8, frames, allocated - stored
-    )
+    frame_bytes = rows * cols * samples * allocated // 8
+    by_plane = samples == 3 and planar == 1
+    return NativeLayout(dtype, shape, frame_bytes, frames, allocated - stored, by_plane)
 
 
 def native_frame(layout: NativeLayout, data: bytes | memoryview) -> NDArray[Any]:
@@ -150,7 +152,7 @@ def native_frame(layout: NativeLayout, data: bytes | memoryview) -> NDArray[Any]
         frame = frame.copy()
         np.left_shift(frame, layout.unused_bits, out=frame)
         np.right_shift(frame, layout.unused_bits, out=frame)
-    if len(layout.shape) == 3 and layout.shape[0] == 3:
+    if layout.by_plane:
         frame = np.ascontiguousarray(frame.transpose(1, 2, 0))
     # Frames are kept in memory and shared between threads: nobody may change one.
     frame.flags.writeable = False
