@@ -467,3 +467,47 @@ def test_static_files_are_kept_by_the_browser_under_their_version(
         assert old.headers["cache-control"] == "no-cache"
         # Patient data never: the page and the images stay out of the browser's disk cache.
         assert page.headers["cache-control"] == "no-store"
+
+
+def test_a_study_listed_again_parses_only_the_files_that_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each header is parsed once while its file stays the same: a study listed again (its
+    minute in memory over) stats its files and parses only a changed one. Kept headers hold
+    no private elements (never shown, never used, often the bulk of a vendor's header)."""
+    import ncp.viewer.frames as frames_module
+
+    folder = tmp_path / "store"
+    write_ct_series(folder, n=6, size=32)
+    victim = folder / "PAT100" / "ct-003.dcm"
+    ds = pydicom.dcmread(victim)
+    block = ds.private_block(0x0029, "ACME 1.0", create=True)
+    block.add_new(0x10, "OB", b"\0" * 4096)
+    ds.save_as(victim)
+    source = frame_source(FolderSource(folder))
+    parsed: list[str] = []
+    real = FolderSource._read
+
+    def counting(self: FolderSource, entry: Any) -> Any:
+        parsed.append(Path(entry.locator).name)
+        return real(self, entry)
+
+    async def listing() -> Any:
+        return await source.study(CT_STUDY)
+
+    first = asyncio.run(listing())
+    assert first is not None and len(first.images) == 7
+    assert all(not any(e.tag.is_private for e in image.header) for image in first.images)
+    monkeypatch.setattr(frames_module, "_STUDY_TTL_S", -1.0)
+    monkeypatch.setattr(FolderSource, "_read", counting)
+    again = asyncio.run(listing())
+    assert again is not None and parsed == []
+    assert [i.header for i in again.images] == [i.header for i in first.images]
+    ds = pydicom.dcmread(victim)
+    ds.SliceThickness = 2.5
+    ds.save_as(victim)
+    os.utime(victim, ns=(1, 1))  # another fingerprint even within the clock's resolution
+    changed = asyncio.run(listing())
+    assert changed is not None and parsed == ["ct-003.dcm"]
+    found = next(i for i in changed.images if i.locator.endswith("ct-003.dcm"))
+    assert float(found.header.SliceThickness) == 2.5

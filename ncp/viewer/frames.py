@@ -31,6 +31,7 @@ import contextlib
 import inspect
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -68,6 +69,9 @@ log = logging.getLogger(__name__)
 _STUDY_TTL_S = 60.0
 """How long a study's headers are kept before the source is asked again."""
 _STUDIES_KEPT = 32
+_IMAGES_KEPT = 8192
+"""Headers kept per source: some 20 KB each without private elements (a CT slice), so about
+160 MB at most, measured in ``bench/viewer_bench.py`` (``server_memory_mib``)."""
 _FIRST_PIXEL_TAG = 0x7FE00008
 _FRAMES_ACCEPT = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
 _INSTANCE_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
@@ -173,10 +177,13 @@ def _is_image(ds: Dataset) -> bool:
 
 
 class _StudyCache:
-    """Headers of recently opened studies (a viewer opens one study many times a second)."""
+    """Headers of recently opened studies (a viewer opens one study many times a second):
+    at most :data:`_STUDIES_KEPT` studies and :data:`_IMAGES_KEPT` images (the most recent
+    study is kept whatever its size), each for :data:`_STUDY_TTL_S`."""
 
     def __init__(self) -> None:
         self._items: OrderedDict[str, tuple[float, StudyImages | None]] = OrderedDict()
+        self.images = 0
 
     def get(self, study: str) -> tuple[bool, StudyImages | None]:
         found = self._items.get(study)
@@ -186,10 +193,50 @@ class _StudyCache:
         return True, found[1]
 
     def put(self, study: str, images: StudyImages | None) -> None:
+        self._drop(study)
         self._items[study] = (time.monotonic(), images)
-        self._items.move_to_end(study)
-        while len(self._items) > _STUDIES_KEPT:
-            self._items.popitem(last=False)
+        self.images += len(images.images) if images else 0
+        while len(self._items) > 1 and (
+            len(self._items) > _STUDIES_KEPT or self.images > _IMAGES_KEPT
+        ):
+            self._drop(next(iter(self._items)))
+
+    def _drop(self, study: str) -> None:
+        old = self._items.pop(study, None)
+        if old is not None and old[1] is not None:
+            self.images -= len(old[1].images)
+
+
+class _Headers:
+    """Parsed headers of files by locator and fingerprint (size and modification time), so
+    that a study listed again (its :data:`_STUDY_TTL_S` over) parses only the files that
+    changed: each file is parsed once while it stays the same. At most :data:`_IMAGES_KEPT`."""
+
+    def __init__(self) -> None:
+        self._items: OrderedDict[str, tuple[str, ImageRef]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, locator: str, fingerprint: str) -> ImageRef | None:
+        with self._lock:
+            found = self._items.get(locator)
+            if found is None or found[0] != fingerprint:
+                return None
+            self._items.move_to_end(locator)
+            return found[1]
+
+    def put(self, fingerprint: str, image: ImageRef) -> None:
+        with self._lock:
+            self._items[image.locator] = (fingerprint, image)
+            self._items.move_to_end(image.locator)
+            while len(self._items) > _IMAGES_KEPT:
+                self._items.popitem(last=False)
+
+
+def _kept(ds: Dataset) -> Dataset:
+    """A header as the viewer keeps it: without private elements, which it never shows nor
+    uses (vendor blocks can be tens of KB an image)."""
+    ds.remove_private_tags()
+    return ds
 
 
 # -- a folder of files ---------------------------------------------------------------------------
@@ -206,6 +253,7 @@ class FolderFrames:
         self.source = source if isinstance(source, FolderSource) else FolderSource(source)
         self.catalogue = catalogue
         self._cache = _StudyCache()
+        self._headers = _Headers()
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def aclose(self) -> None:
@@ -232,8 +280,15 @@ class FolderFrames:
 
     def _read(self, study: str, locators: list[str]) -> StudyImages | None:
         found: list[ImageRef] = []
-        entries = [SourceEntry(locator, "") for locator in locators]
-        for header in self.source.read_headers(entries):
+        unread: list[SourceEntry] = []
+        for locator in locators:
+            fingerprint = self._fingerprint(locator)
+            kept = self._headers.get(locator, fingerprint) if fingerprint else None
+            if kept is not None and kept.study == study:
+                found.append(kept)
+            else:
+                unread.append(SourceEntry(locator, fingerprint))
+        for header in self.source.read_headers(unread):
             if not isinstance(header, InstanceHeader):
                 continue
             ds = header.dataset
@@ -245,12 +300,22 @@ class FolderFrames:
             # The file must say it is of this study: the catalogue may be older than the file.
             if uids[0] != study or not all(is_uid(u) for u in uids) or not _is_image(ds):
                 continue
-            found.append(
-                ImageRef(
-                    study, uids[1], uids[2], header.entry.locator, header.transfer_syntax_uid, ds
-                )
+            image = ImageRef(
+                study, uids[1], uids[2], header.entry.locator, header.transfer_syntax_uid, _kept(ds)
             )
+            if header.entry.fingerprint:
+                self._headers.put(header.entry.fingerprint, image)
+            found.append(image)
         return StudyImages(study, _order(found)) if found else None
+
+    def _fingerprint(self, locator: str) -> str:
+        """Size and modification time of the file (without following a link); empty when it
+        cannot be seen, and the file is read (and refused) as before."""
+        try:
+            stat = os.stat(self.source.path_of(locator), follow_symlinks=False)
+        except (UnreadableInstance, OSError):
+            return ""
+        return f"{stat.st_size}:{stat.st_mtime_ns}"
 
     async def frame(self, image: ImageRef, index: int) -> NDArray[Any]:
         return await asyncio.to_thread(self._frame, image, index)
@@ -438,7 +503,9 @@ class DicomwebFrames:
         if header is None or str(header.ds.get("SOPInstanceUID", "")) != ref.sop:
             return None
         self._keep_whole(ref.sop, data)
-        return ImageRef(ref.study, ref.series, ref.sop, ref.locator, header.syntax, header.ds)
+        return ImageRef(
+            ref.study, ref.series, ref.sop, ref.locator, header.syntax, _kept(header.ds)
+        )
 
     def _keep_whole(self, sop: str, data: bytes) -> None:
         self._whole[sop] = data
@@ -644,6 +711,7 @@ def _image_of_json(study: str, item: Any) -> ImageRef | None:
         and not tag.startswith("0002")
         and all(c in "0123456789abcdefABCDEF" for c in tag)
         and int(tag, 16) < _FIRST_PIXEL_TAG
+        and int(tag[:4], 16) % 2 == 0  # private elements: never shown nor used (see _kept)
     }
     try:
         ds = Dataset.from_json(kept, bulk_data_uri_handler=_no_bulk_data)
