@@ -98,7 +98,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def node_toml(settings: Any, *, archive: str, ports: dict[str, int], database: str) -> str:
+def node_toml(
+    settings: Any, *, archive: str, ports: dict[str, int], database: str, viewer: str = ""
+) -> str:
     urls = {
         "standard": f"https://localhost:{ports['standard']}/fhir",
         "imaging": f"https://localhost:{ports['imaging']}/dicomweb",
@@ -121,6 +123,8 @@ url = "{database}"
 dir = "{settings.keys.dir}"
 [trust]
 list = "{settings.trust.list}"
+[viewer]
+{viewer}
 """
 
 
@@ -320,10 +324,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--launches", type=int, default=7)
+    parser.add_argument(
+        "--read-ahead",
+        type=int,
+        default=None,
+        help="viewer.read_ahead_frames of the nodes (default: the setting's default)",
+    )
     args = parser.parse_args(argv)
+    viewer_settings = "" if args.read_ahead is None else f"read_ahead_frames = {args.read_ahead}"
     work = Path(tempfile.mkdtemp(prefix="viewer-bench-"))
     os.chmod(work, 0o755)
     result: dict[str, Any] = {"slices": args.slices, "size": "512x512", "window": WINDOW}
+    if args.read_ahead is not None:
+        result["read_ahead_frames"] = args.read_ahead
     result["load_average"] = {"before": [round(x, 2) for x in os.getloadavg()]}
     try:
         paths: list[Path] = []
@@ -359,7 +372,11 @@ def main(argv: list[str] | None = None) -> int:
                     config = work / f"{name}.toml"
                     config.write_text(
                         node_toml(
-                            settings, archive=section, ports=ports, database=f"sqlite:///{copy}"
+                            settings,
+                            archive=section,
+                            ports=ports,
+                            database=f"sqlite:///{copy}",
+                            viewer=viewer_settings,
                         )
                     )
                     process = stack.enter_context(serve(config, ports["viewer"]))

@@ -121,6 +121,10 @@ class RenderService:
         """Series being read in one stream (a DICOMweb source), by (study, series)."""
         self._wanted: deque[tuple[ImageRef, int]] = deque()
         self._workers = 0
+        self._orders: OrderedDict[
+            tuple[int, str],
+            tuple[StudyImages, list[tuple[ImageRef, int]], dict[tuple[str, int], int]],
+        ] = OrderedDict()
         self._last: OrderedDict[str, int] = OrderedDict()
         """The position last asked for in each recent series: the direction of travel."""
         self._background: set[asyncio.Task[Any]] = set()
@@ -188,14 +192,13 @@ class RenderService:
         way, nearest first (``this_one``: that frame too, for a series just opened)."""
         if self.read_ahead_frames == 0 or self.memory.max_bytes == 0:
             return
-        frames = [(m, f) for m in images.of_series(image.series) for f in range(m.frames)]
-        here = next(
-            (p for p, (m, f) in enumerate(frames) if m.sop == image.sop and f == index), None
-        )
+        frames, where = self._series_frames(images, image.series)
+        here = where.get((image.sop, index))
         if here is None:
             return
-        missing = sum(1 for m, f in frames if self._key(m, f) not in self.memory)
-        if this_one and self._stream(images, image.series, missing):
+        if this_one and self._stream(
+            images, image.series, sum(1 for m, f in frames if self._key(m, f) not in self.memory)
+        ):
             # The series comes in one stream: only the frame asked for is loaded on its own.
             self._want([frames[here]])
             return
@@ -217,6 +220,24 @@ class RenderService:
             if d <= behind:
                 order.append(here - step * d)
         self._want([frames[p] for p in order if 0 <= p < len(frames)])
+
+    def _series_frames(
+        self, images: StudyImages, series: str
+    ) -> tuple[list[tuple[ImageRef, int]], dict[tuple[str, int], int]]:
+        """The frames of a series in viewing order and where each is; made once per listed
+        study and series (a request asks for its neighbours many times a second)."""
+        key = (id(images), series)
+        found = self._orders.get(key)
+        if found is not None and found[0] is images:
+            self._orders.move_to_end(key)
+            return found[1], found[2]
+        frames = [(m, f) for m in images.of_series(series) for f in range(m.frames)]
+        where = {(m.sop, f): p for p, (m, f) in enumerate(frames)}
+        # The entry holds the study itself, so its id() cannot name another one meanwhile.
+        self._orders[key] = (images, frames, where)
+        while len(self._orders) > 16:
+            self._orders.popitem(last=False)
+        return frames, where
 
     def _want(self, frames: list[tuple[ImageRef, int]]) -> None:
         wanted = [
