@@ -7,6 +7,7 @@ in one stream; and the page's first image and data without a round trip of the s
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
 import os
@@ -49,6 +50,7 @@ NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
 # -- native frames read at their offset ----------------------------------------------------------
 
 
+@functools.cache
 def _native_files() -> list[Path]:
     out = []
     with warnings.catch_warnings():

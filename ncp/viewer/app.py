@@ -7,24 +7,28 @@ source: A's archive, or B's local store), an :data:`~ncp.viewer.access.Authorise
 
 | route | answers |
 | --- | --- |
-| ``/`` | the viewer page (HTML shell; ``?study=UID`` opens that study first) |
+| ``/`` | the viewer page (``?study=UID`` opens that study first), with its data when it can |
 | ``/static/viewer.js``, ``/static/viewer.css`` | the page's script and style (package data) |
 | ``/context`` | the session as the page needs it: language, labels, coded displays, expiry |
+| ``/initial`` | what the page needs to start (context, study, series, first series' images) |
 | ``/studies`` | the session's studies, DICOM JSON (QIDO-RS study attributes) |
 | ``/studies/{s}/series`` | its series, DICOM JSON |
+| ``/studies/{s}/first-image`` | the frame the study opens on, as the page shows it first |
 | ``/studies/{s}/series/{r}/instances`` | a series' images with what a viewer shows (DICOM JSON) |
 | ``/studies/{s}[/series/{r}[/instances/{i}[/frames/{n,...}]]]/rendered`` | PS3.18 rendered |
 | ``/studies/{s}[/series/{r}[/instances/{i}[/frames/{n,...}]]]/thumbnail`` | PS3.18 thumbnail |
+| ``POST /logout`` | with ``end_session`` only (A): the session ends now |
 
 A's composition adds ``/launch`` (:mod:`ncp.viewer.launch`). Rendered resources take PS3.18's
 ``window`` (centre,width[,linear|linear-exact|sigmoid]), ``viewport`` (vw,vh[,sx,sy,sw,sh]),
 ``quality`` (1-100) and ``accept`` (or the Accept header): JPEG, PNG or WebP, one image, or
 ``multipart/related`` of images for several. Nothing here ever answers a DICOM object, bulk
-data or pixel data in DICOM form (``tests/test_viewer_routes.py`` walks every route).
+data or pixel data in DICOM form (``tests/test_viewer_app.py`` walks every route).
 
 Every request: the path (UIDs only, no percent-encoding, no dot segments: 400), then the grant
 (401 without a session, 403 for a study it does not cover), then the archive (404: not held);
-each refusal audited. A frame that cannot be decoded is a placeholder image, never a 500.
+each refusal audited and said in the HP's language. A frame that cannot be decoded is a
+placeholder image, never a 500.
 """
 
 from __future__ import annotations
