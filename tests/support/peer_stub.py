@@ -1,0 +1,214 @@
+"""Country B's side of the retrieval tests, around a real node A (``tests.support.node``).
+
+:class:`NodeAPeer` implements ``ncp.consumer.model.PeerAccess`` by calling A for real: the image
+access token over A's standard channel with mutual TLS and B's signed assertions
+(``$imaging-access``), the manifests from A's own index (what A's ImagingStudy resources say).
+It stands in for the peer client (``ncp.consumer`` peer client, built separately) in the unit
+tests of the jobs; it is deliberately small and does no retries.
+
+:func:`b_env` builds the retrieval machinery of a node B (SQLite or PostgreSQL database, folder or
+STOW-RS store) around it.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import select
+
+from ncp.audit.record import Auditor
+from ncp.config import RetrievalSection
+from ncp.consumer.env import RetrievalEnv
+from ncp.consumer.jobs import Jobs, token_claims
+from ncp.consumer.localstore import FolderStore, LocalStore
+from ncp.consumer.model import (
+    ImageGrant,
+    ImageOption,
+    ManifestInstance,
+    ManifestSeries,
+    PeerAccess,
+    PeerContext,
+    PeerRefused,
+    PeerUnreachable,
+    Priority,
+    StudyManifest,
+)
+from ncp.fhir.identifiers import issuer_of
+from ncp.store.db import make_engine, migrate, session_factory
+from ncp.store.models import Instance, Patient, Series, Study
+from tests.support.node import PATIENTS, RunningNode
+
+
+@dataclass
+class NodeAPeer:
+    """``PeerAccess`` against a running node A (see the module doc). ``calls`` counts the
+    requests per method; ``grant_hook`` may change a grant before it is returned (tests)."""
+
+    node: RunningNode
+    calls: dict[str, int] = field(default_factory=lambda: {"manifests": 0, "imaging_access": 0})
+    grant_hook: Callable[[ImageGrant], ImageGrant] | None = None
+    manifest_hook: Callable[[StudyManifest], StudyManifest] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def manifests(
+        self, context: PeerContext, study_uids: Sequence[str]
+    ) -> Mapping[str, StudyManifest]:
+        with self._lock:
+            self.calls["manifests"] += 1
+        out: dict[str, StudyManifest] = {}
+        with self.node.node.sessions() as session:
+            rows = session.execute(
+                select(Study, Patient)
+                .join(Patient, Study.patient_pk == Patient.id)
+                .where(Study.study_uid.in_(list(study_uids)))
+            ).all()
+            for study, patient in rows:
+                if (patient.patient_id, patient.issuer) != (
+                    context.patient.value,
+                    issuer_of(context.patient.system),
+                ):
+                    raise PeerRefused(context.peer, 403, f"study {study.study_uid} refused")
+                series_rows = session.scalars(
+                    select(Series).where(Series.study_pk == study.id).order_by(Series.number)
+                ).all()
+                series = []
+                for s in series_rows:
+                    instances = session.scalars(
+                        select(Instance)
+                        .where(Instance.series_pk == s.id)
+                        .order_by(Instance.instance_number, Instance.sop_uid)
+                    ).all()
+                    series.append(
+                        ManifestSeries(
+                            series_uid=s.series_uid,
+                            modality=s.modality,
+                            instances=tuple(
+                                ManifestInstance(
+                                    sop_instance_uid=i.sop_uid,
+                                    sop_class_uid=i.sop_class_uid,
+                                    number=i.instance_number,
+                                    frames=i.number_of_frames,
+                                    size=i.size_bytes,
+                                )
+                                for i in instances
+                            ),
+                        )
+                    )
+                manifest = StudyManifest(
+                    study_uid=study.study_uid,
+                    patient=context.patient,
+                    series=tuple(series),
+                    size=study.size_bytes,
+                )
+                if self.manifest_hook is not None:
+                    manifest = self.manifest_hook(manifest)
+                out[study.study_uid] = manifest
+        return out
+
+    def imaging_access(
+        self,
+        context: PeerContext,
+        study_uids: Sequence[str],
+        option: ImageOption,
+        priority: Priority,
+    ) -> ImageGrant:
+        with self._lock:
+            self.calls["imaging_access"] += 1
+        iua = (token_claims(context.trc).get("extensions") or {}).get("ihe_iua") or {}
+        purpose = (iua.get("purpose_of_use") or [{}])[0].get("code", "TREAT")
+        params: list[dict[str, Any]] = [{"name": "study", "valueString": uid} for uid in study_uids]
+        params += [
+            {"name": "option", "valueCode": option},
+            {"name": "purpose", "valueCode": purpose},
+            {"name": "priority", "valueCode": "stat" if priority == "emergency" else "routine"},
+        ]
+        headers = {
+            "Authorization": f"Bearer {context.hp_assertion}",
+            "NCP-Treatment-Relationship": context.trc,
+            "X-Request-ID": context.request_id or "test-retrieval",
+        }
+        try:
+            with self.node.client() as http:
+                r = http.post(
+                    "/fhir/$imaging-access",
+                    json={"resourceType": "Parameters", "parameter": params},
+                    headers=headers,
+                )
+        except httpx.HTTPError as exc:
+            raise PeerUnreachable(f"{context.peer}: {exc}") from None
+        if r.status_code != 200:
+            issues = r.json().get("issue") or [{}]
+            raise PeerRefused(context.peer, r.status_code, issues[0].get("diagnostics", ""))
+        values = {
+            p["name"]: next(v for k, v in p.items() if k.startswith("value"))
+            for p in r.json()["parameter"]
+        }
+        grant = ImageGrant(
+            token=values["token"],
+            base_url=values["dicomweb"],
+            option=option,
+            studies=tuple(study_uids),
+            expires_at=datetime.fromisoformat(values["expires"].replace("Z", "+00:00")),
+        )
+        return self.grant_hook(grant) if self.grant_hook else grant
+
+
+def sign_context(
+    node: RunningNode,
+    patient: str = "PAT100",
+    *,
+    purpose: str = "TREAT",
+    lifetime: timedelta = timedelta(hours=1),
+    now: datetime | None = None,
+) -> PeerContext:
+    """An HP assertion and a TRC signed by B's key for A, as B's portal would."""
+    moment = now or datetime.now(UTC)
+    expires = moment + lifetime
+    ref = PATIENTS[patient].ref
+    hp = node.b.hp_assertion(now=moment, expires_at=expires)
+    trc = node.b.trc(hp, ref, now=moment, expires_at=expires, purpose_of_use=purpose,
+                     informed=True)  # fmt: skip
+    return PeerContext(peer="AT", hp_assertion=hp, trc=trc, patient=ref, expires_at=expires)
+
+
+def b_env(
+    root: Path,
+    node: RunningNode,
+    *,
+    peer: PeerAccess | None = None,
+    database_url: str | None = None,
+    store: LocalStore | None = None,
+    clock: Callable[[], datetime] | None = None,
+    **settings: Any,
+) -> RetrievalEnv:
+    """Country B's retrieval machinery (BE) with its own database and a folder store under
+    ``root``, calling ``node`` (A) through ``peer`` (a :class:`NodeAPeer` by default)."""
+    root.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(database_url or f"sqlite:///{root / 'node-b.db'}")
+    migrate(engine)
+    sessions = session_factory(engine)
+    values: dict[str, Any] = {
+        "store": {"kind": "folder", "path": str(root / "retrieved")},
+        "staging": str(root / "retrieved" / ".incoming"),
+        "poll_s": 0.1,
+        "retry_backoff_s": 0.1,
+        **settings,
+    }
+    section = RetrievalSection.model_validate(values)
+    access = peer or NodeAPeer(node)
+    jobs = Jobs(sessions, Auditor(sessions, country="BE"), **({"clock": clock} if clock else {}))
+    return RetrievalEnv(
+        jobs=jobs,
+        settings=section,
+        store=store or FolderStore(root / "retrieved"),
+        peers=lambda country: access,
+        imaging_tls=lambda country: ssl.create_default_context(cafile=node.ca_file),
+        local_issuer="2.16.56.1.1.1",
+    )
