@@ -207,8 +207,14 @@ def test_an_expired_confirmation_waits_for_the_hp_and_resumes(
         assert Retriever(env).run_only(job_id) == Status.STORED
         history = [e.status for e in env.jobs.get(job_id).history]
         assert history == [
-            "queued", "downloading", "needs-hp", "queued", "downloading", "verifying", "stored",
-        ]  # fmt: skip
+            "queued",
+            "downloading",
+            "needs-hp",
+            "queued",
+            "downloading",
+            "verifying",
+            "stored",
+        ]
     finally:
         env.close()
 

@@ -628,8 +628,9 @@ class JobRun:
 
     def _verify(self) -> Status | None:
         now = self.env.now()
-        set_status(self.env.sessions, self.row.id, Status.VERIFYING, None, now=now,
-                   worker=self.worker)  # fmt: skip
+        set_status(
+            self.env.sessions, self.row.id, Status.VERIFYING, None, now=now, worker=self.worker
+        )
         self._audit_retrieve(Outcome.SUCCESS, None)
         failures: list[str] = []
         extras = 0

@@ -143,8 +143,13 @@ class StudyCheck:
         study = self.manifest.study_uid
         sop = header.sop_uid
         if sop is None or not is_uid(sop):
-            return Problem("unreadable", study, header.series_uid, header.meta_sop_uid,
-                           "its data set names no valid SOP Instance UID")  # fmt: skip
+            return Problem(
+                "unreadable",
+                study,
+                header.series_uid,
+                header.meta_sop_uid,
+                "its data set names no valid SOP Instance UID",
+            )
         if header.meta_sop_uid != sop:
             return Problem(
                 "different",

@@ -173,8 +173,7 @@ def sign_context(
     expires = moment + lifetime
     ref = PATIENTS[patient].ref
     hp = node.b.hp_assertion(now=moment, expires_at=expires)
-    trc = node.b.trc(hp, ref, now=moment, expires_at=expires, purpose_of_use=purpose,
-                     informed=True)  # fmt: skip
+    trc = node.b.trc(hp, ref, now=moment, expires_at=expires, purpose_of_use=purpose, informed=True)
     return PeerContext(peer="AT", hp_assertion=hp, trc=trc, patient=ref, expires_at=expires)
 
 
