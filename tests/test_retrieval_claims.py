@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import Engine, select, update
 
 from ncp.audit.record import Auditor
-from ncp.consumer.jobs import HpIdentity, JobRequest, Jobs
+from ncp.consumer.jobs import JobRequest, Jobs, Requester
 from ncp.consumer.model import PeerContext, Priority
 from ncp.consumer.worker import claim
 from ncp.security.claims import PatientRef
@@ -19,7 +19,7 @@ from ncp.store.retrieval import RetrievalEvent, RetrievalJob
 
 PATIENT = PatientRef("urn:oid:1.2.40.0.10.1.4.3.1", "PAT100")
 LEASE = timedelta(seconds=30)
-HP = HpIdentity("BE-HP-1", "Dr. One")
+HP = Requester("BE-HP-1", "Dr. One")
 
 
 def _jobs(engine: Engine) -> Jobs:

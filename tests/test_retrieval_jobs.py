@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from ncp.audit.models import AuditRecord
 from ncp.consumer.env import RetrievalEnv
-from ncp.consumer.jobs import HpIdentity, JobConflict, JobNotFound, JobRequest, Status
+from ncp.consumer.jobs import JobConflict, JobNotFound, JobRequest, Requester, Status
 from ncp.consumer.localstore import FolderStore
 from ncp.consumer.model import ImageGrant, ManifestInstance, StudyManifest
 from ncp.consumer.worker import Retriever
@@ -24,7 +24,7 @@ from tests.support import node as node_support
 from tests.support.peer_stub import NodeAPeer, b_env, sign_context
 
 node_a = node_support.node_a
-HP = HpIdentity("BE-HP-0042", "Dr. Anne Peeters")
+HP = Requester("BE-HP-0042", "Dr. Anne Peeters")
 PAT100 = node_support.PATIENTS["PAT100"]
 STUDIES = node_support.studies_of("PAT100")
 
@@ -201,7 +201,7 @@ def test_an_expired_confirmation_waits_for_the_hp_and_resumes(
         assert _peer(env).calls["imaging_access"] == 0
         fresh = sign_context(node_a)
         with pytest.raises(JobNotFound):  # another HP cannot
-            env.jobs.renew_context(job_id, fresh, hp=HpIdentity("BE-HP-9", "Someone Else"))
+            env.jobs.renew_context(job_id, fresh, hp=Requester("BE-HP-9", "Someone Else"))
         later[0] = timedelta(0)
         assert env.jobs.renew_context(job_id, fresh, hp=HP).status == Status.QUEUED
         assert Retriever(env).run_only(job_id) == Status.STORED
@@ -232,7 +232,7 @@ def test_a_study_of_another_patient_is_declined_with_a_reason(
 
 def test_cancel_and_who_may_see_a_job(env: RetrievalEnv, node_a: node_support.RunningNode) -> None:
     job_id = _create(env, node_a)
-    stranger = HpIdentity("BE-HP-9", "Someone Else")
+    stranger = Requester("BE-HP-9", "Someone Else")
     with pytest.raises(JobNotFound):
         env.jobs.get(job_id, hp=stranger)
     with pytest.raises(JobNotFound):

@@ -13,7 +13,7 @@ Every status a job enters is a row of its history (:class:`~ncp.store.retrieval.
 with its time and reason. Creation, and every change to a status that ends or stops a job, is
 audited in B's chain (action ``retrieval-job``).
 
-Who may see a job: the HP who asked (an :class:`HpIdentity` the caller authenticated; the API
+Who may see a job: the HP who asked (a :class:`Requester` the caller authenticated; the API
 takes it as an explicit dependency) or an operator (``hp=None``: the command line, which acts
 for the node).
 """
@@ -109,9 +109,10 @@ class JobConflict(JobError):
 
 
 @dataclass(frozen=True)
-class HpIdentity:
-    """The health professional on whose behalf jobs are created and read. The portal supplies
-    it from the HP's session; the command line from ``[retrieval.cli_hp]``."""
+class Requester:
+    """The health professional on whose behalf a job is created and who may read it: their
+    identifier and name in B, and where the identity came from. The portal supplies it from
+    the HP's session (``portal``); the command line from ``[retrieval] cli_hp`` (``cli``)."""
 
     id: str
     name: str
@@ -171,7 +172,7 @@ class JobView:
     option: str
     peer: str
     patient: PatientRef
-    hp: HpIdentity
+    hp: Requester
     instances_total: int
     instances_done: int
     instances_rejected: int
@@ -319,7 +320,7 @@ class Jobs:
 
     # -- create ------------------------------------------------------------------------------
 
-    def create(self, hp: HpIdentity, context: PeerContext, request: JobRequest) -> JobView:
+    def create(self, hp: Requester, context: PeerContext, request: JobRequest) -> JobView:
         """Queue a job for ``hp`` under ``context`` (the HP assertion and TRC B signed for this
         HP and patient). InvalidJobRequest when the request or the context does not fit."""
         studies = _check_request(request)
@@ -374,7 +375,7 @@ class Jobs:
 
     # -- read --------------------------------------------------------------------------------
 
-    def get(self, job_id: str, *, hp: HpIdentity | None = None) -> JobView:
+    def get(self, job_id: str, *, hp: Requester | None = None) -> JobView:
         with self.sessions() as session:
             job = _load(session, job_id, hp)
             return _view(session, job, detail=True)
@@ -382,7 +383,7 @@ class Jobs:
     def list(
         self,
         *,
-        hp: HpIdentity | None = None,
+        hp: Requester | None = None,
         statuses: Sequence[str] = (),
         patient: PatientRef | None = None,
         limit: int = 100,
@@ -407,7 +408,7 @@ class Jobs:
 
     # -- change ------------------------------------------------------------------------------
 
-    def cancel(self, job_id: str, *, hp: HpIdentity | None = None) -> JobView:
+    def cancel(self, job_id: str, *, hp: Requester | None = None) -> JobView:
         """Cancel a job. A queued (or waiting) job is cancelled at once; a running one stops
         after the instance it is receiving (its worker records the cancellation)."""
         now = self.now()
@@ -427,7 +428,7 @@ class Jobs:
         return self.get(job_id)
 
     def renew_context(
-        self, job_id: str, context: PeerContext, *, hp: HpIdentity | None = None
+        self, job_id: str, context: PeerContext, *, hp: Requester | None = None
     ) -> JobView:
         """Give a job waiting in needs-hp (or any job not ended) the HP's fresh assertion and
         TRC; a job in needs-hp is queued again and resumes where it stopped."""
@@ -524,7 +525,7 @@ def _check_request(request: JobRequest) -> tuple[str, ...]:
 
 
 def _load(
-    session: Session, job_id: str, hp: HpIdentity | None, *, lock: bool = False
+    session: Session, job_id: str, hp: Requester | None, *, lock: bool = False
 ) -> RetrievalJob:
     query = select(RetrievalJob).where(RetrievalJob.id == job_id)
     if lock:
@@ -622,7 +623,7 @@ def _view(session: Session, job: RetrievalJob, *, detail: bool) -> JobView:
         option=job.option,
         peer=job.peer,
         patient=PatientRef(job.patient_system, job.patient_value),
-        hp=HpIdentity(job.hp_id, job.hp_name, "cli" if job.hp_source == "cli" else "portal"),
+        hp=Requester(job.hp_id, job.hp_name, "cli" if job.hp_source == "cli" else "portal"),
         instances_total=job.instances_total,
         instances_done=job.instances_done,
         instances_rejected=job.instances_rejected,
