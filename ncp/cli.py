@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ncp import __version__
 from ncp.audit.command import register as register_audit
 from ncp.config import FolderArchive, NodeSettings, load_settings
+from ncp.consumer.jobs_command import register as register_jobs
 from ncp.errors import ArchiveError, ConfigError, NcpError
 from ncp.gateway.edge import register as register_edge
 from ncp.security.command import register as register_keys
@@ -116,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     register_keys(sub)
     register_edge(sub)
     register_serve(sub)
+    register_jobs(sub)
 
     examples = sub.add_parser("examples", help="example data")
     ex_sub = examples.add_subparsers(metavar="ACTION", required=True)

@@ -88,7 +88,8 @@ def test_an_hp_creates_follows_and_reads_a_job(api: TestClient, env: RetrievalEn
     assert progress["status"] == "stored"
     assert progress["progress"]["instances_done"] == progress["progress"]["instances_total"] == 3
     full = api.get(f"/api/retrieval/jobs/{job['id']}", headers=anne).json()
-    assert [h["status"] for h in full["history"]] == ["queued", "downloading", "verifying", "stored"]
+    history = [h["status"] for h in full["history"]]
+    assert history == ["queued", "downloading", "verifying", "stored"]
     assert full["purge_at"] and all(s["purge_at"] for s in full["studies"])
     listed = api.get("/api/retrieval/jobs", headers=anne).json()["jobs"]
     assert [j["id"] for j in listed] == [job["id"]] and "history" not in listed[0]

@@ -12,6 +12,8 @@ STOW-RS store) around it.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import ssl
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -41,8 +43,10 @@ from ncp.consumer.model import (
     StudyManifest,
 )
 from ncp.fhir.identifiers import issuer_of
+from ncp.security.claims import PatientRef
 from ncp.store.db import make_engine, migrate, session_factory
 from ncp.store.models import Instance, Patient, Series, Study
+from tests.security_support import trust_toml
 from tests.support.node import PATIENTS, RunningNode
 
 
@@ -211,3 +215,109 @@ def b_env(
         imaging_tls=lambda country: ssl.create_default_context(cafile=node.ca_file),
         local_issuer="2.16.56.1.1.1",
     )
+
+
+# -- a node B on disk, for the commands ------------------------------------------------------------
+
+
+@dataclass
+class StubWiring:
+    """``ncp.consumer.wiring.PeerWiring`` around :class:`NodeAPeer`: what ``ncp pull`` and
+    ``ncp jobs work`` use in these tests instead of the peer client."""
+
+    node: RunningNode
+    peer: NodeAPeer | None = None
+
+    def __post_init__(self) -> None:
+        self.peer = self.peer or NodeAPeer(self.node)
+
+    def access(self, peer: str) -> PeerAccess:
+        assert self.peer is not None
+        return self.peer
+
+    def context(
+        self,
+        peer: str,
+        hp: Any,
+        patient: PatientRef,
+        *,
+        purpose: str,
+        informed: bool,
+        request_id: str | None = None,
+    ) -> PeerContext:
+        context = sign_context(self.node, patient.value, purpose=purpose)
+        return dataclasses.replace(context, request_id=request_id)
+
+    def studies(self, context: PeerContext, filters: Any) -> list[str]:
+        with self.node.node.sessions() as session:
+            rows = session.execute(
+                select(Study.study_uid, Study.modalities)
+                .join(Patient, Study.patient_pk == Patient.id)
+                .where(Patient.patient_id == context.patient.value)
+                .order_by(Study.study_uid)
+            ).all()
+        wanted = set(filters.modalities)
+        return [uid for uid, mods in rows if not wanted or wanted & set(mods.split("\\"))]
+
+    def close(self) -> None:
+        return None
+
+
+def write_b_config(root: Path, node: RunningNode, **retrieval: Any) -> Path:
+    """Country B's node (BE) on disk: its config (SQLite, folder store, the CLI's HP) and a
+    trust list naming A."""
+    root.mkdir(parents=True, exist_ok=True)
+    a_keys = node.node.settings.keys.dir
+    trust = root / "trust.toml"
+    trust.write_text(
+        trust_toml(
+            {
+                "AT": {
+                    "standard": node.url,
+                    "imaging": node.imaging_url or "",
+                    "tls_ca": str(a_keys / "ca.pem"),
+                    "jwks_file": str(a_keys / "jwks.json"),
+                }
+            }
+        )
+    )
+    values: dict[str, Any] = {
+        "store": {"kind": "folder", "path": str(root / "retrieved")},
+        "poll_s": 0.1,
+        "retry_backoff_s": 0.2,
+        "cli_hp": {
+            "id": "BE-HP-0042",
+            "name": "Dr. Anne Peeters",
+            "organisation": "UZ Leuven",
+            "organisation_id": "urn:oid:2.16.56.1.1.1.1",
+            "point_of_care": "Radiology",
+        },
+        **retrieval,
+    }
+    lines = [
+        "[node]",
+        'country = "BE"',
+        'patient_id_issuer = "2.16.56.1.1.1"',
+        "[urls]",
+        'standard = "https://localhost:1/fhir"',
+        "[database]",
+        f'url = "sqlite:///{root / "node-b.db"}"',
+        "[archive]",
+        'kind = "folder"',
+        f'path = "{root / "archive"}"',
+        "[keys]",
+        f'dir = "{node.b.keys_dir}"',
+        "[trust]",
+        f'list = "{trust}"',
+        "[retrieval]",
+    ]
+    tables: list[str] = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            tables.append(f"[retrieval.{key}]")
+            tables += [f"{k} = {json.dumps(v)}" for k, v in value.items()]
+        else:
+            lines.append(f"{key} = {json.dumps(value)}")
+    path = root / "node.toml"
+    path.write_text("\n".join(lines + tables) + "\n")
+    return path
