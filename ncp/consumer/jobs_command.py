@@ -333,6 +333,8 @@ def cmd_work(args: argparse.Namespace) -> int:
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         retriever.start()
+        lanes = ", ".join(f"{lane} {n}" for lane, n in retriever.lanes())
+        print(f"ncp jobs work: {retriever.name} running ({lanes})", file=sys.stderr, flush=True)
         every = env.settings.purge_every_s
         next_purge = time.monotonic()
         try:

@@ -21,6 +21,7 @@ import secrets
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -57,6 +58,8 @@ class Verified:
     key: InstanceKey
     size: int
     """Bytes as A sent them."""
+    received_at: datetime | None = None
+    """When its download ended (naive UTC), for the job's record."""
 
 
 class LocalStore(Protocol):

@@ -574,7 +574,10 @@ class JobRun:
         self._downloaded_bytes += received.size
         self.committer.put(
             Verified(
-                received.path, InstanceKey(study, header.series_uid, header.sop_uid), received.size
+                path=received.path,
+                key=InstanceKey(study, header.series_uid, header.sop_uid),
+                size=received.size,
+                received_at=self.env.now(),
             )
         )
 
@@ -1025,6 +1028,7 @@ class _Committer:
                                 "series_uid": v.key.series_uid,
                                 "sop_uid": v.key.sop_uid,
                                 "size": v.size,
+                                "received_at": v.received_at,
                                 "stored_at": now,
                                 "downloaded": True,
                             }

@@ -139,6 +139,8 @@ class RetrievedInstance(Base):
     sop_uid: Mapped[str] = mapped_column(UID)
     size: Mapped[int] = mapped_column(BigInteger)
     """Bytes as A sent them (before any reconciliation)."""
+    received_at: Mapped[datetime | None] = mapped_column(DateTime)
+    """When its download ended (None: found in the store already)."""
     stored_at: Mapped[datetime] = mapped_column(DateTime)
     downloaded: Mapped[bool] = mapped_column(Boolean, default=True)
     """False when the store held it already (an earlier job, or a crash before the record)."""

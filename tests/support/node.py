@@ -36,7 +36,7 @@ from sqlalchemy import select
 from ncp.app import build_app
 from ncp.audit.models import AuditRecord
 from ncp.config import settings_from_mapping
-from ncp.dicom.folder import FolderSource
+from ncp.dicom.archive import open_archive
 from ncp.fhir.datatypes import zone_of
 from ncp.node import Node
 from ncp.provider.indexer import index_source
@@ -268,10 +268,15 @@ def running_node(
     *,
     database_url: str | None = None,
     settings_changes: dict[str, Any] | None = None,
+    before_index: Callable[[Path], str | None] | None = None,
+    clock: Callable[[], datetime] | None = None,
 ) -> Iterator[RunningNode]:
     """Make the PKIs, the archive and the index under ``root`` and serve node A until exit.
 
     ``settings_changes``: extra sections merged into A's settings mapping (``tokens``...).
+    ``before_index``: called with the archive folder once the dataset is written (to add
+    studies); when it returns a DICOMweb URL, A's archive is that server (the caller stored the
+    folder's files there) and the index is built from it. ``clock``: A's clock (aware UTC).
     """
     root.mkdir(parents=True, exist_ok=True)
     sock = bind()
@@ -316,6 +321,7 @@ def running_node(
     )
     archive = root / "archive"
     write_dataset(archive)
+    archive_url = before_index(archive) if before_index is not None else None
     mapping: dict[str, Any] = {
         "node": {"country": A, "name": "Test node AT", "patient_id_issuer": ISSUER},
         "urls": {
@@ -325,15 +331,20 @@ def running_node(
             "viewer": VIEWER_URL,
         },
         "database": {"url": database_url or f"sqlite:///{root / 'node-a.db'}"},
-        "archive": {"kind": "folder", "path": str(archive)},
+        "archive": (
+            {"kind": "dicomweb", "url": archive_url}
+            if archive_url
+            else {"kind": "folder", "path": str(archive)}
+        ),
         "keys": {"dir": str(a.directory)},
         "trust": {"list": str(trust)},
     }
     for section, values in (settings_changes or {}).items():
         mapping[section] = {**mapping.get(section, {}), **values}
     settings = settings_from_mapping(mapping, base_dir=root, environ={})
-    node = Node.from_settings(settings)
-    index_source(node.sessions, FolderSource(archive), zone=zone_of(settings.node.country))
+    node = Node.from_settings(settings, clock=clock)
+    source = open_archive(settings.archive)
+    index_source(node.sessions, source, zone=zone_of(settings.node.country))
     app = build_app(node)
     running = RunningNode(
         node=node,

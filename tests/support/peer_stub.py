@@ -50,16 +50,58 @@ from tests.security_support import trust_toml
 from tests.support.node import PATIENTS, RunningNode
 
 
+@dataclass(frozen=True)
+class NodeADesc:
+    """How to reach a running node A from any process: its database (for the manifests), its
+    standard channel and CA, and B's client certificate."""
+
+    database_url: str
+    origin: str
+    ca_file: str
+    client_cert: str
+    client_key: str
+
+    @classmethod
+    def of(cls, node: RunningNode) -> NodeADesc:
+        creds = node.creds["BE"]
+        assert creds is not None
+        return cls(
+            node.node.settings.database.url,
+            node.origin,
+            str(node.ca_file),
+            str(creds[0]),
+            str(creds[1]),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> NodeADesc:
+        return cls(**json.loads(text))
+
+
 @dataclass
 class NodeAPeer:
     """``PeerAccess`` against a running node A (see the module doc). ``calls`` counts the
-    requests per method; ``grant_hook`` may change a grant before it is returned (tests)."""
+    requests per method; the hooks may change a grant or a manifest before it is returned."""
 
-    node: RunningNode
+    a: NodeADesc
     calls: dict[str, int] = field(default_factory=lambda: {"manifests": 0, "imaging_access": 0})
     grant_hook: Callable[[ImageGrant], ImageGrant] | None = None
     manifest_hook: Callable[[StudyManifest], StudyManifest] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _sessions: Any = None
+
+    @classmethod
+    def of(cls, node: RunningNode) -> NodeAPeer:
+        return cls(NodeADesc.of(node))
+
+    def sessions(self) -> Any:
+        with self._lock:
+            if self._sessions is None:
+                self._sessions = session_factory(make_engine(self.a.database_url))
+            return self._sessions
 
     def manifests(
         self, context: PeerContext, study_uids: Sequence[str]
@@ -67,7 +109,7 @@ class NodeAPeer:
         with self._lock:
             self.calls["manifests"] += 1
         out: dict[str, StudyManifest] = {}
-        with self.node.node.sessions() as session:
+        with self.sessions()() as session:
             rows = session.execute(
                 select(Study, Patient)
                 .join(Patient, Study.patient_pk == Patient.id)
@@ -138,8 +180,10 @@ class NodeAPeer:
             "NCP-Treatment-Relationship": context.trc,
             "X-Request-ID": context.request_id or "test-retrieval",
         }
+        context_ssl = ssl.create_default_context(cafile=self.a.ca_file)
+        context_ssl.load_cert_chain(self.a.client_cert, self.a.client_key)
         try:
-            with self.node.client() as http:
+            with httpx.Client(verify=context_ssl, base_url=self.a.origin, timeout=30) as http:
                 r = http.post(
                     "/fhir/$imaging-access",
                     json={"resourceType": "Parameters", "parameter": params},
@@ -205,7 +249,7 @@ def b_env(
         **settings,
     }
     section = RetrievalSection.model_validate(values)
-    access = peer or NodeAPeer(node)
+    access = peer or NodeAPeer.of(node)
     jobs = Jobs(sessions, Auditor(sessions, country="BE"), **({"clock": clock} if clock else {}))
     return RetrievalEnv(
         jobs=jobs,
@@ -223,13 +267,16 @@ def b_env(
 @dataclass
 class StubWiring:
     """``ncp.consumer.wiring.PeerWiring`` around :class:`NodeAPeer`: what ``ncp pull`` and
-    ``ncp jobs work`` use in these tests instead of the peer client."""
+    ``ncp jobs work`` use in these tests instead of the peer client. Without ``node`` (in a
+    worker process) it cannot sign: jobs carry the pair they were created with."""
 
-    node: RunningNode
+    node: RunningNode | None
     peer: NodeAPeer | None = None
 
     def __post_init__(self) -> None:
-        self.peer = self.peer or NodeAPeer(self.node)
+        if self.peer is None:
+            assert self.node is not None
+            self.peer = NodeAPeer.of(self.node)
 
     def access(self, peer: str) -> PeerAccess:
         assert self.peer is not None
@@ -245,11 +292,13 @@ class StubWiring:
         informed: bool,
         request_id: str | None = None,
     ) -> PeerContext:
+        assert self.node is not None, "a worker process signs nothing"
         context = sign_context(self.node, patient.value, purpose=purpose)
         return dataclasses.replace(context, request_id=request_id)
 
     def studies(self, context: PeerContext, filters: Any) -> list[str]:
-        with self.node.node.sessions() as session:
+        assert self.peer is not None
+        with self.peer.sessions()() as session:
             rows = session.execute(
                 select(Study.study_uid, Study.modalities)
                 .join(Patient, Study.patient_pk == Patient.id)

@@ -141,6 +141,7 @@ def upgrade() -> None:
         sa.Column("series_uid", sa.String(length=64), nullable=False),
         sa.Column("sop_uid", sa.String(length=64), nullable=False),
         sa.Column("size", sa.BigInteger(), nullable=False),
+        sa.Column("received_at", sa.DateTime(), nullable=True),
         sa.Column("stored_at", sa.DateTime(), nullable=False),
         sa.Column("downloaded", sa.Boolean(), nullable=False),
         sa.ForeignKeyConstraint(
