@@ -105,6 +105,7 @@ def test_the_live_bar_follows_a_job_to_its_end() -> None:
         id="j",
         status=Status.DOWNLOADING,
         reason=None,
+        request_id="r",
         priority="normal",
         option="A",
         peer="AT",

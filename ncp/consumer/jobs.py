@@ -168,6 +168,8 @@ class JobView:
     id: str
     status: Status
     reason: str | None
+    request_id: str
+    """The correlation id of the job's exchange (in both countries' audit records)."""
     priority: str
     option: str
     peer: str
@@ -210,6 +212,7 @@ class JobView:
             "id": self.id,
             "status": str(self.status),
             "reason": self.reason,
+            "request_id": self.request_id,
             "priority": self.priority,
             "option": self.option,
             "peer": self.peer,
@@ -619,6 +622,7 @@ def _view(session: Session, job: RetrievalJob, *, detail: bool) -> JobView:
         id=job.id,
         status=Status(job.status),
         reason=job.reason,
+        request_id=job.request_id,
         priority=job.priority,
         option=job.option,
         peer=job.peer,
