@@ -183,7 +183,10 @@ class StowStoreSection(_Section):
     )
     timeout_s: float = Field(default=60.0, gt=0, description="Timeout of one archive request.")
     batch_instances: int = Field(
-        default=32, ge=1, le=1000, description="Verified instances sent in one STOW-RS request."
+        default=8, ge=1, le=1000, description="Verified instances sent in one STOW-RS request."
+    )
+    connections: int = Field(
+        default=4, ge=1, le=32, description="STOW-RS requests sent to the archive at once."
     )
 
     @field_validator("url")

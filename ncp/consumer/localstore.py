@@ -20,6 +20,7 @@ import os
 import secrets
 import shutil
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -65,6 +66,9 @@ class Verified:
 class LocalStore(Protocol):
     kind: str
     """``folder`` or ``stowrs``, as in the configuration."""
+    write_back: bool
+    """Whether staging files should go to disk as soon as they are written (the folder store
+    renames them into place; an archive reads them back once and sends them on)."""
 
     def put(self, batch: Sequence[Verified]) -> None:
         """Store every instance of ``batch`` durably, or raise StoreError (then none of them
@@ -87,7 +91,10 @@ def open_store(settings: StoreSection) -> LocalStore:
         return FolderStore(settings.path)
     if isinstance(settings, StowStoreSection):
         return StowStore(
-            settings.url, timeout_s=settings.timeout_s, batch_instances=settings.batch_instances
+            settings.url,
+            timeout_s=settings.timeout_s,
+            batch_instances=settings.batch_instances,
+            connections=settings.connections,
         )
     raise AssertionError(f"unknown store kind: {settings!r}")
 
@@ -102,9 +109,15 @@ def _discard(path: Path) -> None:
 
 class FolderStore:
     kind = "folder"
+    write_back = True
+
+    FLUSHERS = 4
+    """Files flushed at once: a disk (and the journal) takes parallel flushes together, one at a
+    time it waits for each (measured: about half the time for a batch of 32 CT slices)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._flushers = ThreadPoolExecutor(self.FLUSHERS, thread_name_prefix="store-fsync")
 
     def path_of(self, key: InstanceKey) -> Path:
         return self.root / key.study_uid / key.series_uid / f"{key.sop_uid}.dcm"
@@ -112,14 +125,10 @@ class FolderStore:
     def put(self, batch: Sequence[Verified]) -> None:
         folders: set[Path] = set()
         try:
-            for item in batch:
-                # The staging file was written and closed without a flush: flushing it here, off
-                # the download's thread, lets the network go on while the disk catches up.
-                fd = os.open(item.path, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            # The staging files were written and closed without a flush (the download asked the
+            # kernel to start writing them back): flushing here, off the download's threads,
+            # lets the network go on while the disk catches up.
+            list(self._flushers.map(_fsync_file, [item.path for item in batch]))
             for item in batch:
                 target = self.path_of(item.key)
                 if target.parent not in folders:
@@ -170,7 +179,15 @@ class FolderStore:
         return count
 
     def close(self) -> None:
-        return None
+        self._flushers.shutdown(wait=True)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -197,23 +214,33 @@ class StowStore:
     answers it as stored too (Orthanc: same SOP Instance UID, kept once)."""
 
     kind = "stowrs"
+    write_back = False
 
     def __init__(
         self,
         url: str,
         *,
         timeout_s: float = 60.0,
-        batch_instances: int = 32,
+        batch_instances: int = 8,
+        connections: int = 4,
         client: httpx.Client | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.batch_instances = batch_instances
-        self._client = client or httpx.Client(timeout=timeout_s, trust_env=False)
+        self._client = client or httpx.Client(
+            timeout=timeout_s,
+            trust_env=False,
+            limits=httpx.Limits(max_connections=connections),
+        )
+        # An archive stores requests side by side: a batch goes as several STOW-RS requests at
+        # once (one at a time, Orthanc spent most of the time waiting on its own disk writes).
+        self._senders = ThreadPoolExecutor(connections, thread_name_prefix="stow")
 
     def put(self, batch: Sequence[Verified]) -> None:
+        size = self.batch_instances
         try:
-            for start in range(0, len(batch), self.batch_instances):
-                self._stow(batch[start : start + self.batch_instances])
+            chunks = [batch[start : start + size] for start in range(0, len(batch), size)]
+            list(self._senders.map(self._stow, chunks))
         finally:
             for item in batch:
                 _discard(item.path)
@@ -301,6 +328,7 @@ class StowStore:
         return count
 
     def close(self) -> None:
+        self._senders.shutdown(wait=True)
         self._client.close()
 
 

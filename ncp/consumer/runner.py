@@ -501,7 +501,12 @@ class JobRun:
             raise _WorkerStopping()
         try:
             self._checkpoint()
-            fetcher = Fetcher(self.env.http(peer), self.staging, request_id=self.row.request_id)
+            fetcher = Fetcher(
+                self.env.http(peer),
+                self.staging,
+                request_id=self.row.request_id,
+                write_back=self.env.store.write_back,
+            )
             refused: str | None = None
             for attempt in (1, 2):
                 grant = self.grant(refused=refused)
@@ -864,7 +869,7 @@ class _Committer:
         self.run = run
         self.env = run.env
         connections = run.settings.connections_per_peer
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=max(4, 2 * connections))
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=max(16, 16 * connections))
         self._thread = threading.Thread(target=self._loop, name="retrieve-commit", daemon=True)
         self._flushed = threading.Condition()
         self._flush_asked = 0
