@@ -56,9 +56,12 @@ from ncp.consumer.localstore import InstanceKey, StoreError, Verified
 from ncp.consumer.manifests import manifest_from_json, manifest_to_json
 from ncp.consumer.model import (
     ImageGrant,
+    PeerAnswerInvalid,
     PeerContext,
+    PeerNotAllowed,
     PeerRefused,
     PeerUnreachable,
+    PeerUntrusted,
     Priority,
     StudyManifest,
 )
@@ -223,10 +226,14 @@ class JobRun:
         except _Declined as exc:
             self._settle(quietly=True)
             return self._end(Status.DECLINED, str(exc), outcome=Outcome.SERIOUS_FAILURE)
+        except PeerUntrusted as exc:
+            # Never retried: waiting does not make a wrong certificate right.
+            self._settle(quietly=True)
+            return self._end(Status.FAILED, str(exc), outcome=Outcome.SERIOUS_FAILURE)
         except (Transient, PeerUnreachable) as exc:
             self._settle(quietly=True)
             return self._retry_or_fail(str(exc), getattr(exc, "retry_after", None))
-        except _Failed as exc:
+        except (_Failed, PeerNotAllowed, PeerAnswerInvalid) as exc:
             self._settle(quietly=True)
             return self._end(Status.FAILED, str(exc), outcome=Outcome.SERIOUS_FAILURE)
         except AuditError:
@@ -332,7 +339,10 @@ class JobRun:
                 raise self._refusal(exc) from None
             absent = [uid for uid in wanted if uid not in found]
             if absent:
-                raise _Declined(f"A has no manifest for study {absent[0]}")
+                raise _Declined(
+                    f"A lists no study {absent[0]} for this patient (unknown to A, or "
+                    "another patient's)"
+                )
             for uid in wanted:
                 manifest = found[uid]
                 if manifest.patient != self.row.patient:

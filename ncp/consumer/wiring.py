@@ -9,6 +9,7 @@ patient's list.
 
 from __future__ import annotations
 
+import dataclasses
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,11 +17,12 @@ from datetime import date
 from typing import TYPE_CHECKING, Protocol
 
 from ncp.config import CliHpSection
+from ncp.consumer.assertions import HpIdentity, isco_role
 from ncp.consumer.env import RetrievalEnv
 from ncp.consumer.jobs import Jobs
 from ncp.consumer.localstore import open_store
 from ncp.consumer.model import PeerAccess, PeerContext
-from ncp.errors import ConfigError
+from ncp.consumer.results import ListFilters
 from ncp.security.claims import PatientRef
 from ncp.security.mtls import client_ssl_context
 
@@ -62,12 +64,60 @@ class PeerWiring(Protocol):
     def close(self) -> None: ...
 
 
+class ClientWiring:
+    """The node's peer client (:class:`~ncp.consumer.peer.PeerClient`) as the retriever uses
+    it: one client for every peer of ``[consumer] peers``."""
+
+    def __init__(self, node: Node) -> None:
+        from ncp.consumer.peer import PeerClient
+
+        self.client = PeerClient.from_node(node)
+
+    def access(self, peer: str) -> PeerAccess:
+        self.client.peer(peer)  # a peer B may not ask is refused here, before any job runs
+        return self.client
+
+    def context(
+        self,
+        peer: str,
+        hp: CliHpSection,
+        patient: PatientRef,
+        *,
+        purpose: str,
+        informed: bool,
+        request_id: str | None = None,
+    ) -> PeerContext:
+        identity = HpIdentity(
+            subject=hp.id,
+            name=hp.name,
+            role=isco_role(hp.role_code, hp.role_display),
+            organisation=hp.organisation,
+            organisation_id=hp.organisation_id,
+            point_of_care=hp.point_of_care,
+            language=hp.locale,
+            authentication=hp.authentication,
+        )
+        context = self.client.context(
+            peer, identity, patient, purpose=purpose, informed=informed, request_id=request_id
+        )
+        return dataclasses.replace(context, request_id=request_id)
+
+    def studies(self, context: PeerContext, filters: StudyFilters) -> Sequence[str]:
+        listed = self.client.imaging_studies(
+            context,
+            ListFilters(
+                date_from=filters.since, date_to=filters.until, modalities=filters.modalities
+            ),
+        )
+        return [manifest.study_uid for manifest in listed.manifests]
+
+    def close(self) -> None:
+        self.client.close()
+
+
 def default_wiring(node: Node) -> PeerWiring:
     """The node's peer client as the retriever uses it."""
-    raise ConfigError(
-        "this build of ncp has no peer client for country B yet (it comes with the peer "
-        "client's branch): ncp pull cannot ask a peer"
-    )
+    return ClientWiring(node)
 
 
 def imaging_tls(node: Node, peer: str) -> ssl.SSLContext:

@@ -1,13 +1,14 @@
 """Country B's side of the retrieval tests, around a real node A (``tests.support.node``).
 
-:class:`NodeAPeer` implements ``ncp.consumer.model.PeerAccess`` by calling A for real: the image
-access token over A's standard channel with mutual TLS and B's signed assertions
-(``$imaging-access``), the manifests from A's own index (what A's ImagingStudy resources say).
-It stands in for the peer client (``ncp.consumer`` peer client, built separately) in the unit
-tests of the jobs; it is deliberately small and does no retries.
+Two ways to be B:
 
-:func:`b_env` builds the retrieval machinery of a node B (SQLite or PostgreSQL database, folder or
-STOW-RS store) around it.
+- :func:`b_node`: B's node from a config on disk (:func:`write_b_config`) with the real peer client
+  (``ncp.consumer.peer``), as ``ncp pull`` and ``ncp jobs work`` assemble it: the fault tests, the
+  command tests and the benchmark;
+- :func:`b_env`: the job machinery alone around :class:`NodeAPeer`, a small in-test
+  ``PeerAccess`` that calls A for real (the token from ``$imaging-access`` over mutual TLS with
+  B's signed pair) but takes the manifests from A's own index, and lets a test change a manifest
+  or a grant on the way (what A could send wrong): the unit tests of the jobs.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from ncp.consumer.model import (
     StudyManifest,
 )
 from ncp.fhir.identifiers import issuer_of
-from ncp.security.claims import PatientRef
 from ncp.store.db import make_engine, migrate, session_factory
 from ncp.store.models import Instance, Patient, Series, Study
 from tests.security_support import trust_toml
@@ -264,57 +264,17 @@ def b_env(
 # -- a node B on disk, for the commands ------------------------------------------------------------
 
 
-@dataclass
-class StubWiring:
-    """``ncp.consumer.wiring.PeerWiring`` around :class:`NodeAPeer`: what ``ncp pull`` and
-    ``ncp jobs work`` use in these tests instead of the peer client. Without ``node`` (in a
-    worker process) it cannot sign: jobs carry the pair they were created with."""
-
-    node: RunningNode | None
-    peer: NodeAPeer | None = None
-
-    def __post_init__(self) -> None:
-        if self.peer is None:
-            assert self.node is not None
-            self.peer = NodeAPeer.of(self.node)
-
-    def access(self, peer: str) -> PeerAccess:
-        assert self.peer is not None
-        return self.peer
-
-    def context(
-        self,
-        peer: str,
-        hp: Any,
-        patient: PatientRef,
-        *,
-        purpose: str,
-        informed: bool,
-        request_id: str | None = None,
-    ) -> PeerContext:
-        assert self.node is not None, "a worker process signs nothing"
-        context = sign_context(self.node, patient.value, purpose=purpose)
-        return dataclasses.replace(context, request_id=request_id)
-
-    def studies(self, context: PeerContext, filters: Any) -> list[str]:
-        assert self.peer is not None
-        with self.peer.sessions()() as session:
-            rows = session.execute(
-                select(Study.study_uid, Study.modalities)
-                .join(Patient, Study.patient_pk == Patient.id)
-                .where(Patient.patient_id == context.patient.value)
-                .order_by(Study.study_uid)
-            ).all()
-        wanted = set(filters.modalities)
-        return [uid for uid, mods in rows if not wanted or wanted & set(mods.split("\\"))]
-
-    def close(self) -> None:
-        return None
-
-
-def write_b_config(root: Path, node: RunningNode, **retrieval: Any) -> Path:
-    """Country B's node (BE) on disk: its config (SQLite, folder store, the CLI's HP) and a
-    trust list naming A."""
+def write_b_config(
+    root: Path,
+    node: RunningNode,
+    *,
+    database_url: str | None = None,
+    leeway_s: int = 30,
+    **retrieval: Any,
+) -> Path:
+    """Country B's node (BE) on disk, as an operator writes it: its config (SQLite unless
+    ``database_url``, folder store, ``[consumer] peers = ["AT"]``, the CLI's HP) and a trust list
+    naming A; ``retrieval`` sets ``[retrieval]`` keys."""
     root.mkdir(parents=True, exist_ok=True)
     a_keys = node.node.settings.keys.dir
     trust = root / "trust.toml"
@@ -343,6 +303,7 @@ def write_b_config(root: Path, node: RunningNode, **retrieval: Any) -> Path:
         },
         **retrieval,
     }
+    default_db = f"sqlite:///{root / 'node-b.db'}"
     lines = [
         "[node]",
         'country = "BE"',
@@ -350,7 +311,11 @@ def write_b_config(root: Path, node: RunningNode, **retrieval: Any) -> Path:
         "[urls]",
         'standard = "https://localhost:1/fhir"',
         "[database]",
-        f'url = "sqlite:///{root / "node-b.db"}"',
+        f'url = "{database_url or default_db}"',
+        "[tokens]",
+        f"leeway_s = {leeway_s}",
+        "[consumer]",
+        'peers = ["AT"]',
         "[archive]",
         'kind = "folder"',
         f'path = "{root / "archive"}"',
@@ -370,3 +335,37 @@ def write_b_config(root: Path, node: RunningNode, **retrieval: Any) -> Path:
     path = root / "node.toml"
     path.write_text("\n".join(lines + tables) + "\n")
     return path
+
+
+@dataclass
+class NodeB:
+    """Country B's node from its config, with the real peer client and the retrieval machinery
+    (what ``ncp pull`` and ``ncp jobs work`` assemble)."""
+
+    config: Path
+    node: Any
+    wiring: Any
+    env: RetrievalEnv
+
+    def context(self, patient: str = "PAT100", *, purpose: str = "TREAT") -> PeerContext:
+        """B signs its CLI HP's pair for ``patient`` (the real signer of the peer client)."""
+        hp = self.node.settings.retrieval.cli_hp
+        assert hp is not None
+        return self.wiring.context("AT", hp, PATIENTS[patient].ref, purpose=purpose, informed=True)
+
+    def close(self) -> None:
+        self.env.close()
+        self.wiring.close()
+        self.node.close()
+
+
+def b_node(root: Path, node: RunningNode, **config: Any) -> NodeB:
+    """:func:`write_b_config`, then the node as the commands build it (the caller closes it)."""
+    from ncp.config import load_settings
+    from ncp.consumer.wiring import ClientWiring, retrieval_env
+    from ncp.node import Node
+
+    path = write_b_config(root, node, **config)
+    made = Node.from_settings(load_settings(path))
+    wiring = ClientWiring(made)
+    return NodeB(path, made, wiring, retrieval_env(made, wiring.access))

@@ -8,7 +8,13 @@ studies the tests pull:
 - ``tampered``: a study whose second instance A's archive changed after A indexed it (its SOP
   class is another): what A's manifest says and what A sends disagree.
 
-``clock`` is A's clock: a test may move it (an image token then expires at A's gateway).
+``clock`` is A's clock: a test may move it (an image token then expires at A's gateway). A's
+image tokens live 30 seconds (the shortest A allows) and A tolerates no clock skew, so that a
+token expires at A's gateway after a small move of A's clock; B's nodes here tolerate a minute
+(``leeway_s``), so they still accept the tokens A signs meanwhile.
+
+B is a node of its own (``tests.support.peer_stub.b_node``, its config on disk, the real peer
+client); as a process it is ``python -m ncp jobs work --config ...``.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -33,7 +40,7 @@ from pydicom.uid import SecondaryCaptureImageStorage
 from tests.support.dicom_factory import encode, make_instance, write_instance
 from tests.support.node import ISSUER, PATIENTS, RunningNode, running_node
 from tests.support.orthanc import ENV_REQUIRE, OrthancServer, OrthancUnavailable
-from tests.support.peer_stub import NodeADesc
+from tests.support.peer_stub import NodeB, b_node, write_b_config
 
 ROOT = Path(__file__).resolve().parents[2]
 BIG = "1.2.826.0.1.3680043.10.543.100.900"
@@ -66,9 +73,21 @@ class World:
     clock: ShiftClock
     root: Path
 
-    @property
-    def desc(self) -> str:
-        return NodeADesc.of(self.node).to_json()
+    def b(self, root: Path, **config: Any) -> NodeB:
+        """A node B for this world (see the module doc); the caller closes it."""
+        return b_node(root, self.node, **{**B_DEFAULTS, **config})
+
+    def b_config(self, root: Path, **config: Any) -> Path:
+        return write_b_config(root, self.node, **{**B_DEFAULTS, **config})
+
+
+B_DEFAULTS: dict[str, Any] = {
+    "leeway_s": 60,
+    "renew_before_s": 5,
+    "retry_backoff_s": 0.5,
+    "retry_backoff_max_s": 2.0,
+    "request_timeout_s": 10.0,
+}
 
 
 def _write(folder: Path, study: str, series: int, per_series: int, size: int) -> None:
@@ -174,7 +193,10 @@ def make_world(root: Path) -> Iterator[World]:
             root / "a",
             before_index=fill,
             clock=clock,
-            settings_changes={"gateway": {"archive_timeout_s": 5.0}},
+            settings_changes={
+                "gateway": {"archive_timeout_s": 5.0},
+                "tokens": {"image_access_lifetime_s": 30, "leeway_s": 0},
+            },
         ) as node:
             yield World(node, archive_a, archive_b, clock, root)
     finally:
@@ -185,9 +207,9 @@ def make_world(root: Path) -> Iterator[World]:
 # -- B as a process ---------------------------------------------------------------------------
 
 
-def start_b(world: World, *args: str, log: Path) -> subprocess.Popen[bytes]:
-    """``ncp ARGS`` of node B as a child process (``tests.support.b_worker``)."""
-    command = [sys.executable, "-m", "tests.support.b_worker", world.desc, *args]
+def start_b(*args: str, log: Path) -> subprocess.Popen[bytes]:
+    """``ncp ARGS`` (node B's) as a child process, as an operator runs it."""
+    command = [sys.executable, "-m", "ncp", *args]
     with open(log, "ab") as out:
         return subprocess.Popen(
             command,
