@@ -12,10 +12,12 @@ processes. Then, interleaved, the first round a dropped warm-up, medians of ``--
 - ``bare_tls``: the same from the HTTPS Orthanc (the reference for the pulls, which cross TLS);
 - ``bare_tls_synced``: ``bare_tls`` and the file flushed to disk (fsync) before the clock stops,
   as durable as what the folder store guarantees;
-- ``pull_a``: country B's pull in a process of its own, timed from "go" to "stored": the
-  patient's list (A's manifests), the image token (``$imaging-access``), WADO-RS through A's
-  gateway, every instance verified against the manifest, stored in the folder store (each file
-  flushed to disk and renamed into place), recorded and audited;
+- ``pull_a``: country B's pull in a process of its own (B's node from its config, its peer
+  client over mutual TLS), timed from "go" to "stored": B signs the HP's pair, the patient's
+  list of ImagingStudy manifests from A's standard channel, the image token
+  (``$imaging-access``), WADO-RS through A's gateway, every instance verified against the
+  manifest, stored in the folder store (each file flushed to disk and renamed into place),
+  recorded and audited;
 - ``pull_c``: the same through A's edge gateway (option C);
 - ``stow_only``: the study's files sent to a third Orthanc (B's archive) by B's STOW-RS store as
   the pull sends them (batches of 32 instances, 8 a request, 4 requests at once), nothing else:
@@ -39,7 +41,6 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +203,8 @@ path = "archive"
 dir = "keys"
 [trust]
 list = "trust.toml"
+[consumer]
+peers = ["AT"]
 [retrieval]
 poll_s = 0.2
 {store}
@@ -230,14 +233,14 @@ def b_pull(args: argparse.Namespace) -> None:
     """Child mode: load B's node, say "ready", wait for a line on stdin, pull, print JSON."""
     from ncp.config import load_settings
     from ncp.consumer.jobs import JobRequest, Requester
-    from ncp.consumer.wiring import StudyFilters, retrieval_env
+    from ncp.consumer.wiring import ClientWiring, StudyFilters, retrieval_env
     from ncp.consumer.worker import Retriever
     from ncp.node import Node
     from ncp.security.claims import PatientRef
 
     settings = load_settings(Path(args.config))
     node = Node.from_settings(settings)
-    wiring = _b_wiring(node, Path(args.a_database))
+    wiring = ClientWiring(node)  # B's peer client, as ncp pull uses it
     env = retrieval_env(node, wiring.access)
     hp = settings.retrieval.cli_hp
     assert hp is not None
@@ -268,66 +271,8 @@ def b_pull(args: argparse.Namespace) -> None:
         flush=True,
     )
     env.close()
+    wiring.close()
     node.close()
-
-
-def _b_wiring(node: Any, a_database: Path) -> Any:
-    """B's peer client for the pull. This build has no peer client yet: the tests' stand-in
-    (A's manifests from A's own index, the token from A's $imaging-access over mutual TLS)
-    signs B's pair with B's own key."""
-    from ncp.consumer.model import PeerContext
-    from ncp.security.claims import HP_ASSERTION, TRC, Coding, HpAssertion, Trc
-    from ncp.security.tokens import issue, token_hash
-    from tests.support.peer_stub import NodeADesc, NodeAPeer, StubWiring
-
-    peer = node.trust.peer("AT")
-    keys = node.settings.keys.dir
-    desc = NodeADesc(
-        f"sqlite:///{a_database}",
-        peer.standard.removesuffix("/fhir"),
-        str(Path(node.settings.trust.list).parent.parent / "a" / "keys" / "ca.pem"),
-        str(keys / "client.pem"),
-        str(keys / "client.key"),
-    )
-
-    class Wiring(StubWiring):
-        def context(self, peer_code: str, hp: Any, patient: Any, **kw: Any) -> PeerContext:
-            now = datetime.now(UTC)
-            key = node.keystore.current_signing_key()
-            claims = HpAssertion(
-                issuer="BE",
-                audience=peer.standard,
-                subject=hp.id,
-                issued_at=now,
-                expires_at=now + timedelta(hours=1),
-                subject_name=hp.name,
-                subject_organization=hp.organisation,
-                subject_organization_id=hp.organisation_id,
-                subject_role=Coding("urn:oid:2.16.840.1.113883.2.9.6.2.7", hp.role_code),
-                point_of_care=hp.point_of_care,
-                preferred_language=hp.locale,
-            )
-            token = issue(HP_ASSERTION, claims, key, now=now)
-            trc = Trc(
-                issuer="BE",
-                audience=peer.standard,
-                subject=hp.id,
-                issued_at=now,
-                expires_at=now + timedelta(hours=1),
-                patient=patient,
-                purpose_of_use="TREAT",
-                informed=True,
-                hp_assertion_hash=token_hash(token),
-            )
-            return PeerContext(
-                peer_code,
-                token,
-                issue(TRC, trc, key, now=now),
-                patient,
-                now + timedelta(hours=1),
-            )
-
-    return Wiring(None, NodeAPeer(desc))
 
 
 # --- measuring ----------------------------------------------------------------------------------
@@ -374,9 +319,9 @@ def stow_only(url: str, files: list[Path], staging: Path) -> float:
     return took
 
 
-def pull(config: Path, a_database: Path, option: str, log: Path) -> tuple[dict[str, Any], float]:
+def pull(config: Path, option: str, log: Path) -> tuple[dict[str, Any], float]:
     cmd = [sys.executable, str(BENCH / "pull_bench.py"), "b", "--config", str(config)]
-    cmd += ["--a-database", str(a_database), "--option", option]
+    cmd += ["--option", option]
     with open(log, "ab") as err:
         proc = subprocess.Popen(
             cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True
@@ -449,7 +394,6 @@ def run(args: argparse.Namespace) -> None:
             )
         for port in ports.values():
             wait_port(port, timeout=120)
-        a_database = work / "a" / "index.db"
 
         seconds: dict[str, list[float]] = {v: [] for v in wanted}
         rss: dict[str, list[float]] = {v: [] for v in wanted if v not in REFERENCES}
@@ -477,7 +421,7 @@ def run(args: argparse.Namespace) -> None:
                     shutil.rmtree(work / "b" / "retrieved" / study, ignore_errors=True)
                     config = configs["b_stow" if stow else "b"]
                     option = "C" if name == "pull_c" else "A"
-                    result, grew = pull(config, a_database, option, work / f"{name}.log")
+                    result, grew = pull(config, option, work / f"{name}.log")
                     if result["status"] != "stored" or result["instances"] != len(files):
                         failures[name] = json.dumps(result)
                         continue
@@ -540,7 +484,6 @@ def main() -> None:
     sub = parser.add_subparsers(dest="mode")
     child = sub.add_parser("b", help="(internal) B's side of one pull")
     child.add_argument("--config", required=True)
-    child.add_argument("--a-database", required=True)
     child.add_argument("--option", choices=["A", "C"], default="A")
     parser.add_argument("--instances", type=int, default=1000)
     parser.add_argument("--series", type=int, default=4)
