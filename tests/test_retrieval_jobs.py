@@ -246,3 +246,28 @@ def test_cancel_and_who_may_see_a_job(env: RetrievalEnv, node_a: node_support.Ru
     assert Retriever(env).run_only(job_id) is None  # nothing to run
     records = _b_audit(env, job_id)
     assert [r.details["status"] for r in records] == ["queued", "cancelled"]
+
+
+def test_reconciliation_writes_bs_identifier_after_verifying_as_bytes(
+    tmp_path: Path, node_a: node_support.RunningNode
+) -> None:
+    env = b_env(tmp_path / "b", node_a, reconcile=True)
+    try:
+        job_id = _create(env, node_a, studies=(STUDIES[0],), local_patient="BE-0042")
+        assert Retriever(env).run_only(job_id) == Status.STORED
+        job = env.jobs.get(job_id)
+        store = env.store
+        assert isinstance(store, FolderStore)
+        files = list(store.files(STUDIES[0]))
+    finally:
+        env.close()
+    assert not job.problems and job.instances_done == 2
+    # Verified as A sent them: the sizes recorded are A's, the stored files are B's rewrite.
+    assert job.bytes_done == job.bytes_total
+    for path in files:
+        ds = pydicom.dcmread(path)
+        assert (ds.PatientID, ds.IssuerOfPatientID) == ("BE-0042", "2.16.56.1.1.1")
+        [other] = ds.OtherPatientIDsSequence
+        assert (other.PatientID, other.IssuerOfPatientID) == ("PAT100", node_support.ISSUER)
+        assert ds.StudyInstanceUID == STUDIES[0]
+        assert ds.SOPInstanceUID == path.stem and ds.SeriesInstanceUID == path.parent.name
