@@ -255,9 +255,11 @@ def b_pull(args: argparse.Namespace) -> None:
         context,
         JobRequest("AT", patient, tuple(studies), option=args.option),
     )
+    t1 = time.perf_counter()
     status = Retriever(env).run_only(job.id)
     seconds = time.perf_counter() - t0
     view = env.jobs.get(job.id)
+    at = {event.status: event.at for event in view.history}
     print(
         json.dumps(
             {
@@ -266,6 +268,16 @@ def b_pull(args: argparse.Namespace) -> None:
                 "bytes": view.bytes_done,
                 "instances": view.instances_done,
                 "reason": view.reason,
+                # Where the time went: signing and the list, then the job's own phases.
+                "phases_s": {
+                    "sign_and_list": round(t1 - t0, 3),
+                    "downloading": round((at["verifying"] - at["downloading"]).total_seconds(), 3)
+                    if "verifying" in at
+                    else None,
+                    "verifying": round((at["stored"] - at["verifying"]).total_seconds(), 3)
+                    if "stored" in at
+                    else None,
+                },
             }
         ),
         flush=True,
@@ -398,6 +410,7 @@ def run(args: argparse.Namespace) -> None:
         seconds: dict[str, list[float]] = {v: [] for v in wanted}
         rss: dict[str, list[float]] = {v: [] for v in wanted if v not in REFERENCES}
         failures: dict[str, str] = {}
+        phases: dict[str, list[dict[str, float]]] = {}
         for round_no in range(args.repeat + 1):
             for name in wanted:
                 if name in unavailable or name in failures:
@@ -428,6 +441,7 @@ def run(args: argparse.Namespace) -> None:
                     took = result["seconds"]
                     if round_no:
                         rss[name].append(grew)
+                        phases.setdefault(name, []).append(result["phases_s"])
                 if round_no:
                     seconds[name].append(took)
         medians = {k: statistics.median(v) for k, v in seconds.items() if v}
@@ -457,6 +471,7 @@ def run(args: argparse.Namespace) -> None:
                 medians["pull_a_stow"] / medians["stow_only"], 2
             )
         report["rss_growth_mb_max"] = {k: round(max(v), 1) for k, v in rss.items() if v}
+        report["pull_phases_s"] = phases
         if failures:
             report["failures"] = failures
         if unavailable:
