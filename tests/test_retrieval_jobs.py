@@ -271,3 +271,22 @@ def test_reconciliation_writes_bs_identifier_after_verifying_as_bytes(
         assert (other.PatientID, other.IssuerOfPatientID) == ("PAT100", node_support.ISSUER)
         assert ds.StudyInstanceUID == STUDIES[0]
         assert ds.SOPInstanceUID == path.stem and ds.SeriesInstanceUID == path.parent.name
+
+
+def test_a_job_cancelled_while_it_starts_stops_before_downloading(
+    env: RetrievalEnv, node_a: node_support.RunningNode
+) -> None:
+    peer = _peer(env)
+    job_id = _create(env, node_a)
+
+    def cancel_meanwhile(manifest: StudyManifest) -> StudyManifest:
+        env.jobs.cancel(job_id, hp=HP)  # the HP cancels while the worker reads A's manifests
+        return manifest
+
+    peer.manifest_hook = cancel_meanwhile
+    assert Retriever(env).run_only(job_id) == Status.CANCELLED
+    job = env.jobs.get(job_id)
+    assert [e.status for e in job.history] == ["queued", "downloading", "cancelled"]
+    assert peer.calls["imaging_access"] == 0 and job.instances_done == 0
+    assert job.finished_at is not None and job.cancel_requested
+    assert [r.details["status"] for r in _b_audit(env, job_id)] == ["queued", "cancelled"]

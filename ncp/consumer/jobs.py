@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ncp.audit.models import Action, Outcome, Side
@@ -644,15 +644,6 @@ def _view(session: Session, job: RetrievalJob, *, detail: bool) -> JobView:
         history=history,
         problems=problems,
     )
-
-
-def count_by_status(sessions: sessionmaker[Session]) -> dict[str, int]:
-    """How many jobs are in each status (for operators and metrics)."""
-    with sessions() as session:
-        rows = session.execute(
-            select(RetrievalJob.status, func.count()).group_by(RetrievalJob.status)
-        ).all()
-    return {status: int(n) for status, n in rows}
 
 
 def retention_until(stored_at: datetime, days: float) -> datetime | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 import threading
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from ncp.node import Node
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+log = logging.getLogger(__name__)
 
 WIRING: Callable[[Node], PeerWiring] = default_wiring
 """How the commands reach the peer client (the composition root's default; tests replace it)."""
@@ -340,7 +342,10 @@ def cmd_work(args: argparse.Namespace) -> int:
         try:
             while not stop.is_set():
                 if time.monotonic() >= next_purge:
-                    purge_expired(env)
+                    try:
+                        purge_expired(env)
+                    except Exception:  # the workers go on; the next round tries again
+                        log.exception("the retention purge failed")
                     next_purge = time.monotonic() + every
                 if args.until_idle and _idle(env):
                     break

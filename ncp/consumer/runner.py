@@ -460,6 +460,8 @@ class JobRun:
         return units
 
     def _download(self) -> None:
+        if self._cancel_requested():  # cancelled while A's manifests were read
+            raise _Cancelled()
         if self._plan():
             self.grant()  # fails early (needs-hp, declined) before any connection is opened
         while True:
@@ -775,6 +777,9 @@ class JobRun:
         """Record the job's new status (and audit it), if this worker still holds the job."""
         now = self.env.now()
         job = self._job()
+        if job.worker != self.worker:
+            return None  # another worker took the job over: its transitions are its own
+        # Audited first: a transition that cannot be audited does not happen (fail closed).
         self.env.jobs.audit(job, status, reason, outcome=outcome, studies=list(self.manifests))
         with self.env.sessions.begin() as session:
             locked = session.scalar(
