@@ -49,7 +49,8 @@ WIRING: Callable[[Node], PeerWiring] = default_wiring
 """How the commands reach the peer client (the composition root's default; tests replace it)."""
 
 
-def register(subparsers: Any) -> None:
+def register_pull(subparsers: Any) -> None:
+    """Add ``pull`` to the ``ncp`` command's sub-commands (``ncp.consumer.pull_command``)."""
     pull = subparsers.add_parser(
         "pull",
         help="pull studies of a patient from a peer: verify, store, follow the job",
@@ -85,7 +86,12 @@ def register(subparsers: Any) -> None:
     )
     pull.set_defaults(handler=cmd_pull)
 
-    jobs = subparsers.add_parser("jobs", help="country B's retrieval jobs: list, cancel, work")
+
+def register(subparsers: Any) -> None:
+    """Add ``jobs`` to the ``ncp`` command's sub-commands."""
+    jobs = subparsers.add_parser(
+        "jobs", help="country B's retrieval jobs: list, show, cancel, work, purge"
+    )
     sub = jobs.add_subparsers(metavar="ACTION", required=True)
     listing = sub.add_parser("list", help="jobs, newest first")
     listing.add_argument("--config", type=Path, required=True)

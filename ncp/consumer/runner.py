@@ -38,11 +38,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from ncp.audit.models import Action, Outcome
 from ncp.audit.record import AuditError
+from ncp.consumer.committer import Committer, JobLost, StoreFailed
 from ncp.consumer.env import RetrievalEnv
 from ncp.consumer.jobs import (
     Status,
@@ -65,7 +66,6 @@ from ncp.consumer.model import (
     Priority,
     StudyManifest,
 )
-from ncp.consumer.reconcile import LocalIdentity, ReconcileError, reconcile
 from ncp.consumer.retrieve import (
     Fetcher,
     NotAtPeer,
@@ -91,8 +91,6 @@ log = logging.getLogger(__name__)
 
 CONTEXT_MARGIN = timedelta(seconds=5)
 """A confirmation this close to its expiry is treated as expired (A's clock may run ahead)."""
-BATCH_FILES = 32
-BATCH_BYTES = 64 << 20
 
 
 # -- why a job stops -------------------------------------------------------------------------
@@ -112,10 +110,6 @@ class _Cancelled(_Stop):
 
 class _WorkerStopping(_Stop):
     pass
-
-
-class _Lost(_Stop):
-    """Another worker took the job over (this one had stopped reporting): leave it alone."""
 
 
 class _NeedsHp(NcpError):
@@ -170,7 +164,7 @@ class JobRun:
         self.abandoned: set[tuple[str, str]] = set()
         self._check_lock = threading.Lock()
         self._grant_lock = threading.Lock()
-        self._interrupt: _Stop | None = None
+        self._interrupt: _Stop | JobLost | None = None
         self._errors: list[Exception] = []
         self._downloaded = 0
         self._downloaded_bytes = 0
@@ -181,14 +175,21 @@ class JobRun:
     def run(self) -> Status:
         try:
             self.row = self._load()
-        except _Lost:
+        except JobLost:
             return Status.DOWNLOADING
-        committer = _Committer(self)
+        committer = Committer(
+            self.env,
+            self.row.id,
+            self.worker,
+            self.stored,
+            patient=self.row.patient,
+            local_patient=self.row.local_patient,
+        )
         self.committer = committer
         committer.start()
         try:
             outcome = self._run()
-        except _Lost:
+        except JobLost:
             outcome = None
         except AuditError:
             # Fail closed: a job whose steps cannot be audited stops, and resumes later.
@@ -218,7 +219,7 @@ class JobRun:
             self._settle(quietly=True)
             self._requeue("the worker stopped; the job resumes where it was", delay=0.0)
             return Status.QUEUED
-        except _Lost:
+        except JobLost:
             raise
         except _NeedsHp as exc:
             self._settle(quietly=True)
@@ -233,7 +234,7 @@ class JobRun:
         except (Transient, PeerUnreachable) as exc:
             self._settle(quietly=True)
             return self._retry_or_fail(str(exc), getattr(exc, "retry_after", None))
-        except (_Failed, PeerNotAllowed, PeerAnswerInvalid) as exc:
+        except (_Failed, StoreFailed, PeerNotAllowed, PeerAnswerInvalid) as exc:
             self._settle(quietly=True)
             return self._end(Status.FAILED, str(exc), outcome=Outcome.SERIOUS_FAILURE)
         except AuditError:
@@ -261,7 +262,7 @@ class JobRun:
         with self.env.sessions() as session:
             job = session.get(RetrievalJob, self.job_id)
             if job is None or job.worker != self.worker:
-                raise _Lost()
+                raise JobLost()
             context = None
             if job.hp_assertion and job.trc and job.context_expires_at:
                 context = PeerContext(
@@ -480,7 +481,7 @@ class JobRun:
             self.committer.flush()
             self.committer.raise_failure()
             interrupt, errors = self._interrupt, self._errors
-            if isinstance(interrupt, _Lost | _WorkerStopping | _Cancelled):
+            if isinstance(interrupt, JobLost | _WorkerStopping | _Cancelled):
                 raise interrupt
             for error in errors:
                 if not isinstance(error, Transient | PeerUnreachable):
@@ -500,7 +501,7 @@ class JobRun:
                 return
             try:
                 self._run_unit(unit)
-            except _Stop as stop:
+            except (_Stop, JobLost) as stop:
                 self._interrupt = self._interrupt or stop
             except Exception as exc:  # collected: the round ends, the run decides
                 self._errors.append(exc)
@@ -554,7 +555,7 @@ class JobRun:
         if self.stop.is_set():
             raise _WorkerStopping()
         if self.committer.lost:
-            raise _Lost()
+            raise JobLost()
         if self.committer.cancelled:
             raise _Cancelled()
         if self.committer.failure is not None:
@@ -614,7 +615,7 @@ class JobRun:
             if self.committer.cancelled:
                 raise _Cancelled()
             if self.committer.lost:
-                raise _Lost()
+                raise JobLost()
             time.sleep(min(0.2, self.settings.poll_s))
         self._set_reason(None)
 
@@ -866,277 +867,3 @@ def _aware(moment: datetime) -> datetime:
     from datetime import UTC
 
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-# -- the committer -----------------------------------------------------------------------------
-
-_FLUSH = object()
-_CLOSE = object()
-
-
-class _Committer:
-    """The job's one writer: stores verified instances in batches, records them and the
-    problems, reports progress, keeps the job's lease, and watches for cancellation and (for
-    batch jobs) emergencies. Its queue is bounded: a slow store slows the download, never
-    fills the memory."""
-
-    def __init__(self, run: JobRun) -> None:
-        self.run = run
-        self.env = run.env
-        connections = run.settings.connections_per_peer
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=max(16, 16 * connections))
-        self._thread = threading.Thread(target=self._loop, name="retrieve-commit", daemon=True)
-        self._flushed = threading.Condition()
-        self._flush_asked = 0
-        self._flush_done = 0
-        self.failure: Exception | None = None
-        self.cancelled = False
-        self.lost = False
-        self.stored_any = False
-        self._emergency = False
-        self._emergency_checked = 0.0
-        self._beat_every = run.settings.lease_s / 3
-        self._last_beat = 0.0
-        self._local = None
-        if run.settings.reconcile and run.row.local_patient:
-            issuer = run.settings.local_patient_issuer or self.env.local_issuer
-            self._local = LocalIdentity(run.row.local_patient, issuer)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def put(self, item: Verified | Problem) -> None:
-        while True:
-            if self.failure is not None or self.lost:
-                if isinstance(item, Verified):
-                    with contextlib.suppress(FileNotFoundError):
-                        item.path.unlink()
-                return
-            try:
-                self._queue.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                continue
-
-    def put_all(self, problems: Iterable[Problem]) -> None:
-        for problem in problems:
-            self.put(problem)
-
-    def record_present(self, rows: list[tuple[str, str, str]]) -> None:
-        """Instances the store holds already: done, without a download."""
-        now = self.env.now()
-        with self.env.sessions.begin() as session:
-            session.execute(
-                insert(RetrievedInstance),
-                [
-                    {
-                        "job_id": self.run.row.id,
-                        "study_uid": study,
-                        "series_uid": series,
-                        "sop_uid": sop,
-                        "size": 0,
-                        "stored_at": now,
-                        "downloaded": False,
-                    }
-                    for study, series, sop in rows
-                ],
-            )
-            self._progress(session, {(s, sop): 0 for s, _, sop in rows}, [], now)
-        for study, _, sop in rows:
-            self.run.stored[study].add(sop)
-
-    def flush(self) -> None:
-        """Wait until everything put so far is stored and recorded."""
-        if not self._thread.is_alive():
-            return
-        with self._flushed:
-            self._flush_asked += 1
-            ticket = self._flush_asked
-        self._queue.put(_FLUSH)
-        with self._flushed:
-            while self._flush_done < ticket and self._thread.is_alive():
-                self._flushed.wait(0.5)
-
-    def raise_failure(self) -> None:
-        if self.lost:
-            raise _Lost()
-        failure = self.failure
-        if isinstance(failure, StoreError | ReconcileError):
-            raise _Failed(f"B's local store did not take the instances: {failure}")
-        if failure is not None:
-            raise failure
-
-    def close(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(_CLOSE)
-            self._thread.join()
-        # Anything left (after a failure) is discarded with the staging folder.
-
-    def emergency_waiting(self, *, fresh: bool = False) -> bool:
-        """Whether an emergency job is queued or running in any process (asked of the
-        database; ``fresh``: now, else at most every poll)."""
-        from ncp.consumer.worker import busy
-
-        now_mono = time.monotonic()
-        if fresh or now_mono - self._emergency_checked > 0.2:
-            lease = timedelta(seconds=self.run.settings.lease_s)
-            with self.env.sessions() as session:
-                self._emergency = bool(
-                    session.scalar(select(busy(("emergency",), self.env.now(), lease)))
-                )
-            self._emergency_checked = now_mono
-        return self._emergency
-
-    # -- the thread --------------------------------------------------------------------------
-
-    def _loop(self) -> None:
-        batch: list[Verified] = []
-        problems: list[Problem] = []
-        size = 0
-        closing = False
-        self._beat()
-        while not closing:
-            try:
-                item = self._queue.get(timeout=0.05 if batch or problems else self._beat_every)
-            except queue.Empty:
-                item = None
-            flush_now = item is None or self._queue.empty()
-            if item is _CLOSE:
-                closing = flush_now = True
-            elif item is _FLUSH:
-                flush_now = True
-            elif isinstance(item, Verified):
-                batch.append(item)
-                size += item.size
-            elif isinstance(item, Problem):
-                problems.append(item)
-            full = len(batch) >= BATCH_FILES or size >= BATCH_BYTES
-            if (batch or problems) and (flush_now or full):
-                self._commit(batch, problems)
-                batch, problems, size = [], [], 0
-            if item is _FLUSH:
-                with self._flushed:
-                    self._flush_done += 1
-                    self._flushed.notify_all()
-            if time.monotonic() - self._last_beat >= self._beat_every:
-                self._beat()
-        with self._flushed:
-            self._flush_done = self._flush_asked
-            self._flushed.notify_all()
-
-    def _commit(self, batch: list[Verified], problems: list[Problem]) -> None:
-        if self.failure is not None or self.lost:
-            for item in batch:
-                with contextlib.suppress(FileNotFoundError):
-                    item.path.unlink()
-            return
-        try:
-            if batch:
-                if self._local is not None:
-                    for item in batch:
-                        reconcile(item.path, self.run.row.patient, self._local)
-                self.env.store.put(batch)
-            now = self.env.now()
-            with self.env.sessions.begin() as session:
-                if batch:
-                    session.execute(
-                        insert(RetrievedInstance),
-                        [
-                            {
-                                "job_id": self.run.row.id,
-                                "study_uid": v.key.study_uid,
-                                "series_uid": v.key.series_uid,
-                                "sop_uid": v.key.sop_uid,
-                                "size": v.size,
-                                "received_at": v.received_at,
-                                "stored_at": now,
-                                "downloaded": True,
-                            }
-                            for v in batch
-                        ],
-                    )
-                if problems:
-                    session.execute(
-                        insert(RetrievalProblem),
-                        [
-                            {
-                                "job_id": self.run.row.id,
-                                "at": now,
-                                "kind": p.kind,
-                                "study_uid": p.study_uid,
-                                "series_uid": p.series_uid,
-                                "sop_uid": p.sop_uid,
-                                "detail": p.detail[:2000],
-                            }
-                            for p in problems
-                        ],
-                    )
-                done = {(v.key.study_uid, v.key.sop_uid): v.size for v in batch}
-                self._progress(session, done, problems, now)
-            for v in batch:
-                self.run.stored[v.key.study_uid].add(v.key.sop_uid)
-            if batch:
-                self.stored_any = True
-        except (StoreError, ReconcileError) as exc:
-            self.failure = exc
-            for item in batch:
-                with contextlib.suppress(FileNotFoundError):
-                    item.path.unlink()
-        except _Lost:
-            self.lost = True
-        except Exception as exc:
-            log.exception("job %s: recording progress failed", self.run.row.id)
-            self.failure = exc
-
-    def _progress(
-        self,
-        session: object,
-        done: dict[tuple[str, str], int],
-        problems: list[Problem],
-        now: datetime,
-    ) -> None:
-        """Counts, lease and cancellation, in the caller's transaction."""
-        from sqlalchemy.orm import Session
-
-        assert isinstance(session, Session)
-        job = RetrievalJob
-        changed = session.execute(
-            update(job)
-            .where(job.id == self.run.row.id, job.worker == self.run.worker)
-            .values(
-                instances_done=job.instances_done + len(done),
-                bytes_done=job.bytes_done + sum(done.values()),
-                instances_rejected=job.instances_rejected
-                + sum(1 for p in problems if p.kind != "missing"),
-                heartbeat_at=now,
-                updated_at=now,
-            )
-            .returning(job.cancel_requested)
-        ).first()
-        if changed is None:
-            raise _Lost()
-        self.cancelled = self.cancelled or bool(changed[0])
-        per_study: dict[str, tuple[int, int]] = {}
-        for (study, _), size in done.items():
-            n, b = per_study.get(study, (0, 0))
-            per_study[study] = (n + 1, b + size)
-        for study, (n, b) in per_study.items():
-            session.execute(
-                update(RetrievalJobStudy)
-                .where(RetrievalJobStudy.job_id == self.run.row.id)
-                .where(RetrievalJobStudy.study_uid == study)
-                .values(
-                    instances_done=RetrievalJobStudy.instances_done + n,
-                    bytes_done=RetrievalJobStudy.bytes_done + b,
-                )
-            )
-        self._last_beat = time.monotonic()
-
-    def _beat(self) -> None:
-        try:
-            with self.env.sessions.begin() as session:
-                self._progress(session, {}, [], self.env.now())
-        except _Lost:
-            self.lost = True
-        except SQLAlchemyError:
-            log.warning("job %s: the heartbeat could not be written", self.run.row.id)
