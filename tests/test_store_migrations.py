@@ -44,6 +44,7 @@ MODEL_TABLES = {
     "report",
     "report_version",
     "used_token",
+    "viewer_session",
     "list_entry",
     "retrieval_job",
     "retrieval_job_study",

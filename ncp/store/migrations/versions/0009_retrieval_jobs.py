@@ -2,7 +2,7 @@
 the stored studies retention purges
 
 Revision ID: retrieval_jobs
-Revises: kotitle
+Revises: viewer_session
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "retrieval_jobs"
-down_revision = "kotitle"
+down_revision = "viewer_session"
 branch_labels = None
 depends_on = None
 
