@@ -24,6 +24,7 @@ from ncp.config import FolderArchive, NodeSettings, load_settings
 from ncp.consumer.command import register as register_ask
 from ncp.errors import ArchiveError, ConfigError, NcpError
 from ncp.gateway.edge import register as register_edge
+from ncp.ops.checks import register as register_check_config
 from ncp.security.command import register as register_keys
 from ncp.serve import register as register_serve
 from ncp.validation.command import register as register_validate
@@ -117,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     register_keys(sub)
     register_edge(sub)
     register_serve(sub)
+    register_check_config(sub)
     register_ask(sub)
 
     examples = sub.add_parser("examples", help="example data")
