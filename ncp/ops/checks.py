@@ -53,6 +53,7 @@ from ncp.security import pki
 from ncp.security.keystore import (
     InvalidJwk,
     KeyStoreError,
+    MissingKeyFile,
     key_set_from_jwks,
     load_certificates,
     load_private_key,
@@ -340,10 +341,16 @@ def _check_keys(
     anchors: list[x509.Certificate] = []
     try:
         anchors = load_certificates(ca_path)
-    except KeyStoreError as exc:
-        findings.error(
-            exc.path, "-", f"{exc.reason}: the node's CA, which peers put in their trust lists"
+    except MissingKeyFile:
+        # Optional in production (docs/trust.md); without it the chains go unchecked.
+        findings.warning(
+            ca_path,
+            "-",
+            "no such file: the chains of server.pem and client.pem to the node's CA are not "
+            "checked; keep the CA that peers put in their trust lists here",
         )
+    except KeyStoreError as exc:
+        findings.error(exc.path, "-", exc.reason)
     for ca in anchors:
         _check_ca(ca_path, ca, ctx, findings)
     if (directory / pki.CA_KEY).exists() and not ctx.demo:

@@ -35,7 +35,17 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
 _HEADER = b"x-request-id"
 _CATCH_ALL = re.compile(r"\{(\w+):path\}$")
 _WORDS = frozenset(
-    {"studies", "series", "instances", "metadata", "frames", "bulk", "rendered", "thumbnail"}
+    {
+        "studies",
+        "series",
+        "instances",
+        "metadata",
+        "frames",
+        "bulk",
+        "rendered",
+        "thumbnail",
+        "openapi.json",
+    }
 )
 _PLACEHOLDER = {"studies": "{study}", "series": "{series}", "instances": "{instance}"}
 _MAX_SEGMENTS = 12
