@@ -36,7 +36,7 @@ class Cycle:
 @pytest.fixture(scope="module")
 def cycle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cycle]:
     root = tmp_path_factory.mktemp("ops-cycle")
-    with served_node(root) as node:
+    with served_node(root, log_level="debug") as node:
         ids: dict[str, str] = {}
 
         def headers(step: str, patient: str | None = "PAT100") -> dict[str, str]:
