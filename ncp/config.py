@@ -77,14 +77,43 @@ class DatabaseSection(_Section):
     )
 
 
-class FolderArchive(_Section):
+class _ArchiveSource(_Section):
+    """What every archive source says of itself, whatever its kind."""
+
+    patient_id_issuer: str = Field(
+        default="",
+        description="Assigning authority (Issuer of Patient ID, an OID such as "
+        "'1.2.40.0.10.1.4.3.1' or an absolute URI) of this archive's Patient IDs that carry none: "
+        "real archives rarely fill (0010,0021), and a national archive's IDs belong to the "
+        "country's namespace. Applied wherever an instance's patient is read: the index, the "
+        "list, image access tokens and the gateways' patient check (docs/study-index.md). "
+        "Empty: such instances keep no issuer, and their patients cannot be named by a peer "
+        "(`ncp index` reports them). Changing it re-reads the archive at the next `ncp index`.",
+    )
+
+    @field_validator("patient_id_issuer")
+    @classmethod
+    def _issuer(cls, value: str) -> str:
+        if not value:
+            return value
+        # As DICOM would write it (LO: 64 characters, no backslash) and as FHIR can name it
+        # (an Identifier.system: an OID as urn:oid:..., or an absolute URI).
+        if len(value) > 64 or "\\" in value or value != value.strip():
+            raise ValueError("must fit DICOM LO: at most 64 characters, no backslash or padding")
+        parts = value.split(".")
+        if not (len(parts) > 1 and all(p.isdigit() for p in parts)) and ":" not in value:
+            raise ValueError("must be an OID (digits and dots) or an absolute URI")
+        return value
+
+
+class FolderArchive(_ArchiveSource):
     kind: Literal["folder"] = "folder"
     path: Path = Field(
         description="Root of a tree of DICOM files (a DICOMDIR media layout is fine)."
     )
 
 
-class DicomwebArchive(_Section):
+class DicomwebArchive(_ArchiveSource):
     kind: Literal["dicomweb"]
     url: str = Field(
         description="DICOMweb base of the archive, e.g. http://127.0.0.1:8042/dicom-web"

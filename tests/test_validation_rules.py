@@ -61,7 +61,30 @@ def _samples() -> list[dict[str, Any]]:
             {"url": "http://x"},
         ],
     }
-    return [*bundles, damaged, patient, {"resourceType": "Bundle", "type": "document"}]
+    version = "https://ncp.example/fhir/StructureDefinition/ncp-report-version"
+    others: list[dict[str, Any]] = [
+        {"resourceType": "Organization", "address": [{"use": "home", "city": "Graz"}]},
+        {"resourceType": "Organization", "_name": {"extension": [{"url": "x"}]}},
+        {"resourceType": "Organization", "name": "O", "address": [{"use": "work", "line": ["a"]}]},
+        {"resourceType": "ServiceRequest", "orderDetail": [{"text": "x"}]},
+        {"resourceType": "ServiceRequest", "orderDetail": [{"text": "x"}], "code": {"text": "y"}},
+        {"resourceType": "DiagnosticReport", "status": "registered"},
+        {"resourceType": "DiagnosticReport", "status": "final"},
+        {"resourceType": "DiagnosticReport", "code": {"text": "x"}},
+        {
+            "resourceType": "Composition",
+            "extension": [{"url": version, "valuePositiveInt": 2}],
+        },
+        {
+            "resourceType": "Composition",
+            "extension": [{"url": version, "valuePositiveInt": 2}],
+            "relatesTo": [{"code": "replaces"}],
+        },
+        {"resourceType": "Composition", "extension": [{"url": version, "valuePositiveInt": 1}]},
+        {"resourceType": "Basic", "extension": [{"url": version, "valueInteger": 0}]},
+        {"resourceType": "Basic", "extension": [{"url": version, "valueInteger": 3}]},
+    ]
+    return [*bundles, damaged, patient, *others, {"resourceType": "Bundle", "type": "document"}]
 
 
 def _is_entry(value: dict[str, Any]) -> bool:
@@ -76,6 +99,12 @@ _CONTEXT: dict[str, tuple[Any, str | None]] = {
     "bdl-8": (_is_entry, "Bundle.entry"),
     "cmp-1": (lambda v: "title" in v or "emptyReason" in v, "Composition.section"),
     "cmp-2": (lambda v: "title" in v or "emptyReason" in v, "Composition.section"),
+    "org-1": (lambda v: v.get("resourceType") == "Organization", "Organization"),
+    "org-2": (lambda v: "resourceType" not in v and ("city" in v or "line" in v), "Address"),
+    "prr-1": (lambda v: v.get("resourceType") == "ServiceRequest", "ServiceRequest"),
+    "ncp-dr-1": (lambda v: v.get("resourceType") == "DiagnosticReport", "DiagnosticReport"),
+    "ncp-rv-1": (lambda v: str(v.get("url", "")).endswith("ncp-report-version"), "Extension"),
+    "ncp-comp-1": (lambda v: v.get("resourceType") == "Composition", "Composition"),
 }
 
 

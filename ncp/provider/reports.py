@@ -110,8 +110,12 @@ class LoadFailure:
 @dataclass(slots=True)
 class LoadSummary:
     stored: int = 0
+    """Report versions stored (a report corrected or amended has several)."""
     unchanged: int = 0
+    """Versions that were stored already."""
     failed: list[LoadFailure] = field(default_factory=list)
+    reports: set[str] = field(default_factory=set)
+    """The reports (business identifiers) whose versions were loaded or found stored."""
 
     @property
     def ok(self) -> bool:
@@ -407,6 +411,7 @@ def load_folder(
         except (FhirReadError, OSError, ReportError) as exc:
             summary.failed.append(LoadFailure(name, _reason(exc)))
             continue
+        summary.reports.add(result.report_id)
         if result.created:
             summary.stored += 1
         else:

@@ -24,6 +24,7 @@ from ncp.validation import structure
 from ncp.validation.bindings import Bindings
 from ncp.validation.bundle import bundle_issues
 from ncp.validation.elements import Catalogue, Tree, canonical
+from ncp.validation.formats import Formats
 from ncp.validation.invariants import Invariants, Scope
 from ncp.validation.issues import (
     INFORMATIONAL,
@@ -54,6 +55,7 @@ class Validator:
         self.catalogue = Catalogue(definitions)
         self.bindings = Bindings(definitions, terminology)
         self.invariants = Invariants()
+        self.formats = Formats(definitions)
 
     @classmethod
     def default(cls) -> Validator:
@@ -115,9 +117,18 @@ class Validator:
             run.issues.append(Issue("fatal", STRUCTURE, "", "a resource is a JSON object", "json"))
             return
         rtype = resource.get("resourceType")
-        run.issues.extend(structure.model_issues(resource))
+        model = structure.model_issues(resource)
+        run.issues.extend(model)
         if not isinstance(rtype, str) or not is_resource_type(rtype):
             return
+        self._walk_all(resource, rtype, forced, run)
+        # A value the walk found malformed was found by the model too: one finding, the walk's
+        # (it knows the FHIR type, so it names the rule).
+        run.issues[: len(model)] = structure.not_found_again(model, run.issues[len(model) :])
+
+    def _walk_all(
+        self, resource: dict[str, Any], rtype: str, forced: Sequence[str], run: Run
+    ) -> None:
         forced_by_type: dict[str, list[str]] = {}
         for url in forced:
             forced_by_type.setdefault(self.check_profile(url), []).append(canonical(url))

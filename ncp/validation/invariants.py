@@ -25,22 +25,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from typing import Any
 
-from antlr4 import CommonTokenStream, InputStream, Token
-from antlr4.error.ErrorListener import ErrorListener
-from fhirpathpy import compile as fhirpath_compile
-from fhirpathpy.engine.invocations import invocation_registry
-from fhirpathpy.engine.nodes import ResourceNode
-from fhirpathpy.models import models
-from fhirpathpy.parser.generated.FHIRPathLexer import FHIRPathLexer
-from fhirpathpy.parser.generated.FHIRPathParser import FHIRPathParser
 from lxml import etree
 
 from ncp.validation.elements import Constraint
 from ncp.validation.issues import INVARIANT, Issue, Severity
 
+# fhirpathpy (with its ANTLR parser) is imported on first use, in :func:`_engine`: the
+# constraints met in what the node exchanges are all native, so ``ncp validate`` of such files
+# never loads it (start-up matters: CI runs one process per file).
+
 Native = Callable[[Any, "Scope"], bool]
 
-_R4 = models["r4"]
 _XHTML = "{http://www.w3.org/1999/xhtml}"
 
 # fhirpathpy compares FHIR date-times as strings when they are read from a resource (literals
@@ -353,6 +348,71 @@ def _cmp_2(value: Any, scope: Scope) -> bool:
     return not _exists(value, "emptyReason") or not _exists(value, "entry")
 
 
+def _count(value: Any, key: str) -> int:
+    found = value.get(key) if isinstance(value, dict) else None
+    if found is None:
+        # A primitive with only its extension (``_name``) is still an element that counts.
+        return 1 if isinstance(value, dict) and value.get("_" + key) is not None else 0
+    return len(found) if isinstance(found, list) else 1
+
+
+def _org_1(value: Any, scope: Scope) -> bool:
+    return _count(value, "identifier") + _count(value, "name") > 0
+
+
+def _org_2(value: Any, scope: Scope) -> bool:
+    return not (isinstance(value, dict) and value.get("use") == "home")
+
+
+def _prr_1(value: Any, scope: Scope) -> bool:
+    return not _exists(value, "orderDetail") or _exists(value, "code")
+
+
+_REPORT_STATUSES = frozenset({"preliminary", "final", "amended"})
+
+
+def _ncp_dr_1(value: Any, scope: Scope) -> bool:
+    status = value.get("status") if isinstance(value, dict) else None
+    return status is None or (isinstance(status, str) and status in _REPORT_STATUSES)
+
+
+def _values_of(extension: Any) -> list[Any]:
+    if not isinstance(extension, dict):
+        return []
+    return [v for k, v in extension.items() if k.startswith("value") and v is not None]
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _ncp_rv_1(value: Any, scope: Scope) -> bool:
+    found = _values_of(value)
+    # Several values, or one that is not a number, cannot be compared: FHIRPath gives empty
+    # (or fails), which is not a failure.
+    return len(found) != 1 or not _number(found[0]) or found[0] >= 1
+
+
+_VERSION_EXTENSION = "https://ncp.example/fhir/StructureDefinition/ncp-report-version"
+
+
+def _ncp_comp_1(value: Any, scope: Scope) -> bool:
+    extensions = value.get("extension") if isinstance(value, dict) else None
+    found = [
+        v
+        for e in (extensions if isinstance(extensions, list) else [])
+        if isinstance(e, dict) and e.get("url") == _VERSION_EXTENSION
+        for v in _values_of(e)
+    ]
+    if len(found) != 1 or not _number(found[0]) or found[0] <= 1:
+        return True
+    relates = value.get("relatesTo")
+    return any(
+        isinstance(r, dict) and r.get("code") == "replaces"
+        for r in (relates if isinstance(relates, list) else [])
+    )
+
+
 NATIVE: dict[tuple[str, str], Native] = {
     ("bdl-1", "total.empty() or (type = 'searchset') or (type = 'history')"): _bdl_1,
     ("bdl-2", "entry.search.empty() or (type = 'searchset')"): _bdl_2,
@@ -410,6 +470,17 @@ NATIVE: dict[tuple[str, str], Native] = {
     ): _per_1,
     ("txt-1", "htmlChecks()"): _txt_1,
     ("txt-2", "htmlChecks()"): _txt_2,
+    # Met in every report bundle; fhirpathpy took a tenth of a validation for these six.
+    ("org-1", "(identifier.count() + name.count()) > 0"): _org_1,
+    ("org-2", "where(use = 'home').empty()"): _org_2,
+    ("prr-1", "orderDetail.empty() or code.exists()"): _prr_1,
+    ("ncp-dr-1", "status = 'preliminary' or status = 'final' or status = 'amended'"): _ncp_dr_1,
+    ("ncp-rv-1", "value.exists() implies value >= 1"): _ncp_rv_1,
+    (
+        "ncp-comp-1",
+        f"extension('{_VERSION_EXTENSION}').value > 1 implies "
+        "relatesTo.where(code = 'replaces').exists()",
+    ): _ncp_comp_1,
 }
 
 
@@ -421,7 +492,6 @@ def _has_value(inputs: list[Any]) -> list[bool]:
 
 
 _USER_FUNCTIONS: dict[str, Any] = {"hasValue": {"fn": _has_value, "arity": {0: []}}}
-_KNOWN_FUNCTIONS = frozenset(invocation_registry) | frozenset(_USER_FUNCTIONS)
 _FUNCTION_CALL = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*\(")
 _OPERATORS = frozenset({"in", "and", "or", "xor", "implies", "contains", "is", "as", "div", "mod"})
 _OPTIONS: dict[str, Any] = {
@@ -430,26 +500,71 @@ _OPTIONS: dict[str, Any] = {
 }
 
 
-class _Strict(ErrorListener):  # type: ignore[misc]
-    def syntaxError(
-        self, recognizer: Any, symbol: Any, line: int, column: int, msg: str, e: Any
-    ) -> None:
-        raise ValueError(f"column {column}: {msg}")
+@dataclass(frozen=True, slots=True)
+class _Engine:
+    """What is used of fhirpathpy and its ANTLR runtime, loaded once."""
+
+    compile: Callable[..., Callable[..., list[Any]]]
+    model: Any
+    known_functions: frozenset[str]
+    resource_node: Any
+    lexer: Any
+    parser: Any
+    input_stream: Any
+    token_stream: Any
+    eof: int
+    error_listener: type[Any]
+
+
+@functools.cache
+def _engine() -> _Engine:
+    from antlr4 import CommonTokenStream, InputStream, Token
+    from antlr4.error.ErrorListener import ErrorListener
+    from fhirpathpy import compile as fhirpath_compile
+    from fhirpathpy.engine.invocations import invocation_registry
+    from fhirpathpy.engine.nodes import ResourceNode
+    from fhirpathpy.models import models
+    from fhirpathpy.parser.generated.FHIRPathLexer import FHIRPathLexer
+    from fhirpathpy.parser.generated.FHIRPathParser import FHIRPathParser
+
+    return _Engine(
+        compile=fhirpath_compile,
+        model=models["r4"],
+        known_functions=frozenset(invocation_registry) | frozenset(_USER_FUNCTIONS),
+        resource_node=ResourceNode,
+        lexer=FHIRPathLexer,
+        parser=FHIRPathParser,
+        input_stream=InputStream,
+        token_stream=CommonTokenStream,
+        eof=Token.EOF,
+        error_listener=ErrorListener,
+    )
+
+
+def _strict_listener() -> Any:
+    class _Strict(_engine().error_listener):  # type: ignore[misc]
+        def syntaxError(
+            self, recognizer: Any, symbol: Any, line: int, column: int, msg: str, e: Any
+        ) -> None:
+            raise ValueError(f"column {column}: {msg}")
+
+    return _Strict()
 
 
 def check_syntax(expression: str) -> None:
     """Raise ValueError for an expression that is not FHIRPath: fhirpathpy's own parser
     recovers silently from syntax errors and would evaluate a fragment of the expression."""
-    listener = _Strict()
-    lexer = FHIRPathLexer(InputStream(expression))
+    engine = _engine()
+    listener = _strict_listener()
+    lexer = engine.lexer(engine.input_stream(expression))
     lexer.removeErrorListeners()
     lexer.addErrorListener(listener)
-    tokens = CommonTokenStream(lexer)
-    parser = FHIRPathParser(tokens)
+    tokens = engine.token_stream(lexer)
+    parser = engine.parser(tokens)
     parser.removeErrorListeners()
     parser.addErrorListener(listener)
     parser.expression()
-    if tokens.LA(1) != Token.EOF:
+    if tokens.LA(1) != engine.eof:
         raise ValueError(f"unexpected text after column {tokens.LT(1).start}")
 
 
@@ -474,6 +589,18 @@ class Invariants:
 
     def __init__(self) -> None:
         self._prepared: dict[tuple[str, str], Prepared] = {}
+        # By the constraints tuple of a compiled element (kept alive here, so its id is never
+        # reused): a validation checks the same few hundred tuples thousands of times.
+        self._by_tuple: dict[int, tuple[tuple[Constraint, ...], tuple[Prepared, ...]]] = {}
+
+    def prepared(self, constraints: tuple[Constraint, ...]) -> tuple[Prepared, ...]:
+        """The constraints of an element, prepared (cached for the element's own tuple)."""
+        found = self._by_tuple.get(id(constraints))
+        if found is not None and found[0] is constraints:
+            return found[1]
+        done = tuple(self.prepare(c) for c in constraints)
+        self._by_tuple[id(constraints)] = (constraints, done)
+        return done
 
     def prepare(self, constraint: Constraint) -> Prepared:
         key = (constraint.key, constraint.expression)
@@ -492,15 +619,16 @@ class Invariants:
             return Prepared(constraint, skip_reason="no FHIRPath expression")
         if constraint.key in UNRELIABLE:
             return Prepared(constraint, skip_reason="fhirpathpy compares these values wrongly")
+        engine = _engine()
         called = set(_FUNCTION_CALL.findall(constraint.expression)) - _OPERATORS
-        missing = called - _KNOWN_FUNCTIONS
+        missing = called - engine.known_functions
         if missing:
             return Prepared(
                 constraint, skip_reason=f"fhirpathpy lacks {', '.join(sorted(missing))}"
             )
         try:
             check_syntax(constraint.expression)
-            compiled = fhirpath_compile(constraint.expression, _R4, _OPTIONS)
+            compiled = engine.compile(constraint.expression, engine.model, _OPTIONS)
         except Exception as exc:  # the parser raises plain exceptions
             return Prepared(constraint, skip_reason=f"fhirpathpy cannot parse it: {exc}")
         return Prepared(constraint, compiled=compiled)
@@ -523,15 +651,44 @@ class Invariants:
         stats: Stats,
         issues: list[Issue],
     ) -> None:
-        """Evaluate the constraints of one element on one value, adding an issue per failure."""
-        for constraint in constraints:
-            prepared = self.prepare(constraint)
+        """Evaluate the constraints of one element on one value, adding an issue per failure.
+
+        ``constraints`` should be an element's own tuple (``ElementNode.constraints``): a tuple
+        made per call is prepared each time (use :meth:`check_each` for those)."""
+        self._check(self.prepared(constraints), value, type_path, location, scope, stats, issues)
+
+    def check_each(
+        self,
+        constraints: tuple[Constraint, ...],
+        value: Any,
+        type_path: str,
+        location: str,
+        scope: Scope,
+        stats: Stats,
+        issues: list[Issue],
+    ) -> None:
+        """:meth:`check` for a tuple made for this one call (not cached)."""
+        done = tuple(self.prepare(c) for c in constraints)
+        self._check(done, value, type_path, location, scope, stats, issues)
+
+    def _check(
+        self,
+        prepared_all: tuple[Prepared, ...],
+        value: Any,
+        type_path: str,
+        location: str,
+        scope: Scope,
+        stats: Stats,
+        issues: list[Issue],
+    ) -> None:
+        for prepared in prepared_all:
+            constraint = prepared.constraint
             if prepared.native is not None:
                 ok = prepared.native(value, scope)
                 stats.native += 1
             elif prepared.compiled is not None:
                 try:
-                    node = ResourceNode.create_node(value, type_path)  # type: ignore[no-untyped-call]
+                    node = _engine().resource_node.create_node(value, type_path)
                     result = prepared.compiled(node, scope.variables())
                 except Exception:  # an engine failure is a skip, never a crash
                     stats.skipped += 1

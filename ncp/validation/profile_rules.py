@@ -8,6 +8,7 @@ children (the parent), a value issue at the value itself.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -115,10 +116,22 @@ def max_length(node: ElementNode, item: Item, issues: list[Issue]) -> None:
 # --- slicing -----------------------------------------------------------------------------------
 
 
+@functools.cache
+def _steps(path: str) -> tuple[str, ...]:
+    return tuple(path.split("."))
+
+
 def _at(node: ElementNode, path: str) -> ElementNode | None:
-    """The element of a slice at a discriminator path (``code``, ``url``, ``resource``)."""
+    """The element of a slice at a discriminator path (``code``, ``url``, ``resource``), kept on
+    the slice: slices are matched against every item of every resource validated."""
+    if path not in node.at_path:
+        node.at_path[path] = _walk_to(node, path)
+    return node.at_path[path]
+
+
+def _walk_to(node: ElementNode, path: str) -> ElementNode | None:
     current: ElementNode | None = node
-    for step in path.split("."):
+    for step in _steps(path):
         if current is None:
             return None
         if step == "$this":
@@ -133,7 +146,7 @@ def _values(value: Any, path: str, resolve: Resolver) -> list[Any]:
     """The values at a discriminator path of an item (a FHIRPath subset: names, $this,
     resolve())."""
     found: list[Any] = [value]
-    for step in path.split("."):
+    for step in _steps(path):
         if step == "$this":
             continue
         nxt: list[Any] = []
