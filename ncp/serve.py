@@ -45,11 +45,11 @@ from ncp.gateway.app import build_gateway_app
 from ncp.gateway.server import TlsFiles, imaging_server
 from ncp.gateway.studyindex import NodeIndex
 from ncp.node import Node
-from ncp.ops.health import Check, Readiness, archive_probe, database_probe, ops_app, peer_probe
+from ncp.ops.health import Check, Readiness, archive_probe, database_probe, peer_probe
 from ncp.ops.logs import LOG_FORMATS, LogFormat, configure_logging
 from ncp.ops.metrics import Metrics
 from ncp.ops.observe import ObservedApp
-from ncp.ops.runner import NamedServer, run_servers
+from ncp.ops.runner import NamedServer, ops_server, run_servers
 from ncp.security.keys import KeySet
 from ncp.security.mtls import (
     audit_refusals,
@@ -233,25 +233,6 @@ def node_readiness(node: Node) -> Readiness:
             )
         )
     return Readiness(checks, cache_s=ops.readiness_cache_s)
-
-
-def ops_server(
-    readiness: Readiness, metrics: Metrics | None, *, host: str, port: int, log_level: str
-) -> NamedServer:
-    """The operations listener: plain HTTP, /healthz, /readyz and /metrics (decision record
-    "operations listener")."""
-    config = uvicorn.Config(
-        ops_app(readiness, metrics),
-        host=host,
-        port=port,
-        ws="none",
-        lifespan="off",
-        proxy_headers=False,
-        server_header=False,
-        access_log=False,
-        log_level=log_level,
-    )
-    return NamedServer("ops", uvicorn.Server(config))
 
 
 def serve(node: Node, *, log_level: str = "info", log_format: LogFormat | None = None) -> int:

@@ -82,8 +82,7 @@ def run_edge(
     from ncp.ops.logs import LogFormat, configure_logging
     from ncp.ops.metrics import Metrics
     from ncp.ops.observe import ObservedApp
-    from ncp.ops.runner import NamedServer, run_servers
-    from ncp.serve import ops_server
+    from ncp.ops.runner import NamedServer, ops_server, run_servers
 
     tls = TlsFiles(settings.tls.certificate, settings.tls.key)
     for path in tls:

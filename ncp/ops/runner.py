@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import uvicorn
 
-from ncp.ops.health import Readiness
+from ncp.ops.health import Readiness, ops_app
+from ncp.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,25 @@ class NamedServer:
 
     name: str
     server: uvicorn.Server
+
+
+def ops_server(
+    readiness: Readiness, metrics: Metrics | None, *, host: str, port: int, log_level: str
+) -> NamedServer:
+    """The operations listener: plain HTTP, /healthz, /readyz and /metrics (decision record
+    "operations listener"), unobserved (probes are not requests to count)."""
+    config = uvicorn.Config(
+        ops_app(readiness, metrics),
+        host=host,
+        port=port,
+        ws="none",
+        lifespan="off",
+        proxy_headers=False,
+        server_header=False,
+        access_log=False,
+        log_level=log_level,
+    )
+    return NamedServer("ops", uvicorn.Server(config))
 
 
 @contextlib.contextmanager
