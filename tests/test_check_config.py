@@ -517,3 +517,20 @@ def test_an_edge_config_is_checked_too(
     broken = check_file(_edge(folder)).problems
     assert [(p.file.endswith("jwks.json"), p.key) for p in broken] == [(True, "keys")]
     assert main(["check-config", "--config", str(folder.root / "edge" / "edge.toml")]) == 1
+
+
+def test_a_later_part_adds_its_demo_only_check(folder: NodeFolder) -> None:
+    from ncp.config import NodeSettings
+    from ncp.ops import checks
+
+    def demo_accounts(settings: NodeSettings, ctx: checks.Context, found: checks.Findings) -> None:
+        if not ctx.demo:
+            found.error(ctx.config, "portal.demo_accounts", "demo accounts outside the demo")
+
+    checks.register_check(demo_accounts)
+    try:
+        assert [p.key for p in found(folder)] == ["portal.demo_accounts"]
+        folder.settings["node"]["demo"] = True
+        assert [p.key for p in found(folder)] == ["node.demo"]
+    finally:
+        checks._EXTRA_CHECKS.remove(demo_accounts)
