@@ -110,6 +110,8 @@ class FolderUpstream:
         self._wholes: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
         self._wholes_lock = threading.Lock()
         self._by_locator: dict[str, _Instance] = {}
+        self._left_out: dict[str, str] = {}
+        """Files that are no instance the index would take, by fingerprint: not read again."""
         self._studies: dict[str, dict[str, dict[str, _Instance]]] = {}
         self._scanned_at: float | None = None
         self._lock = asyncio.Lock()
@@ -128,25 +130,30 @@ class FolderUpstream:
     def _scan(self) -> None:
         changed: list[SourceEntry] = []
         kept: dict[str, _Instance] = {}
+        left: dict[str, str] = {}
         for entry in self.source.entries():
             if not isinstance(entry, SourceEntry):
                 continue
             old = self._by_locator.get(entry.locator)
             if old is not None and old.fingerprint == entry.fingerprint:
                 kept[entry.locator] = old
+            elif self._left_out.get(entry.locator) == entry.fingerprint:
+                left[entry.locator] = entry.fingerprint  # not an instance, unchanged
             else:
                 changed.append(entry)
         for entry in changed:
             header = read_qido_header(self.source, entry)
-            if isinstance(header, InstanceHeader):
-                instance = _instance(header)
-                if instance is not None:
-                    kept[instance.locator] = instance
+            instance = _instance(header) if isinstance(header, InstanceHeader) else None
+            if instance is None:
+                left[entry.locator] = entry.fingerprint
+            else:
+                kept[instance.locator] = instance
         studies: dict[str, dict[str, dict[str, _Instance]]] = {}
         for instance in sorted(kept.values(), key=lambda i: i.locator):
             series = studies.setdefault(instance.study, {}).setdefault(instance.series, {})
             series.setdefault(instance.sop, instance)  # a copy of an instance is served once
         self._by_locator = kept
+        self._left_out = left
         self._studies = studies
 
     def _age(self) -> float | None:
