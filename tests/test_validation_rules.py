@@ -103,7 +103,6 @@ _CONTEXT: dict[str, tuple[Any, str | None]] = {
     "org-2": (lambda v: "resourceType" not in v and ("city" in v or "line" in v), "Address"),
     "prr-1": (lambda v: v.get("resourceType") == "ServiceRequest", "ServiceRequest"),
     "ncp-dr-1": (lambda v: v.get("resourceType") == "DiagnosticReport", "DiagnosticReport"),
-    "ncp-rv-1": (lambda v: str(v.get("url", "")).endswith("ncp-report-version"), "Extension"),
     "ncp-comp-1": (lambda v: v.get("resourceType") == "Composition", "Composition"),
 }
 
@@ -131,7 +130,9 @@ def _fhirpath_agrees(key: str, expression: str, value: Any, scope: Scope) -> boo
 
 @pytest.mark.parametrize(
     ("key", "expression"),
-    [k for k in NATIVE if k[0] not in ("txt-1", "txt-2", "per-1")],
+    # fhirpathpy has no htmlChecks() nor resolve(); per-1 it gets wrong (tested below, as is
+    # dr-comp-author-org in tests/test_guides.py).
+    [k for k in NATIVE if k[0] not in ("txt-1", "txt-2", "per-1", "dr-comp-author-org")],
     ids=lambda k: k if isinstance(k, str) and "-" in k and len(k) < 8 else "",
 )
 def test_native_invariants_give_what_fhirpathpy_gives(key: str, expression: str) -> None:
@@ -388,6 +389,7 @@ def test_project_value_sets_come_from_the_terminology_folder() -> None:
     if validator.profile_type(url) is None:
         pytest.skip("the project's ImagingStudy profile is not there")
     study = entry_of(build_report_bundle(make_report()), "ImagingStudy")[1]
+    study.pop("meta")  # only the project's profile: the guide's binds modality to DICOM CID 29
     study["modality"] = [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "XX"}]
     issues = validator.validate(study, profiles=[url])
     assert any(

@@ -474,6 +474,7 @@ def _apply_batch(
                 "instance_number": keys.instance.instance_number,
                 "number_of_frames": keys.instance.number_of_frames,
                 "size_bytes": keys.instance.size_bytes,
+                **_title_columns(keys.instance.document_title),
                 "source": source,
                 "locator": entry.locator,
             }
@@ -849,3 +850,8 @@ def _recompute(session: Session, study_pks: set[int], zone: tzinfo | None = None
             )
             if orphans:
                 session.execute(delete(Patient).where(Patient.id.in_(orphans)))
+
+
+def _title_columns(title: tuple[str | None, str | None, str | None] | None) -> dict[str, Any]:
+    scheme, code, meaning = title or (None, None, None)
+    return {"title_scheme": scheme, "title_code": code, "title_meaning": meaning}

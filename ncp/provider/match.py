@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 from ncp.fhir.http import FhirHttpError
 from ncp.fhir.identifiers import issuer_of
 from ncp.fhir.listing import patient_resource
+from ncp.provider.describe import describe_patient
 from ncp.store.models import Patient, name_key
 
 MATCH_GRADE_URL = "http://hl7.org/fhir/StructureDefinition/match-grade"
@@ -245,7 +246,7 @@ def searchset(base_url: str, candidates: Sequence[Candidate]) -> dict[str, Any]:
     """The ``$match`` answer: a searchset of the candidates with grade and score."""
     entries = []
     for c in candidates:
-        resource = patient_resource(c.row)
+        resource = patient_resource(describe_patient(c.row))
         entries.append(
             {
                 "fullUrl": f"{base_url}/Patient/{resource['id']}",

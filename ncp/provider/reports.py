@@ -7,11 +7,12 @@ error.
 
 How versions link: the report is its Composition.identifier (the report id is derived from it,
 :func:`ncp.fhir.identifiers.report_resource_id`); the version number is the Composition's
-``ncp-report-version`` extension; Bundle.identifier names one version's document, and a later
-version's ``relatesTo`` (replaces) names the document it replaces. The highest version stored is
-the latest; older ones stay readable. The same version again with the same content changes
-nothing; with other content it is a :class:`VersionConflict`. A lower version arriving late is
-stored as not latest, and the versions naming it as replaced get linked to it then.
+``Composition.version`` (R5 cross-version extension); Bundle.identifier names one version's
+document, and a later version's ``relatesTo`` (replaces) names the document it replaces. The
+highest version stored is the latest; older ones stay readable. The same version again with the
+same content changes nothing; with other content it is a :class:`VersionConflict`. A lower
+version arriving late is stored as not latest, and the versions naming it as replaced get linked
+to it then.
 
 Concurrency: the report row is inserted with ON CONFLICT DO NOTHING (two replicas creating the
 same report: the second waits for the first, then finds its row) and then locked (SELECT ... FOR

@@ -15,6 +15,9 @@ of its type, nested ones included.
 ``--workers N`` validates the inputs in N processes (for folders of many files); the report is
 the same, in the same input order, as with one. Standard input is read by the main process.
 
+``--ig eu-imaging`` / ``--ig mado`` check each resource against the profiles of that
+implementation guide too (:mod:`ncp.validation.guides`).
+
 Exit codes: 0 every input valid (warnings allowed), 1 an input is invalid or unreadable, 2 a usage
 error (a path that does not exist, an unknown ``--profile``).
 """
@@ -36,6 +39,7 @@ from lxml import etree
 from ncp.fhir import canonical
 from ncp.fhir.io import DEFAULT_MAX_BYTES, FhirReadError, read_limited, read_path, read_resource
 from ncp.validation.engine import UnknownProfile, Validator
+from ncp.validation.guides import GUIDES, guide_profiles
 from ncp.validation.issues import Issue, has_errors, to_operation_outcome
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
@@ -150,6 +154,7 @@ def run_validate(
     max_bytes: int = DEFAULT_MAX_BYTES,
     validator: Validator | None = None,
     workers: int = 1,
+    guides: Sequence[str] = (),
 ) -> int:
     """Validate every input and write the report; returns the exit code. ``workers`` > 1 runs
     the default validator in that many processes (a ``validator`` given is used for standard
@@ -168,7 +173,11 @@ def run_validate(
         print(f"ncp validate: --workers must be 1 or more, not {workers}", file=sys.stderr)
         return EXIT_USAGE
     validator = validator or Validator.default()
-    profiles = list(dict.fromkeys(profiles))
+    unknown = [g for g in guides if g not in GUIDES]
+    if unknown:
+        print(f"ncp validate: unknown guide {', '.join(unknown)}", file=sys.stderr)
+        return EXIT_USAGE
+    profiles = list(dict.fromkeys([*profiles, *guide_profiles(list(guides))]))
     for url in profiles:
         try:
             validator.check_profile(url)
@@ -299,6 +308,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="validate in N processes (for folders of many files); the report is the same",
     )
     parser.add_argument(
+        "--ig",
+        action="append",
+        default=[],
+        choices=sorted(GUIDES),
+        help="also check against an implementation guide's profiles (repeatable)",
+    )
+    parser.add_argument(
         "--max-bytes",
         type=int,
         default=DEFAULT_MAX_BYTES,
@@ -317,4 +333,5 @@ def _handler(args: argparse.Namespace) -> int:
         stdout=sys.stdout,
         max_bytes=args.max_bytes,
         workers=args.workers,
+        guides=args.ig,
     )

@@ -165,6 +165,18 @@ def _values(value: Any, path: str, resolve: Resolver) -> list[Any]:
     return found
 
 
+def _canonical(url: Any) -> str:
+    return url.split("|", 1)[0] if isinstance(url, str) else ""
+
+
+def _profiles_at(node: ElementNode, path: str) -> set[str]:
+    """The profiles a profile discriminator asks for: the target profiles of a reference
+    followed by ``resolve()``, else the element's own type profiles."""
+    if "resolve()" in path:
+        return {_canonical(p) for t in node.types for p in t.target_profiles}
+    return {_canonical(p) for t in node.types for p in t.profiles}
+
+
 def _type_of(value: Any) -> str | None:
     if isinstance(value, dict) and isinstance(value.get("resourceType"), str):
         return str(value["resourceType"])
@@ -203,14 +215,24 @@ def slice_matches(
         elif disc.type == "profile":
             if target is None:
                 return False
-            wanted = {p for t in target.types for p in t.profiles}
+            wanted = _profiles_at(target, disc.path)
+            # Another slice's profile the item claims: it belongs there, not here by its type
+            # (two slices of one resource type, e.g. MADO's WADO-RS and viewer endpoints).
+            others = {
+                p
+                for s in sliced.slices
+                if s is not candidate and (at := _at(s, disc.path)) is not None
+                for p in _profiles_at(at, disc.path)
+            } - wanted
             types = {profile_type(p) for p in wanted}
             ok = False
             for v in values:
                 claimed = (
-                    set((v.get("meta") or {}).get("profile", [])) if isinstance(v, dict) else set()
+                    {_canonical(p) for p in (v.get("meta") or {}).get("profile", [])}
+                    if isinstance(v, dict)
+                    else set()
                 )
-                if claimed & wanted or _type_of(v) in types:
+                if claimed & wanted or (_type_of(v) in types and not claimed & others):
                     ok = True
             if not ok:
                 return False

@@ -64,10 +64,12 @@ class Run:
     stats: Stats = field(default_factory=Stats)
     unchecked_value_sets: set[str] = field(default_factory=set)
     jobs: list[Job] = field(default_factory=list)
-    demands: list[tuple[int, str, str]] = field(default_factory=list)
-    """(entry index, profile URL, location of the reference) asked by targetProfile."""
-    walked: set[tuple[int, str]] = field(default_factory=set)
-    """(entry index, profile URL) already checked: a demand for one of them is met."""
+    demands: list[tuple[BundleIndex, int, str, str]] = field(default_factory=list)
+    """(bundle, entry index, profile URL, location of the reference) asked by targetProfile:
+    the entry of that bundle (a bundle inside a bundle has its own entries)."""
+    walked: set[tuple[int, int, str]] = field(default_factory=set)
+    """(id of the bundle, entry index, profile URL) already checked: a demand for one of them
+    is met."""
     indexes: dict[int, BundleIndex] = field(default_factory=dict)
 
     def bundle_index(self, bundle: dict[str, Any]) -> BundleIndex:
@@ -359,9 +361,12 @@ class Walker:
         if ref is None:
             return
         rtype = target.get("resourceType")
+        bundle = self.where.bundle
+        if bundle is None:
+            return
         for url in ref.target_profiles:
             if not url.startswith(CORE_SD) and self.v.profile_type(url) == rtype:
-                self.run.demands.append((index, url, where))
+                self.run.demands.append((bundle, index, url, where))
 
     def nested(self, node: ElementNode, type_code: str, item: Item) -> None:
         resource = item.value
