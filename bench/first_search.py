@@ -6,7 +6,7 @@ Serves a gateway (plain HTTP, as the other benches) before DEMO_DIR/dicom, and r
 it took to start (the folder catalogue is built then), its CPU time, and how long the first
 three QIDO searches over the 50 first studies of the patient with the most studies took. Before
 the catalogue was built at startup, the first search paid for reading every header; then the
-start did (decision 0013).
+start did (decision 0014).
 
 ``--reference`` then times, in the same process on the same files, what the start did before:
 reading every header with pydicom and converting it whole to DICOM JSON (wall and CPU), and
@@ -42,7 +42,7 @@ from tests.gateway_support import (
 
 def previous_start(root: Path) -> tuple[float, float]:
     """(wall, CPU) seconds to read every header of ``root`` with pydicom and convert it whole
-    to DICOM JSON: the folder catalogue's start before decision 0013."""
+    to DICOM JSON: the folder catalogue's start before decision 0014."""
     from ncp.dicom.folder import FolderSource
     from ncp.dicom.source import InstanceHeader, SourceEntry
 

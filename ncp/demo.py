@@ -84,7 +84,7 @@ B_STANDARD = "https://localhost:9443/fhir"
 READY_TIMEOUT_S = 300.0
 """A node loads its profiles and terminology before it answers, and both gateways read what
 QIDO answers with of every instance of the folder archive into their catalogue before they
-serve (a few seconds for the demo's archive, decision 0013); generous for a busy machine."""
+serve (a few seconds for the demo's archive, decision 0014); generous for a busy machine."""
 STOP_TIMEOUT_S = 10.0
 STDERR_TAIL_LINES = 20
 

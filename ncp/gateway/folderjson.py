@@ -1,5 +1,5 @@
 """A folder archive's instances as DICOM JSON (PS3.18 F.2), without reading and converting
-every instance's whole header (decision 0013).
+every instance's whole header (decision 0014).
 
 QIDO-RS answers with a few attributes (:data:`QIDO_TAGS`: those each level returns by default,
 and what the gateway checks). The folder catalogue keeps only those of each instance
