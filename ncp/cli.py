@@ -65,6 +65,10 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
         "ncp.consumer.jobs_command",
         "country B's retrieval jobs: list, show, cancel, work, purge",
     ),
+    "check-config": (
+        "ncp.ops.checks",
+        "check a node's or edge gateway's configuration, keys, certificates and trust list",
+    ),
 }
 """Commands whose parser is registered by their own module (``register(subparsers)``), and the
 line ``ncp --help`` shows for each without loading the module (a test keeps them equal)."""
