@@ -48,8 +48,10 @@ COUNTRY_SYSTEM = "urn:iso:std:iso:3166"
 JTI_PREFIX = "urn:ietf:params:oauth:jti:"
 
 _DCM_DISPLAY = {
+    "110102": "Begin Transferring DICOM Instances",
     "110103": "DICOM Instances Accessed",
     "110104": "DICOM Instances Transferred",
+    "110105": "DICOM Study Deleted",
     "110106": "Export",
     "110107": "Import",
     "110110": "Patient Record",
@@ -99,6 +101,8 @@ EVENT_TYPES: dict[tuple[Action, str], EventType] = {
     (Action.IMAGE_RETRIEVE, "providing"): EventType(DCM, "110106", "R"),
     (Action.IMAGE_RETRIEVE, Side.CONSUMER): EventType(DCM, "110107", "C"),
     (Action.IMAGE_STORE, "*"): EventType(DCM, "110104", "C"),
+    (Action.RETRIEVAL_JOB, "*"): EventType(DCM, "110102", "E"),
+    (Action.IMAGE_PURGE, "*"): EventType(DCM, "110105", "D"),
     (Action.VIEWER_LAUNCH, "*"): EventType(DCM, "110103", "R"),
     (Action.VIEWER_SESSION, "*"): EventType(DCM, "110114", "E"),
     (Action.IMAGE_VIEW, "*"): EventType(DCM, "110103", "R"),
