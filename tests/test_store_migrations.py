@@ -28,6 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 import ncp.audit.models  # noqa: F401  (the audit tables belong to the schema)
+from ncp.store import portal as _portal  # noqa: F401  (so do the portal's)
 from ncp.store.db import alembic_config, make_engine, migrate, session_factory
 from ncp.store.models import Base, Instance, Patient, Series, SourceObject, Study
 
@@ -43,6 +44,9 @@ MODEL_TABLES = {
     "report_version",
     "used_token",
     "list_entry",
+    "hp_account",
+    "portal_session",
+    "login_failure",
 }
 
 
@@ -146,7 +150,7 @@ def test_migrate_creates_schema(engine: Engine) -> None:
     assert set(inspect(engine).get_table_names()) == set()
     migrate(engine)
     assert set(inspect(engine).get_table_names()) == MODEL_TABLES | {"alembic_version"}
-    assert _current(engine) == _head() == "0005"
+    assert _current(engine) == _head() == "portal"
 
 
 def test_migrate_is_idempotent(migrated: Engine) -> None:

@@ -57,6 +57,7 @@ _DCM_DISPLAY = {
     "110113": "Security Alert",
     "110114": "User Authentication",
     "110122": "Login",
+    "110123": "Logout",
     "110150": "Application",
     "110152": "Destination Role ID",
     "110153": "Source Role ID",
@@ -87,6 +88,7 @@ _REST_OPERATION = EventType(AUDIT_EVENT_TYPE, "rest", "E", "operation")
 
 EVENT_TYPES: dict[tuple[Action, str], EventType] = {
     (Action.HP_LOGIN, "*"): EventType(DCM, "110114", "E"),
+    (Action.HP_LOGOUT, "*"): EventType(DCM, "110114", "E"),
     (Action.PATIENT_IDENTIFY, "*"): EventType(DCM, "110112", "E", "search-type"),
     (Action.TRC_CONFIRM, Side.CONSUMER): EventType(DCM, "110110", "C"),
     (Action.TRC_CONFIRM, "*"): EventType(DCM, "110110", "E"),
@@ -302,6 +304,8 @@ def audit_event(r: AuditRecord) -> dict[str, Any]:
     }
     if Action(r.action) is Action.HP_LOGIN:
         resource["subtype"] = [_coding(DCM, "110122", _DCM_DISPLAY["110122"])]
+    elif Action(r.action) is Action.HP_LOGOUT:
+        resource["subtype"] = [_coding(DCM, "110123", _DCM_DISPLAY["110123"])]
     else:
         interaction = r.interaction or kind.interaction
         if interaction is not None:

@@ -6,6 +6,7 @@ from alembic import context
 from sqlalchemy import create_engine
 
 import ncp.audit.models  # noqa: F401  (puts the audit tables on Base.metadata)
+from ncp.store import portal as _portal  # noqa: F401  (the portal's accounts and sessions)
 from ncp.store.models import Base
 
 config = context.config
