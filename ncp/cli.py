@@ -23,6 +23,7 @@ from ncp.audit.command import register as register_audit
 from ncp.config import FolderArchive, NodeSettings, load_settings
 from ncp.errors import ArchiveError, ConfigError, NcpError
 from ncp.gateway.edge import register as register_edge
+from ncp.portal.command import register as register_portal
 from ncp.security.command import register as register_keys
 from ncp.serve import register as register_serve
 from ncp.validation.command import register as register_validate
@@ -116,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     register_keys(sub)
     register_edge(sub)
     register_serve(sub)
+    register_portal(sub)
 
     examples = sub.add_parser("examples", help="example data")
     ex_sub = examples.add_subparsers(metavar="ACTION", required=True)

@@ -265,9 +265,7 @@ class PortalSection(_Section):
     failure_window_s: int = Field(
         default=900, ge=60, description="Failures older than this are not counted (seconds)."
     )
-    lockout_s: int = Field(
-        default=900, ge=60, description="How long a lock-out lasts (seconds)."
-    )
+    lockout_s: int = Field(default=900, ge=60, description="How long a lock-out lasts (seconds).")
     default_language: str = Field(
         default="en",
         description="Language of pages before login when the browser asks for none we have "

@@ -91,14 +91,12 @@ def matching_step(secret: str, code: str, now: datetime) -> int | None:
         return None
     totp = pyotp.TOTP(secret)
     for offset in range(-TOTP_WINDOW, TOTP_WINDOW + 1):
-        if hmac.compare_digest(totp.at(now, offset), code):
+        if hmac.compare_digest(totp.at(now, counter_offset=offset), code):
             return int(totp.timecode(now)) + offset
     return None
 
 
-def accept_totp(
-    sessions: sessionmaker[Session], account_id: int, code: str, now: datetime
-) -> bool:
+def accept_totp(sessions: sessionmaker[Session], account_id: int, code: str, now: datetime) -> bool:
     """Check ``code`` for the account and record its step, once: a code used before (or an
     older one) is refused."""
     with sessions.begin() as session:
@@ -114,7 +112,7 @@ def accept_totp(
             .where(or_(HpAccount.totp_last_step.is_(None), HpAccount.totp_last_step < step))
             .values(totp_last_step=step)
         )
-        return bool(done.rowcount)
+        return bool(getattr(done, "rowcount", 0))
 
 
 def _check_profile(profile: HpProfile) -> HpProfile:

@@ -269,13 +269,23 @@ async def _login_required(request: Request, exc: Exception) -> Response:
 
 def error_page(request: Request, status: int, headers: Mapping[str, str] | None = None) -> Response:
     portal = portal_of(request)
-    cached = request.state.__dict__.get("portal_sessions", {}).get(SESSION_COOKIE)
+    try:
+        cached = portal.session(request)  # the HP's language, also on a 404 of no route
+    except Exception:  # an error page must not fail on the database that failed
+        cached = None
     t = portal.translator(request, cached)
-    key = f"error.{status}" if f"error.{status}" in t.messages else (
-        "error.500" if status >= 500 else "error.400"
+    key = (
+        f"error.{status}"
+        if f"error.{status}" in t.messages
+        else ("error.500" if status >= 500 else "error.400")
     )
     response = portal.render(
-        request, "error.html", session=cached, status=status, t=t, status_code=status,
+        request,
+        "error.html",
+        session=cached,
+        status=status,
+        t=t,
+        status_code=status,
         message=t(key),
     )
     for name, value in (headers or {}).items():
@@ -294,9 +304,7 @@ async def _invalid(request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
-    log.error(
-        "portal request %s failed: %s", request_id(request), type(exc).__name__, exc_info=exc
-    )
+    log.error("portal request %s failed: %s", request_id(request), type(exc).__name__, exc_info=exc)
     return error_page(request, 500)
 
 

@@ -195,9 +195,7 @@ def build_list(
     Unreadable entries are left out and counted in ``skipped`` (A's validator makes them rare;
     the page says how many).
     """
-    studies = {
-        str(s.get("id")): s for s in imaging_studies if isinstance(s, Mapping)
-    }
+    studies = {str(s.get("id")): s for s in imaging_studies if isinstance(s, Mapping)}
     by_uid: dict[str, Mapping[str, Any]] = {}
     for s in studies.values():
         for ident in s.get("identifier", []) or []:

@@ -79,7 +79,9 @@ class Lockout:
                 return Blocked("source", until)
         return None
 
-    def _recent(self, session: Session, where: object, now: datetime) -> tuple[int, datetime] | None:
+    def _recent(
+        self, session: Session, where: object, now: datetime
+    ) -> tuple[int, datetime] | None:
         count, latest = session.execute(
             select(func.count(), func.max(LoginFailure.at))
             .where(where)  # type: ignore[arg-type]

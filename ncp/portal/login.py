@@ -204,8 +204,12 @@ def login_submit(
     usable = account is not None and account.active and account.totp_secret is not None
     if not check_password(account.password_hash if usable and account else None, password):
         blocked = _fail(
-            portal, request, username=username, step="password",
-            reason="wrong user name or password", account=account,
+            portal,
+            request,
+            username=username,
+            step="password",
+            reason="wrong user name or password",
+            account=account,
         )
         error = _blocked_message(portal, request, blocked) if blocked else t("login.failed")
         return _show_login(
@@ -242,8 +246,13 @@ def totp_page(request: Request) -> Response:
     if pending is None:
         return RedirectResponse("/login?reason=expired", status_code=303)
     view, _ = pending
-    return portal.render(request, "totp.html", t=portal.translator(request, view),
-                         login_csrf=view.csrf_token, error=None)
+    return portal.render(
+        request,
+        "totp.html",
+        t=portal.translator(request, view),
+        login_csrf=view.csrf_token,
+        error=None,
+    )
 
 
 def totp_submit(
@@ -261,22 +270,40 @@ def totp_submit(
     if blocked is not None:
         portal.store.end(view.id_hash)
         auditing.record(
-            portal.node.auditor, request, Action.HP_LOGIN, outcome=Outcome.SERIOUS_FAILURE,
-            reason=f"refused while locked out ({blocked.scope})", hp=_hp_of(account),
+            portal.node.auditor,
+            request,
+            Action.HP_LOGIN,
+            outcome=Outcome.SERIOUS_FAILURE,
+            reason=f"refused while locked out ({blocked.scope})",
+            hp=_hp_of(account),
             details={"step": "totp", "lockout": blocked.scope},
         )
-        return _show_login(portal, request, status=429,
-                           error=_blocked_message(portal, request, blocked))
+        return _show_login(
+            portal, request, status=429, error=_blocked_message(portal, request, blocked)
+        )
     code = "".join(code.split())
     if not accept_totp(portal.node.sessions, account.id, code, portal.clock()):
-        blocked = _fail(portal, request, username=account.username, step="totp",
-                        reason="wrong or reused TOTP code", account=account)
+        blocked = _fail(
+            portal,
+            request,
+            username=account.username,
+            step="totp",
+            reason="wrong or reused TOTP code",
+            account=account,
+        )
         if blocked is not None:
             portal.store.end(view.id_hash)
-            return _show_login(portal, request, status=429,
-                               error=_blocked_message(portal, request, blocked))
-        return portal.render(request, "totp.html", status=401, t=t,
-                             login_csrf=view.csrf_token, error=t("totp.failed"))
+            return _show_login(
+                portal, request, status=429, error=_blocked_message(portal, request, blocked)
+            )
+        return portal.render(
+            request,
+            "totp.html",
+            status=401,
+            t=t,
+            login_csrf=view.csrf_token,
+            error=t("totp.failed"),
+        )
     return _activate(portal, request, view, account, acr=LOCAL_ACR, amr=LOCAL_AMR, step="totp")
 
 
@@ -301,8 +328,13 @@ def _activate(
         amr=amr,
         replaces=login.id_hash,
     )
-    auditing.record(portal.node.auditor, request, Action.HP_LOGIN, hp=_hp_of(account),
-                    details={"step": step, "acr": acr, "amr": list(amr)})
+    auditing.record(
+        portal.node.auditor,
+        request,
+        Action.HP_LOGIN,
+        hp=_hp_of(account),
+        details={"step": step, "acr": acr, "amr": list(amr)},
+    )
     if via_redirect:
         # Arrived by the provider's cross-site redirect: a SameSite=Strict cookie set now is
         # not sent on a redirect that chain started; a page of our own moves on same-site.
@@ -355,8 +387,9 @@ def oidc_callback(
     source_block = portal.lockout.check(None, _source(request))
     if source_block is not None:
         portal.store.end(view.id_hash)
-        return _show_login(portal, request, status=429,
-                           error=_blocked_message(portal, request, source_block))
+        return _show_login(
+            portal, request, status=429, error=_blocked_message(portal, request, source_block)
+        )
     try:
         if error is not None or not code or not state:
             raise OidcError(f"the provider answered {error[:64]!r}" if error else "no code")
@@ -369,30 +402,50 @@ def oidc_callback(
         )
     except OidcError as exc:
         portal.store.end(view.id_hash)
-        blocked = _fail(portal, request, username=None, step="oidc", reason=exc.reason,
-                        account=None)
-        message = _blocked_message(portal, request, blocked) if blocked else t(
-            "oidc.refused", reason=exc.reason
+        blocked = _fail(
+            portal, request, username=None, step="oidc", reason=exc.reason, account=None
+        )
+        message = (
+            _blocked_message(portal, request, blocked)
+            if blocked
+            else t("oidc.refused", reason=exc.reason)
         )
         return _show_login(portal, request, status=429 if blocked else 401, error=message)
     with portal.node.sessions() as session:
         account = (
-            session.query(HpAccount).filter(HpAccount.oidc_subject == identity.subject).one_or_none()
+            session.query(HpAccount)
+            .filter(HpAccount.oidc_subject == identity.subject)
+            .one_or_none()
         )
         if account is not None:
             session.expunge(account)
     if account is None or not account.active:
         portal.store.end(view.id_hash)
-        _fail(portal, request, username=None, step="oidc",
-              reason="no active account linked to the provider's subject", account=None)
+        _fail(
+            portal,
+            request,
+            username=None,
+            step="oidc",
+            reason="no active account linked to the provider's subject",
+            account=None,
+        )
         return _show_login(portal, request, status=403, error=t("oidc.unknown_hp"))
     blocked = portal.lockout.check(account.username, _source(request))
     if blocked is not None:
         portal.store.end(view.id_hash)
-        return _show_login(portal, request, status=429,
-                           error=_blocked_message(portal, request, blocked))
-    return _activate(portal, request, view, account, acr=identity.acr,
-                     amr=identity.amr or ("oidc",), step="oidc", via_redirect=True)
+        return _show_login(
+            portal, request, status=429, error=_blocked_message(portal, request, blocked)
+        )
+    return _activate(
+        portal,
+        request,
+        view,
+        account,
+        acr=identity.acr,
+        amr=identity.amr or ("oidc",),
+        step="oidc",
+        via_redirect=True,
+    )
 
 
 def logout(request: Request, csrf_token: str = Form("", max_length=128)) -> Response:
@@ -401,8 +454,14 @@ def logout(request: Request, csrf_token: str = Form("", max_length=128)) -> Resp
     _check_csrf(view, csrf_token)
     assert view is not None and view.hp is not None
     portal.store.end(view.id_hash)
-    auditing.record(portal.node.auditor, request, Action.HP_LOGOUT, hp=view.hp,
-                    reason="logout", details={"acr": view.acr})
+    auditing.record(
+        portal.node.auditor,
+        request,
+        Action.HP_LOGOUT,
+        hp=view.hp,
+        reason="logout",
+        details={"acr": view.acr},
+    )
     response = RedirectResponse("/login?reason=logged_out", status_code=303)
     clear_cookie(response, SESSION_COOKIE)
     return response

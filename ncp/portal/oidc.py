@@ -122,7 +122,9 @@ class OidcClient:
             with self._http() as http:
                 response = http.get(url, timeout=self.settings.timeout_s)
         except requests.RequestException as exc:
-            raise OidcError(f"the provider's {what} could not be read ({type(exc).__name__})")
+            raise OidcError(
+                f"the provider's {what} could not be read ({type(exc).__name__})"
+            ) from None
         if response.status_code != 200:
             raise OidcError(f"the provider's {what} answered {response.status_code}")
         try:

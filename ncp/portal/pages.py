@@ -8,6 +8,7 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
+from ncp.fhir.datatypes import zone_of
 from ncp.portal import listview
 from ncp.portal.app import portal_of
 from ncp.portal.login import LOCAL_ACR
@@ -53,7 +54,7 @@ def account(request: Request) -> Response:
         "account.html",
         session=view,
         acr_display=acr,
-        expires_display=t.datetime(view.expires),
+        expires_display=t.datetime(view.expires.astimezone(zone_of(portal.node.country))),
         idle_minutes=portal.settings.idle_timeout_s // 60,
     )
 

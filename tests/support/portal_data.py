@@ -71,7 +71,9 @@ def generated_list(cache: Path, *, studies: int = 300, seed: int = 11) -> Genera
         sessions = session_factory(engine)
         index_source(sessions, open_archive(settings.archive), zone=zone_of(COUNTRY_A))
         load_folder(
-            sessions, work / "data" / "reports", validator=Validator.default(),
+            sessions,
+            work / "data" / "reports",
+            validator=Validator.default(),
             now=lambda: datetime.now(UTC),
         )
         with sessions() as session:
