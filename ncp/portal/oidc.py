@@ -215,7 +215,7 @@ class OidcClient:
         try:
             registry.validate(claims)
         except JoseError as exc:
-            raise OidcError(f"the ID token is not valid ({exc.error})") from None
+            raise OidcError(f"the ID token is not valid ({exc.description or exc.error})") from None
         aud = claims.get("aud")
         audiences = aud if isinstance(aud, list) else [aud]
         if self.settings.client_id not in audiences:
