@@ -284,6 +284,7 @@
       b.setAttribute("aria-controls", "list-table");
       b.setAttribute("data-tab", code);
       b.appendChild(el("span", null, code ? code : msg("list.tab.all")));
+      b.appendChild(document.createTextNode(" "));
       b.appendChild(el("span", "tabcount", code ? counts[code] : rows.length));
       tabsEl.appendChild(b);
       tabButtons.push(b);
