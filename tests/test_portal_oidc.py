@@ -7,8 +7,8 @@ brings the code back to the portal's callback."""
 from __future__ import annotations
 
 import base64
-import html
 import hashlib
+import html
 import secrets
 import threading
 import time
@@ -101,9 +101,11 @@ class FakeProvider:
             asked = self.codes.pop(code, None)
             if asked is None or grant_type != "authorization_code":
                 return JSONResponse({"error": "invalid_grant"}, status_code=400)
-            challenge = base64.urlsafe_b64encode(
-                hashlib.sha256(code_verifier.encode()).digest()
-            ).rstrip(b"=").decode()
+            challenge = (
+                base64.urlsafe_b64encode(hashlib.sha256(code_verifier.encode()).digest())
+                .rstrip(b"=")
+                .decode()
+            )
             if challenge != asked["code_challenge"] or redirect_uri != asked["redirect_uri"]:
                 return JSONResponse({"error": "invalid_grant"}, status_code=400)
             now = int(time.time())
@@ -215,7 +217,9 @@ def test_id_tokens_that_fail_a_check_are_refused(
         setattr(provider, name, value)
     c, callback = _round_trip(node, provider)
     assert callback.status_code in (401, 403)
-    assert reason in html.unescape(callback.text), html.unescape(callback.text)[callback.text.find("role=\"alert\""):][:300]
+    assert reason in html.unescape(callback.text), html.unescape(callback.text)[
+        callback.text.find('role="alert"') :
+    ][:300]
     assert c.get("/account", follow_redirects=False).status_code == 303
     with node.sessions() as session:
         assert not [s for s in session.scalars(select(PortalSession)) if s.state == "active"]
@@ -244,7 +248,7 @@ def test_a_callback_without_its_login_is_refused(node: Node, provider: FakeProvi
 
 def test_discovery_must_name_the_configured_issuer(provider: FakeProvider) -> None:
     settings = OidcSection(issuer=provider.issuer + "/other", client_id=CLIENT_ID)
-    with pytest.raises(Exception, match="answered 404|another issuer"):
+    with pytest.raises(Exception, match=r"answered 404|another issuer"):
         OidcClient(settings, "https://portal/cb").metadata()
 
 

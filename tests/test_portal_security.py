@@ -50,7 +50,9 @@ def audit(node: Node) -> list[AuditRecord]:
         return list(session.scalars(select(AuditRecord).order_by(AuditRecord.seq)))
 
 
-def test_login_with_password_and_totp_opens_a_session(node: Node, secret: str, clock: Clock) -> None:
+def test_login_with_password_and_totp_opens_a_session(
+    node: Node, secret: str, clock: Clock
+) -> None:
     c = client(node)
     assert c.get("/", follow_redirects=False).headers["location"] == "/login"
     login(c, secret, clock)
@@ -96,8 +98,10 @@ def test_session_cookie_attributes(node: Node, secret: str, clock: Clock) -> Non
 def test_the_second_factor_is_required(node: Node, secret: str, clock: Clock) -> None:
     c = client(node)
     page = c.get("/login")
-    c.post("/login", data={"username": "dr.peeters", "password": PASSWORD,
-                           "csrf_token": csrf_of(page.text)})
+    c.post(
+        "/login",
+        data={"username": "dr.peeters", "password": PASSWORD, "csrf_token": csrf_of(page.text)},
+    )
     # The password alone gives no session: every page still sends the HP to the login.
     assert c.get("/", follow_redirects=False).status_code == 303
     # A login cookie's value moved into the session cookie authorises nothing either.
@@ -109,15 +113,20 @@ def test_a_totp_code_is_accepted_once(node: Node, secret: str, clock: Clock) -> 
     login(client(node), secret, clock)
     c = client(node)
     page = c.get("/login")
-    c.post("/login", data={"username": "dr.peeters", "password": PASSWORD,
-                           "csrf_token": csrf_of(page.text)})
+    c.post(
+        "/login",
+        data={"username": "dr.peeters", "password": PASSWORD, "csrf_token": csrf_of(page.text)},
+    )
     page = c.get("/login/totp")
-    replay = c.post("/login/totp", data={"code": totp_now(secret, clock),
-                                         "csrf_token": csrf_of(page.text)})
+    replay = c.post(
+        "/login/totp", data={"code": totp_now(secret, clock), "csrf_token": csrf_of(page.text)}
+    )
     assert replay.status_code == 401 and "already used" in replay.text
-    fresh = c.post("/login/totp", data={"code": totp_next(secret, clock),
-                                        "csrf_token": csrf_of(page.text)},
-                   follow_redirects=False)
+    fresh = c.post(
+        "/login/totp",
+        data={"code": totp_next(secret, clock), "csrf_token": csrf_of(page.text)},
+        follow_redirects=False,
+    )
     assert fresh.status_code == 303
 
 
@@ -204,16 +213,27 @@ def test_csrf_is_refused_on_the_login_forms(
     c = client(node)
     page = c.get("/login")
     if path == "/login/totp":
-        c.post("/login", data={"username": "dr.peeters", "password": PASSWORD,
-                               "csrf_token": csrf_of(page.text)})
+        c.post(
+            "/login",
+            data={"username": "dr.peeters", "password": PASSWORD, "csrf_token": csrf_of(page.text)},
+        )
     for given in ("", "forged"):
-        r = c.post(path, data={"username": "dr.peeters", "password": PASSWORD,
-                               "code": totp_now(secret, clock), "csrf_token": given})
+        r = c.post(
+            path,
+            data={
+                "username": "dr.peeters",
+                "password": PASSWORD,
+                "code": totp_now(secret, clock),
+                "csrf_token": given,
+            },
+        )
         assert r.status_code == 403
     # Without the login cookie at all (a cross-site form post), refused as well.
     fresh = client(node)
-    r = fresh.post(path, data={"username": "dr.peeters", "password": PASSWORD,
-                               "csrf_token": csrf_of(page.text)})
+    r = fresh.post(
+        path,
+        data={"username": "dr.peeters", "password": PASSWORD, "csrf_token": csrf_of(page.text)},
+    )
     assert r.status_code == 403
 
 

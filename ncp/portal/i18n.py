@@ -19,7 +19,7 @@ from importlib import resources
 from typing import Any
 
 from babel import Locale, UnknownLocaleError
-from babel.dates import format_date, format_datetime, format_timedelta
+from babel.dates import format_date, format_time, format_timedelta
 from babel.numbers import format_decimal
 
 from ncp.fhir.terminology import default_terminology
@@ -133,7 +133,9 @@ class Translator:
     def datetime(self, moment: datetime) -> str:
         """Date and time in the HP's locale, at the moment's own offset (a study's local time
         where it was made)."""
-        return format_datetime(moment, "medium", tzinfo=moment.tzinfo, locale=self._locale)
+        day = format_date(moment, "medium", locale=self._locale)
+        clock = format_time(moment, "short", tzinfo=moment.tzinfo, locale=self._locale)
+        return f"{day}, {clock}"  # seconds help no reader of a study list
 
     def date(self, day: date) -> str:
         return format_date(day, "medium", locale=self._locale)

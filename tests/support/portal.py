@@ -47,9 +47,7 @@ class Clock:
         self.now += timedelta(**delta)
 
 
-def portal_node(
-    root: Path, *, clock: Clock | None = None, port: int = 0, **portal: Any
-) -> Node:
+def portal_node(root: Path, *, clock: Clock | None = None, port: int = 0, **portal: Any) -> Node:
     root.mkdir(parents=True, exist_ok=True)
     b = make_node(root, B)
     a = make_node(root, A)
