@@ -51,10 +51,12 @@ ROW_KEYS = (
 """Keys of every row, in this order (docs/portal.md has the meaning of each)."""
 
 COLUMNS = (
-    "select", "started", "modality", "body_site", "description", "study_type",
-    "requesting_specialty", "organisation", "series_instances", "size", "download", "report",
+    "select", "started", "modality", "body_site", "description", "report", "study_type",
+    "requesting_specialty", "organisation", "series_instances", "size", "download",
 )  # fmt: skip
-"""The table's columns, in their default order; all but ``select`` may be hidden."""
+"""The table's columns, in their default order; all but ``select`` may be hidden. The report's
+status comes right after what the study is, so a preliminary or urgent flag is never scrolled
+off a laptop's screen."""
 DEFAULT_HIDDEN = ("study_type", "series_instances")
 
 

@@ -47,11 +47,39 @@ class Clock:
         self.now += timedelta(**delta)
 
 
-def portal_node(root: Path, *, clock: Clock | None = None, port: int = 0, **portal: Any) -> Node:
+def portal_node(
+    root: Path,
+    *,
+    clock: Clock | None = None,
+    port: int = 0,
+    database_url: str | None = None,
+    **portal: Any,
+) -> Node:
+    """B's node with the portal under ``root``; the PKI and trust list are made once per root,
+    so several replicas of one node share them (and ``database_url``)."""
     root.mkdir(parents=True, exist_ok=True)
-    b = make_node(root, B)
-    a = make_node(root, A)
     trust = root / "trust.toml"
+    if not trust.exists():
+        _make_pki(root, trust)
+    settings = settings_from_mapping(
+        {
+            "node": {"country": B, "name": "NCPeH-BE imaging (test)"},
+            "urls": {"standard": "https://ncp.be.test/fhir"},
+            "database": {"url": database_url or f"sqlite:///{root / 'node-b.db'}"},
+            "archive": {"kind": "folder", "path": str(root / "archive")},
+            "keys": {"dir": str(root / B.lower())},
+            "trust": {"list": str(trust)},
+            "listen": {"portal_port": port},
+            "portal": {"enabled": True, "url": f"https://localhost:{port or 8447}", **portal},
+        },
+        base_dir=root,
+    )
+    return Node.from_settings(settings, clock=clock)
+
+
+def _make_pki(root: Path, trust: Path) -> None:
+    make_node(root, B)
+    a = make_node(root, A)
     trust.write_text(
         trust_toml(
             {
@@ -64,20 +92,6 @@ def portal_node(root: Path, *, clock: Clock | None = None, port: int = 0, **port
         )
     )
     (root / "archive").mkdir(exist_ok=True)
-    settings = settings_from_mapping(
-        {
-            "node": {"country": B, "name": "NCPeH-BE imaging (test)"},
-            "urls": {"standard": "https://ncp.be.test/fhir"},
-            "database": {"url": f"sqlite:///{root / 'node-b.db'}"},
-            "archive": {"kind": "folder", "path": str(root / "archive")},
-            "keys": {"dir": str(b.directory)},
-            "trust": {"list": str(trust)},
-            "listen": {"portal_port": port},
-            "portal": {"enabled": True, "url": f"https://localhost:{port or 8447}", **portal},
-        },
-        base_dir=root,
-    )
-    return Node.from_settings(settings, clock=clock)
 
 
 def add_hp(

@@ -81,14 +81,25 @@ def generated_list(cache: Path, *, studies: int = 300, seed: int = 11) -> Genera
             pid, issuer = patient.patient_id, patient.issuer
         out: dict[str, list[dict[str, Any]]] = {}
         for rtype in ("DocumentReference", "ImagingStudy"):
-            query = parse_search(
-                rtype,
-                [("patient.identifier", f"urn:oid:{issuer}|{pid}"), ("_count", "1000")],
-            )
-            with sessions() as session:
-                page = find_page(session, query, patient=(issuer, pid), zone=zone_of(COUNTRY_A))
-                bundle, _fresh = searchset(session, EntryRenderer(settings), page)
-            out[rtype] = [e["resource"] for e in json.loads(bundle.json())["entry"]]
+            out[rtype] = []
+            while True:  # every page, as the peer client follows them
+                query = parse_search(
+                    rtype,
+                    [
+                        ("patient.identifier", f"urn:oid:{issuer}|{pid}"),
+                        ("_count", "1000"),
+                        ("_offset", str(len(out[rtype]))),
+                    ],
+                )
+                with sessions() as session:
+                    page = find_page(
+                        session, query, patient=(issuer, pid), zone=zone_of(COUNTRY_A)
+                    )
+                    bundle, _fresh = searchset(session, EntryRenderer(settings), page)
+                entries = json.loads(bundle.json()).get("entry", [])
+                out[rtype] += [e["resource"] for e in entries]
+                if not entries or len(out[rtype]) >= page.total:
+                    break
     finally:
         engine.dispose()
     result = GeneratedList(pid, issuer, out["DocumentReference"], out["ImagingStudy"])

@@ -5,6 +5,7 @@
    window.ncpList exposes the state for the tests and the benchmark. */
 (function () {
   "use strict";
+  var scriptStart = performance.now();
 
   var model = JSON.parse(document.getElementById("list-model").textContent);
   var messages = JSON.parse(document.getElementById("list-messages").textContent);
@@ -483,6 +484,7 @@
       });
       apply();
     },
+    renderMs: performance.now() - scriptStart,
     ready: true
   };
 })();
