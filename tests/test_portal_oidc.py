@@ -23,7 +23,7 @@ import uvicorn
 from fastapi import FastAPI, Form, Header, Request
 from fastapi.responses import JSONResponse
 from joserfc import jwt
-from joserfc.jwk import RSAKey
+from joserfc.jwk import OctKey, RSAKey
 from sqlalchemy import select
 
 from ncp.audit.models import Action, AuditRecord, Outcome
@@ -53,6 +53,9 @@ class FakeProvider:
     aud_override: str | None = None
     sign_with: RSAKey | None = None
     exp_in: int = 300
+    alg: str = "RS256"
+    jwks_reads: int = 0
+    hmac_key: OctKey = field(default_factory=lambda: OctKey.import_key(CLIENT_SECRET.encode()))
     codes: dict[str, dict[str, str]] = field(default_factory=dict)
     token_requests: list[dict[str, str]] = field(default_factory=list)
 
@@ -83,6 +86,7 @@ class FakeProvider:
 
         @api.get("/jwks")
         def jwks() -> dict[str, Any]:
+            self.jwks_reads += 1
             return {"keys": [self.key.as_dict(private=False)]}
 
         @api.post("/token")
@@ -121,7 +125,8 @@ class FakeProvider:
             if self.acr is not None:
                 claims["acr"] = self.acr
             signer = self.sign_with or self.key
-            id_token = jwt.encode({"alg": "RS256", "kid": "k1"}, claims, signer)
+            header = {"alg": self.alg, "kid": self.key.kid}
+            id_token = jwt.encode(header, claims, self.hmac_key if self.alg == "HS256" else signer)
             return JSONResponse(
                 {"access_token": "at", "token_type": "Bearer", "id_token": id_token}
             )
@@ -162,8 +167,8 @@ def node(tmp_path: Path, provider: FakeProvider) -> Iterator[Node]:
     made.close()
 
 
-def _round_trip(node: Node, provider: FakeProvider):  # type: ignore[no-untyped-def]
-    c = client(node)
+def _round_trip(node: Node, provider: FakeProvider, oidc: OidcClient | None = None):  # type: ignore[no-untyped-def]
+    c = client(node, oidc=oidc) if oidc is not None else client(node)
     assert "Log in with BE eID" in c.get("/login").text
     start = c.get("/login/oidc", follow_redirects=False)
     assert start.status_code == 303
@@ -208,6 +213,7 @@ def test_login_through_the_identity_provider(node: Node, provider: FakeProvider)
         ({"exp_in": -600}, "not valid"),
         ({"sign_with": RSAKey.generate_key(2048, {"kid": "k1"})}, "signature"),
         ({"subject": "BE-eID-9999"}, "not registered"),
+        ({"alg": "HS256"}, "algorithm is not accepted"),
     ],
 )
 def test_id_tokens_that_fail_a_check_are_refused(
@@ -255,3 +261,18 @@ def test_discovery_must_name_the_configured_issuer(provider: FakeProvider) -> No
 def test_plain_http_issuers_are_refused_off_loopback() -> None:
     with pytest.raises(ValueError, match="https"):
         OidcSection(issuer="http://idp.example.be", client_id=CLIENT_ID)
+
+
+def test_a_rotated_provider_key_is_fetched_once_more(node: Node, provider: FakeProvider) -> None:
+    assert node.settings.portal.oidc is not None
+    shared = OidcClient(
+        node.settings.portal.oidc, f"{node.settings.portal.url}/login/oidc/callback"
+    )
+    _c, first = _round_trip(node, provider, shared)
+    assert first.status_code == 200
+    _c, again = _round_trip(node, provider, shared)
+    assert again.status_code == 200 and provider.jwks_reads == 1  # the keys are kept
+    provider.key = RSAKey.generate_key(2048, {"kid": "k2"})  # the provider rotates its key
+    _c, second = _round_trip(node, provider, shared)
+    assert second.status_code == 200, second.text
+    assert provider.jwks_reads == 2

@@ -221,3 +221,20 @@ def test_lock_out_counts_failures_across_replicas(replicas: tuple[Node, Node, Cl
         r = c.post("/login", data={"username": "dr.peeters", "password": "wrong password!",
                                    "csrf_token": csrf_of(page.text)})  # fmt: skip
     assert r.status_code == 429 and "locked" in r.text
+
+
+def test_the_confirm_template_renders_the_contract_types_as_text() -> None:
+    from ncp.config import NodeSection
+    from ncp.portal.app import templates
+    from ncp.security.claims import PatientRef
+
+    html = templates().get_template("confirm.html").render(
+        t=Translator("de-AT"), lang="de", session=None, hp=None, csrf="tok",
+        node=NodeSection(country="BE"), version="x", request_id="r",
+        patient=PatientRef("urn:oid:1.2.40.0.10.1.4.3.1", "<b>1234</b>"),
+        patient_display="<script>x()</script>", patient_key="k1", peer="AT",
+    )  # fmt: skip
+    assert "Behandlungsbeziehung bestätigen" in html
+    assert "<script>x()</script>" not in html and "&lt;script&gt;" in html
+    assert 'value="ETREAT"' in html and 'class="choice emergency"' in html
+    assert 'name="csrf_token" value="tok"' in html

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 import requests
 from authlib.integrations.requests_client import OAuth2Session
 from joserfc import jwt
-from joserfc.errors import JoseError
+from joserfc.errors import InvalidKeyIdError, JoseError, UnsupportedAlgorithmError
 from joserfc.jwk import KeySet
 
 from ncp.config import OidcSection
@@ -238,10 +238,15 @@ class OidcClient:
         for refresh in (False, True):
             try:
                 token = jwt.decode(id_token, self._key_set(refresh), algorithms=list(ALGORITHMS))
-            except (ValueError, JoseError) as exc:
-                unknown_key = "kid" in str(exc).lower() or "key" in type(exc).__name__.lower()
-                if not refresh and unknown_key:
+            except InvalidKeyIdError:
+                if not refresh:
                     continue  # the provider may have rotated its keys: fetch them once more
+                raise OidcError(
+                    "the ID token is signed with a key the provider does not publish"
+                ) from None
+            except UnsupportedAlgorithmError:
+                raise OidcError("the ID token's algorithm is not accepted here") from None
+            except (ValueError, JoseError):
                 raise OidcError("the ID token's signature is not valid") from None
             return dict(token.claims)
         raise OidcError("the ID token's signature is not valid")
