@@ -2,7 +2,7 @@
 view model, and to apply a filter or a sort, against the browser's bare time to insert the
 same number of plain table rows, measured in the same run.
 
-    python bench/portal_list_bench.py [--sizes 300,1000] [--repeat 15]
+    python bench/portal_list_bench.py [--sizes 300,1000] [--repeat 15] [--cache DIR]
 
 1. Generates one patient per size (``tests/support/portal_data.py``: ``ncp.examples``, indexed
    and listed by country A's own search and entry renderer) and builds the view model
@@ -93,6 +93,9 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="300,1000")
     parser.add_argument("--repeat", type=int, default=15)
+    parser.add_argument(
+        "--cache", type=Path, help="keep the generated lists here between runs (default: none)"
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     from playwright.sync_api import sync_playwright
@@ -108,8 +111,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         models = {}
+        cache = args.cache or work
+        cache.mkdir(parents=True, exist_ok=True)
         for n in sizes:
-            g = generated_list(work, studies=n)
+            g = generated_list(cache, studies=n)
             models[str(n)] = build_list(
                 g.document_references,
                 g.imaging_studies,

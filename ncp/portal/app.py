@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ncp import __version__
 from ncp.audit.models import Action, Outcome
+from ncp.config import PortalSection
 from ncp.fhir.http import request_id
 from ncp.node import Node
 from ncp.portal import auditing
@@ -90,7 +91,7 @@ class Portal:
     clock: Callable[[], datetime]
 
     @property
-    def settings(self) -> Any:
+    def settings(self) -> PortalSection:
         return self.node.settings.portal
 
     def session(self, request: Request, cookie: str = SESSION_COOKIE) -> PortalSessionView | None:

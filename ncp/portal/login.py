@@ -88,7 +88,7 @@ def _show_login(
         notice=notice,
         username=username,
         local=portal.settings.local_accounts,
-        oidc_name=portal.settings.oidc.display_name if portal.oidc is not None else None,
+        oidc_name=portal.oidc.settings.display_name if portal.oidc is not None else None,
         idle_minutes=portal.settings.idle_timeout_s // 60,
     )
     if token is not None:
