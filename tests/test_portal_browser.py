@@ -255,6 +255,7 @@ def _wait(page: Any, condition: str, timeout: float = 10.0) -> None:
 
 
 def _visible_rows(page: Any) -> int:
+    _wait(page, "!window.ncpList.pending()")  # the rows after the first screen come in chunks
     return int(page.locator("#list-table tbody tr:not(.group)").count())
 
 
@@ -301,6 +302,7 @@ def test_list_of_300_studies_filters_sorts_groups(
 
     # Sort by size, ascending then descending; aria-sort follows.
     page.locator("button.sort[data-sort=size]").click()
+    _wait(page, "!window.ncpList.pending()")
     sizes = page.evaluate(
         "() => [...document.querySelectorAll('#list-table tbody tr')].map(tr => tr.id)"
     )

@@ -218,7 +218,34 @@
     requesting_specialty: function (e) { return e.specialty; }
   };
 
-  function apply() {
+  /* The first screenful of rows goes in at once, the rest in chunks on the next animation
+     frames: what the HP sees is sorted or filtered in a few milliseconds, and the browser never
+     lays out 1,000 rows in one go (a change made meanwhile cancels the chunks still due). */
+  var FIRST = 120, CHUNK = 220, generation = 0, waiting = [];
+  function settled() {
+    var done = waiting;
+    waiting = [];
+    done.forEach(function (resolve) { resolve(); });
+  }
+  function render(nodes, sync) {
+    var gen = ++generation;
+    var at = sync ? nodes.length : Math.min(FIRST, nodes.length);
+    tbody.replaceChildren.apply(tbody, nodes.slice(0, at));
+    function more() {
+      if (gen !== generation) return;
+      if (at >= nodes.length) { settled(); return; }
+      var fragment = document.createDocumentFragment();
+      nodes.slice(at, at + CHUNK).forEach(function (node) { fragment.appendChild(node); });
+      tbody.appendChild(fragment);
+      at += CHUNK;
+      requestAnimationFrame(more);
+    }
+    if (at < nodes.length) requestAnimationFrame(more); else settled();
+  }
+  function pending() { return tbody.rows.length < visible.length + groupCount; }
+  var groupCount = 0;
+
+  function apply(sync) {
     visible = rows.filter(function (e) { return matches(e, false); });
     visible.sort(compare);
     var nodes = [];
@@ -240,10 +267,12 @@
         nodes.push(head);
         groups[k].forEach(function (e) { nodes.push(e.node); });
       });
+      groupCount = order.length;
     } else {
+      groupCount = 0;
       nodes = visible.map(function (e) { return e.node; });
     }
-    tbody.replaceChildren.apply(tbody, nodes);
+    render(nodes, sync === true);
     emptyEl.hidden = visible.length > 0;
     countEl.textContent = msg("list.count", { shown: visible.length, total: rows.length });
     updateSortHeaders();
@@ -465,7 +494,7 @@
   buildTabs();
   applyColumns();
   readFilters();
-  apply();
+  apply(true);
   table.tabIndex = -1;
   if (location.hash && location.hash.indexOf("#study-") === 0) {
     var target = document.getElementById(decodeURIComponent(location.hash.slice(1)));
@@ -477,6 +506,10 @@
     state: state,
     rows: rows.length,
     visible: function () { return visible.length; },
+    pending: pending,
+    whenComplete: function () {
+      return pending() ? new Promise(function (resolve) { waiting.push(resolve); }) : Promise.resolve();
+    },
     set: function (changes) {
       Object.keys(changes).forEach(function (k) {
         state[k] = changes[k];
