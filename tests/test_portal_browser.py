@@ -322,6 +322,11 @@ def test_list_of_300_studies_filters_sorts_groups(
         counts[str(r["year"])] = counts.get(str(r["year"]), 0) + 1
     assert [h.split(" · ")[0] for h in headers] == sorted(counts, reverse=True)
     assert all(int(h.split(" · ")[1]) == counts[h.split(" · ")[0]] for h in headers)
+    shown_columns = page.evaluate(
+        "() => [...document.querySelectorAll('#list-table thead th')]"
+        ".filter(th => getComputedStyle(th).display !== 'none').length"
+    )
+    assert page.locator("tr.group th").first.get_attribute("colspan") == str(shown_columns)
     _shot(page, "list-grouped-year-en-1366")
 
     # Configurable columns: hide "Size", it is gone; the choice survives a reload.

@@ -261,7 +261,8 @@
       order.forEach(function (k) {
         var head = el("tr", "group");
         var th = el("th", null, k + " · " + groups[k].length);
-        th.colSpan = COLUMNS.length;
+        // Spans the shown columns only: a fixed-layout table would give hidden ones width.
+        th.colSpan = COLUMNS.length - hidden.length;
         th.scope = "colgroup";
         head.appendChild(th);
         nodes.push(head);
@@ -406,6 +407,7 @@
       hidden = columnBoxes.filter(function (b) { return !b.checked; }).map(function (b) { return b.value; });
       try { window.localStorage.setItem(STORE_KEY, JSON.stringify(hidden)); } catch (e) { /* ignore */ }
       applyColumns();
+      if (state.group) apply();
     });
   });
 
