@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ncp import __version__
 from ncp.audit.command import register as register_audit
 from ncp.config import FolderArchive, NodeSettings, load_settings
+from ncp.consumer.command import register as register_ask
 from ncp.errors import ArchiveError, ConfigError, NcpError
 from ncp.gateway.edge import register as register_edge
 from ncp.portal.command import register as register_portal
@@ -118,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     register_edge(sub)
     register_serve(sub)
     register_portal(sub)
+    register_ask(sub)
 
     examples = sub.add_parser("examples", help="example data")
     ex_sub = examples.add_subparsers(metavar="ACTION", required=True)
@@ -157,7 +159,14 @@ def _cmd_index(args: argparse.Namespace) -> int:
     workers = args.workers if isinstance(settings.archive, FolderArchive) else 1
     started = time.perf_counter()
     zone = zone_of(settings.node.country)  # the archive's naive times: the sort's UTC
-    run = index_source(sessions, source, batch_size=args.batch_size, workers=workers, zone=zone)
+    run = index_source(
+        sessions,
+        source,
+        batch_size=args.batch_size,
+        workers=workers,
+        zone=zone,
+        patient_id_issuer=settings.archive.patient_id_issuer,
+    )
     elapsed = time.perf_counter() - started
     # The changed studies' list entries, rendered now rather than by the next HP's list.
     rendered = render_studies(settings, sessions, run.touched) if _renders(settings) else 0
@@ -173,6 +182,9 @@ def _cmd_index(args: argparse.Namespace) -> int:
             "removed": run.removed,
             "skipped": [{"locator": loc, "reason": why} for loc, why in run.skipped],
             "notes": [{"locator": loc, "note": note} for loc, note in run.notes],
+            "unservable": [{"locator": loc, "reason": why} for loc, why in run.unservable],
+            "patient_id_issuer": run.patient_id_issuer,
+            "without_issuer": run.without_issuer,
             "seconds": round(elapsed, 3),
             "list_entries_rendered": rendered,
         }
@@ -189,22 +201,54 @@ def _cmd_index(args: argparse.Namespace) -> int:
         print(f"  skipped {locator}: {reason}")
     if len(run.skipped) > 50:
         print(f"  ... and {len(run.skipped) - 50} more skipped (use --json for all)")
+    for locator, why in run.unservable[:50]:
+        print(f"  not servable by the gateways {locator}: {why}")
+    if len(run.unservable) > 50:
+        print(f"  ... and {len(run.unservable) - 50} more not servable (use --json for all)")
     for locator, note in run.notes[:20]:
         print(f"  note {locator}: {note}")
+    if run.without_issuer:
+        print(f"  {_issuer_line(run.without_issuer, run.patient_id_issuer)}")
     return EXIT_OK
 
 
+def _issuer_line(count: int, issuer: str) -> str:
+    """What became of the instances read without Issuer of Patient ID."""
+    if issuer:
+        return (
+            f"{count} instances carry no Issuer of Patient ID: their patients are under "
+            f"the archive's {issuer!r} ([archive] patient_id_issuer)"
+        )
+    return (
+        f"warning: {count} instances carry no Issuer of Patient ID and [archive] names no "
+        "patient_id_issuer: no peer can name their patients (set it, then run ncp index again)"
+    )
+
+
 def _cmd_studies(args: argparse.Namespace) -> int:
-    from ncp.store.queries import patient_studies
+    from ncp.store.queries import patient_issuers, patient_studies
 
     settings = load_settings(args.config)
     engine, sessions = _open_index(settings)
-    issuer = args.issuer if args.issuer is not None else settings.node.patient_id_issuer
+    # Without --issuer: the node's own, then the archive's for IDs that carry none.
+    configured = [settings.node.patient_id_issuer, settings.archive.patient_id_issuer]
+    tried = (
+        [args.issuer]
+        if args.issuer is not None
+        else [i for i in dict.fromkeys(configured) if i] or [""]
+    )
     with sessions() as session:
-        rows = patient_studies(session, args.patient, issuer)
+        for issuer in tried:
+            rows = patient_studies(session, args.patient, issuer)
+            if rows:
+                break
+        elsewhere = [] if rows else patient_issuers(session, args.patient)
     engine.dispose()
     if not rows:
-        print(f"no studies for patient {args.patient!r} (issuer {issuer!r})")
+        shown = " or ".join(repr(i) for i in tried)
+        print(f"no studies for patient {args.patient!r} (issuer {shown})")
+        if elsewhere:
+            print("  indexed under issuer " + ", ".join(repr(i) for i in elsewhere) + " (--issuer)")
         return EXIT_FAILED
     print(f"{len(rows)} studies, newest first:")
     for s in rows[: args.limit]:

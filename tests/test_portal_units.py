@@ -4,8 +4,10 @@ line, and sessions shared by two replicas of B on one database (SQLite and Postg
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -238,3 +240,34 @@ def test_the_confirm_template_renders_the_contract_types_as_text() -> None:
     assert "<script>x()</script>" not in html and "&lt;script&gt;" in html
     assert 'value="ETREAT"' in html and 'class="choice emergency"' in html
     assert 'name="csrf_token" value="tok"' in html
+
+
+def test_a_session_gives_the_hp_identity_of_b_s_assertions(tmp_path: Path) -> None:
+    from ncp.consumer.assertions import AssertionSigner
+    from ncp.portal.identity import NotAuthenticated, hp_identity
+    from ncp.portal.login import LOCAL_ACR
+    from ncp.portal.sessions import SessionStore
+
+    clock = Clock()
+    node = portal_node(tmp_path, clock=clock)
+    try:
+        add_hp(node, language="nl-BE")
+        with node.sessions() as session:
+            account = session.scalars(select(HpAccount)).one()
+        store = SessionStore(node.sessions, node.settings.portal, clock)
+        _token, pending = store.open("totp", language="en", source="t", data={})
+        with pytest.raises(NotAuthenticated):
+            hp_identity(pending)
+        _token, active = store.open(
+            "active", language="nl-BE", source="t", account_id=account.id, acr=LOCAL_ACR
+        )
+        identity = hp_identity(active)
+        assert identity.subject == "dr.peeters" and identity.authentication == LOCAL_ACR
+        assert identity.role.code == "221" and identity.language == "nl-BE"
+        signer = AssertionSigner(node.keystore, lifetime=timedelta(minutes=30), clock=clock)
+        compact = signer.hp_assertion(identity, "https://ncp.at.test/fhir")
+        payload = json.loads(base64.urlsafe_b64decode(compact.split(".")[1] + "=="))
+        assert payload["acr"] == LOCAL_ACR and payload["sub"] == "dr.peeters"
+        assert payload["extensions"]["ihe_iua"]["subject_organization_id"] == "urn:oid:1.2.3.4.5"
+    finally:
+        node.close()

@@ -115,10 +115,25 @@ class InstanceKeys:
     series_uid: str
     instance: InstanceRecord
     notes: tuple[str, ...] = field(default=())
+    issuer_given: bool = True
+    """Whether the header carried its Issuer of Patient ID (else the archive's default, or
+    none, is the patient's issuer: :func:`patient_issuer`)."""
 
 
-def map_instance(header: InstanceHeader) -> InstanceKeys:
-    """Identity and instance values of one header, or raise :class:`UnreadableInstance`."""
+def patient_issuer(issuer: str | None, default: str) -> str:
+    """The issuer of an instance's Patient ID: its Issuer of Patient ID (0010,0021) when it
+    carries one, else the archive source's configured assigning authority (``[archive]
+    patient_id_issuer``; "" when none is configured: no peer can then name the patient).
+
+    The one rule for every place that reads an instance's patient: the indexer, and both
+    gateways' patient check, so that the list, the tokens and the gateways agree."""
+    text = (issuer or "").replace("\x00", "").strip()
+    return text or default
+
+
+def map_instance(header: InstanceHeader, default_issuer: str = "") -> InstanceKeys:
+    """Identity and instance values of one header, or raise :class:`UnreadableInstance`.
+    ``default_issuer``: the archive's assigning authority for a Patient ID without issuer."""
     ds = header.dataset
     notes: list[str] = []
     locator = header.entry.locator
@@ -132,6 +147,12 @@ def map_instance(header: InstanceHeader) -> InstanceKeys:
         return value
 
     sop_uid = uid("SOPInstanceUID")
+    if header.meta_sop_uid is not None and header.meta_sop_uid != sop_uid:
+        # The data set names the instance (ncp.gateway.servable): noted, not refused.
+        notes.append(
+            f"file meta names SOP Instance UID {header.meta_sop_uid[:64]}, the data set "
+            f"{sop_uid}: indexed and served as the data set's"
+        )
     sop_class = uid("SOPClassUID")
     study_uid = uid("StudyInstanceUID")
     series_uid = uid("SeriesInstanceUID")
@@ -148,13 +169,16 @@ def map_instance(header: InstanceHeader) -> InstanceKeys:
         number_of_frames=_int(ds, "NumberOfFrames", notes),
         size_bytes=header.size_bytes,
     )
-    issuer = _text(ds, "IssuerOfPatientID") or ""
-    return InstanceKeys((patient_id, issuer), study_uid, series_uid, instance, tuple(notes))
+    given = _text(ds, "IssuerOfPatientID")
+    issuer = patient_issuer(given, default_issuer)
+    return InstanceKeys(
+        (patient_id, issuer), study_uid, series_uid, instance, tuple(notes), given is not None
+    )
 
 
-def map_header(header: InstanceHeader) -> IndexRecord:
+def map_header(header: InstanceHeader, default_issuer: str = "") -> IndexRecord:
     """The whole index record of one header, or raise :class:`UnreadableInstance`."""
-    return map_levels(header, map_instance(header))
+    return map_levels(header, map_instance(header, default_issuer))
 
 
 def map_levels(header: InstanceHeader, keys: InstanceKeys) -> IndexRecord:

@@ -39,6 +39,7 @@ from ncp.fhir.identifiers import (
     patient_system,
 )
 from ncp.fhir.manifest import (
+    PATIENT_SYSTEM_RULE,
     Custodian,
     ManifestError,
     accession_identifier,
@@ -176,14 +177,20 @@ def report_reference(
     """
     uid = version.study_uid or (study.study_uid if study is not None else None)
     if uid is None:
-        raise ManifestError(f"report {report.id} names no study: context.related needs its UID")
+        raise ManifestError(
+            f"report {report.id} names no study: context.related needs its UID",
+            rule="DocumentReference.context.related 1..*",
+        )
     base = base_url.rstrip("/")
     url = f"{base}/Bundle/{report.id}"
     if not version.latest:
         url = f"{url}/_history/{version.version}"
     doc_status = _DOC_STATUS.get(version.status)
     if doc_status is None:
-        raise ManifestError(f"report status {version.status!r} has no docStatus")
+        raise ManifestError(
+            f"report status {version.status!r} has no docStatus",
+            rule="DocumentReference.docStatus",
+        )
     extensions = _report_extensions(version, study)
     attachment: dict[str, Any] = {"contentType": FHIR_JSON}
     if version.language:
@@ -274,11 +281,13 @@ def _report_subject(report: Report, study: Study | None) -> dict[str, Any]:
     ):
         return patient_reference(study.patient)
     if not report.patient_issuer:
-        raise ManifestError(f"report {report.id}: the patient identifier has no issuer")
+        raise ManifestError(
+            f"report {report.id}: the patient identifier has no issuer", rule=PATIENT_SYSTEM_RULE
+        )
     try:
         system = patient_system(report.patient_issuer)
     except ValueError as exc:
-        raise ManifestError(str(exc)) from exc
+        raise ManifestError(str(exc), rule=PATIENT_SYSTEM_RULE) from exc
     return {
         "reference": f"Patient/{patient_resource_id(system, report.patient_id)}",
         "type": "Patient",
@@ -292,7 +301,10 @@ def _report_custodian(version: ReportVersion, fallback: Custodian | None) -> dic
             version.custodian_name, version.custodian_system, version.custodian_value
         ).reference()
     if fallback is None:
-        raise ManifestError("the report names no custodian and none was given")
+        raise ManifestError(
+            "the report names no custodian and none was given",
+            rule="DocumentReference.custodian 1..1",
+        )
     return fallback.reference()
 
 

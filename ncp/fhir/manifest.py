@@ -84,8 +84,18 @@ _LATERALITY = {
 _SEX = {"M": "male", "F": "female", "O": "other"}
 
 
+PATIENT_SYSTEM_RULE = "Patient.identifier.system 1..1 (ncp-patient)"
+"""A patient reference names country A's identifier with its system (the Issuer of Patient ID)."""
+
+
 class ManifestError(NcpError, ValueError):
-    """An index row cannot become a valid resource (the message says which value is missing)."""
+    """An index row cannot become a valid resource (the message says which value is missing);
+    ``rule`` names the rule of the resource it would break (an element's cardinality, say), so
+    that the entry left out of a list can be logged with its reason."""
+
+    def __init__(self, message: str, *, rule: str = "") -> None:
+        super().__init__(message)
+        self.rule = rule
 
 
 @dataclass(frozen=True)
@@ -162,12 +172,13 @@ def patient_identifier(patient: Patient) -> dict[str, str]:
     """Country A's identifier of an index patient (raises :class:`ManifestError` without issuer)."""
     if not patient.issuer:
         raise ManifestError(
-            "the patient has no Issuer of Patient ID: the identifier would have no system"
+            "the patient has no Issuer of Patient ID: the identifier would have no system",
+            rule=PATIENT_SYSTEM_RULE,
         )
     try:
         system = patient_system(patient.issuer)
     except ValueError as exc:
-        raise ManifestError(str(exc)) from exc
+        raise ManifestError(str(exc), rule=PATIENT_SYSTEM_RULE) from exc
     return {"system": system, "value": patient.patient_id}
 
 
@@ -248,7 +259,10 @@ def study_started(study: Study) -> datetime:
         return study.started
     starts = [s.started for s in study.series if s.started is not None]
     if not starts:
-        raise ManifestError(f"study {study.study_uid} has no date: ImagingStudy.started is 1..1")
+        raise ManifestError(
+            f"study {study.study_uid} has no date: ImagingStudy.started is 1..1",
+            rule="ImagingStudy.started 1..1",
+        )
     return min(starts)
 
 
@@ -283,7 +297,10 @@ def imaging_study(
         total_instances += len(rows)
         series_out.append(_series(series, rows, wado, custodian))
     if not series_out:
-        raise ManifestError(f"study {uid} has no instances: a manifest lists at least one")
+        raise ManifestError(
+            f"study {uid} has no instances: a manifest lists at least one",
+            rule="ImagingStudy.series.instance 1..*",
+        )
 
     identifiers = [study_uid_identifier(uid)]
     accession = accession_identifier(study.accession_number, study.accession_issuer)
@@ -328,7 +345,8 @@ def load_instances(study: Study) -> dict[str, list[Instance]]:
     session = object_session(study)
     if session is None:
         raise ManifestError(
-            f"study {study.study_uid} is not attached to a session: pass its instances"
+            f"study {study.study_uid} is not attached to a session: pass its instances",
+            rule="instances loaded",
         )
     uid_of = {s.id: s.series_uid for s in study.series}
     out: dict[str, list[Instance]] = {uid: [] for uid in uid_of.values()}

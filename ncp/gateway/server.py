@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import uvicorn
 
 from ncp.gateway.relay import RelayH11Protocol
+from ncp.gateway.stream import install_cut_short_filter
 
 
 class TlsFiles(NamedTuple):
@@ -36,6 +37,7 @@ def imaging_server(
 ) -> uvicorn.Server:
     """A server for a gateway ``app``; ``tls`` None (plain HTTP) and another ``protocol`` exist
     for measuring alternatives only: the deployed channel is HTTPS under the relay's protocol."""
+    install_cut_short_filter()  # a transfer cut short: one line, not a traceback
     config = uvicorn.Config(
         app,
         host=host,

@@ -150,7 +150,14 @@ class EntryRenderer:
             resource, uid = self._resource(row)
         except ManifestError as exc:
             rtype = "ImagingStudy" if isinstance(row, StudyMatch) else "DocumentReference"
-            log.warning("list entry left out: %s", type(exc).__name__)
+            # Which entry and why, so an operator can find the study and fix its data.
+            log.warning(
+                "list entry left out: %s of %s: %s (rule: %s)",
+                rtype,
+                _subject_of(row),
+                exc,
+                exc.rule or "unnamed",
+            )
             return Rendered(kind, pk, rtype, "", None, None, None, str(exc))
         version = resource.get("meta", {}).get("versionId")
         body = to_json(resource)
@@ -179,6 +186,15 @@ class EntryRenderer:
             patient = row.patient or Patient(patient_id=row.value, issuer=row.issuer)
             return patient_resource(patient), None
         raise TypeError(f"unexpected search row {type(row).__name__}")
+
+
+def _subject_of(row: Any) -> str:
+    """What an entry is about, for the log (UIDs and ids only, no patient data)."""
+    if isinstance(row, StudyMatch | ManifestMatch):
+        return f"study {row.study.study_uid}"
+    if isinstance(row, ReportMatch):
+        return f"report {row.report.id} (study {row.version.study_uid or 'none'})"
+    return "the patient"
 
 
 def _kind_of(row: Any) -> EntryKind | None:
