@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from ncp.errors import ConfigError
@@ -320,6 +327,14 @@ class PortalSection(_Section):
         if value not in ("en", "de", "fr"):
             raise ValueError("must be one of the portal's languages: en, de, fr")
         return value
+
+    @model_validator(mode="after")
+    def _served_somewhere(self) -> PortalSection:
+        if self.enabled and not self.url:
+            raise ValueError("portal.enabled needs portal.url (the portal's public https:// URL)")
+        if self.enabled and not self.local_accounts and self.oidc is None:
+            raise ValueError("with local_accounts off, portal.oidc is the only way in: set it")
+        return self
 
 
 class ConsumerSection(_Section):

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import pytest
 
@@ -85,7 +86,14 @@ class Source:
     def __call__(self, hp: Hp, key: str, t: Translator) -> dict[str, Any] | None:
         if key != "p1":
             return None
-        ctx = ListContext(peer="AT", throughput=40e6, report_url=lambda rid: f"/reports/{rid}")
+        # Thumbnails for three studies A offers option B for (phase 2: from the viewer).
+        thumbs = {i["identifier"][0]["value"].removeprefix("urn:oid:") for i in self.studies[:3]}
+        ctx = ListContext(
+            peer="AT",
+            throughput=40e6,
+            report_url=lambda rid: f"/reports/{rid}",
+            thumbnail_url=lambda uid: "/static/favicon.svg" if uid in thumbs else None,
+        )
         return build_list(
             self.docs,
             self.studies,
@@ -267,6 +275,8 @@ def test_list_of_300_studies_filters_sorts_groups(
     assert model is not None
     rows = model["rows"]
     assert len(rows) == 300 and _visible_rows(page) == 300
+    thumbs = page.locator("#list-table img.thumb")
+    assert thumbs.count() == 3 and thumbs.first.get_attribute("alt") == "Preview of the study"
     assert page.locator("#list-count").inner_text() == "300 of 300 shown"
     _axe(page, "list")
     _shot(page, "list-en-1366")
@@ -344,6 +354,16 @@ def test_list_of_300_studies_filters_sorts_groups(
     boxes.nth(1).check()
     assert page.locator("#selected-count").inner_text() == "2 selected"
     assert page.locator("#retrieve").is_enabled()
+    chosen = [boxes.nth(i).get_attribute("value") for i in (0, 1)]
+    # Hidden by a filter, a chosen study is still sent with the form (and counted).
+    page.fill("#f-text", "no study has this text")
+    _wait(page, "window.ncpList.visible() === 0")
+    assert page.locator("#selected-count").inner_text() == "2 selected"
+    with page.expect_request(lambda r: r.url.endswith("/retrieve")) as sent:
+        page.click("#retrieve")
+    form = parse_qs(sent.value.post_data or "")
+    assert sorted(form["study"]) == sorted(chosen) and form["csrf_token"]
+    assert "not available yet" in page.inner_text("main").lower()  # phase 1: a readable 503
 
 
 def test_preliminary_and_urgent_reports_are_flagged(

@@ -271,3 +271,39 @@ def test_a_session_gives_the_hp_identity_of_b_s_assertions(tmp_path: Path) -> No
         assert payload["extensions"]["ihe_iua"]["subject_organization_id"] == "urn:oid:1.2.3.4.5"
     finally:
         node.close()
+
+
+@pytest.mark.parametrize(
+    ("portal", "message"),
+    [
+        ({"enabled": True}, "needs portal.url"),
+        ({"url": "http://portal.example.be"}, "https"),
+        ({"default_language": "es"}, "en, de, fr"),
+        ({"enabled": True, "url": "https://p.example", "local_accounts": False}, "oidc"),
+        ({"idle_timeout_s": 10}, "greater than or equal"),
+        ({"oidc": {"issuer": "https://idp", "client_id": "c", "scopes": ["profile"]}}, "openid"),
+    ],
+)
+def test_unsafe_portal_settings_are_refused(portal: dict[str, Any], message: str) -> None:
+    from ncp.config import settings_from_mapping
+    from ncp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        settings_from_mapping(
+            {"node": {"country": "BE"}, "archive": {"kind": "folder", "path": "a"},
+             "portal": portal},
+            base_dir=Path("."),
+        )  # fmt: skip
+
+
+def test_ncp_serve_assembles_the_portal_over_https(tmp_path: Path) -> None:
+    from ncp.serve import portal_server
+
+    node = portal_node(tmp_path, port=8999)
+    try:
+        server = portal_server(node, host="127.0.0.1")
+        assert server.config.port == 8999 and server.config.proxy_headers is False
+        assert server.config.ssl_certfile == str(node.keystore.server.cert_path)
+        assert server.config.ssl_keyfile == str(node.keystore.server.key_path)
+    finally:
+        node.close()

@@ -423,6 +423,23 @@
     selectAll.indeterminate = shownChecked > 0 && shownChecked < shown.length;
   }
   tbody.addEventListener("change", updateSelection);
+  // A chosen study that a filter hides (its row out of the table) is still asked for: the
+  // counter counts it, so the form sends it too.
+  var selectionForm = document.getElementById("list-selection");
+  selectionForm.addEventListener("submit", function () {
+    Array.prototype.forEach.call(selectionForm.querySelectorAll("input[data-carried]"),
+      function (node) { node.remove(); });
+    rows.forEach(function (e) {
+      if (e.checkbox && e.checkbox.checked && !selectionForm.contains(e.checkbox)) {
+        var carried = el("input");
+        carried.type = "hidden";
+        carried.name = "study";
+        carried.value = e.data.id;
+        carried.setAttribute("data-carried", "1");
+        selectionForm.appendChild(carried);
+      }
+    });
+  });
   selectAll.addEventListener("change", function () {
     visible.forEach(function (e) { if (e.checkbox) e.checkbox.checked = selectAll.checked; });
     updateSelection();
