@@ -321,7 +321,8 @@ def prepare(layout: Layout, ports: Ports, *, patients: int, seed: int, big: int)
         )
         print(
             f"  {s.patients} patients, {s.studies} studies, {s.instances} instances, "
-            f"{s.reports} reports"
+            f"{s.reports} reports in {s.report_versions} versions (a report corrected or "
+            "amended keeps each version)"
         )
     for keys, country in ((layout.keys_a, COUNTRY_A), (layout.keys_b, COUNTRY_B)):
         if not (keys / pki.KEYS_TOML).exists():
@@ -373,8 +374,9 @@ def _load_reports(settings: NodeSettings, sessions: sessionmaker[Session]) -> No
         now=lambda: datetime.now(UTC),
     )
     print(
-        f"reports of country {COUNTRY_A}: {summary.stored} stored, {summary.unchanged} unchanged, "
-        f"{len(summary.failed)} refused"
+        f"reports of country {COUNTRY_A}: {summary.stored} report versions stored (of "
+        f"{len(summary.reports)} reports), {summary.unchanged} already stored, "
+        f"{len(summary.failed)} refused; a report corrected or amended keeps each version"
     )
     for failure in summary.failed[:10]:
         print(f"  refused {failure.path}: {failure.reason}")

@@ -25,7 +25,7 @@ from ncp.portal.sessions import Hp
 from tests.support.portal import PASSWORD, Clock, add_hp, portal_node, serve_portal, totp_now
 from tests.support.portal_data import GeneratedList, generated_list
 
-pytestmark = pytest.mark.browser
+pytestmark = pytest.mark.chromium
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts" / "portal"

@@ -43,6 +43,7 @@ MODEL_TABLES = {
     "report",
     "report_version",
     "used_token",
+    "viewer_session",
     "list_entry",
     "hp_account",
     "portal_session",

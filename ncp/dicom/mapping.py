@@ -89,6 +89,9 @@ class InstanceRecord:
     instance_number: int | None
     number_of_frames: int | None
     size_bytes: int
+    document_title: tuple[str | None, str | None, str | None] | None = None
+    """A Key Object Selection document's title: its Concept Name Code Sequence (scheme, code,
+    meaning; DICOM CID 7010), None for any other instance."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +171,7 @@ def map_instance(header: InstanceHeader, default_issuer: str = "") -> InstanceKe
         instance_number=_int(ds, "InstanceNumber", notes),
         number_of_frames=_int(ds, "NumberOfFrames", notes),
         size_bytes=header.size_bytes,
+        document_title=_document_title(ds) if sop_class == KEY_OBJECT_SELECTION else None,
     )
     given = _text(ds, "IssuerOfPatientID")
     issuer = patient_issuer(given, default_issuer)
@@ -220,6 +224,29 @@ def map_levels(header: InstanceHeader, keys: InstanceKeys) -> IndexRecord:
         started=_datetime(ds, "SeriesDate", "SeriesTime", notes),
     )
     return IndexRecord(patient, study, series, keys.instance, tuple(notes))
+
+
+KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
+"""SOP Class UID of the Key Object Selection Document (its title is what IHE MADO shows)."""
+
+
+def _document_title(ds: Dataset) -> tuple[str | None, str | None, str | None] | None:
+    """The first item of Concept Name Code Sequence (0040,A043), or None without one."""
+    items = ds.get("ConceptNameCodeSequence")
+    if not items:
+        return None
+    try:
+        item = items[0]
+    except (TypeError, IndexError):
+        return None
+    if not isinstance(item, Dataset):
+        return None
+    title = (
+        _text(item, "CodingSchemeDesignator"),
+        _text(item, "CodeValue"),
+        _text(item, "CodeMeaning"),
+    )
+    return title if any(title) else None
 
 
 def _clean(value: str) -> str | None:

@@ -54,6 +54,7 @@ from ncp.store.models import (
     Series,
     SourceObject,
     Study,
+    name_key,
 )
 
 _CHUNK = 500  # bound on IN (...) lists: SQLite allows 32766 parameters, stay far below
@@ -473,6 +474,7 @@ def _apply_batch(
                 "instance_number": keys.instance.instance_number,
                 "number_of_frames": keys.instance.number_of_frames,
                 "size_bytes": keys.instance.size_bytes,
+                **_title_columns(keys.instance.document_title),
                 "source": source,
                 "locator": entry.locator,
             }
@@ -523,6 +525,7 @@ def _upsert_patients(session: Session, rows: list[IndexRecord]) -> dict[tuple[st
             rec.instance.sop_uid,
             {
                 "family_name": rec.patient.family_name,
+                "family_key": name_key(rec.patient.family_name),
                 "given_name": rec.patient.given_name,
                 "birth_date": rec.patient.birth_date,
                 "sex": rec.patient.sex,
@@ -847,3 +850,8 @@ def _recompute(session: Session, study_pks: set[int], zone: tzinfo | None = None
             )
             if orphans:
                 session.execute(delete(Patient).where(Patient.id.in_(orphans)))
+
+
+def _title_columns(title: tuple[str | None, str | None, str | None] | None) -> dict[str, Any]:
+    scheme, code, meaning = title or (None, None, None)
+    return {"title_scheme": scheme, "title_code": code, "title_meaning": meaning}

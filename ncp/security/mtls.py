@@ -381,6 +381,23 @@ def mutual_tls_protocol(
     )
 
 
+class MutualTlsServer(uvicorn.Server):
+    """uvicorn's server, saying truly what it serves when it starts. uvicorn sees plain TCP (the
+    handshake is ours, step 1 of the module doc) and would log ``Uvicorn running on http://``
+    for a port that answers nothing but HTTPS with a client certificate."""
+
+    def _log_started_message(self, listeners: Sequence[socket.SocketType]) -> None:
+        for sock in listeners:
+            host, port = sock.getsockname()[:2]
+            where = f"[{host}]" if ":" in host else host
+            logging.getLogger("uvicorn.error").info(
+                "standard channel on https://%s:%d (mutual TLS: a client certificate from the "
+                "trust list is required; Ctrl-C to quit)",
+                where,
+                port,
+            )
+
+
 def make_server(
     app: Any,
     context: ssl.SSLContext,
@@ -410,7 +427,7 @@ def make_server(
         server_header=False,
         log_level=log_level,
     )
-    return uvicorn.Server(config)
+    return MutualTlsServer(config)
 
 
 def standard_channel(

@@ -10,10 +10,12 @@ never collide in a unique constraint and two rows for the same patient would sli
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import date, datetime
 from enum import IntEnum
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     Date,
@@ -46,15 +48,33 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
+def name_key(text: str | None) -> str | None:
+    """The form a name is compared in (``Patient/$match``): without surrounding blanks, case
+    folded and canonically decomposed, as Unicode's canonical caseless match defines it
+    (``NFD(casefold(NFD(x)))``, Unicode 3.13 D145). "ŻAK", "żak" and a decomposed "Żak" are
+    one name; "Zak" stays another (accents are not case). Computed here, not by the database:
+    SQLite's ``lower()`` folds ASCII only, and PostgreSQL's depends on the cluster's locale."""
+    if text is None or not text.strip():
+        return None
+    decomposed = unicodedata.normalize("NFD", text.strip())
+    return unicodedata.normalize("NFD", decomposed.casefold())
+
+
 class Patient(Base):
     __tablename__ = "patient"
-    __table_args__ = (UniqueConstraint("patient_id", "issuer"),)
+    __table_args__ = (
+        UniqueConstraint("patient_id", "issuer"),
+        Index(None, "birth_date", "family_key"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     patient_id: Mapped[str] = mapped_column(LO)
     issuer: Mapped[str] = mapped_column(LO, default="")
     family_name: Mapped[str | None] = mapped_column(LO)
     given_name: Mapped[str | None] = mapped_column(LO)
+    family_key: Mapped[str | None] = mapped_column(LO)
+    """:func:`name_key` of ``family_name``, written with it: what a search by demographics
+    compares, on any database."""
     birth_date: Mapped[date | None] = mapped_column(Date)
     sex: Mapped[str | None] = mapped_column(String(16))
     header_sop_uid: Mapped[str] = mapped_column(UID)
@@ -144,6 +164,11 @@ class Instance(Base):
     instance_number: Mapped[int | None] = mapped_column(Integer)
     number_of_frames: Mapped[int | None] = mapped_column(Integer)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
+    title_scheme: Mapped[str | None] = mapped_column(LO)
+    title_code: Mapped[str | None] = mapped_column(LO)
+    title_meaning: Mapped[str | None] = mapped_column(LO)
+    """A Key Object Selection document's title (Concept Name Code Sequence: scheme, code,
+    meaning); NULL for other instances, and for instances indexed before revision kotitle."""
     source: Mapped[str] = mapped_column(String(32))
     locator: Mapped[str] = mapped_column(String(1024))
 
@@ -259,6 +284,37 @@ class UsedToken(Base):
 
     jti: Mapped[str] = mapped_column(String(128), primary_key=True)
     expires_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+
+
+class ViewerSession(Base):
+    """A session of A's option B viewer, opened by a one-time launch code (``ncp.viewer``).
+
+    Kept in the database so that every replica of the node serves it (decision record
+    ``viewer-sessions-in-the-database``). The browser holds a random secret in a cookie; the row
+    is keyed by the SHA-256 of that secret, so a copy of this table opens no session.
+    """
+
+    __tablename__ = "viewer_session"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    """Hex SHA-256 of the cookie's secret."""
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    expires_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    """The launch's time plus the configured lifetime, never later than the HP assertion and
+    TRC the launch code was issued under. Never extended: a new launch opens a new session."""
+    closed_at: Mapped[datetime | None] = mapped_column(DateTime)
+    """Set once by the replica that recorded the session's end."""
+    subject: Mapped[str] = mapped_column(LO)
+    """The health professional (the launch token's ``sub``)."""
+    requesting_country: Mapped[str] = mapped_column(String(2))
+    patient_system: Mapped[str] = mapped_column(LO)
+    patient_value: Mapped[str] = mapped_column(LO)
+    purpose: Mapped[str] = mapped_column(String(16))
+    priority: Mapped[str] = mapped_column(String(16))
+    locale: Mapped[str | None] = mapped_column(String(35))
+    studies: Mapped[list[str]] = mapped_column(JSON)
+    """The Study Instance UIDs the launch token named: all the session may show."""
+    launch_jti: Mapped[str] = mapped_column(String(128))
 
 
 class EntryKind(IntEnum):
