@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse, Response
+from sqlalchemy import select
 from starlette.exceptions import HTTPException
 
 from ncp.audit.models import Action, Outcome
@@ -412,11 +413,9 @@ def oidc_callback(
         )
         return _show_login(portal, request, status=429 if blocked else 401, error=message)
     with portal.node.sessions() as session:
-        account = (
-            session.query(HpAccount)
-            .filter(HpAccount.oidc_subject == identity.subject)
-            .one_or_none()
-        )
+        account = session.execute(
+            select(HpAccount).where(HpAccount.oidc_subject == identity.subject)
+        ).scalar_one_or_none()
         if account is not None:
             session.expunge(account)
     if account is None or not account.active:
