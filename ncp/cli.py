@@ -58,6 +58,10 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
         "ask a trusted peer's standard channel as country B (for testers)",
     ),
     "portal": ("ncp.portal.command", "the HP portal's local accounts"),
+    "check-config": (
+        "ncp.ops.checks",
+        "check a node's or edge gateway's configuration, keys, certificates and trust list",
+    ),
 }
 """Commands whose parser is registered by their own module (``register(subparsers)``), and the
 line ``ncp --help`` shows for each without loading the module (a test keeps them equal)."""

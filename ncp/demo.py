@@ -217,6 +217,8 @@ _NODE_A = """\
 country = "{country}"
 name = "NCPeH-{country} imaging (demo)"
 patient_id_issuer = "{issuer}"
+# Test keys and test peers: only `ncp demo` writes this (ncp check-config refuses them otherwise).
+demo = true
 
 [urls]
 standard = "{standard}"
@@ -267,6 +269,7 @@ country = "{country}"
 audience = "{audience}"
 jwks = "../country-a/keys/jwks.json"
 name = "edge gateway {country} (demo)"
+demo = true
 
 [archive]
 kind = "folder"
