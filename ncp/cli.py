@@ -57,6 +57,19 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
         "ncp.consumer.command",
         "ask a trusted peer's standard channel as country B (for testers)",
     ),
+    "pull": (
+        "ncp.consumer.pull_command",
+        "pull studies of a patient from a peer: verify, store, follow the job",
+    ),
+    "jobs": (
+        "ncp.consumer.jobs_command",
+        "country B's retrieval jobs: list, show, cancel, work, purge",
+    ),
+    "portal": ("ncp.portal.command", "the HP portal's local accounts"),
+    "check-config": (
+        "ncp.ops.checks",
+        "check a node's or edge gateway's configuration, keys, certificates and trust list",
+    ),
 }
 """Commands whose parser is registered by their own module (``register(subparsers)``), and the
 line ``ncp --help`` shows for each without loading the module (a test keeps them equal)."""

@@ -16,8 +16,16 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from ncp.errors import ConfigError
@@ -42,6 +50,12 @@ class NodeSection(_Section):
         description="Assigning authority of this country's patient identifiers "
         "(IssuerOfPatientID), e.g. '1.2.40.0.10.1.4.3.1'. Index and searches match "
         "identifiers exactly within it.",
+    )
+    demo: bool = Field(
+        default=False,
+        description="True only in the configs `ncp demo` writes: this node runs on test "
+        "material. Outside the demo, `ncp check-config` and `ncp serve` refuse test keys and "
+        "plain HTTP, and every demo-only convenience checks this flag before it acts.",
     )
 
     @field_validator("country")
@@ -152,6 +166,26 @@ class ListenSection(_Section):
     imaging_port: int = Field(
         default=0, ge=0, le=65535, description="Imaging channel (DICOMweb gateway, option A)."
     )
+    portal_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="The HP portal (HTTPS, the node's server certificate); 0: the port of "
+        "portal.url.",
+    )
+    ops_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Operations listener (plain HTTP: /healthz, /readyz, /metrics); 0: none. "
+        "It needs no client certificate, so it binds ops_host, loopback unless said otherwise.",
+    )
+    ops_host: str = Field(
+        default="127.0.0.1",
+        description="Address of the operations listener. Loopback by default; a container or "
+        "a Kubernetes pod whose probes and Prometheus come from outside binds 0.0.0.0 and "
+        "keeps the port off the public network.",
+    )
     viewer_port: int = Field(
         default=0,
         ge=0,
@@ -199,6 +233,336 @@ class TokensSection(_Section):
         description="Life of an image access token (IUA recommends 5 minutes; at most 15).",
     )
     leeway_s: int = Field(default=30, ge=0, le=120, description="Clock skew tolerated.")
+
+
+class FolderStoreSection(_Section):
+    kind: Literal["folder"] = "folder"
+    path: Path = Field(
+        default=Path("retrieved"),
+        description="Folder where verified instances are kept, one folder per study "
+        "(STUDY/SERIES/SOP.dcm); written atomically (temporary file, fsync, rename).",
+    )
+
+
+class StowStoreSection(_Section):
+    kind: Literal["stowrs"]
+    url: str = Field(
+        description="DICOMweb base of country B's own archive, which accepts STOW-RS "
+        "(POST {url}/studies), e.g. http://127.0.0.1:8042/dicom-web"
+    )
+    timeout_s: float = Field(default=60.0, gt=0, description="Timeout of one archive request.")
+    batch_instances: int = Field(
+        default=8, ge=1, le=1000, description="Verified instances sent in one STOW-RS request."
+    )
+    connections: int = Field(
+        default=4, ge=1, le=32, description="STOW-RS requests sent to the archive at once."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+
+StoreSection = Annotated[FolderStoreSection | StowStoreSection, Field(discriminator="kind")]
+
+
+class CliHpSection(_Section):
+    """The health professional ``ncp pull`` acts for. A command line has no logged-in HP: the
+    operator names one here, and every pull from the command line is signed and audited as this
+    identity (with ``hp_source`` = ``cli`` in B's audit records)."""
+
+    id: str = Field(
+        min_length=1, description="The HP's identifier in country B (``sub`` of the assertion)."
+    )
+    name: str = Field(min_length=1, description="The HP's name as people read it.")
+    role_code: str = Field(
+        default="221",
+        description="ISCO-08 code of the HP's profession (221: medical doctors).",
+    )
+    role_display: str = Field(default="Medical doctors", description="Display of role_code.")
+    organisation: str = Field(min_length=1, description="Name of the HP's organisation.")
+    organisation_id: str = Field(
+        min_length=1, description="Identifier of the organisation, a URI (URL or urn:oid:)."
+    )
+    point_of_care: str = Field(
+        min_length=1, description="Where the HP works now (eHDSI point of care)."
+    )
+    locale: str = Field(default="en", description="The HP's language, a BCP 47 tag.")
+    authentication: str = Field(
+        default="urn:ncp:acr:operator-configured",
+        min_length=1,
+        description="What the HP assertion's acr says of how B authenticated the HP: for the "
+        "command line, that the node's operator configured this identity (no interactive "
+        "login), so that A can tell such requests apart.",
+    )
+
+
+class RetrievalSection(_Section):
+    """Country B's retriever: jobs that pull studies from a peer, verify and store them."""
+
+    emergency_workers: int = Field(
+        default=1,
+        ge=1,
+        le=8,
+        description="Workers reserved for emergency jobs; no other lane may occupy them.",
+    )
+    normal_workers: int = Field(
+        default=2, ge=0, le=32, description="Workers for normal jobs (and emergencies waiting)."
+    )
+    batch_workers: int = Field(
+        default=1,
+        ge=0,
+        le=8,
+        description="Workers for batch (prefetch) jobs; they run only while no emergency or "
+        "normal job is queued or running, and pause between instances for an emergency.",
+    )
+    connections_per_peer: int = Field(
+        default=4,
+        ge=1,
+        le=32,
+        description="DICOMweb connections this process opens to one peer at once (emergency "
+        "jobs get one more, reserved).",
+    )
+    poll_s: float = Field(
+        default=1.0, gt=0, le=60, description="How often an idle worker looks for queued jobs."
+    )
+    lease_s: float = Field(
+        default=30.0,
+        ge=2,
+        le=3600,
+        description="A running job whose worker has not reported for this long is taken over "
+        "by another worker (its process died); workers report every third of it.",
+    )
+    retry_attempts: int = Field(
+        default=5,
+        ge=1,
+        le=100,
+        description="Attempts of a job that fails for a transient reason (peer or its archive "
+        "unreachable, 503) before it fails for good; an attempt that stored anything "
+        "starts the count again.",
+    )
+    retry_backoff_s: float = Field(
+        default=2.0,
+        ge=0,
+        le=600,
+        description="Wait before the second attempt; doubled for each further one, "
+        "at most retry_backoff_max_s.",
+    )
+    retry_backoff_max_s: float = Field(default=60.0, ge=0, le=3600)
+    renew_before_s: float = Field(
+        default=60.0,
+        ge=0,
+        le=600,
+        description="An image access token this close to its expiry is renewed through "
+        "$imaging-access (while the TRC is valid) before the next request.",
+    )
+    request_timeout_s: float = Field(
+        default=60.0, gt=0, description="Longest silence on a DICOMweb connection to a peer."
+    )
+    store: StoreSection = FolderStoreSection()
+    staging: Path | None = Field(
+        default=None,
+        description="Folder for instances being received and verified (default: "
+        "STORE/.incoming for a folder store, 'retrieval-staging' beside the config file "
+        "for STOW-RS). Never holds anything unverified for longer than one job.",
+    )
+    retention_days: float = Field(
+        default=30.0,
+        ge=0,
+        description="Days a retrieved study is kept after it was stored; then the purge job "
+        "removes it (audited). 0 keeps studies until removed by hand.",
+    )
+    purge_every_s: float = Field(
+        default=3600.0, gt=0, description="How often `ncp jobs work` runs the purge job."
+    )
+    reconcile: bool = Field(
+        default=False,
+        description="Import reconciliation: write B's local patient identifier (when a job "
+        "names one) into Patient ID and keep A's in Other Patient IDs Sequence, after "
+        "verification on A's bytes; UIDs are never changed.",
+    )
+    local_patient_issuer: str = Field(
+        default="",
+        description="Issuer of Patient ID written with B's local identifier (default: "
+        "node.patient_id_issuer).",
+    )
+    cli_hp: CliHpSection | None = Field(
+        default=None,
+        description="The HP identity `ncp pull` signs and audits as; without it `ncp pull` "
+        "refuses to run.",
+    )
+
+
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+def _https_or_loopback(value: str, what: str) -> str:
+    """An https:// URL, or plain http:// on loopback only (a test identity provider)."""
+    parts = urlsplit(value)
+    if parts.scheme == "https" and parts.netloc:
+        return value
+    if parts.scheme == "http" and parts.hostname is not None:
+        host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+        if host in _LOOPBACK_HOSTS:
+            return value
+    raise ValueError(f"{what} must be an https:// URL (plain http only on loopback)")
+
+
+class OidcSection(_Section):
+    """A national identity provider for health professionals, through OpenID Connect
+    (authorization code flow with PKCE; the ID token's signature, nonce and ``acr`` checked).
+    An HP who signs in there must also have an account at the portal, linked by the IdP's
+    ``sub`` (``ncp portal add-user --oidc-subject``): the account carries the role and
+    organisation the HP identity assertion needs, which an eID does not."""
+
+    issuer: str = Field(
+        description="The provider's issuer URL; its configuration is read from "
+        "<issuer>/.well-known/openid-configuration. https:// (http:// on loopback only)."
+    )
+    client_id: str = Field(description="The portal's client id at the provider.")
+    client_secret: str = Field(
+        default="",
+        description="The client secret (client_secret_basic); keep it out of the file: "
+        "NCP_PORTAL__OIDC__CLIENT_SECRET. Empty: a public client (PKCE only).",
+    )
+    scopes: tuple[str, ...] = Field(
+        default=("openid", "profile"), description="Scopes asked for; 'openid' is required."
+    )
+    acr_values: tuple[str, ...] = Field(
+        default=(),
+        description="Authentication context classes asked for and the only ones accepted, "
+        "e.g. ['http://eidas.europa.eu/LoA/substantial', 'http://eidas.europa.eu/LoA/high']. "
+        "Empty: any acr the provider states (an ID token without acr is refused).",
+    )
+    display_name: str = Field(
+        default="National eID", description="The provider's name on the login page."
+    )
+    timeout_s: float = Field(default=10.0, gt=0, le=60, description="Timeout of one call.")
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer_url(cls, value: str) -> str:
+        return _https_or_loopback(value.rstrip("/"), "portal.oidc.issuer")
+
+    @field_validator("scopes")
+    @classmethod
+    def _openid_scope(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if "openid" not in value:
+            raise ValueError("must include 'openid'")
+        return value
+
+
+class PortalSection(_Section):
+    """Country B's portal for health professionals (``ncp.portal``): login with a second
+    factor (or a national OpenID Connect provider), server-side sessions in the node's
+    database. docs/portal.md explains each limit."""
+
+    enabled: bool = Field(default=False, description="Serve the portal (ncp serve).")
+    url: str = Field(
+        default="",
+        description="The portal's public base URL as browsers reach it, e.g. "
+        "https://ncp.example.be/portal-root; https:// only (its cookies are Secure).",
+    )
+    idle_timeout_s: int = Field(
+        default=900, ge=60, le=3600, description="A session unused this long ends (seconds)."
+    )
+    absolute_lifetime_s: int = Field(
+        default=8 * 3600,
+        ge=600,
+        le=12 * 3600,
+        description="A session ends this long after login, used or not (seconds).",
+    )
+    login_timeout_s: int = Field(
+        default=300, ge=30, le=900, description="Time to finish a login's steps (seconds)."
+    )
+    max_failures_account: int = Field(
+        default=5, ge=1, le=100, description="Failed logins of one account that lock it."
+    )
+    max_failures_source: int = Field(
+        default=20, ge=1, le=1000, description="Failed logins from one address that block it."
+    )
+    failure_window_s: int = Field(
+        default=900, ge=60, description="Failures older than this are not counted (seconds)."
+    )
+    lockout_s: int = Field(default=900, ge=60, description="How long a lock-out lasts (seconds).")
+    default_language: str = Field(
+        default="en",
+        description="Language of pages before login when the browser asks for none we have "
+        "(en, de, fr).",
+    )
+    local_accounts: bool = Field(
+        default=True, description="Allow login with a local password and TOTP code."
+    )
+    oidc: OidcSection | None = Field(
+        default=None, description="A national identity provider (OpenID Connect), optional."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _portal_url(cls, value: str) -> str:
+        if value and not value.startswith("https://"):
+            raise ValueError("must be an https:// URL: the portal's cookies are Secure")
+        return value.rstrip("/")
+
+    @field_validator("default_language")
+    @classmethod
+    def _language(cls, value: str) -> str:
+        if value not in ("en", "de", "fr"):
+            raise ValueError("must be one of the portal's languages: en, de, fr")
+        return value
+
+    @model_validator(mode="after")
+    def _served_somewhere(self) -> PortalSection:
+        if self.enabled and not self.url:
+            raise ValueError("portal.enabled needs portal.url (the portal's public https:// URL)")
+        if self.enabled and not self.local_accounts and self.oidc is None:
+            raise ValueError("with local_accounts off, portal.oidc is the only way in: set it")
+        return self
+
+
+class OpsSection(_Section):
+    """What operators watch: readiness, certificate expiry, shutdown (docs/operations.md)."""
+
+    readiness_cache_s: float = Field(
+        default=2.0,
+        ge=0,
+        le=60,
+        description="A /readyz answer is reused this long, so a probe every second costs "
+        "the database and the archive one check every this many seconds.",
+    )
+    check_timeout_s: float = Field(
+        default=2.0,
+        gt=0,
+        le=30,
+        description="Longest wait for the database or the archive to answer a readiness check.",
+    )
+    peer_timeout_s: float = Field(
+        default=3.0, gt=0, le=30, description="Longest wait for a peer's TLS handshake."
+    )
+    peer_cache_s: float = Field(
+        default=30.0,
+        ge=1,
+        le=3600,
+        description="A peer's reachability is checked at most once in this many seconds, "
+        "however often /readyz is asked: readiness probes never hammer a peer.",
+    )
+    shutdown_grace_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="On SIGTERM the node stops accepting connections and lets requests under "
+        "way (transfers) finish for at most this long, then closes what is left.",
+    )
+    certificate_warning_days: int = Field(
+        default=30,
+        ge=0,
+        le=365,
+        description="`ncp check-config` (and `ncp serve` at start) warns of a certificate "
+        "that expires within this many days.",
+    )
 
 
 class ViewerSection(_Section):
@@ -339,8 +703,14 @@ class NodeSettings(_FileSettings):
     gateway: GatewaySection = GatewaySection()
     tokens: TokensSection = TokensSection()
     lists: ListSection = ListSection()
+    retrieval: RetrievalSection = RetrievalSection()
+    """Country B's retrieval jobs (workers, lanes, local store, retention)."""
+
+    portal: PortalSection = PortalSection()
     viewer: ViewerSection = ViewerSection()
     consumer: ConsumerSection = ConsumerSection()
+    ops: OpsSection = OpsSection()
+    """Readiness, certificate warnings and graceful shutdown (docs/operations.md)."""
 
 
 class EdgeSection(_Section):
@@ -351,6 +721,11 @@ class EdgeSection(_Section):
     )
     jwks: Path = Field(description="A's published signing keys (JWKS file, `ncp keys init`).")
     name: str = Field(default="", description="Human name, shown in audit records.")
+    demo: bool = Field(
+        default=False,
+        description="True only in the config `ncp demo` writes (as node.demo): test "
+        "certificates are accepted; `ncp check-config` refuses them otherwise.",
+    )
 
     @field_validator("country")
     @classmethod
@@ -361,6 +736,13 @@ class EdgeSection(_Section):
 class EdgeListenSection(_Section):
     host: str = Field(default="127.0.0.1", description="Address to bind.")
     port: int = Field(default=0, ge=0, le=65535, description="0: the port of edge.audience.")
+    ops_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Operations listener (plain HTTP: /healthz, /readyz, /metrics); 0: none.",
+    )
+    ops_host: str = Field(default="127.0.0.1", description="Address of the operations listener.")
 
 
 class EdgeTlsSection(_Section):
@@ -383,6 +765,7 @@ class EdgeSettings(_FileSettings):
     database: DatabaseSection = DatabaseSection(url="sqlite:///edge-audit.db")
     gateway: GatewaySection = GatewaySection()
     tokens: TokensSection = TokensSection()
+    ops: OpsSection = OpsSection()
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -476,12 +859,22 @@ def _resolve_database(db: DatabaseSection, rel: Callable[[Path], Path]) -> Datab
     return db
 
 
+def _resolve_retrieval(section: RetrievalSection, rel: Callable[[Path], Path]) -> RetrievalSection:
+    store = section.store
+    if isinstance(store, FolderStoreSection):
+        store = store.model_copy(update={"path": rel(store.path)})
+        staging = section.staging or store.path / ".incoming"
+    else:
+        staging = section.staging or Path("retrieval-staging")
+    return section.model_copy(update={"store": store, "staging": rel(staging)})
+
+
 def _describe(source: str, exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         key = ".".join(str(part) for part in err["loc"] if not str(part).startswith("function-"))
         # Discriminated unions put the tag in the location: drop it, operators never typed it.
-        key = re.sub(r"\.(folder|dicomweb)(?=\.|$)", "", key)
+        key = re.sub(r"\.(folder|dicomweb|stowrs)(?=\.|$)", "", key)
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
         lines.append(f"{source}: {key}: {msg}")
     return "\n".join(lines)
@@ -498,6 +891,7 @@ def _resolve_paths(settings: NodeSettings, base: Path) -> NodeSettings:
         update={
             "archive": _resolve_archive(settings.archive, rel),
             "reports": reports,
+            "retrieval": _resolve_retrieval(settings.retrieval, rel),
             "database": _resolve_database(settings.database, rel),
             "keys": settings.keys.model_copy(update={"dir": rel(settings.keys.dir)}),
             "trust": settings.trust.model_copy(update={"list": rel(settings.trust.list)}),

@@ -48,8 +48,10 @@ COUNTRY_SYSTEM = "urn:iso:std:iso:3166"
 JTI_PREFIX = "urn:ietf:params:oauth:jti:"
 
 _DCM_DISPLAY = {
+    "110102": "Begin Transferring DICOM Instances",
     "110103": "DICOM Instances Accessed",
     "110104": "DICOM Instances Transferred",
+    "110105": "DICOM Study Deleted",
     "110106": "Export",
     "110107": "Import",
     "110110": "Patient Record",
@@ -88,6 +90,7 @@ _REST_OPERATION = EventType(AUDIT_EVENT_TYPE, "rest", "E", "operation")
 
 EVENT_TYPES: dict[tuple[Action, str], EventType] = {
     (Action.HP_LOGIN, "*"): EventType(DCM, "110114", "E"),
+    (Action.HP_LOGOUT, "*"): EventType(DCM, "110114", "E"),
     (Action.PATIENT_IDENTIFY, "*"): EventType(DCM, "110112", "E", "search-type"),
     (Action.TRC_CONFIRM, Side.CONSUMER): EventType(DCM, "110110", "C"),
     (Action.TRC_CONFIRM, "*"): EventType(DCM, "110110", "E"),
@@ -99,6 +102,8 @@ EVENT_TYPES: dict[tuple[Action, str], EventType] = {
     (Action.IMAGE_RETRIEVE, "providing"): EventType(DCM, "110106", "R"),
     (Action.IMAGE_RETRIEVE, Side.CONSUMER): EventType(DCM, "110107", "C"),
     (Action.IMAGE_STORE, "*"): EventType(DCM, "110104", "C"),
+    (Action.RETRIEVAL_JOB, "*"): EventType(DCM, "110102", "E"),
+    (Action.IMAGE_PURGE, "*"): EventType(DCM, "110105", "D"),
     (Action.VIEWER_LAUNCH, "*"): EventType(DCM, "110103", "R"),
     (Action.VIEWER_SESSION, "*"): EventType(DCM, "110114", "E"),
     (Action.IMAGE_VIEW, "*"): EventType(DCM, "110103", "R"),
@@ -305,8 +310,8 @@ def audit_event(r: AuditRecord) -> dict[str, Any]:
     }
     if Action(r.action) is Action.HP_LOGIN:
         resource["subtype"] = [_coding(DCM, "110122", _DCM_DISPLAY["110122"])]
-    elif Action(r.action) is Action.VIEWER_SESSION:
-        # The session's end is a logout (DCM 110123), as ATNA records one.
+    elif Action(r.action) in (Action.HP_LOGOUT, Action.VIEWER_SESSION):
+        # A session's end is a logout (DCM 110123), as ATNA records one.
         resource["subtype"] = [_coding(DCM, "110123", _DCM_DISPLAY["110123"])]
     else:
         interaction = r.interaction or kind.interaction

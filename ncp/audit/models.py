@@ -48,7 +48,10 @@ class Action(enum.StrEnum):
     """The steps of the use case (design.md section 3) that leave an audit record."""
 
     HP_LOGIN = "hp-login"
-    """B authenticated a health professional and signed the HP identity assertion."""
+    """B authenticated a health professional and signed the HP identity assertion (or refused a
+    login step: a wrong password or code, a lock-out)."""
+    HP_LOGOUT = "hp-logout"
+    """A health professional's session at B's portal ended: logout, idle timeout or end of life."""
     PATIENT_IDENTIFY = "patient-identify"
     """B asked A to identify a patient; A confirmed, found no match, or found several."""
     TRC_CONFIRM = "trc-confirm"
@@ -65,6 +68,11 @@ class Action(enum.StrEnum):
     """Images moved over the imaging channel: served by A's gateway, pulled by B's retriever."""
     IMAGE_STORE = "image-store"
     """B's retriever verified the pulled instances against the manifest and stored them."""
+    RETRIEVAL_JOB = "retrieval-job"
+    """A retrieval job on B changed status in a way that matters (created, declined, failed,
+    cancelled, waiting for the HP again, stored)."""
+    IMAGE_PURGE = "image-purge"
+    """B's retention removed a retrieved study from its local store."""
     VIEWER_LAUNCH = "viewer-launch"
     """A one-time viewer code was exchanged for a session in A's viewer (option B)."""
     VIEWER_SESSION = "viewer-session"

@@ -5,7 +5,10 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-import ncp.audit.models  # noqa: F401  (puts the audit tables on Base.metadata)
+# Imported for their tables on Base.metadata: the audit trail, B's retrieval jobs, the portal.
+import ncp.audit.models
+import ncp.store.portal
+import ncp.store.retrieval  # noqa: F401
 from ncp.store.models import Base
 
 config = context.config
