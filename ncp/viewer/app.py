@@ -464,9 +464,7 @@ class ViewerApp:
             members = _series(images, series)
             # A series being opened: its first frames start decoding before they are asked for.
             self.service.read_ahead(images, members[0], 0, this_one=True)
-            listed = await asyncio.to_thread(
-                lambda: _json_bytes([instance_json(i) for i in members])
-            )
+            listed = await asyncio.to_thread(_instances_json, members)
             return Response(listed, media_type=DICOM_JSON)
 
         return await self.guarded(request, work, study=study)

@@ -1,9 +1,10 @@
 // ncp viewer: the page of the server-side viewer. Frames are rendered by the server (PS3.18
 // rendered resources); this script lists studies and series, asks for frames with the window
 // chosen, and moves, zooms and windows them. No framework, nothing from another origin.
-// The page arrives with what its first image needs (a JSON data block: the session's context,
-// the study, its series, the first series' images) and with that image already asked for by
-// its HTML: nothing here waits on a request before the first frame is shown.
+// The page's HTML asks for its first image itself (decision 0017); its data (the session's
+// context, the study, its series, the first series' images) comes with it as a JSON data block
+// when the page's request had the session, else in one request beside the image. Nothing here
+// is asked for before the first image.
 "use strict";
 (() => {
   const $ = (id) => document.getElementById(id);
