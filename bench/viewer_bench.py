@@ -108,6 +108,7 @@ def node_toml(
     }
     return f"""
 [node]
+demo = true  # the test PKI of the tests' support, which `ncp serve` refuses otherwise
 country = "{settings.node.country}"
 patient_id_issuer = "{settings.node.patient_id_issuer}"
 [urls]
