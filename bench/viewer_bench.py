@@ -18,11 +18,12 @@ medians of ``--repeat`` rounds:
 - ``bare``: pydicom reads the file and decodes, NumPy windows, Pillow encodes JPEG; one thread,
   no HTTP (what any Python renderer costs at least).
 
-Also ``first_frames_per_s``: each variant's first pass over a series it has not rendered yet
-(no decoded frame in memory; the launch before it has read the study's headers, as Orthanc
-has them in its index), and ``server_memory_mib``: each node process's resident memory after
-the launch and its peak after all passes (``VmRSS``, ``VmHWM``), the decoded frames being
-bounded by ``viewer.frame_memory_mib``.
+Also ``first_frames_per_s``: each variant's first pass over a series it has not rendered yet,
+as a page opening it makes it (its list of images, then every frame): the launch before it has
+read the study's headers (as Orthanc has them in its index) and prepared the series the study
+opens on (a one-image localizer), not this one; and ``server_memory_mib``: each node
+process's resident memory after the launch and its peak after all passes (``VmRSS``,
+``VmHWM``), the decoded frames being bounded by ``viewer.frame_memory_mib``.
 
 Then, in Chromium (Debian's, driven by Playwright), ``--launches`` launches from a link on
 another site's page, each in a new browser context (``cold``: nothing cached) and then again in
@@ -71,7 +72,13 @@ from PIL import Image  # noqa: E402
 
 from tests.support.node import PeerSide, running_node  # noqa: E402
 from tests.support.orthanc import OrthancServer  # noqa: E402
-from tests.support.viewer import CT_SERIES, CT_STUDY, ct_instance, ct_slices  # noqa: E402
+from tests.support.viewer import (  # noqa: E402
+    CT_LOCALIZER,
+    CT_SERIES,
+    CT_STUDY,
+    ct_instance,
+    ct_slices,
+)
 
 WINDOW = "40,400,linear"
 CHROMIUM_ARGS = [
@@ -81,6 +88,8 @@ CHROMIUM_ARGS = [
 
 
 def write_series(folder: Path, n: int) -> list[Path]:
+    """The axial series (its paths returned) and, as series 1, a one-image localizer: the
+    series a study opens on, which the launch prepares; the axial one it does not."""
     from tests.support.dicom_factory import write_instance
 
     volume = ct_slices(n, 512)
@@ -89,6 +98,11 @@ def write_series(folder: Path, n: int) -> list[Path]:
         path = folder / "PAT100" / f"ct-{i:04d}.dcm"
         write_instance(path, ct_instance(plane, number=i))
         paths.append(path)
+    scout = ct_instance(
+        ct_slices(1, 512, seed=3)[0], number=1, series=CT_LOCALIZER, SeriesNumber=1,
+        ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
+    )  # fmt: skip
+    write_instance(folder / "PAT100" / "ct-scout.dcm", scout)
     return paths
 
 
@@ -192,8 +206,14 @@ def frame_urls(base: str, sops: list[str], *, orthanc: bool) -> list[str]:
     return [f"{series}/{sop}/frames/1/rendered?{query}" for sop in sops]
 
 
-def timed_pass(client: httpx.Client, urls: list[str]) -> float:
+def timed_pass(client: httpx.Client, urls: list[str], listing: str | None = None) -> float:
+    """Frames per second over ``urls``, one request at a time; ``listing``: the series' list
+    of images asked for first, as a page opening the series does (and counted in)."""
     started = time.perf_counter()
+    if listing is not None:
+        listed = client.get(listing, headers={"Accept": "application/dicom+json"})
+        if listed.status_code != 200:
+            raise RuntimeError(f"{listing}: {listed.status_code} {listed.text[:200]}")
     for url in urls:
         answer = client.get(url, headers={"Accept": "image/jpeg"})
         if answer.status_code != 200 or not answer.content.startswith(b"\xff\xd8"):
@@ -310,6 +330,23 @@ def first_image_times(peer: Peer, viewer: str, cert: Path, launches: int) -> dic
     return out
 
 
+def settle(pid: int, timeout_s: float = 30.0) -> None:
+    """Wait until a process uses less than a tenth of a core (what it started is done)."""
+
+    def cpu_s() -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    deadline = time.monotonic() + timeout_s
+    before = cpu_s()
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        now = cpu_s()
+        if now - before < 0.03:
+            return
+        before = now
+
+
 def memory_mib(pid: int) -> dict[str, float]:
     """Resident memory of a process now and at its peak (Linux ``/proc``), MiB."""
     out: dict[str, float] = {}
@@ -355,10 +392,11 @@ def main(argv: list[str] | None = None) -> int:
             ca = prep.ca_file
         assert creds is not None
         sops = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths]
+        scout = paths[0].with_name("ct-scout.dcm")
         database = settings.database.url
         with OrthancServer.start(tls=True) as reference, OrthancServer.start() as archive:
-            reference.upload(paths)
-            archive.upload(paths)
+            reference.upload([*paths, scout])
+            archive.upload([*paths, scout])
             variants: dict[str, Any] = {}
             nodes = {
                 "viewer_folder": f'[archive]\nkind = "folder"\npath = "{work / "a" / "archive"}"',
@@ -384,21 +422,33 @@ def main(argv: list[str] | None = None) -> int:
                     viewer = f"https://localhost:{ports['viewer']}/viewer"
                     standard = f"https://localhost:{ports['standard']}/fhir"
                     peer = Peer(peer_b, creds, ca, standard)
-                    client = viewer_client(ca, peer.launch_url(CT_STUDY, viewer))
-                    stack.callback(client.close)
-                    clients[name] = (client, frame_urls(viewer, sops, orthanc=False))
                     variants[name] = {"peer": peer, "viewer": viewer, "pid": process.pid}
-                time.sleep(1.0)  # what each launch started in the background is done
-                memory = {
-                    name: {"after_launch": memory_mib(v["pid"])} for name, v in variants.items()
-                }
+                for v in variants.values():
+                    settle(v["pid"])  # both nodes started, idle
+                # Each variant's first pass right after its launch, once what the launch
+                # started in the background (its study's headers, first frames) is done, and
+                # while the other node is idle.
+                first: dict[str, float] = {}
+                memory: dict[str, dict[str, Any]] = {}
+                for name, v in variants.items():
+                    client = viewer_client(ca, v["peer"].launch_url(CT_STUDY, v["viewer"]))
+                    stack.callback(client.close)
+                    settle(v["pid"])
+                    memory[name] = {"after_launch": memory_mib(v["pid"])}
+                    clients[name] = (client, frame_urls(v["viewer"], sops, orthanc=False))
+                    listing = f"{v['viewer']}/studies/{CT_STUDY}/series/{CT_SERIES}/instances"
+                    first[name] = round(timed_pass(*clients[name], listing=listing), 1)
+                    settle(v["pid"])  # the read-ahead it left running, before the next
                 orthanc_client = httpx.Client(verify=reference.verify, timeout=60)
                 stack.callback(orthanc_client.close)
                 clients["orthanc_tls"] = (
                     orthanc_client,
                     frame_urls(reference.dicomweb_url.rstrip("/"), sops, orthanc=True),
                 )
-                first = {name: round(timed_pass(c, urls), 1) for name, (c, urls) in clients.items()}
+                qido = f"{reference.dicomweb_url.rstrip('/')}/studies/{CT_STUDY}/series/{CT_SERIES}"
+                first["orthanc_tls"] = round(
+                    timed_pass(*clients["orthanc_tls"], listing=f"{qido}/instances"), 1
+                )
                 first["bare"] = round(bare_pass(paths), 1)
                 rounds: dict[str, list[float]] = {name: [] for name in [*clients, "bare"]}
                 for _ in range(args.repeat):

@@ -33,7 +33,7 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from email.message import Message
@@ -77,6 +77,7 @@ _FRAMES_ACCEPT = 'multipart/related; type="application/octet-stream"; transfer-s
 _INSTANCE_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 _WHOLE_KEPT = 8
 _STREAM_PART_LIMIT = 256 << 20
+_STREAM_DECODING = 3
 """The longest stored object read from a series stream (a CT slice is about 0.5 MB)."""
 
 
@@ -553,6 +554,22 @@ class DicomwebFrames:
             return 0
         path = f"/studies/{images.study}/series/{series}"
         kept = 0
+        # Parts are decoded in worker threads while the next ones arrive, at most
+        # _STREAM_DECODING at a time (each holds one stored instance).
+        decoding: deque[asyncio.Future[tuple[ImageRef, NDArray[Any]] | None]] = deque()
+
+        async def take(wait_for_all: bool) -> bool:
+            nonlocal kept
+            while decoding and (
+                wait_for_all or len(decoding) >= _STREAM_DECODING or decoding[0].done()
+            ):
+                found = await decoding.popleft()
+                if found is not None:
+                    kept += 1
+                    if not keep(found[0], 0, found[1]):
+                        return False
+            return True
+
         try:
             async with self._http.stream(
                 "GET", path, headers={"Accept": _INSTANCE_ACCEPT}
@@ -565,14 +582,17 @@ class DicomwebFrames:
                 parts = _PartReader(boundary.encode("latin-1"), _STREAM_PART_LIMIT)
                 async for chunk in response.aiter_bytes():
                     for part in parts.feed(chunk):
-                        found = await asyncio.to_thread(_frame_of_part, part, members)
-                        if found is None:
-                            continue
-                        kept += 1
-                        if not keep(found[0], 0, found[1]):
+                        decoding.append(
+                            asyncio.ensure_future(asyncio.to_thread(_frame_of_part, part, members))
+                        )
+                        if not await take(False):
                             return kept
+                await take(True)
         except (httpx.HTTPError, ValueError) as exc:
             log.info("streaming a series from the archive stopped: %s", exc)
+        finally:
+            for left in decoding:  # stopped early: what is still decoding is not wanted
+                left.cancel()
         return kept
 
     async def _instance(self, path: str, sop: str) -> bytes:
