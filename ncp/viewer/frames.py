@@ -260,6 +260,10 @@ class FolderFrames:
     async def aclose(self) -> None:
         return None
 
+    def known(self, study: str) -> tuple[bool, StudyImages | None]:
+        """The study's images when this source holds them in memory now: (True, images)."""
+        return self._cache.get(study)
+
     async def study(self, study: str) -> StudyImages | None:
         if not is_uid(study):
             return None
@@ -466,6 +470,10 @@ class DicomwebFrames:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+    def known(self, study: str) -> tuple[bool, StudyImages | None]:
+        """The study's images when this source holds them in memory now: (True, images)."""
+        return self._cache.get(study)
 
     async def study(self, study: str) -> StudyImages | None:
         if not is_uid(study):

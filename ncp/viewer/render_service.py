@@ -144,6 +144,11 @@ class RenderService:
 
     async def study(self, study: str) -> StudyImages | None:
         """The study's images; one read of the source however many ask at once."""
+        known = getattr(self.source, "known", None)
+        if known is not None:
+            hit, images = known(study)
+            if hit:  # in the source's memory: no task for it
+                return images  # type: ignore[no-any-return]
         task = self._studies.get(study)
         if task is None or task.get_loop() is not asyncio.get_running_loop():
             task = asyncio.get_running_loop().create_task(self.source.study(study))

@@ -104,6 +104,20 @@ class SessionStore:
             self._memory[row.id] = (time.monotonic(), opened.grant, False)
         return opened
 
+    def remembered(self, secret: str, *, now: datetime) -> ViewerGrant | None:
+        """The grant of a live session this process remembers (no database read, so callable
+        on the event loop); None when it must be read (or refused) by :meth:`grant_of`."""
+        if not _SECRET.fullmatch(secret):
+            return None
+        with self._lock:
+            found = self._memory.get(session_id(secret))
+        if found is None or time.monotonic() - found[0] > CACHE_S:
+            return None
+        _, grant, closed = found
+        if grant is None or closed or (grant.expires_at is not None and grant.expires_at <= now):
+            return None
+        return grant
+
     def grant_of(self, secret: str, *, now: datetime) -> ViewerGrant:
         """The grant of a live session, or ViewerRefused (401) saying why not."""
         if not _SECRET.fullmatch(secret):
@@ -206,6 +220,11 @@ class SessionAuth:
     async def __call__(self, request: Request) -> ViewerGrant:
         secret = request.cookies.get(COOKIE, "")
         now = self.clock()
+        # Most requests find the session remembered: no thread for them (a page scrolling a
+        # series asks many times a second); a database read goes to a thread.
+        grant = self.store.remembered(secret, now=now)
+        if grant is not None:
+            return grant
         return await anyio.to_thread.run_sync(lambda: self.store.grant_of(secret, now=now))
 
 
