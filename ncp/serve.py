@@ -32,7 +32,7 @@ from ncp.audit.models import Side
 from ncp.config import load_settings
 from ncp.errors import ConfigError
 from ncp.gateway.app import build_gateway_app
-from ncp.gateway.server import TlsFiles, imaging_server
+from ncp.gateway.server import TlsFiles, imaging_server, protocol_refusals
 from ncp.gateway.studyindex import NodeIndex
 from ncp.node import Node
 from ncp.security.keys import KeySet
@@ -69,6 +69,7 @@ def standard_server(
         on_refusal=audit_refusals(node.auditor),
         server_cert_pem=server_pem.decode("ascii"),
         log_level=log_level,
+        limits=node.settings.http,
     )
 
 
@@ -100,9 +101,18 @@ def gateway_app(node: Node) -> Any | None:
 def node_imaging_server(
     node: Node, app: Any, *, host: str, port: int, log_level: str = "info"
 ) -> uvicorn.Server:
-    """The option A gateway's server: HTTPS with the node's server certificate."""
+    """The option A gateway's server: HTTPS with the node's server certificate, the node's
+    connection limits, refusals below the app audited by the gateway."""
     tls = TlsFiles(node.keystore.server.cert_path, node.keystore.server.key_path)
-    return imaging_server(app, host=host, port=port, tls=tls, log_level=log_level)
+    return imaging_server(
+        app,
+        host=host,
+        port=port,
+        tls=tls,
+        log_level=log_level,
+        limits=node.settings.http,
+        on_refusal=protocol_refusals(app),
+    )
 
 
 def _port(listen_port: int, url: str, setting: str) -> int:

@@ -41,7 +41,11 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
 def request_id_of(headers: Mapping[str, str]) -> str:
     """The caller's ``X-Request-ID`` when it is a plausible id, else a new one."""
     given = headers.get("x-request-id", "")
-    return given if _REQUEST_ID.match(given) else str(uuid.uuid4())
+    return given if _REQUEST_ID.match(given) else new_request_id()
+
+
+def new_request_id() -> str:
+    return str(uuid.uuid4())
 
 
 @dataclass(frozen=True, slots=True)

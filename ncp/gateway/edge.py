@@ -61,7 +61,7 @@ def build_edge_app(settings: EdgeSettings) -> Any:
 def run_edge(settings: EdgeSettings, *, log_level: str = "info") -> int:
     """Serve the edge gateway until interrupted; returns the exit code."""
     from ncp.audit.record import install_log_filter
-    from ncp.gateway.server import TlsFiles, imaging_server
+    from ncp.gateway.server import TlsFiles, imaging_server, protocol_refusals
 
     tls = TlsFiles(settings.tls.certificate, settings.tls.key)
     for path in tls:
@@ -70,7 +70,15 @@ def run_edge(settings: EdgeSettings, *, log_level: str = "info") -> int:
     app = build_edge_app(settings)
     install_log_filter()
     host, port = settings.listen.host, edge_port(settings)
-    imaging_server(app, host=host, port=port, tls=tls, log_level=log_level).run()
+    imaging_server(
+        app,
+        host=host,
+        port=port,
+        tls=tls,
+        log_level=log_level,
+        limits=settings.http,
+        on_refusal=protocol_refusals(app),
+    ).run()
     return 0
 
 
