@@ -48,6 +48,7 @@ COUNTRY_SYSTEM = "urn:iso:std:iso:3166"
 JTI_PREFIX = "urn:ietf:params:oauth:jti:"
 
 _DCM_DISPLAY = {
+    "110102": "Begin Transferring DICOM Instances",
     "110103": "DICOM Instances Accessed",
     "110104": "DICOM Instances Transferred",
     "110106": "Export",
@@ -95,6 +96,7 @@ EVENT_TYPES: dict[tuple[Action, str], EventType] = {
     (Action.REPORT_READ, Side.CONSUMER): EventType(DCM, "110107", "C", "read"),
     (Action.ACCESS_TOKEN_ISSUE, "*"): _REST_OPERATION,
     (Action.ACCESS_TOKEN_RENEW, "*"): _REST_OPERATION,
+    (Action.IMAGE_TRANSFER_BEGIN, "*"): EventType(DCM, "110102", "E"),
     (Action.IMAGE_RETRIEVE, "providing"): EventType(DCM, "110106", "R"),
     (Action.IMAGE_RETRIEVE, Side.CONSUMER): EventType(DCM, "110107", "C"),
     (Action.IMAGE_STORE, "*"): EventType(DCM, "110104", "C"),

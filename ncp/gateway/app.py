@@ -666,8 +666,9 @@ class Gateway:
         details: dict[str, Any],
         holder: dict[str, MultipartWriter] | None = None,
     ) -> Any:
-        """Take a slot, open the archive, check the first part, then stream; the slot is held
-        until the last byte is sent or the transfer ends otherwise."""
+        """Take a slot, open the archive, check the first part, record the transfer's begin,
+        then stream and record how it ended; the slot is held until the last byte is sent or
+        the transfer ends otherwise."""
         await self.slots.acquire(rank_of(grant.priority, grant.purpose_of_use))
         started = time.monotonic()
         released = False
@@ -694,6 +695,22 @@ class Gateway:
             raise
         answer_writer = writer or (holder or {}).get("writer")
         assert answer_writer is not None
+        try:
+            # Before the first byte leaves: a transfer cut short by a crash of this process
+            # still leaves its trace (the end record would never be written).
+            await self.audit.record(
+                self.audit.event(
+                    info,
+                    Action.IMAGE_TRANSFER_BEGIN,
+                    grant,
+                    studies=(target.study or "",),
+                    details=details,
+                )
+            )
+        except BaseException:
+            release()
+            await chunks.aclose()  # type: ignore[attr-defined]
+            raise
 
         async def all_chunks() -> AsyncIterator[Chunk]:
             try:
