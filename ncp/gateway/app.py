@@ -33,7 +33,6 @@ from urllib.parse import parse_qsl, urlsplit
 from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from ncp.audit.models import Action, Outcome, Side
@@ -883,29 +882,31 @@ def build_gateway_app(
     )
     app.state.gateway = gateway
     document = json.dumps(gateway_openapi(public_base)).encode("utf-8")
-
-    async def openapi(request: Request) -> Response:
-        return Response(document, media_type="application/json")
-
-    # The description of the API is public (no token): it names no study and no patient.
-    app.router.add_route(f"{root}/openapi.json", openapi, methods=["GET"])
-    # Every method and every path reaches the gateway's handler, so that each refusal (405,
-    # a path outside the root) is a DICOMweb status with its audit record, never the
-    # framework's own unaudited answer. An ASGI endpoint (not a function) takes every method.
-    app.router.routes.append(Route(f"{root}/{{rest:path}}", _Endpoint(gateway, True)))
-    app.router.routes.append(Route("/{path:path}", _Endpoint(gateway, False)))
+    # No routes: every method and every path (even one a route pattern cannot match, with a
+    # newline in it) reaches the gateway's own handler, so that each refusal is a DICOMweb
+    # status with its audit record, never the framework's own unaudited 404 or 405.
+    app.router.default = _Endpoint(gateway, root, document)
     return app
 
 
 class _Endpoint:
-    """The ASGI endpoint of every request of a gateway (``inside``: below its root)."""
+    """The ASGI endpoint of every request of a gateway: the OpenAPI document (public: it names
+    no study and no patient), or the gateway's handler."""
 
-    def __init__(self, gateway: Gateway, inside: bool) -> None:
+    def __init__(self, gateway: Gateway, root: str, document: bytes) -> None:
         self.gateway = gateway
-        self.inside = inside
+        self.root = root
+        self.document = document
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # lifespan is the app's; nothing else is served
+            return
         request = Request(scope, receive)
-        rest = request.path_params["rest"] if self.inside else None
+        path = request.url.path
+        if path == f"{self.root}/openapi.json" and request.method in ("GET", "HEAD"):
+            await Response(self.document, media_type="application/json")(scope, receive, send)
+            return
+        prefix = f"{self.root}/"
+        rest = path[len(prefix) :] if path.startswith(prefix) else None
         response = await self.gateway.handle(request, rest)
         await response(scope, receive, send)
