@@ -15,6 +15,7 @@ import ssl
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -184,3 +185,22 @@ def test_normal_requests_still_work_on_a_kept_alive_connection(node: RunningNode
     with node.client() as http:
         for _ in range(3):
             assert http.get("/fhir/metadata").status_code == 200
+
+
+def test_the_limits_are_settings_with_safe_bounds(tmp_path: Path) -> None:
+    from ncp.config import HttpSection, load_edge_settings, settings_from_mapping
+    from ncp.errors import ConfigError
+
+    base = {"node": {"country": "AT"}, "archive": {"kind": "folder", "path": "a"}}
+    assert settings_from_mapping(base, base_dir=tmp_path, environ={}).http == HttpSection()
+    for bad in (
+        {"idle_timeout_s": 0},
+        {"header_timeout_s": 3600},
+        {"body_timeout_s": -1},
+        {"max_header_bytes": 100},
+        {"max_header_bytes": 10 << 20},
+    ):
+        with pytest.raises(ConfigError, match="http"):
+            settings_from_mapping({**base, "http": bad}, base_dir=tmp_path, environ={})
+    edge = load_edge_settings(Path(__file__).parents[1] / "examples" / "edge" / "edge.toml")
+    assert edge.http == HttpSection()
