@@ -1,7 +1,8 @@
 """Builds the FastAPI application of a node's standard channel.
 
 ``build_app(node)`` serves metadata, patient identification and image access (``ncp.provider.api``),
-the metadata list and reports (``ncp.provider.list_api``, ``ncp.provider.report_api``) and
+the metadata list, reports and what they point to (``ncp.provider.list_api``,
+``ncp.provider.report_api``, ``ncp.provider.resource_api``) and
 ``$validate``; ``build_app()`` without a node serves ``$validate`` only (tools and tests).
 
 Errors are answered as OperationOutcomes by the handlers of :mod:`ncp.fhir.handlers`.
@@ -38,7 +39,7 @@ def build_app(node: Node | None = None) -> FastAPI:
         install_error_handlers(app)
         app.include_router(validation_router())
         return app
-    from ncp.provider import list_api, report_api
+    from ncp.provider import list_api, report_api, resource_api
     from ncp.provider.api import router as provider_router
     from ncp.provider.auditing import audit_refusal
     from ncp.provider.auth import hp_context
@@ -53,6 +54,7 @@ def build_app(node: Node | None = None) -> FastAPI:
     app.include_router(provider_router())
     app.include_router(list_api.router())
     app.include_router(report_api.router())
+    app.include_router(resource_api.router())
     app.include_router(
         validation_router(
             node.settings.budget.validate_max_bytes,

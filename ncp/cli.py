@@ -3,35 +3,67 @@ exit code, so tests call :func:`main` in-process exactly as the installed comman
 
 Exit codes: 0 success, 1 the work failed (archive down, invalid input found), 2 usage or
 configuration error.
+
+Start-up is lazy: this module imports nothing heavy, each handler imports what it needs, and
+the commands whose parsers live in their own modules (:data:`LAZY_COMMANDS`) are loaded only
+when they are the command run. ``ncp --help`` and ``ncp validate`` thus never load the web
+stack, the database or DICOM (tests/test_cli_startup.py); testers run ``ncp validate`` in CI
+over thousands of files, one process each.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session, sessionmaker
+from typing import TYPE_CHECKING, Any
 
 from ncp import __version__
-from ncp.audit.command import register as register_audit
-from ncp.config import FolderArchive, NodeSettings, load_settings
 from ncp.errors import ArchiveError, ConfigError, NcpError
-from ncp.gateway.edge import register as register_edge
-from ncp.security.command import register as register_keys
-from ncp.serve import register as register_serve
-from ncp.validation.command import register as register_validate
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from ncp.config import NodeSettings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
+LAZY_COMMANDS: dict[str, tuple[str, str]] = {
+    "validate": (
+        "ncp.validation.command",
+        "validate FHIR resources (JSON or XML) against R4, the profiles and terminology",
+    ),
+    "audit": (
+        "ncp.audit.command",
+        "the audit trail: verify its hash chain, sign checkpoints, export AuditEvents, report",
+    ),
+    "keys": ("ncp.security.command", "a node's TLS and signing keys"),
+    "edge": (
+        "ncp.gateway.edge",
+        "run the option C edge gateway in front of the national archive",
+    ),
+    "serve": (
+        "ncp.serve",
+        "run the node: the standard channel (FHIR, mutual TLS) and the option A gateway",
+    ),
+    "ask": (
+        "ncp.consumer.command",
+        "ask a trusted peer's standard channel as country B (for testers)",
+    ),
+}
+"""Commands whose parser is registered by their own module (``register(subparsers)``), and the
+line ``ncp --help`` shows for each without loading the module (a test keeps them equal)."""
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser(argv)
     args = parser.parse_args(argv)
     if not hasattr(args, "handler"):
         parser.print_help()
@@ -49,7 +81,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
 
 
-def _parser() -> argparse.ArgumentParser:
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The sub-command ``argv`` names (its first word that is not an option)."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
+def _register_lazy(sub: Any, name: str, command: str | None) -> None:
+    module, help_line = LAZY_COMMANDS[name]
+    if name == command:
+        importlib.import_module(module).register(sub)
+    else:
+        sub.add_parser(name, help=help_line)  # listed, not loaded: it is not the one run
+
+
+def _parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``ncp`` parser for ``argv``: of the :data:`LAZY_COMMANDS`, only the one ``argv``
+    runs is loaded with its own arguments."""
+    command = _command_of(argv or [])
     parser = argparse.ArgumentParser(
         prog="ncp", description="NCPeH imaging connector: one node of the cross-border exchange."
     )
@@ -111,11 +159,8 @@ def _parser() -> argparse.ArgumentParser:
     upgrade.add_argument("--config", type=Path, required=True)
     upgrade.set_defaults(handler=_cmd_db_upgrade)
 
-    register_validate(sub)
-    register_audit(sub)
-    register_keys(sub)
-    register_edge(sub)
-    register_serve(sub)
+    for name in LAZY_COMMANDS:
+        _register_lazy(sub, name, command)
 
     examples = sub.add_parser("examples", help="example data")
     ex_sub = examples.add_subparsers(metavar="ACTION", required=True)
@@ -143,6 +188,7 @@ def _renders(settings: NodeSettings) -> bool:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
+    from ncp.config import FolderArchive, load_settings
     from ncp.dicom.archive import open_archive
     from ncp.fhir.datatypes import zone_of
     from ncp.provider.indexer import index_source
@@ -155,7 +201,14 @@ def _cmd_index(args: argparse.Namespace) -> int:
     workers = args.workers if isinstance(settings.archive, FolderArchive) else 1
     started = time.perf_counter()
     zone = zone_of(settings.node.country)  # the archive's naive times: the sort's UTC
-    run = index_source(sessions, source, batch_size=args.batch_size, workers=workers, zone=zone)
+    run = index_source(
+        sessions,
+        source,
+        batch_size=args.batch_size,
+        workers=workers,
+        zone=zone,
+        patient_id_issuer=settings.archive.patient_id_issuer,
+    )
     elapsed = time.perf_counter() - started
     # The changed studies' list entries, rendered now rather than by the next HP's list.
     rendered = render_studies(settings, sessions, run.touched) if _renders(settings) else 0
@@ -171,6 +224,9 @@ def _cmd_index(args: argparse.Namespace) -> int:
             "removed": run.removed,
             "skipped": [{"locator": loc, "reason": why} for loc, why in run.skipped],
             "notes": [{"locator": loc, "note": note} for loc, note in run.notes],
+            "unservable": [{"locator": loc, "reason": why} for loc, why in run.unservable],
+            "patient_id_issuer": run.patient_id_issuer,
+            "without_issuer": run.without_issuer,
             "seconds": round(elapsed, 3),
             "list_entries_rendered": rendered,
         }
@@ -187,22 +243,55 @@ def _cmd_index(args: argparse.Namespace) -> int:
         print(f"  skipped {locator}: {reason}")
     if len(run.skipped) > 50:
         print(f"  ... and {len(run.skipped) - 50} more skipped (use --json for all)")
+    for locator, why in run.unservable[:50]:
+        print(f"  not servable by the gateways {locator}: {why}")
+    if len(run.unservable) > 50:
+        print(f"  ... and {len(run.unservable) - 50} more not servable (use --json for all)")
     for locator, note in run.notes[:20]:
         print(f"  note {locator}: {note}")
+    if run.without_issuer:
+        print(f"  {_issuer_line(run.without_issuer, run.patient_id_issuer)}")
     return EXIT_OK
 
 
+def _issuer_line(count: int, issuer: str) -> str:
+    """What became of the instances read without Issuer of Patient ID."""
+    if issuer:
+        return (
+            f"{count} instances carry no Issuer of Patient ID: their patients are under "
+            f"the archive's {issuer!r} ([archive] patient_id_issuer)"
+        )
+    return (
+        f"warning: {count} instances carry no Issuer of Patient ID and [archive] names no "
+        "patient_id_issuer: no peer can name their patients (set it, then run ncp index again)"
+    )
+
+
 def _cmd_studies(args: argparse.Namespace) -> int:
-    from ncp.store.queries import patient_studies
+    from ncp.config import load_settings
+    from ncp.store.queries import patient_issuers, patient_studies
 
     settings = load_settings(args.config)
     engine, sessions = _open_index(settings)
-    issuer = args.issuer if args.issuer is not None else settings.node.patient_id_issuer
+    # Without --issuer: the node's own, then the archive's for IDs that carry none.
+    configured = [settings.node.patient_id_issuer, settings.archive.patient_id_issuer]
+    tried = (
+        [args.issuer]
+        if args.issuer is not None
+        else [i for i in dict.fromkeys(configured) if i] or [""]
+    )
     with sessions() as session:
-        rows = patient_studies(session, args.patient, issuer)
+        for issuer in tried:
+            rows = patient_studies(session, args.patient, issuer)
+            if rows:
+                break
+        elsewhere = [] if rows else patient_issuers(session, args.patient)
     engine.dispose()
     if not rows:
-        print(f"no studies for patient {args.patient!r} (issuer {issuer!r})")
+        shown = " or ".join(repr(i) for i in tried)
+        print(f"no studies for patient {args.patient!r} (issuer {shown})")
+        if elsewhere:
+            print("  indexed under issuer " + ", ".join(repr(i) for i in elsewhere) + " (--issuer)")
         return EXIT_FAILED
     print(f"{len(rows)} studies, newest first:")
     for s in rows[: args.limit]:
@@ -216,12 +305,16 @@ def _cmd_studies(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
+    from ncp.config import load_settings
+
     settings = load_settings(args.file)
     print(json.dumps(settings.model_dump(mode="json"), indent=1))
     return EXIT_OK
 
 
 def _cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from ncp.config import load_settings
+
     settings = load_settings(args.config)
     engine, _ = _open_index(settings)
     engine.dispose()
@@ -248,7 +341,8 @@ def _cmd_examples_generate(args: argparse.Namespace) -> int:
         f"generated {summary.patients} patients, {summary.studies} studies, "
         f"{summary.series} series, {summary.instances} instances "
         f"({summary.bytes / 1e6:.1f} MB), {summary.reports} reports "
-        f"in {summary.report_versions} versions into {args.out} ({elapsed:.1f} s)"
+        f"in {summary.report_versions} versions (a report corrected or amended keeps each "
+        f"version) into {args.out} ({elapsed:.1f} s)"
     )
     return EXIT_OK
 

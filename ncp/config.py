@@ -71,14 +71,43 @@ class DatabaseSection(_Section):
     )
 
 
-class FolderArchive(_Section):
+class _ArchiveSource(_Section):
+    """What every archive source says of itself, whatever its kind."""
+
+    patient_id_issuer: str = Field(
+        default="",
+        description="Assigning authority (Issuer of Patient ID, an OID such as "
+        "'1.2.40.0.10.1.4.3.1' or an absolute URI) of this archive's Patient IDs that carry none: "
+        "real archives rarely fill (0010,0021), and a national archive's IDs belong to the "
+        "country's namespace. Applied wherever an instance's patient is read: the index, the "
+        "list, image access tokens and the gateways' patient check (docs/study-index.md). "
+        "Empty: such instances keep no issuer, and their patients cannot be named by a peer "
+        "(`ncp index` reports them). Changing it re-reads the archive at the next `ncp index`.",
+    )
+
+    @field_validator("patient_id_issuer")
+    @classmethod
+    def _issuer(cls, value: str) -> str:
+        if not value:
+            return value
+        # As DICOM would write it (LO: 64 characters, no backslash) and as FHIR can name it
+        # (an Identifier.system: an OID as urn:oid:..., or an absolute URI).
+        if len(value) > 64 or "\\" in value or value != value.strip():
+            raise ValueError("must fit DICOM LO: at most 64 characters, no backslash or padding")
+        parts = value.split(".")
+        if not (len(parts) > 1 and all(p.isdigit() for p in parts)) and ":" not in value:
+            raise ValueError("must be an OID (digits and dots) or an absolute URI")
+        return value
+
+
+class FolderArchive(_ArchiveSource):
     kind: Literal["folder"] = "folder"
     path: Path = Field(
         description="Root of a tree of DICOM files (a DICOMDIR media layout is fine)."
     )
 
 
-class DicomwebArchive(_Section):
+class DicomwebArchive(_ArchiveSource):
     kind: Literal["dicomweb"]
     url: str = Field(
         description="DICOMweb base of the archive, e.g. http://127.0.0.1:8042/dicom-web"
@@ -234,6 +263,65 @@ class BudgetSection(_Section):
     retry_after_s: int = Field(default=5, ge=1, le=600, description="Retry-After of that 503.")
 
 
+class ConsumerSection(_Section):
+    """Country B's peer client: which peers this node may ask, and how patiently. Where each
+    peer is and how to recognise it (base URL, CA, pins, signing keys) is the trust list's."""
+
+    peers: list[str] = Field(
+        default_factory=list,
+        description="Countries (on the trust list) whose standard channel this node may ask, "
+        "e.g. ['AT']. Empty: this node asks no one (a node that only answers).",
+    )
+    connect_timeout_s: float = Field(
+        default=5.0, gt=0, le=60, description="Longest wait for a TCP and TLS connection."
+    )
+    timeout_s: float = Field(
+        default=30.0, gt=0, le=600, description="Longest wait for each read of an answer."
+    )
+    attempts: int = Field(
+        default=4,
+        ge=1,
+        le=10,
+        description="Tries of one request when the failure is transient (connection failed, "
+        "503); 4xx answers are never retried.",
+    )
+    backoff_s: float = Field(
+        default=0.5,
+        ge=0,
+        le=30,
+        description="First wait between tries, doubled each time (up to retry_after_max_s).",
+    )
+    retry_after_max_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=300,
+        description="Longest wait honoured from a peer's Retry-After (a larger one is cut).",
+    )
+    assertion_lifetime_s: int = Field(
+        default=3600,
+        ge=60,
+        le=7200,
+        description="Life of the HP identity assertions and TRCs this node signs (eHDSI: a "
+        "TRC is valid at most 2 hours).",
+    )
+    max_pages: int = Field(
+        default=100,
+        ge=1,
+        le=10_000,
+        description="Most pages of one list followed; a longer list is refused as unusable.",
+    )
+
+    @field_validator("peers")
+    @classmethod
+    def _peer_codes(cls, value: list[str]) -> list[str]:
+        for code in value:
+            if not _COUNTRY.match(code):
+                raise ValueError(f"{code!r} is not an ISO 3166-1 alpha-2 code in capitals")
+        if len(set(value)) != len(value):
+            raise ValueError("a peer is named twice")
+        return value
+
+
 class _FileSettings(BaseSettings):
     """Settings read from a TOML file (passed as init values) with ``NCP_*`` overrides."""
 
@@ -270,6 +358,7 @@ class NodeSettings(_FileSettings):
     lists: ListSection = ListSection()
     http: HttpSection = HttpSection()
     budget: BudgetSection = BudgetSection()
+    consumer: ConsumerSection = ConsumerSection()
 
 
 class EdgeSection(_Section):

@@ -81,8 +81,10 @@ DEFAULT_BASE_PORT = 8443
 B_STANDARD = "https://localhost:9443/fhir"
 """Country B's URL in A's trust list; B's node is not started yet (later work)."""
 
-READY_TIMEOUT_S = 120.0
-"""A node loads its profiles and terminology before it answers: slow on a busy machine."""
+READY_TIMEOUT_S = 300.0
+"""A node loads its profiles and terminology before it answers, and both gateways read every
+header of the folder archive into their catalogue before they serve (so that the first search
+is fast): together a minute or more on a busy machine."""
 STOP_TIMEOUT_S = 10.0
 STDERR_TAIL_LINES = 20
 
@@ -232,6 +234,8 @@ url = "sqlite:///index.db"
 [archive]
 kind = "folder"
 path = "../dicom"
+# Assigning authority of Patient IDs that carry no Issuer of Patient ID (the edge says the same).
+patient_id_issuer = "{issuer}"
 
 [reports]
 kind = "folder"
@@ -267,6 +271,8 @@ name = "edge gateway {country} (demo)"
 [archive]
 kind = "folder"
 path = "../dicom"
+# As node A's [archive]: the same patient check for IDs without Issuer of Patient ID.
+patient_id_issuer = "{issuer}"
 
 [tls]
 certificate = "tls/server.pem"
@@ -315,7 +321,8 @@ def prepare(layout: Layout, ports: Ports, *, patients: int, seed: int, big: int)
         )
         print(
             f"  {s.patients} patients, {s.studies} studies, {s.instances} instances, "
-            f"{s.reports} reports"
+            f"{s.reports} reports in {s.report_versions} versions (a report corrected or "
+            "amended keeps each version)"
         )
     for keys, country in ((layout.keys_a, COUNTRY_A), (layout.keys_b, COUNTRY_B)):
         if not (keys / pki.KEYS_TOML).exists():
@@ -338,7 +345,13 @@ def prepare(layout: Layout, ports: Ports, *, patients: int, seed: int, big: int)
     )
     _write(
         layout.edge_config,
-        _EDGE.format(country=COUNTRY_A, audience=ports.edge_url, host=HOST, port=ports.edge),
+        _EDGE.format(
+            country=COUNTRY_A,
+            audience=ports.edge_url,
+            host=HOST,
+            port=ports.edge,
+            issuer=ISSUER_A,
+        ),
     )
     # Read back as the services will: a config the node would refuse fails here, named.
     load_edge_settings(layout.edge_config)
@@ -361,8 +374,9 @@ def _load_reports(settings: NodeSettings, sessions: sessionmaker[Session]) -> No
         now=lambda: datetime.now(UTC),
     )
     print(
-        f"reports of country {COUNTRY_A}: {summary.stored} stored, {summary.unchanged} unchanged, "
-        f"{len(summary.failed)} refused"
+        f"reports of country {COUNTRY_A}: {summary.stored} report versions stored (of "
+        f"{len(summary.reports)} reports), {summary.unchanged} already stored, "
+        f"{len(summary.failed)} refused; a report corrected or amended keeps each version"
     )
     for failure in summary.failed[:10]:
         print(f"  refused {failure.path}: {failure.reason}")
@@ -382,7 +396,12 @@ def index_and_list(settings: NodeSettings) -> TopPatient:
         migrate(engine)
         sessions = session_factory(engine)
         zone = zone_of(settings.node.country)
-        run = index_source(sessions, open_archive(settings.archive), zone=zone)
+        run = index_source(
+            sessions,
+            open_archive(settings.archive),
+            zone=zone,
+            patient_id_issuer=settings.archive.patient_id_issuer,
+        )
         rendered = render_studies(settings, sessions, run.touched)
         print(
             f"index of country {COUNTRY_A}: {run.added} added, {run.updated} updated, "

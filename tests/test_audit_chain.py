@@ -405,8 +405,8 @@ def test_a_text_seq_is_named_not_a_crash(sqlite_engine: Engine) -> None:
 
 def test_rewriting_the_tail_and_the_head_together_is_not_detectable(chain: Engine) -> None:
     """The limit of a chain kept in the database it protects: whoever deletes the newest
-    records and sets the head to match leaves a valid shorter chain. Anchoring the head
-    elsewhere (``ncp audit verify`` prints it) is what detects this; see chain.py."""
+    records and sets the head to match leaves a valid shorter chain. A signed checkpoint kept
+    elsewhere is what detects this (tests/test_audit_checkpoint.py)."""
     with Session(chain) as session:
         record = session.get(AuditRecord, N - 2)
         assert record is not None

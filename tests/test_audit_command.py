@@ -164,3 +164,60 @@ def test_the_ncp_command_runs_audit_once_registered(
         pytest.skip("ncp.cli does not register `audit` yet (one line for the lead)")
     assert cli.main(["audit", "verify", "--config", str(config)]) == 0
     assert "intact" in capsys.readouterr().out
+
+
+def _edge_config(tmp_path: Path, url: str) -> Path:
+    """An edge gateway's config (``ncp edge --config``), as examples/edge/edge.toml has it."""
+    config = tmp_path / "edge.toml"
+    config.write_text(
+        f"""
+[edge]
+country = "AT"
+audience = "https://edge.at.example/dicomweb"
+jwks = "keys/jwks.json"
+
+[archive]
+kind = "folder"
+path = "{tmp_path / "archive"}"
+
+[tls]
+certificate = "keys/server.pem"
+key = "keys/server.key"
+
+[database]
+url = "{url}"
+""",
+        encoding="utf-8",
+    )
+    return config
+
+
+@pytest.fixture
+def edge_config(tmp_path: Path, db_url: str, engine: Engine) -> Path:
+    fill(engine, [sample_event(1, side="gateway", action="image-retrieve"), sample_event(2)])
+    return _edge_config(tmp_path, db_url)
+
+
+def test_verify_export_and_report_read_an_edge_gateways_config(
+    edge_config: Path, engine: Engine, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(["audit", "verify", "--config", str(edge_config)]) == 0
+    assert capsys.readouterr().out.startswith("audit chain intact: 2 records")
+    assert run(["audit", "export", "--config", str(edge_config)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert run(["audit", "report", "--config", str(edge_config), "--csv"]) == 0
+    assert "image-retrieve" in capsys.readouterr().out
+    with engine.begin() as connection:
+        set_field(connection, 1, "num_instances", 1)
+    assert run(["audit", "verify", "--config", str(edge_config)]) == 1
+
+
+def test_an_edge_config_with_an_unknown_key_is_still_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _edge_config(tmp_path, f"sqlite:///{tmp_path / 'e.db'}")
+    config.write_text(config.read_text() + "\n[edge_extra]\nx = 1\n")
+    from ncp import cli
+
+    assert cli.main(["audit", "verify", "--config", str(config)]) == 2
+    assert "edge_extra" in capsys.readouterr().err

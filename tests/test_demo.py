@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import socket
 import ssl
@@ -182,6 +183,12 @@ def test_setup_only_prepares_configs_keys_trust_and_index_idempotently(
     assert "generating example data for country AT" in first
     assert "0 skipped" in first
     assert "0 refused" in first
+    # Reports and their versions are told apart, and the two counts say why they differ.
+    made = re.search(r"(\d+) reports in (\d+) versions \(", first)
+    loaded = re.search(r"(\d+) report versions stored \(of (\d+) reports\)", first)
+    assert made is not None and loaded is not None, first
+    assert (made[1], made[2]) == (loaded[2], loaded[1])
+    assert "corrected or amended" in first
 
     node = load_settings(data / "country-a" / "node.toml")
     edge = load_edge_settings(data / "edge" / "edge.toml")
@@ -203,4 +210,4 @@ def test_setup_only_prepares_configs_keys_trust_and_index_idempotently(
     second = capsys.readouterr().out
     assert "generating" not in second and "test PKI" not in second
     assert "0 added, 0 updated" in second
-    assert "0 stored" in second
+    assert "0 report versions stored" in second

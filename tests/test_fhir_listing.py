@@ -12,20 +12,16 @@ from hypothesis import HealthCheck, given, settings
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ncp.fhir import listing
 from ncp.fhir.identifiers import (
     manifest_reference_id,
     patient_resource_id,
     patient_system,
     report_resource_id,
 )
-from ncp.fhir.listing import (
-    MADO_FORMAT,
-    manifest_reference,
-    organization,
-    patient_resource,
-    report_reference,
-)
-from ncp.fhir.manifest import ManifestError, imaging_study
+from ncp.fhir.listing import MADO_FORMAT, organization
+from ncp.fhir.manifest import Custodian, ManifestError
+from ncp.provider.describe import describe_patient, describe_report, describe_study
 from ncp.store.models import Patient, Report, ReportVersion, Study
 from tests.test_fhir_manifest import (
     BASE,
@@ -36,8 +32,36 @@ from tests.test_fhir_manifest import (
     _specs,
     build_index,
     errors,
+    imaging_study,
     make_study,
 )
+
+# The builders take plain values; these describe index and report rows as the provider does.
+
+
+def manifest_reference(study: Study, custodian: Custodian, *, base_url: str) -> dict[str, Any]:
+    return listing.manifest_reference(describe_study(study), custodian, base_url=base_url)
+
+
+def report_reference(
+    report: Report,
+    version: ReportVersion,
+    *,
+    base_url: str,
+    study: Study | None,
+    custodian: Custodian | None = None,
+) -> dict[str, Any]:
+    return listing.report_reference(
+        describe_report(report, version),
+        base_url=base_url,
+        study=describe_study(study) if study is not None else None,
+        custodian=custodian,
+    )
+
+
+def patient_resource(patient: Patient) -> dict[str, Any]:
+    return listing.patient_resource(describe_patient(patient))
+
 
 SNOMED = "http://snomed.info/sct"
 MODALITY_URL = "http://hl7.org/fhir/5.0/StructureDefinition/extension-DocumentReference.modality"
@@ -77,7 +101,10 @@ def test_every_manifest_entry_is_valid_and_carries_the_selection_parameters(
         assert entry["id"] == manifest_reference_id(study.study_uid)
         (content,) = entry["content"]
         assert content["format"] == MADO_FORMAT
-        assert content["attachment"]["url"] == f"{BASE}/ImagingStudy/{study.study_uid}"
+        assert (
+            content["attachment"]["url"]
+            == f"{BASE}/Bundle/{manifest_reference_id(study.study_uid)}"
+        )
         assert content["attachment"]["title"] == study.description
         size = sum(i[3] for rows in truth.series.values() for i in rows)
         assert extensions(entry, SIZE_URL) == [{"url": SIZE_URL, "valueDecimal": size}]

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, object_session, sessionmaker
 
 from ncp.config import NodeSettings
 from ncp.dicom.folder import FolderSource
@@ -29,9 +29,9 @@ from ncp.fhir.manifest import (
     Custodian,
     ImagingEndpoints,
     ManifestError,
-    imaging_study,
-    load_instances,
 )
+from ncp.fhir.manifest import imaging_study as build_imaging_study
+from ncp.provider.describe import describe_indexed_study, describe_study
 from ncp.provider.indexer import index_source
 from ncp.store import db
 from ncp.store.models import Instance, Patient, Series, Study
@@ -51,6 +51,25 @@ CUSTODIAN = Custodian(
     country="AT",
     zone=ZoneInfo("Europe/Vienna"),
 )
+
+
+def imaging_study(
+    study: Study,
+    endpoints: ImagingEndpoints,
+    custodian: Custodian,
+    *,
+    instances: dict[str, list[Instance]] | None = None,
+) -> dict[str, Any]:
+    """The manifest of an index study row, described as the provider describes it (its
+    instances read through its session when not given)."""
+    if instances is None:
+        session = object_session(study)
+        if session is None:
+            raise ManifestError("a detached study row needs its instances")
+        facts = describe_indexed_study(session, study)
+    else:
+        facts = describe_study(study, study.series, instances)
+    return build_imaging_study(facts, endpoints, custodian)
 
 
 def errors(resource: dict[str, Any]) -> list[Issue]:
@@ -261,7 +280,11 @@ def test_endpoints_and_custodian_from_settings(tmp_path: Path) -> None:
 
 def test_explicit_instances_give_the_same_manifest(session: Session) -> None:
     study = studies(session)[2]
-    loaded = load_instances(study)
+    loaded: dict[str, list[Instance]] = {s.series_uid: [] for s in study.series}
+    for series in study.series:
+        loaded[series.series_uid] = list(
+            session.scalars(select(Instance).where(Instance.series_pk == series.id))
+        )
     assert imaging_study(study, ENDPOINTS, CUSTODIAN, instances=loaded) == imaging_study(
         study, ENDPOINTS, CUSTODIAN
     )
@@ -451,3 +474,61 @@ def test_odd_index_values_still_give_a_valid_manifest(spec: StudySpec) -> None:
     assert (len(manifest["identifier"]) == 2) == has_accession
     if has_accession and not spec.accession_issuer:
         assert manifest["identifier"][1]["system"] == UNQUALIFIED_ACCESSION_SYSTEM
+
+
+# --- Key Object Selection documents (IHE MADO ko-document-title) -------------------------------
+
+
+def test_a_key_object_selection_document_carries_its_title(tmp_path: Path) -> None:
+    """A KOS instance in the archive: the index keeps its Concept Name, the manifest shows it
+    as MADO's ko-document-title, and a multi-frame instance its number of frames."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    study_uid, series_uid = generate_uid(), generate_uid()
+
+    def write(name: str, sop_class: str, **values: Any) -> None:
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID = sop_class
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.PatientID, ds.IssuerOfPatientID = "KOS-1", "1.2.40.0.10.1.4.3.1"
+        ds.StudyDate, ds.StudyTime, ds.Modality = "20240105", "101500", "KO"
+        for key, value in values.items():
+            setattr(ds, key, value)
+        ds.save_as(archive / name, enforce_file_format=True)
+
+    title = Dataset()
+    title.CodingSchemeDesignator, title.CodeValue = "DCM", "113000"
+    title.CodeMeaning = "Of Interest"
+    write(
+        "ko.dcm", "1.2.840.10008.5.1.4.1.1.88.59", InstanceNumber=1, ConceptNameCodeSequence=[title]
+    )
+    write("mf.dcm", "1.2.840.10008.5.1.4.1.1.7", InstanceNumber=2, NumberOfFrames=3)
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'index.db'}")
+    db.migrate(engine)
+    sessions = db.session_factory(engine)
+    index_source(sessions, FolderSource(archive))
+    with sessions() as session:
+        (study,) = studies(session)
+        manifest = imaging_study(study, ENDPOINTS, CUSTODIAN)
+    assert errors(manifest) == []
+    instances = {i["number"]: i for s in manifest["series"] for i in s["instance"]}
+    ko_url = "https://profiles.ihe.net/RAD/MADO/StructureDefinition/MadoKeyObjectDocumentTitle"
+    frames_url = "https://profiles.ihe.net/RAD/MADO/StructureDefinition/MadoNumberOfFrames"
+    (ko,) = instances[1]["extension"]
+    assert ko["url"] == ko_url
+    assert ko["valueCodeableConcept"]["coding"][0] == {
+        "system": "http://dicom.nema.org/resources/ontology/DCM",
+        "code": "113000",
+        "display": "Of Interest",
+    }
+    assert instances[2]["extension"] == [{"url": frames_url, "valueInteger": 3}]
+    engine.dispose()

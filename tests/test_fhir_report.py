@@ -15,9 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ncp.fhir.report import (
+    COMPOSITION_DIAGNOSTIC_REPORT_URL,
+    COMPOSITION_VERSION_URL,
     DIAGNOSTIC_REPORT_COMPOSITION_URL,
     LOINC,
-    REPORT_VERSION_URL,
+    PRIORITY_CATEGORY,
     SNOMED,
     URI,
     Coding,
@@ -188,11 +190,21 @@ def test_composition_and_diagnostic_report_agree() -> None:
     assert report["extension"] == [
         {"url": DIAGNOSTIC_REPORT_COMPOSITION_URL, "valueReference": {"reference": composition_url}}
     ]
-    assert composition["extension"] == [{"url": REPORT_VERSION_URL, "valueInteger": 2}]
+    report_url = bundle["entry"][1]["fullUrl"]
+    assert composition["extension"] == [
+        {"url": COMPOSITION_DIAGNOSTIC_REPORT_URL, "valueReference": {"reference": report_url}},
+        {"url": COMPOSITION_VERSION_URL, "valueString": "2"},
+    ]
     assert report["code"]["coding"][0]["code"] == composition["type"]["coding"][0]["code"]
-    assert composition["category"][0]["coding"][0]["code"] == "85430-7"
+    # HL7 Europe imaging: imaging-report (LOINC 85430-7) and imaging (Medical-Imaging), both
+    # in Composition and DiagnosticReport.
+    for resource in (composition, report):
+        codes = {(c["coding"][0]["system"], c["coding"][0]["code"]) for c in resource["category"]}
+        assert {(LOINC, "85430-7"), (PRIORITY_CATEGORY, "Medical-Imaging")} <= codes
     order = next(e for e in bundle["entry"] if e["resource"]["resourceType"] == "ServiceRequest")
-    assert report["basedOn"] == [{"reference": order["fullUrl"]}]
+    (based_on,) = report["basedOn"]
+    assert based_on["reference"] == order["fullUrl"]
+    assert based_on["identifier"]["value"] == "KDN2024000001"
     assert order["resource"]["identifier"][0]["value"] == "KDN2024000001"
     assert order["resource"]["identifier"][0]["type"]["coding"][0]["code"] == "ACSN"
 

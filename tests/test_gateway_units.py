@@ -264,10 +264,15 @@ def test_transfer_syntax_negotiation() -> None:
         dicom_syntaxes('multipart/related; type="application/dicom"; transfer-syntax=1.2.*')
     with pytest.raises(BadRequest):
         dicom_syntaxes("multipart/related; type=\r\nX-Injected: 1")
-    assert choose_syntax(["*"], {"1.2.840.10008.1.2.4.50"}) == "*"
+    jpeg, jpeg_ls = "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.80"
+    assert choose_syntax(["*"], {jpeg}) == "*"
     assert choose_syntax([EXPLICIT_VR_LITTLE_ENDIAN], None) == EXPLICIT_VR_LITTLE_ENDIAN
+    # A folder: as stored when accepted, else transcoded to an uncompressed syntax.
+    assert choose_syntax([EXPLICIT_VR_LITTLE_ENDIAN, jpeg], {jpeg}) == jpeg
+    assert choose_syntax([EXPLICIT_VR_LITTLE_ENDIAN, "*"], {jpeg, jpeg_ls}) == "*"
+    assert choose_syntax([jpeg_ls, EXPLICIT_VR_LITTLE_ENDIAN], {jpeg}) == EXPLICIT_VR_LITTLE_ENDIAN
     with pytest.raises(NotAcceptable):
-        choose_syntax([EXPLICIT_VR_LITTLE_ENDIAN], {"1.2.840.10008.1.2.4.50"})
+        choose_syntax([jpeg_ls], {jpeg})
 
 
 def test_the_archive_gets_a_rebuilt_accept_header() -> None:

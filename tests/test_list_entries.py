@@ -336,3 +336,30 @@ def test_memory_keeps_the_most_recent_bodies_within_its_bound() -> None:
     assert memory.get((EntryKind.STUDY, 1), "other renderer", "s") is None
     memory.put((EntryKind.STUDY, 4), "r", "s", b"x" * 11)  # larger than the bound: not kept
     assert memory.get((EntryKind.STUDY, 4), "r", "s") is None
+
+
+# --- entries left out ----------------------------------------------------------------------------
+
+
+def test_an_entry_left_out_names_its_study_and_the_rule(
+    index: Index, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A study whose patient has no Issuer of Patient ID cannot become an entry (its patient
+    identifier would have no system): the log says which study, and which rule."""
+    study = "1.2.826.0.1.3680043.10.543.900.1"
+    ds = make_instance(
+        patient_id="NOISSUER1",
+        study_uid=study,
+        series_uid=f"{study}.1",
+        sop_uid=f"{study}.1.1",
+        StudyDate="20240101",
+    )
+    write_instance(index.archive / "NOISSUER1" / "1.dcm", ds)
+    run = index_source(index.sessions, FolderSource(index.archive))
+    with caplog.at_level(logging.WARNING, logger="ncp.provider.list_entries"):
+        assert render_studies(index.settings, index.sessions, run.touched) == 0
+    left_out = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert len(left_out) == 2  # the ImagingStudy and the manifest's DocumentReference
+    for message in left_out:
+        assert study in message
+        assert "rule: Patient.identifier.system" in message

@@ -369,7 +369,7 @@ def test_served_bundles_validate(sessions: sessionmaker[Session], validator: Val
             assert served["id"] == row.report_id
             assert served["meta"]["versionId"] == str(row.version)
             assert served["meta"]["lastUpdated"] == "2026-03-01T12:00:00Z"
-            assert served["meta"]["profile"] == [reports.REPORT_BUNDLE_PROFILE]
+            assert served["meta"]["profile"][0] == reports.REPORT_BUNDLE_PROFILE
             issues = validator.validate(served)
             assert not has_errors(issues), [i for i in issues if i.is_error]
     assert reports.instant(datetime(2026, 3, 1, 12, 0, 0, 250000)) == "2026-03-01T12:00:00.250000Z"
@@ -390,7 +390,7 @@ def test_generated_reports_ingest_and_serve(
     sessions: sessionmaker[Session], validator: Validator
 ) -> None:
     bundles = generated_bundles(patients=4, seed=3)
-    for bundle in sorted(bundles, key=lambda b: composition(b)["extension"][0]["valueInteger"]):
+    for bundle in sorted(bundles, key=lambda b: int(composition(b)["extension"][1]["valueString"])):
         ingest(sessions, validator, bundle)
     by_report = versions_by_report(bundles)
     assert counts(sessions) == (len(by_report), len(bundles))

@@ -31,6 +31,7 @@ from ncp.fhir.listing import (
     report_reference,
 )
 from ncp.fhir.manifest import Custodian, ImagingEndpoints, imaging_study
+from ncp.provider.describe import describe_indexed_study, describe_report, describe_study
 from ncp.provider.search import ManifestMatch, ReportMatch, run_search
 from ncp.provider.search_params import DateRange, SearchQuery, parse_search
 from ncp.store.models import Patient, Report, ReportVersion, Study
@@ -99,8 +100,10 @@ def world(index: SearchIndex) -> Iterator[World]:  # noqa: F811
             ).one()
             by_uid: dict[str, tuple[Study, dict[str, Any], dict[str, Any]]] = {}
             for study in session.scalars(select(Study).where(Study.patient_pk == patient.id)):
-                manifest = manifest_reference(study, CUSTODIAN, base_url=BASE)
-                resource = imaging_study(study, ENDPOINTS, CUSTODIAN)
+                manifest = manifest_reference(describe_study(study), CUSTODIAN, base_url=BASE)
+                resource = imaging_study(
+                    describe_indexed_study(session, study), ENDPOINTS, CUSTODIAN
+                )
                 by_uid[study.study_uid] = (study, manifest, resource)
                 text = study_text(resource)
                 facets = {"doc": manifest, "study": resource}
@@ -127,10 +130,9 @@ def world(index: SearchIndex) -> Iterator[World]:  # noqa: F811
             for report, version in rows:
                 indexed = by_uid.get(version.study_uid or "")
                 doc = report_reference(
-                    report,
-                    version,
+                    describe_report(report, version),
                     base_url=BASE,
-                    study=indexed[0] if indexed else None,
+                    study=describe_study(indexed[0]) if indexed else None,
                     custodian=CUSTODIAN,
                 )
                 facets = {"doc": doc}

@@ -15,6 +15,7 @@ from lxml import etree
 from ncp.audit.chain import verify as verify_chain
 from ncp.audit.models import Action, Outcome
 from ncp.provider.capability import SEARCH_PARAMS
+from ncp.provider.search_params import INCLUDES, REVINCLUDES
 from ncp.security.access import AccessVerifier
 from ncp.security.claims import IMAGE_ACCESS, VIEWER_LAUNCH
 from ncp.security.tokens import Replayed, verify
@@ -117,7 +118,13 @@ def test_metadata_needs_no_assertion_and_describes_what_is_served(
     assert "Mutual TLS" in rest["security"]["description"]
     assert {op["name"] for op in rest["operation"]} == {"imaging-access", "validate"}
     by_type = {r["type"]: r for r in rest["resource"]}
-    assert set(by_type) == {"Bundle", "DocumentReference", "ImagingStudy", "Patient"}
+    assert set(by_type) == {
+        "Bundle",
+        "DocumentReference",
+        "ImagingStudy",
+        "Organization",
+        "Patient",
+    }
     assert [op["name"] for op in by_type["Patient"]["operation"]] == ["match", "validate"]
     # What the node routes, written out: a statement derived from the routes must find them
     # all, however the framework stores included routers.
@@ -125,7 +132,8 @@ def test_metadata_needs_no_assertion_and_describes_what_is_served(
         "Bundle": ["read", "vread", "history-instance", "create"],
         "DocumentReference": ["read", "search-type"],
         "ImagingStudy": ["read", "search-type"],
-        "Patient": [],
+        "Organization": ["read"],
+        "Patient": ["read"],
     }
     for rtype, entry in by_type.items():
         assert [i["code"] for i in entry.get("interaction", [])] == served[rtype], rtype
@@ -139,6 +147,12 @@ def test_metadata_needs_no_assertion_and_describes_what_is_served(
         if "ncp.example" in p.get("definition", "")
     ]
     assert all(d.startswith("https://ncp.example/fhir/SearchParameter/") for d in ours)
+    # Every parameter has a definition, and the includes the list accepts are declared.
+    for rtype in ("DocumentReference", "ImagingStudy"):
+        assert all(p.get("definition") for p in by_type[rtype]["searchParam"]), rtype
+    assert "DocumentReference:related" in by_type["DocumentReference"]["searchInclude"]
+    assert by_type["ImagingStudy"]["searchInclude"] == sorted(INCLUDES["ImagingStudy"])
+    assert by_type["ImagingStudy"]["searchRevInclude"] == sorted(REVINCLUDES["ImagingStudy"])
 
 
 def test_metadata_validates_without_system_operations(

@@ -146,7 +146,7 @@ def test_migrate_creates_schema(engine: Engine) -> None:
     assert set(inspect(engine).get_table_names()) == set()
     migrate(engine)
     assert set(inspect(engine).get_table_names()) == MODEL_TABLES | {"alembic_version"}
-    assert _current(engine) == _head() == "0005"
+    assert _current(engine) == _head() == "kotitle"
 
 
 def test_migrate_is_idempotent(migrated: Engine) -> None:

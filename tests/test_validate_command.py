@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -31,7 +32,7 @@ def run(
     code = run_validate(
         [str(p) for p in paths],
         fmt=fmt,  # type: ignore[arg-type]
-        profile=profile,
+        profiles=[profile] if profile else [],
         stdin=io.BytesIO(stdin),
         stdout=out,
     )
@@ -156,7 +157,7 @@ def test_register_adds_the_sub_command(capsys: pytest.CaptureFixture[str]) -> No
     parser = argparse.ArgumentParser(prog="ncp")
     register(parser.add_subparsers())
     args = parser.parse_args(["validate", str(VALID), "--format", "junit"])
-    assert args.paths == [str(VALID)] and args.format == "junit" and args.profile is None
+    assert args.paths == [str(VALID)] and args.format == "junit" and args.profile == []
     assert args.handler(args) == 0
     assert "<testsuites" in capsys.readouterr().out
     with pytest.raises(SystemExit):
@@ -179,3 +180,111 @@ def test_runs_as_a_process_through_register() -> None:
     )
     assert done.returncode == 1
     OperationOutcome.model_validate(json.loads(done.stdout))
+
+
+PATIENT_PROFILE = "https://ncp.example/fhir/StructureDefinition/ncp-patient"
+ORGANIZATION_PROFILE = "https://ncp.example/fhir/StructureDefinition/ncp-organization"
+
+
+def test_profile_given_several_times_checks_each(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ncp.cli import main
+
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [
+            {"resource": {"resourceType": "Patient", "id": "p"}},
+            {"resource": {"resourceType": "Organization", "id": "o", "name": "X"}},
+        ],
+    }
+    path = tmp_path / "bundle.json"
+    path.write_text(json.dumps(bundle))
+
+    def failing_types(*profiles: str) -> set[str]:
+        argv = ["validate", str(path), "--format", "json"]
+        for url in profiles:
+            argv += ["--profile", url]
+        assert main(argv) == 1
+        issues = json.loads(capsys.readouterr().out)["issue"]
+        return {
+            i["expression"][0].split(".ofType(")[1].split(")")[0]
+            for i in issues
+            if i["severity"] == "error"
+        }
+
+    assert failing_types(PATIENT_PROFILE) == {"Patient"}
+    assert failing_types(ORGANIZATION_PROFILE) == {"Organization"}
+    assert failing_types(PATIENT_PROFILE, ORGANIZATION_PROFILE) == {"Patient", "Organization"}
+    assert failing_types(ORGANIZATION_PROFILE, PATIENT_PROFILE) == {"Patient", "Organization"}
+
+
+@pytest.fixture(scope="module")
+def corpus_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The whole corpus, valid and invalid, twice over, in nested folders."""
+    root = tmp_path_factory.mktemp("many")
+    for copy in ("a", "b/c"):
+        for kind in ("valid", "invalid"):
+            shutil.copytree(CORPUS / kind, root / copy / kind)
+    return root
+
+
+@pytest.mark.parametrize("fmt", ["text", "json", "junit"])
+def test_workers_give_the_same_report_in_input_order(
+    corpus_folder: Path, fmt: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ncp.cli import main
+
+    outputs = []
+    for workers in ("1", "3"):
+        code = main(["validate", str(corpus_folder), "--format", fmt, "--workers", workers])
+        outputs.append((code, capsys.readouterr().out))
+    assert outputs[0][0] == outputs[1][0] == 1
+    assert outputs[0][1] == outputs[1][1]
+    assert outputs[0][1].count("Patient-bad-birthdate") >= 2
+
+
+def test_workers_from_the_installed_command_with_stdin_among_folders(corpus_folder: Path) -> None:
+    ncp = Path(sys.executable).with_name("ncp")
+    args = [str(corpus_folder / "a" / "valid"), "-", str(corpus_folder / "a" / "invalid")]
+    done = [
+        subprocess.run(
+            [str(ncp), "validate", *args, "--workers", workers, "--format", "json"],
+            input=INVALID.read_bytes(),
+            capture_output=True,
+            check=False,
+            timeout=300,
+        )
+        for workers in ("1", "2")
+    ]
+    assert done[0].returncode == done[1].returncode == 1, done[1].stderr
+    assert done[0].stdout == done[1].stdout
+    sources = [o["extension"][0]["valueString"] for o in json.loads(done[1].stdout)]
+    valid = sorted(str(p) for p in (corpus_folder / "a" / "valid").rglob("*.*"))
+    assert sources[: len(valid) + 1] == [*valid, "-"]
+
+
+def test_workers_must_be_one_or_more(capsys: pytest.CaptureFixture[str]) -> None:
+    from ncp.cli import main
+
+    assert main(["validate", str(VALID), "--workers", "0"]) == 2
+    assert "--workers" in capsys.readouterr().err
+
+
+def _die(*_: object) -> None:
+    os._exit(3)
+
+
+def test_a_worker_that_dies_is_a_failure_not_a_hang(
+    corpus_folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import multiprocessing
+
+    from ncp.cli import main
+    from ncp.validation import command
+
+    monkeypatch.setattr(command, "_validate_file", _die)
+    monkeypatch.setattr(command, "_pool_context", lambda: multiprocessing.get_context("fork"))
+    assert main(["validate", str(corpus_folder), "--workers", "2"]) == 1
+    assert "a worker process died" in capsys.readouterr().err

@@ -118,8 +118,7 @@ def change_the_study_accession(bundle: dict[str, Any]) -> tuple[str, str, str]:
 
 def put_a_non_composition_first(bundle: dict[str, Any]) -> tuple[str, str, str]:
     bundle["entry"][0], bundle["entry"][1] = bundle["entry"][1], bundle["entry"][0]
-    where = "Bundle.entry[0].resource.ofType(DiagnosticReport)"
-    return "structure", where, "document-composition-first"
+    return "invariant", "Bundle", "bdl-11"
 
 
 def duplicate_a_full_url(bundle: dict[str, Any]) -> tuple[str, str, str]:
@@ -356,3 +355,21 @@ def test_profile_section_slices_and_constraints(profiled: Validator) -> None:
     issues = profiled.validate(bundle, profiles=[BUNDLE_PROFILE])
     assert found(issues, "required", where, "Composition.section:imagingStudy")
     assert found(issues, "invariant", where, "ncp-comp-1")
+
+
+@pytest.mark.parametrize(
+    ("mutation", "rule"),
+    [
+        (put_a_non_composition_first, "bdl-11"),
+        (drop_the_document_identifier, "bdl-9"),
+        (lambda bundle: bundle.pop("timestamp"), "bdl-10"),
+    ],
+    ids=["composition-first", "identifier", "timestamp"],
+)
+def test_each_document_fault_is_reported_once(
+    validator: Validator, mutation: Callable[[dict[str, Any]], object], rule: str
+) -> None:
+    bundle = build_report_bundle(make_report())
+    mutation(bundle)
+    issues = [i for i in validator.validate(bundle) if i.is_error]
+    assert [i.rule for i in issues if i.rule.startswith(("bdl-", "document-"))] == [rule], issues

@@ -61,7 +61,30 @@ def _samples() -> list[dict[str, Any]]:
             {"url": "http://x"},
         ],
     }
-    return [*bundles, damaged, patient, {"resourceType": "Bundle", "type": "document"}]
+    version = "https://ncp.example/fhir/StructureDefinition/ncp-report-version"
+    others: list[dict[str, Any]] = [
+        {"resourceType": "Organization", "address": [{"use": "home", "city": "Graz"}]},
+        {"resourceType": "Organization", "_name": {"extension": [{"url": "x"}]}},
+        {"resourceType": "Organization", "name": "O", "address": [{"use": "work", "line": ["a"]}]},
+        {"resourceType": "ServiceRequest", "orderDetail": [{"text": "x"}]},
+        {"resourceType": "ServiceRequest", "orderDetail": [{"text": "x"}], "code": {"text": "y"}},
+        {"resourceType": "DiagnosticReport", "status": "registered"},
+        {"resourceType": "DiagnosticReport", "status": "final"},
+        {"resourceType": "DiagnosticReport", "code": {"text": "x"}},
+        {
+            "resourceType": "Composition",
+            "extension": [{"url": version, "valuePositiveInt": 2}],
+        },
+        {
+            "resourceType": "Composition",
+            "extension": [{"url": version, "valuePositiveInt": 2}],
+            "relatesTo": [{"code": "replaces"}],
+        },
+        {"resourceType": "Composition", "extension": [{"url": version, "valuePositiveInt": 1}]},
+        {"resourceType": "Basic", "extension": [{"url": version, "valueInteger": 0}]},
+        {"resourceType": "Basic", "extension": [{"url": version, "valueInteger": 3}]},
+    ]
+    return [*bundles, damaged, patient, *others, {"resourceType": "Bundle", "type": "document"}]
 
 
 def _is_entry(value: dict[str, Any]) -> bool:
@@ -76,6 +99,11 @@ _CONTEXT: dict[str, tuple[Any, str | None]] = {
     "bdl-8": (_is_entry, "Bundle.entry"),
     "cmp-1": (lambda v: "title" in v or "emptyReason" in v, "Composition.section"),
     "cmp-2": (lambda v: "title" in v or "emptyReason" in v, "Composition.section"),
+    "org-1": (lambda v: v.get("resourceType") == "Organization", "Organization"),
+    "org-2": (lambda v: "resourceType" not in v and ("city" in v or "line" in v), "Address"),
+    "prr-1": (lambda v: v.get("resourceType") == "ServiceRequest", "ServiceRequest"),
+    "ncp-dr-1": (lambda v: v.get("resourceType") == "DiagnosticReport", "DiagnosticReport"),
+    "ncp-comp-1": (lambda v: v.get("resourceType") == "Composition", "Composition"),
 }
 
 
@@ -102,7 +130,9 @@ def _fhirpath_agrees(key: str, expression: str, value: Any, scope: Scope) -> boo
 
 @pytest.mark.parametrize(
     ("key", "expression"),
-    [k for k in NATIVE if k[0] not in ("txt-1", "txt-2", "per-1")],
+    # fhirpathpy has no htmlChecks() nor resolve(); per-1 it gets wrong (tested below, as is
+    # dr-comp-author-org in tests/test_guides.py).
+    [k for k in NATIVE if k[0] not in ("txt-1", "txt-2", "per-1", "dr-comp-author-org")],
     ids=lambda k: k if isinstance(k, str) and "-" in k and len(k) < 8 else "",
 )
 def test_native_invariants_give_what_fhirpathpy_gives(key: str, expression: str) -> None:
@@ -359,6 +389,7 @@ def test_project_value_sets_come_from_the_terminology_folder() -> None:
     if validator.profile_type(url) is None:
         pytest.skip("the project's ImagingStudy profile is not there")
     study = entry_of(build_report_bundle(make_report()), "ImagingStudy")[1]
+    study.pop("meta")  # only the project's profile: the guide's binds modality to DICOM CID 29
     study["modality"] = [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "XX"}]
     issues = validator.validate(study, profiles=[url])
     assert any(

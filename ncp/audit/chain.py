@@ -13,16 +13,18 @@ first locks the chain head row, reads it, writes the record and moves the head, 
 caller's transaction. Two writers can never both take the same ``seq`` (and should the lock ever
 fail, ``seq`` is the primary key, so the second insert fails instead of forking the chain).
 
-What the chain cannot show: someone with write access to the database who rewrites records,
-recomputes every later hash and moves the head. Anchoring the head outside the database
-(``ncp audit verify`` prints it; keep it in a ticket or a signed log) closes that gap.
+What the chain cannot show by itself: someone with write access to the database who cuts the
+newest records and moves the head back, or rewrites records, recomputes every later hash and
+moves the head. Signed checkpoints of the head kept outside the database
+(:mod:`ncp.audit.checkpoint`, ``ncp audit checkpoint``) close that gap: :func:`verify` given
+their :class:`Anchor` checks that the record each names is still there with the hash signed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol, cast
@@ -72,7 +74,9 @@ HASHED_FIELDS: tuple[str, ...] = (
 """Every column of :class:`AuditRecord` but ``hash``, listed here rather than read from the
 model so that a new column is a visible decision (a test checks the list stays complete)."""
 
-ProblemKind = Literal["edited", "deleted", "relinked", "truncated", "unanchored", "head-missing"]
+ProblemKind = Literal[
+    "edited", "deleted", "relinked", "truncated", "unanchored", "head-missing", "cut", "rewritten"
+]
 
 
 class ChainError(NcpError):
@@ -219,6 +223,18 @@ class Problem:
 
 
 @dataclass(frozen=True, slots=True)
+class Anchor:
+    """What a trusted copy of an earlier head says (a verified checkpoint): the record ``seq``
+    had hash ``hash``, in the chain whose first record has hash ``first``."""
+
+    seq: int
+    hash: str
+    first: str
+    label: str
+    """How problems name it, e.g. ``the checkpoint of 2026-12-01 10:00:00 UTC``."""
+
+
+@dataclass(frozen=True, slots=True)
 class VerifyResult:
     count: int
     """Records read."""
@@ -228,6 +244,12 @@ class VerifyResult:
     more_problems: int = 0
     """Problems found beyond those kept in :attr:`problems`."""
     checked_at: datetime = field(default_factory=utc_now)
+    first_hash: str | None = None
+    """The hash of record 1, which names the chain (None for an empty chain)."""
+    head_recorded: datetime | None = None
+    """When the newest record read was written."""
+    anchors: tuple[Anchor, ...] = ()
+    """The anchors checked (each either confirmed or named in :attr:`problems`)."""
 
     @property
     def ok(self) -> bool:
@@ -238,11 +260,15 @@ class VerifyResult:
         return self.problems[0] if self.problems else None
 
 
-def verify(session: Session, *, max_problems: int = 100) -> VerifyResult:
+def verify(
+    session: Session, *, max_problems: int = 100, anchors: Sequence[Anchor] = ()
+) -> VerifyResult:
     """Check the whole chain; name every break (the first :data:`max_problems` of them).
 
     The head and the highest ``seq`` are read in one statement, so records appended while the
     check runs are neither blamed nor needed: the scan stops at the head read at the start.
+    Each of ``anchors`` must still hold: its record present with the hash it names (else the
+    chain was cut back or rewritten since), in a chain that starts with its ``first``.
     """
     head_seq_q = select(AuditChainHead.seq).where(AuditChainHead.id == CHAIN_HEAD_ID)
     head_hash_q = select(AuditChainHead.hash).where(AuditChainHead.id == CHAIN_HEAD_ID)
@@ -264,6 +290,8 @@ def verify(session: Session, *, max_problems: int = 100) -> VerifyResult:
 
     found = _Findings(max_problems)
     count, last = 0, None
+    wanted = {1, *(a.seq for a in anchors)}
+    seen: dict[int, str] = {}
     if limit is not None:
         # Values that do not parse (text written into a time or JSON column) must become a
         # finding, not a crash: read those columns raw and parse them here.
@@ -279,7 +307,7 @@ def verify(session: Session, *, max_problems: int = 100) -> VerifyResult:
             .execution_options(yield_per=1000)
         )
         rows: Iterable[Mapping[Any, Any]] = session.execute(stmt).mappings()
-        count, last = _scan(rows, found)
+        count, last = _scan(rows, found, wanted, seen)
 
     last_seq = last["seq"] if last is not None else 0
     if head_seq is None:
@@ -323,13 +351,54 @@ def verify(session: Session, *, max_problems: int = 100) -> VerifyResult:
                 "head: written outside the chain, or the head was set back",
             )
         )
+    for anchor in anchors:
+        _check_anchor(anchor, seen, last_seq, found)
     return VerifyResult(
         count=count,
         head_seq=head_seq,
         head_hash=head_hash,
         problems=tuple(sorted(found.kept, key=lambda p: p.seq)),
         more_problems=found.more,
+        first_hash=seen.get(1),
+        head_recorded=_when(last) if last is not None else None,
+        anchors=tuple(anchors),
     )
+
+
+def _check_anchor(anchor: Anchor, seen: Mapping[int, str], last_seq: int, found: _Findings) -> None:
+    if anchor.seq <= 0:
+        return  # the checkpoint of an empty chain: every chain extends it
+    first = seen.get(1)
+    if first is not None and first != anchor.first:
+        found.add(
+            Problem(
+                1,
+                "rewritten",
+                f"the chain does not start as the one {anchor.label} was signed for (first "
+                f"record hash {first[:16]}..., signed {anchor.first[:16]}...): a checkpoint of "
+                "another chain, or the chain was rewritten from its first record",
+            )
+        )
+    if anchor.seq > last_seq:
+        found.add(
+            Problem(
+                anchor.seq,
+                "cut",
+                f"{anchor.label} names seq {anchor.seq}, but the chain ends at seq {last_seq}: "
+                "the newest records were removed and the chain head moved back",
+            )
+        )
+    elif anchor.seq in seen and seen[anchor.seq] != anchor.hash:
+        found.add(
+            Problem(
+                anchor.seq,
+                "rewritten",
+                f"its hash {seen[anchor.seq][:16]}... is not the {anchor.hash[:16]}... "
+                f"{anchor.label} signed: the chain up to here was rewritten with recomputed "
+                "hashes",
+            )
+        )
+    # A record missing at anchor.seq inside the chain is already named as deleted.
 
 
 class _Findings:
@@ -372,9 +441,13 @@ def _when(row: Mapping[str, Any]) -> datetime | None:
 
 
 def _scan(
-    rows: Iterable[Mapping[Any, Any]], found: _Findings
+    rows: Iterable[Mapping[Any, Any]],
+    found: _Findings,
+    wanted: set[int],
+    seen: dict[int, str],
 ) -> tuple[int, Mapping[str, Any] | None]:
-    """Walk the records in ``seq`` order; return how many there were and the last one."""
+    """Walk the records in ``seq`` order; return how many there were and the last one. The
+    hashes of the records numbered in ``wanted`` are put into ``seen``."""
     expected, prev_hash = 1, GENESIS_HASH
     count = 0
     before: Mapping[str, Any] | None = None
@@ -383,6 +456,8 @@ def _scan(
         count += 1
         row, unreadable = _parsed(raw)
         seq = row["seq"]
+        if seq in wanted:
+            seen[seq] = row["hash"]
         if seq > expected:
             when = _when(row)
             found.add(

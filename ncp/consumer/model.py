@@ -56,6 +56,8 @@ class ManifestSeries:
     instances: tuple[ManifestInstance, ...]
     endpoint: str | None = None
     """The series' WADO-RS base from A's manifest, if given."""
+    size: int | None = None
+    """Bytes of the series' instances, when A's manifest states it."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,10 @@ class StudyManifest:
     accession: str | None = None
     description: str | None = None
     started: datetime | None = None
+    modalities: tuple[str, ...] = ()
+    """DICOM modality codes of the study (ImagingStudy.modality)."""
+    viewer: str | None = None
+    """The option B viewer endpoint's address in A's manifest (without access code), if any."""
 
     @property
     def instance_count(self) -> int:
@@ -89,6 +95,16 @@ class ImageGrant:
     expires_at: datetime
 
 
+@dataclass(frozen=True)
+class ViewerGrant:
+    """Option B of ``$imaging-access``: a launch URL of A's viewer carrying a one-time code,
+    for the HP's browser to open at once (it is valid for about a minute, once)."""
+
+    url: str
+    studies: tuple[str, ...]
+    expires_at: datetime
+
+
 class PeerRefused(NcpError):
     """A peer answered with a refusal (4xx, or 5xx after retries): the HTTP status and the
     text of A's OperationOutcome, for the HP to read."""
@@ -103,6 +119,36 @@ class PeerRefused(NcpError):
 
 class PeerUnreachable(NcpError):
     """A peer could not be reached (connection, TLS or timeout) after the retry budget."""
+
+    def __init__(self, message: str, *, peer: str = "") -> None:
+        super().__init__(message)
+        self.peer = peer
+
+
+class PeerUntrusted(PeerUnreachable):
+    """The peer's TLS identity is not what B's trust list says (certificate chain, host name or
+    pinned fingerprint), or it refused B's: nothing was sent to it, or nothing more. Never
+    retried: waiting does not make a wrong certificate right."""
+
+
+class PeerNotAllowed(NcpError):
+    """B may not ask this country: it is not on B's trust list, or not among the peers B's
+    configuration lets it ask (``[consumer] peers``). Refused before any connection."""
+
+    def __init__(self, peer: str, reason: str) -> None:
+        super().__init__(f"{peer}: {reason}")
+        self.peer = peer
+        self.reason = reason
+
+
+class PeerAnswerInvalid(NcpError):
+    """A peer answered something B cannot use safely (not FHIR, another patient's data, a
+    manifest whose counts disagree, a link to another server...): the reason says which rule."""
+
+    def __init__(self, peer: str, reason: str) -> None:
+        super().__init__(f"{peer}: unusable answer: {reason}")
+        self.peer = peer
+        self.reason = reason
 
 
 class PeerAccess(Protocol):

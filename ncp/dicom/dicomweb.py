@@ -690,8 +690,23 @@ def _stored_facts(part: _Part) -> tuple[str | None, _Stored | str]:
         return None, "the stored object's file meta has no valid MediaStorageSOPInstanceUID"
     if not UID_PATTERN.fullmatch(syntax):
         return sop, "no Transfer Syntax UID in the stored object's file meta"
+    sop = _dataset_sop(part.prefix, syntax) or sop
     sop_class = str(meta.get("MediaStorageSOPClassUID", "") or "").strip("\x00 ") or None
     return sop, _Stored(size=part.size, transfer_syntax_uid=syntax, sop_class_uid=sop_class)
+
+
+def _dataset_sop(prefix: bytes, syntax: str) -> str | None:
+    """The SOP Instance UID the stored object's data set gives (the instance is that one,
+    whatever its file meta says: ``ncp.gateway.servable``), None when its first bytes do not
+    tell (the file meta's then stands)."""
+    from ncp.gateway.errors import StreamBroken
+    from ncp.gateway.parthead import PartIds, dataset_ids, meta_end
+
+    try:
+        ids = dataset_ids(prefix, meta_end(prefix), syntax)
+    except StreamBroken:
+        return None
+    return ids.sop if isinstance(ids, PartIds) else None
 
 
 def _file_meta(prefix: bytes, size: int) -> FileMetaDataset:

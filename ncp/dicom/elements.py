@@ -17,6 +17,7 @@ from pydicom.multival import MultiValue
 SPECIFIC_CHARACTER_SET = 0x00080005
 TRANSFER_SYNTAX_UID = 0x00020010
 MEDIA_STORAGE_SOP_CLASS_UID = 0x00020002
+MEDIA_STORAGE_SOP_INSTANCE_UID = 0x00020003
 
 _TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UC", "UT", "PN"})
 _DELIMITERS = {0x5C, 0x5E, 0x3D}  # backslash, caret, equals: ISO 2022 resets after these

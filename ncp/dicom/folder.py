@@ -21,7 +21,12 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import MediaStorageDirectoryStorage
 
-from ncp.dicom.elements import MEDIA_STORAGE_SOP_CLASS_UID, TRANSFER_SYNTAX_UID, uid_value
+from ncp.dicom.elements import (
+    MEDIA_STORAGE_SOP_CLASS_UID,
+    MEDIA_STORAGE_SOP_INSTANCE_UID,
+    TRANSFER_SYNTAX_UID,
+    uid_value,
+)
 from ncp.dicom.source import InstanceHeader, SkippedEntry, SourceEntry
 from ncp.errors import ArchiveError, UnreadableInstance
 
@@ -116,8 +121,21 @@ class FolderSource:
             raise UnreadableInstance(entry.locator, "a media directory (DICOMDIR), not an instance")
         if not syntax:
             raise UnreadableInstance(entry.locator, "no Transfer Syntax UID in the file meta")
+        meta_sop = uid_value(meta, MEDIA_STORAGE_SOP_INSTANCE_UID)
         del ds.file_meta
-        return InstanceHeader(entry=entry, dataset=ds, size_bytes=size, transfer_syntax_uid=syntax)
+        return InstanceHeader(
+            entry=entry,
+            dataset=ds,
+            size_bytes=size,
+            transfer_syntax_uid=syntax,
+            meta_sop_uid=meta_sop,
+        )
+
+    def read_head(self, locator: str, limit: int) -> bytes:
+        """The first ``limit`` bytes of the file behind ``locator`` (links refused)."""
+        fd = os.open(self.path_of(locator), os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as fh:
+            return fh.read(limit)
 
     def _check_dicomdir(self, path: Path) -> Iterator[SkippedEntry]:
         """Report the files a DICOMDIR lists that are not there (a damaged or partial medium)."""

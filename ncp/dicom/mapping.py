@@ -89,6 +89,9 @@ class InstanceRecord:
     instance_number: int | None
     number_of_frames: int | None
     size_bytes: int
+    document_title: tuple[str | None, str | None, str | None] | None = None
+    """A Key Object Selection document's title: its Concept Name Code Sequence (scheme, code,
+    meaning; DICOM CID 7010), None for any other instance."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,10 +118,25 @@ class InstanceKeys:
     series_uid: str
     instance: InstanceRecord
     notes: tuple[str, ...] = field(default=())
+    issuer_given: bool = True
+    """Whether the header carried its Issuer of Patient ID (else the archive's default, or
+    none, is the patient's issuer: :func:`patient_issuer`)."""
 
 
-def map_instance(header: InstanceHeader) -> InstanceKeys:
-    """Identity and instance values of one header, or raise :class:`UnreadableInstance`."""
+def patient_issuer(issuer: str | None, default: str) -> str:
+    """The issuer of an instance's Patient ID: its Issuer of Patient ID (0010,0021) when it
+    carries one, else the archive source's configured assigning authority (``[archive]
+    patient_id_issuer``; "" when none is configured: no peer can then name the patient).
+
+    The one rule for every place that reads an instance's patient: the indexer, and both
+    gateways' patient check, so that the list, the tokens and the gateways agree."""
+    text = (issuer or "").replace("\x00", "").strip()
+    return text or default
+
+
+def map_instance(header: InstanceHeader, default_issuer: str = "") -> InstanceKeys:
+    """Identity and instance values of one header, or raise :class:`UnreadableInstance`.
+    ``default_issuer``: the archive's assigning authority for a Patient ID without issuer."""
     ds = header.dataset
     notes: list[str] = []
     locator = header.entry.locator
@@ -132,6 +150,12 @@ def map_instance(header: InstanceHeader) -> InstanceKeys:
         return value
 
     sop_uid = uid("SOPInstanceUID")
+    if header.meta_sop_uid is not None and header.meta_sop_uid != sop_uid:
+        # The data set names the instance (ncp.gateway.servable): noted, not refused.
+        notes.append(
+            f"file meta names SOP Instance UID {header.meta_sop_uid[:64]}, the data set "
+            f"{sop_uid}: indexed and served as the data set's"
+        )
     sop_class = uid("SOPClassUID")
     study_uid = uid("StudyInstanceUID")
     series_uid = uid("SeriesInstanceUID")
@@ -147,14 +171,18 @@ def map_instance(header: InstanceHeader) -> InstanceKeys:
         instance_number=_int(ds, "InstanceNumber", notes),
         number_of_frames=_int(ds, "NumberOfFrames", notes),
         size_bytes=header.size_bytes,
+        document_title=_document_title(ds) if sop_class == KEY_OBJECT_SELECTION else None,
     )
-    issuer = _text(ds, "IssuerOfPatientID") or ""
-    return InstanceKeys((patient_id, issuer), study_uid, series_uid, instance, tuple(notes))
+    given = _text(ds, "IssuerOfPatientID")
+    issuer = patient_issuer(given, default_issuer)
+    return InstanceKeys(
+        (patient_id, issuer), study_uid, series_uid, instance, tuple(notes), given is not None
+    )
 
 
-def map_header(header: InstanceHeader) -> IndexRecord:
+def map_header(header: InstanceHeader, default_issuer: str = "") -> IndexRecord:
     """The whole index record of one header, or raise :class:`UnreadableInstance`."""
-    return map_levels(header, map_instance(header))
+    return map_levels(header, map_instance(header, default_issuer))
 
 
 def map_levels(header: InstanceHeader, keys: InstanceKeys) -> IndexRecord:
@@ -196,6 +224,29 @@ def map_levels(header: InstanceHeader, keys: InstanceKeys) -> IndexRecord:
         started=_datetime(ds, "SeriesDate", "SeriesTime", notes),
     )
     return IndexRecord(patient, study, series, keys.instance, tuple(notes))
+
+
+KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
+"""SOP Class UID of the Key Object Selection Document (its title is what IHE MADO shows)."""
+
+
+def _document_title(ds: Dataset) -> tuple[str | None, str | None, str | None] | None:
+    """The first item of Concept Name Code Sequence (0040,A043), or None without one."""
+    items = ds.get("ConceptNameCodeSequence")
+    if not items:
+        return None
+    try:
+        item = items[0]
+    except (TypeError, IndexError):
+        return None
+    if not isinstance(item, Dataset):
+        return None
+    title = (
+        _text(item, "CodingSchemeDesignator"),
+        _text(item, "CodeValue"),
+        _text(item, "CodeMeaning"),
+    )
+    return title if any(title) else None
 
 
 def _clean(value: str) -> str | None:

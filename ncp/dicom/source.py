@@ -39,6 +39,9 @@ class InstanceHeader:
     size_bytes: int
     """Size of the stored Part 10 object as the archive returns it, preamble included."""
     transfer_syntax_uid: str
+    meta_sop_uid: str | None = None
+    """The file meta group's Media Storage SOP Instance UID, where the source sees the file
+    meta (a folder); the instance is its data set's SOP Instance UID all the same."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ from typing import Any
 from ncp.examples.catalogue import Person
 from ncp.examples.plan import REFERENCE_DATE, UID_NAMESPACE, PatientPlan, StudyPlan
 from ncp.fhir.identifiers import patient_system
+from ncp.fhir.manifest import body_part_codings
 from ncp.fhir.report import (
     LOINC,
     SNOMED,
@@ -24,6 +25,7 @@ from ncp.fhir.report import (
     Coding,
     HumanName,
     Identifier,
+    ReportFinding,
     ReportOrder,
     ReportOrganization,
     ReportPatient,
@@ -284,6 +286,25 @@ _ABNORMAL: dict[str, tuple[Template, ...]] = {
     ),
 }
 
+# Impressions whose finding the source states in coded form as well (SNOMED CT clinical findings):
+# their reports carry the finding as an Observation entry. The other templates stay narrative
+# only, as many reports are; codes not confirmed were left out rather than guessed.
+_CODED_FINDINGS: dict[str, tuple[str, str]] = {
+    "Left lower lobe pneumonia with a small parapneumonic effusion.": ("233604007", "Pneumonia"),
+    "Cardiomegaly with signs of pulmonary venous congestion.": ("8186001", "Cardiomegaly"),
+    "Cholecystolithiasis without signs of cholecystitis.": ("235919008", "Calculus of gallbladder"),
+    "Hepatic steatosis.": ("197321007", "Steatosis of liver"),
+    "Medial compartment osteoarthritis.": ("239873007", "Osteoarthritis of knee"),
+    "Displaced femoral neck fracture.": ("5913000", "Fracture of neck of femur"),
+    "Moderate osteoarthritis of the hip.": ("239872002", "Osteoarthritis of hip"),
+    "Simple right ovarian cyst, most likely functional.": ("79883001", "Cyst of ovary"),
+    "Left thyroid nodule (TI-RADS 3).": ("237495005", "Thyroid nodule"),
+    "Findings consistent with osseous metastases.": (
+        "94222008",
+        "Secondary malignant neoplasm of bone",
+    ),
+}
+
 _AMENDMENTS = (
     "Amended after review with the referring physician: measurements re-checked and confirmed.",
     "Amended: comparison with the prior examination from an outside institution shows the "
@@ -366,7 +387,7 @@ def _technique(study: StudyPlan) -> str:
     return text
 
 
-def _texts(rng: random.Random, study: StudyPlan) -> tuple[str, Template]:
+def _texts(rng: random.Random, study: StudyPlan) -> tuple[str, Template, tuple[ReportFinding, ...]]:
     part = study.procedure.body_part
     history = rng.choice(_HISTORY.get(part, _HISTORY["ABDOMEN"]))
     if rng.random() < 0.55:
@@ -375,7 +396,14 @@ def _texts(rng: random.Random, study: StudyPlan) -> tuple[str, Template]:
         template = rng.choice(_ABNORMAL.get(part, _ABNORMAL["ABDOMEN"]))
     size = rng.randint(4, 24)
     findings, impression, recommendation = template
-    return history, (findings.format(size=size), impression, recommendation)
+    coded = _CODED_FINDINGS.get(impression)
+    structured: tuple[ReportFinding, ...] = ()
+    if coded is not None:
+        sites = [c for c in body_part_codings(part) if c["system"] == SNOMED]
+        site = Coding(SNOMED, sites[0]["code"], sites[0]["display"]) if sites else None
+        measured = size if "{size}" in findings else None
+        structured = (ReportFinding(Coding(SNOMED, *coded), site, measured),)
+    return history, (findings.format(size=size), impression, recommendation), structured
 
 
 def plan_report(
@@ -389,7 +417,7 @@ def plan_report(
     times = _issue_times(rng, study, statuses)
     if not times:
         return None
-    history, (findings, impression, recommendation) = _texts(rng, study)
+    history, (findings, impression, recommendation), coded = _texts(rng, study)
     amendment = rng.choice(_AMENDMENTS)
     report_id = Identifier(f"urn:oid:{study.institution.report_oid}", f"RPT-{study.accession}")
     common: dict[str, Any] = {
@@ -433,6 +461,7 @@ def plan_report(
                 procedure=_technique(study),
                 findings=findings,
                 impression=f"Preliminary: {impression}" if rng.random() < 0.5 else None,
+                coded_findings=coded,
             )
         else:
             text = ReportText(
@@ -441,6 +470,7 @@ def plan_report(
                 findings=f"{findings} {amendment}" if status == "amended" else findings,
                 impression=impression,
                 recommendation=recommendation,
+                coded_findings=coded,
             )
         versions.append(
             ReportVersion(

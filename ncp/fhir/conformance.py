@@ -12,6 +12,10 @@ Three places hold them, all under one root (the repository, or ``NCP_CONFORMANCE
 
 Project resources take precedence over base ones with the same canonical URL. Canonical URLs may
 be given with a ``|version`` suffix; the version is ignored (one version of each is held).
+
+A project StructureDefinition that transcribes a profile of an implementation guide (HL7 Europe
+imaging, IHE MADO: extension :data:`TRANSCRIPTION_OF`) also answers to the guide's canonical URL,
+so a resource claiming the guide's profile is checked against the transcription.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from ncp.errors import NcpError
 CORE_SD_BASE = "http://hl7.org/fhir/StructureDefinition/"
 
 ENV_DIR = "NCP_CONFORMANCE_DIR"
+TRANSCRIPTION_OF = "https://ncp.example/fhir/StructureDefinition/transcription-of"
+"""Extension of a project StructureDefinition naming the guide profile it transcribes."""
 
 
 class DefinitionNotFound(NcpError, LookupError):
@@ -56,6 +62,15 @@ def _strip_version(url: str) -> str:
     return url.split("|", 1)[0]
 
 
+def transcribed(resource: dict[str, Any]) -> str | None:
+    """The guide canonical URL a project StructureDefinition transcribes, if any."""
+    for ext in resource.get("extension") or ():
+        if isinstance(ext, dict) and ext.get("url") == TRANSCRIPTION_OF:
+            value = ext.get("valueCanonical")
+            return value if isinstance(value, str) else None
+    return None
+
+
 def _read(path: Path) -> dict[str, Any]:
     data = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict):
@@ -75,6 +90,8 @@ class Definitions:
         # canonical url -> resource, the project's own (read eagerly: they are few)
         self._own: dict[str, dict[str, Any]] = {}
         self._own_paths: dict[str, Path] = {}
+        # a guide's canonical url -> the project's transcription of it
+        self.transcriptions: dict[str, str] = {}
 
         base_dir = profiles_dir / "base"
         index_path = base_dir / "index.json"
@@ -102,6 +119,9 @@ class Definitions:
             if isinstance(url, str) and "resourceType" in res:
                 self._own[url] = res
                 self._own_paths[url] = path
+                guide = transcribed(res)
+                if guide is not None:
+                    self.transcriptions[guide] = url
 
     # -- generic -------------------------------------------------------------------------------
 
@@ -109,6 +129,10 @@ class Definitions:
         """The resource with this canonical URL (of this resourceType, if given)."""
         key = _strip_version(url)
         res = self._own.get(key)
+        if res is None and key not in self._base:
+            # A guide's canonical (some guide examples write the version after '#').
+            alias = self.transcriptions.get(key) or self.transcriptions.get(key.split("#", 1)[0])
+            res = self._own.get(alias) if alias else None
         if res is None:
             hit = self._base.get(key)
             if hit is not None:

@@ -19,6 +19,11 @@ DICOM = "http://dicom.nema.org/resources/ontology/DCM"
 RADLEX = "http://www.radlex.org"
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 URI = "urn:ietf:rfc:3986"
+PRIORITY_CATEGORY = (
+    "http://hl7.eu/fhir/health-data-api/CodeSystem/eehrxf-document-priority-category-cs"
+)
+"""The EU health data API's priority categories: ``Medical-Imaging`` for imaging reports and
+manifests (HL7 Europe imaging ``category[imaging]``)."""
 DATA_ABSENT_REASON_URL = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
 SIZE_BYTES_URL = canonical.structure_definition("ncp-size-bytes")
 
@@ -99,9 +104,18 @@ def concept(*codings: dict[str, Any], text: str | None = None) -> dict[str, Any]
     return out
 
 
-def claims(profile: str) -> dict[str, Any]:
-    """meta claiming one of the project's profiles (the validator checks what is claimed)."""
-    return {"profile": [canonical.structure_definition(profile)]}
+def claims(profile: str | None, *guides: str) -> dict[str, Any]:
+    """meta claiming one of the project's profiles and, where the resource conforms to them, the
+    profiles of the guides it follows (full canonical URLs: HL7 Europe imaging, IHE MADO). The
+    validator checks every profile claimed (a guide's through the project's transcription)."""
+    own = [canonical.structure_definition(profile)] if profile else []
+    return {"profile": [*own, *guides]}
+
+
+EU_IMAGING = "http://hl7.eu/fhir/imaging/StructureDefinition/"
+"""Canonical base of the HL7 Europe imaging report's profiles (hl7.fhir.eu.imaging, R4)."""
+MADO = "https://profiles.ihe.net/RAD/MADO/StructureDefinition/"
+"""Canonical base of IHE RAD MADO's profiles (ihe.rad.mado)."""
 
 
 def modality_coding(code: str) -> dict[str, Any]:

@@ -1,10 +1,11 @@
 """The metadata list's entries (design.md step 5): DocumentReferences for study manifests and
 for reports (profile ncp-imaging-documentreference), the Patient and the custodian Organization.
 
-Pure functions of index and report-store rows. Every entry points at what it lists both by
-identifier (Study Instance UID, accession number: what IHE MADO clients search by) and by
-literal reference (``ImagingStudy/<id>`` in ``context.related``), so that ``_include`` and
-``_revinclude`` work on the node's own searchsets.
+Pure functions of plain values (:mod:`ncp.fhir.values`): the provider describes its index and
+report-store rows with them, and nothing here knows how they are stored. Every entry points at
+what it lists both by identifier (Study Instance UID, accession number: what IHE MADO clients
+search by) and by literal reference (``ImagingStudy/<id>`` in ``context.related``), so that
+``_include`` and ``_revinclude`` work on the node's own searchsets.
 
 - Manifest entry: the IHE MADO FHIR-manifest format code, and the eHN guideline's selection
   parameters (invariants ncp-doc-1..6): modality, body site, study date, study type, requesting
@@ -39,6 +40,7 @@ from ncp.fhir.identifiers import (
     patient_system,
 )
 from ncp.fhir.manifest import (
+    PATIENT_SYSTEM_RULE,
     Custodian,
     ManifestError,
     accession_identifier,
@@ -53,7 +55,7 @@ from ncp.fhir.manifest import (
     study_type,
 )
 from ncp.fhir.terminology import default_terminology
-from ncp.store.models import Patient, Report, ReportVersion, Study
+from ncp.fhir.values import Organisation, PatientFacts, ReportFacts, StudyFacts
 
 MADO_FORMAT = {
     "system": "http://ihe.net/fhir/ihe.formatcode.fhir/CodeSystem/formatcode",
@@ -85,12 +87,12 @@ def _document_type() -> dict[str, Any]:
 # --- manifest entries ----------------------------------------------------------------------------
 
 
-def manifest_reference(study: Study, custodian: Custodian, *, base_url: str) -> dict[str, Any]:
-    """The DocumentReference that lists one study's manifest (the ImagingStudy at
-    ``{base_url}/ImagingStudy/{id}``)."""
+def manifest_reference(study: StudyFacts, custodian: Custodian, *, base_url: str) -> dict[str, Any]:
+    """The DocumentReference that lists one study's manifest: the IHE MADO document at
+    ``{base_url}/Bundle/{id}`` (the same id), about the ImagingStudy ``context.related`` names."""
     uid = study.study_uid
     started = local_moment(study_started(study), custodian.zone)
-    body_parts = [b for b in study.body_parts.split("\\") if b.strip()]
+    body_parts = [b for b in study.body_parts if b.strip()]
     extensions: list[dict[str, Any]] = [
         {"url": MODALITY_EXTENSION, "valueCodeableConcept": concept(modality_coding(m))}
         for m in modalities(study.modalities)
@@ -117,7 +119,9 @@ def manifest_reference(study: Study, custodian: Custodian, *, base_url: str) -> 
             {
                 "attachment": {
                     "contentType": FHIR_JSON,
-                    "url": f"{base_url.rstrip('/')}/ImagingStudy/{imaging_study_id(uid)}",
+                    # The IHE MADO manifest document (ncp.fhir.mado); the ImagingStudy
+                    # itself is context.related, and searchable.
+                    "url": f"{base_url.rstrip('/')}/Bundle/{manifest_reference_id(uid)}",
                     "title": title,
                 },
                 "format": dict(MADO_FORMAT),
@@ -134,8 +138,9 @@ def manifest_reference(study: Study, custodian: Custodian, *, base_url: str) -> 
     return out
 
 
-def _manifest_title(study: Study) -> str:
-    return study.description or study.procedure_meaning or "/".join(modalities(study.modalities))
+def _manifest_title(study: StudyFacts) -> str:
+    meaning = study.procedure.meaning if study.procedure is not None else None
+    return study.description or meaning or "/".join(modalities(study.modalities))
 
 
 def _body_site(value: dict[str, Any]) -> dict[str, Any]:
@@ -161,29 +166,34 @@ def _related(uid: str, accession: dict[str, Any] | None, *, indexed: bool) -> li
 
 
 def report_reference(
-    report: Report,
-    version: ReportVersion,
+    version: ReportFacts,
     *,
     base_url: str,
-    study: Study | None,
+    study: StudyFacts | None,
     custodian: Custodian | None = None,
 ) -> dict[str, Any]:
     """The DocumentReference of one version of a report (the list shows the latest).
 
     ``study`` is the indexed study the report is about, when indexed (adds the literal reference,
-    the study date, and fills modality and body site the report row lacks). ``custodian`` stands
-    in when the report row names no custodian of its own.
+    the study date, and fills modality and body site the report lacks). ``custodian`` stands
+    in when the report names no custodian of its own.
     """
     uid = version.study_uid or (study.study_uid if study is not None else None)
     if uid is None:
-        raise ManifestError(f"report {report.id} names no study: context.related needs its UID")
+        raise ManifestError(
+            f"report {version.resource_id} names no study: context.related needs its UID",
+            rule="DocumentReference.context.related 1..*",
+        )
     base = base_url.rstrip("/")
-    url = f"{base}/Bundle/{report.id}"
+    url = f"{base}/Bundle/{version.resource_id}"
     if not version.latest:
         url = f"{url}/_history/{version.version}"
     doc_status = _DOC_STATUS.get(version.status)
     if doc_status is None:
-        raise ManifestError(f"report status {version.status!r} has no docStatus")
+        raise ManifestError(
+            f"report status {version.status!r} has no docStatus",
+            rule="DocumentReference.docStatus",
+        )
     extensions = _report_extensions(version, study)
     attachment: dict[str, Any] = {"contentType": FHIR_JSON}
     if version.language:
@@ -213,7 +223,7 @@ def report_reference(
 
     out: dict[str, Any] = {
         "resourceType": "DocumentReference",
-        "id": report.id,
+        "id": version.resource_id,
         "meta": claims("ncp-imaging-documentreference"),
     }
     if extensions:
@@ -222,12 +232,12 @@ def report_reference(
     if version.bundle_system:
         master = {"system": version.bundle_system, "value": version.bundle_value}
     out["masterIdentifier"] = master
-    out["identifier"] = [{"system": report.identifier_system, "value": report.identifier_value}]
+    out["identifier"] = [{"system": version.identifier_system, "value": version.identifier_value}]
     out["status"] = _status(version)
     out["docStatus"] = doc_status
     out["type"] = _document_type()
     out["category"] = [concept(coding(LOINC, "85430-7", "Diagnostic imaging report"))]
-    out["subject"] = _report_subject(report, study)
+    out["subject"] = _report_subject(version, study)
     out["date"] = utc_moment(version.date)
     if version.author:
         out["author"] = [{"display": version.author}]
@@ -237,7 +247,7 @@ def report_reference(
     return out
 
 
-def _status(version: ReportVersion) -> str:
+def _status(version: ReportFacts) -> str:
     # As ncp.provider.search.document_status, which filters by it: only the latest version is
     # current (or entered-in-error when the report was withdrawn so).
     if not version.latest:
@@ -251,56 +261,59 @@ def _coded(system: str, code: str | None) -> dict[str, Any] | None:
     return concept(coding(system, code, default_terminology().display(system, code)))
 
 
-def _report_extensions(version: ReportVersion, study: Study | None) -> list[dict[str, Any]]:
-    joined = version.modalities or (study.modalities if study is not None else "")
+def _report_extensions(version: ReportFacts, study: StudyFacts | None) -> list[dict[str, Any]]:
+    codes = version.modalities or (study.modalities if study is not None else ())
     out: list[dict[str, Any]] = [
         {"url": MODALITY_EXTENSION, "valueCodeableConcept": concept(modality_coding(m))}
-        for m in joined.split("\\")
+        for m in codes
         if m.strip()
     ]
-    parts = version.body_parts or (study.body_parts if study is not None else "")
+    parts = version.body_parts or (study.body_parts if study is not None else ())
     out.extend(
-        _body_site(concept(*body_part_codings(b.strip().upper())))
-        for b in parts.split("\\")
-        if b.strip()
+        _body_site(concept(*body_part_codings(b.strip().upper()))) for b in parts if b.strip()
     )
     return out
 
 
-def _report_subject(report: Report, study: Study | None) -> dict[str, Any]:
+def _report_subject(version: ReportFacts, study: StudyFacts | None) -> dict[str, Any]:
     if study is not None and (study.patient.patient_id, study.patient.issuer) == (
-        report.patient_id,
-        report.patient_issuer,
+        version.patient_id,
+        version.patient_issuer,
     ):
         return patient_reference(study.patient)
-    if not report.patient_issuer:
-        raise ManifestError(f"report {report.id}: the patient identifier has no issuer")
+    if not version.patient_issuer:
+        raise ManifestError(
+            f"report {version.resource_id}: the patient identifier has no issuer",
+            rule=PATIENT_SYSTEM_RULE,
+        )
     try:
-        system = patient_system(report.patient_issuer)
+        system = patient_system(version.patient_issuer)
     except ValueError as exc:
-        raise ManifestError(str(exc)) from exc
+        raise ManifestError(str(exc), rule=PATIENT_SYSTEM_RULE) from exc
     return {
-        "reference": f"Patient/{patient_resource_id(system, report.patient_id)}",
+        "reference": f"Patient/{patient_resource_id(system, version.patient_id)}",
         "type": "Patient",
-        "identifier": {"system": system, "value": report.patient_id},
+        "identifier": {"system": system, "value": version.patient_id},
     }
 
 
-def _report_custodian(version: ReportVersion, fallback: Custodian | None) -> dict[str, Any]:
-    if version.custodian_name and version.custodian_system and version.custodian_value:
-        return Custodian(
-            version.custodian_name, version.custodian_system, version.custodian_value
-        ).reference()
+def _report_custodian(version: ReportFacts, fallback: Custodian | None) -> dict[str, Any]:
+    named: Organisation | None = version.custodian
+    if named is not None and named.name and named.system and named.value:
+        return Custodian(named.name, named.system, named.value).reference()
     if fallback is None:
-        raise ManifestError("the report names no custodian and none was given")
+        raise ManifestError(
+            "the report names no custodian and none was given",
+            rule="DocumentReference.custodian 1..1",
+        )
     return fallback.reference()
 
 
 # --- Patient and Organization --------------------------------------------------------------------
 
 
-def patient_resource(patient: Patient) -> dict[str, Any]:
-    """An index patient as ncp-patient. A name or birth date DICOM lacks is marked absent
+def patient_resource(patient: PatientFacts) -> dict[str, Any]:
+    """A patient as ncp-patient. A name or birth date DICOM lacks is marked absent
     (data-absent-reason) rather than invented."""
     identifier = patient_identifier(patient)
     name: dict[str, Any] = {}

@@ -1,5 +1,6 @@
-"""The image manifest: one indexed study as an IHE MADO-style ImagingStudy (profile
-ncp-imaging-study-manifest), built from index rows without asking the archive.
+"""The image manifest: one study as an IHE MADO-style ImagingStudy (profile
+ncp-imaging-study-manifest), built from plain values (:mod:`ncp.fhir.values`) without asking the
+archive or knowing how the values are stored.
 
 What country B needs to pick and pull a study is all here: Study Instance UID and accession,
 counts and sizes, modality, body site, description, date, study type, the custodian (series
@@ -9,6 +10,13 @@ performer, function CST), and where to fetch it from. Endpoints are **contained*
 - ``#a``: WADO-RS at NCPeH-A's DICOMweb gateway (option A), on every series;
 - ``#c``: WADO-RS at A's edge gateway (option C), on every series when an edge is configured;
 - ``#viewer``: the option B viewer (IHE IID launch form), at study level when configured.
+
+The same ImagingStudy, with the endpoints as entries instead of contained, is the heart of the
+IHE MADO manifest document (:mod:`ncp.fhir.mado`). What MADO adds and the index knows is written
+in both: the WADO-RS endpoints' Retrieve Location UID, the number of frames of multi-frame
+instances, the study's anatomical regions (MADO's short list, from the series' body parts), a
+Key Object Selection document's title when known, and a procedure code a viewer can show
+(rule mado-reqproc-1: the study type, or a text saying DICOM does not record it).
 
 Options A and C are told apart by ``Endpoint.identifier`` (system :data:`IMAGING_OPTION_SYSTEM`,
 value ``A`` or ``C``, the value of ``$imaging-access``'s ``option``) and by ``Endpoint.name``.
@@ -25,20 +33,19 @@ out. Naive DICOM dates and times are local to the custodian's zone (:attr:`Custo
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import select
-from sqlalchemy.orm import object_session
-
 from ncp.config import NodeSettings
 from ncp.errors import ConfigError, NcpError
 from ncp.fhir import canonical
 from ncp.fhir.datatypes import (
+    MADO,
     SNOMED,
     URI,
     accession_type,
@@ -62,7 +69,7 @@ from ncp.fhir.identifiers import (
     patient_system,
 )
 from ncp.fhir.terminology import default_terminology
-from ncp.store.models import Instance, Patient, Series, Study
+from ncp.fhir.values import DicomCode, InstanceFacts, PatientFacts, SeriesFacts, StudyFacts
 
 IMAGING_OPTION_SYSTEM = f"{canonical.BASE}/sid/imaging-option"
 """System of ``Endpoint.identifier``: value ``A`` (NCPeH-A's gateway) or ``C`` (edge gateway)."""
@@ -73,6 +80,57 @@ CONNECTION_TYPE = "http://terminology.hl7.org/CodeSystem/endpoint-connection-typ
 PAYLOAD_TYPE = "http://terminology.hl7.org/CodeSystem/endpoint-payload-type"
 PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
 OTHER_MODALITY = "OT"
+RETRIEVE_LOCATION_URL = MADO + "MadoRetrieveLocationUIDExtension"
+NUMBER_OF_FRAMES_URL = MADO + "MadoNumberOfFrames"
+KO_TITLE_URL = MADO + "MadoKeyObjectDocumentTitle"
+ANATOMICAL_REGION_URL = MADO + "MadoAnatomicalRegionExtension"
+NO_STUDY_TYPE = "Study type not recorded in the DICOM"
+
+# DICOM Body Part Examined (the project's CodeSystem) -> the anatomical region of MADO's short
+# list (ValueSetAnatomicalRegion, SNOMED CT; IHE RAD MADO input/fsh/terminology/
+# anatomical-region.fsh). A body part that spans regions gives each; one not listed gives none.
+_REGIONS = {
+    "63337009": "Abdominopelvic segment of trunk",
+    "38266002": "Entire body as a whole",
+    "53120007": "Upper limb structure",
+    "61685007": "Lower limb structure",
+    "67734004": "Thoracic segment of trunk",
+    "774007": "Structure of head and/or neck",
+    "80891009": "Heart",
+    "76752008": "Breast structure",
+    "737561001": "Structure of vertebral column and/or spinal cord",
+}
+_REGION_OF_BODY_PART: dict[str, tuple[str, ...]] = {
+    "ABDOMEN": ("63337009",),
+    "ABDOMENPELVIS": ("63337009",),
+    "PELVIS": ("63337009",),
+    "KIDNEY": ("63337009",),
+    "LIVER": ("63337009",),
+    "CHEST": ("67734004",),
+    "LUNG": ("67734004",),
+    "CHESTABDOMEN": ("67734004", "63337009"),
+    "CHESTABDPELVIS": ("67734004", "63337009"),
+    "HEAD": ("774007",),
+    "BRAIN": ("774007",),
+    "SKULL": ("774007",),
+    "NECK": ("774007",),
+    "HEADNECK": ("774007",),
+    "CSPINE": ("737561001",),
+    "TSPINE": ("737561001",),
+    "LSPINE": ("737561001",),
+    "SPINE": ("737561001",),
+    "SHOULDER": ("53120007",),
+    "ELBOW": ("53120007",),
+    "WRIST": ("53120007",),
+    "HAND": ("53120007",),
+    "HIP": ("61685007",),
+    "KNEE": ("61685007",),
+    "ANKLE": ("61685007",),
+    "FOOT": ("61685007",),
+    "HEART": ("80891009",),
+    "BREAST": ("76752008",),
+    "WHOLEBODY": ("38266002",),
+}
 MAX_ACCESSION = 16  # DICOM SH
 
 # DICOM Laterality (0020,0060) and Image Laterality B → SNOMED CT (R4 example binding).
@@ -84,8 +142,18 @@ _LATERALITY = {
 _SEX = {"M": "male", "F": "female", "O": "other"}
 
 
+PATIENT_SYSTEM_RULE = "Patient.identifier.system 1..1 (ncp-patient)"
+"""A patient reference names country A's identifier with its system (the Issuer of Patient ID)."""
+
+
 class ManifestError(NcpError, ValueError):
-    """An index row cannot become a valid resource (the message says which value is missing)."""
+    """An index row cannot become a valid resource (the message says which value is missing);
+    ``rule`` names the rule of the resource it would break (an element's cardinality, say), so
+    that the entry left out of a list can be logged with its reason."""
+
+    def __init__(self, message: str, *, rule: str = "") -> None:
+        super().__init__(message)
+        self.rule = rule
 
 
 @dataclass(frozen=True)
@@ -158,16 +226,17 @@ class Custodian:
 # --- shared by the manifest and the list entries -----------------------------------------------
 
 
-def patient_identifier(patient: Patient) -> dict[str, str]:
-    """Country A's identifier of an index patient (raises :class:`ManifestError` without issuer)."""
+def patient_identifier(patient: PatientFacts) -> dict[str, str]:
+    """Country A's identifier of a patient (raises :class:`ManifestError` without issuer)."""
     if not patient.issuer:
         raise ManifestError(
-            "the patient has no Issuer of Patient ID: the identifier would have no system"
+            "the patient has no Issuer of Patient ID: the identifier would have no system",
+            rule=PATIENT_SYSTEM_RULE,
         )
     try:
         system = patient_system(patient.issuer)
     except ValueError as exc:
-        raise ManifestError(str(exc)) from exc
+        raise ManifestError(str(exc), rule=PATIENT_SYSTEM_RULE) from exc
     return {"system": system, "value": patient.patient_id}
 
 
@@ -176,7 +245,7 @@ def patient_display(family: str | None, given: str | None) -> str | None:
     return text or None
 
 
-def patient_reference(patient: Patient) -> dict[str, Any]:
+def patient_reference(patient: PatientFacts) -> dict[str, Any]:
     identifier = patient_identifier(patient)
     out: dict[str, Any] = {
         "reference": f"Patient/{patient_resource_id(identifier['system'], identifier['value'])}",
@@ -206,10 +275,9 @@ def accession_identifier(number: str | None, issuer: str | None) -> dict[str, An
     return {"type": accession_type(), "system": system, "value": number}
 
 
-def modalities(joined: str) -> list[str]:
-    """Backslash-joined modalities of the index, OT when there are none."""
-    codes = [m for m in joined.split("\\") if m.strip()]
-    return codes or [OTHER_MODALITY]
+def modalities(codes: Sequence[str]) -> list[str]:
+    """A study's modalities, OT when there are none."""
+    return [m for m in codes if m.strip()] or [OTHER_MODALITY]
 
 
 def body_part_codings(body_part: str) -> list[dict[str, Any]]:
@@ -222,68 +290,76 @@ def body_part_codings(body_part: str) -> list[dict[str, Any]]:
     return out
 
 
-def study_type(study: Study) -> dict[str, Any] | None:
+def coded(value: DicomCode | None) -> dict[str, Any] | None:
+    """A DICOM code as a CodeableConcept, its display from the terminology where known."""
+    if value is None:
+        return None
     terms = default_terminology()
-    system = scheme_system(study.procedure_scheme)
-    display = (
-        terms.display(system, study.procedure_code) if system and study.procedure_code else None
-    )
-    return dicom_concept(
-        study.procedure_scheme, study.procedure_code, study.procedure_meaning, display
-    )
+    system = scheme_system(value.scheme)
+    display = terms.display(system, value.code) if system and value.code else None
+    return dicom_concept(value.scheme, value.code, value.meaning, display)
 
 
-def requesting_specialty(study: Study) -> dict[str, Any] | None:
-    terms = default_terminology()
-    system = scheme_system(study.requesting_scheme)
-    code = study.requesting_code
-    display = terms.display(system, code) if system and code else None
-    meaning = study.requesting_meaning or study.requesting_service
-    return dicom_concept(study.requesting_scheme, code, meaning, display)
+def study_type(study: StudyFacts) -> dict[str, Any] | None:
+    return coded(study.procedure)
 
 
-def study_started(study: Study) -> datetime:
-    """The study's start: Study Date/Time, else its earliest series start."""
-    if study.started is not None:
-        return study.started
-    starts = [s.started for s in study.series if s.started is not None]
-    if not starts:
-        raise ManifestError(f"study {study.study_uid} has no date: ImagingStudy.started is 1..1")
-    return min(starts)
+def requesting_specialty(study: StudyFacts) -> dict[str, Any] | None:
+    return coded(study.requesting)
+
+
+def study_started(study: StudyFacts) -> datetime:
+    """The study's start (Study Date/Time, else its earliest series start)."""
+    if study.started is None:
+        raise ManifestError(
+            f"study {study.study_uid} has no date: ImagingStudy.started is 1..1",
+            rule="ImagingStudy.started 1..1",
+        )
+    return study.started
 
 
 # --- the ImagingStudy ---------------------------------------------------------------------------
 
 
+def anatomical_regions(body_parts: Sequence[str]) -> list[dict[str, Any]]:
+    """MADO's study-level anatomical regions of these DICOM body parts, in code order."""
+    codes = sorted({c for part in body_parts for c in _REGION_OF_BODY_PART.get(part.upper(), ())})
+    return [concept(coding(SNOMED, code, _REGIONS[code])) for code in codes]
+
+
 def imaging_study(
-    study: Study,
+    study: StudyFacts,
     endpoints: ImagingEndpoints,
     custodian: Custodian,
     *,
-    instances: Mapping[str, Sequence[Instance]] | None = None,
+    endpoint_refs: dict[str, str] | None = None,
+    subject_ref: str | None = None,
+    order_ref: str | None = None,
 ) -> dict[str, Any]:
-    """The manifest of one indexed study.
+    """The manifest of one study.
 
-    ``instances`` maps Series Instance UID to that series' instance rows; when None they are
-    read through the session the study row belongs to (one query for the whole study; the
-    index model has no Series→Instance relationship). A series without instances is left out:
-    the manifest lists what can be retrieved, and its counts are those of what it lists.
+    A series without instances is left out: the manifest lists what can be retrieved, and its
+    counts are those of what it lists. Endpoints are contained, unless ``endpoint_refs`` gives
+    the reference of each (``a``, ``c``, ``viewer``: entries of a MADO document, built by
+    :func:`endpoint_resources`); ``subject_ref`` and ``order_ref`` are the references of the
+    document's Patient and ServiceRequest entries.
     """
-    if instances is None:
-        instances = load_instances(study)
     uid = study.study_uid
-    contained = _endpoints(endpoints, custodian, uid)
-    wado = [{"reference": "#a"}] + ([{"reference": "#c"}] if endpoints.option_c else [])
+    contained = [] if endpoint_refs is not None else _endpoints(endpoints, custodian, uid)
+    refs = endpoint_refs or {"a": "#a", "c": "#c", "viewer": "#viewer"}
+    wado = [{"reference": refs["a"]}] + ([{"reference": refs["c"]}] if endpoints.option_c else [])
     series_out: list[dict[str, Any]] = []
     total_instances = 0
-    for series in sorted(study.series, key=_series_order):
-        rows = instances.get(series.series_uid, ())
-        if not rows:
+    for series in sorted(study.series, key=series_order):
+        if not series.instances:
             continue
-        total_instances += len(rows)
-        series_out.append(_series(series, rows, wado, custodian))
+        total_instances += len(series.instances)
+        series_out.append(_series(series, wado, custodian))
     if not series_out:
-        raise ManifestError(f"study {uid} has no instances: a manifest lists at least one")
+        raise ManifestError(
+            f"study {uid} has no instances: a manifest lists at least one",
+            rule="ImagingStudy.series.instance 1..*",
+        )
 
     identifiers = [study_uid_identifier(uid)]
     accession = accession_identifier(study.accession_number, study.accession_issuer)
@@ -292,70 +368,72 @@ def imaging_study(
     out: dict[str, Any] = {
         "resourceType": "ImagingStudy",
         "id": imaging_study_id(uid),
-        "meta": claims("ncp-imaging-study-manifest"),
+        "meta": claims("ncp-imaging-study-manifest", MADO + "MadoImagingStudy"),
     }
     referrer = _referrer(study)
     if referrer is not None:
         contained.append(referrer)
-    out["contained"] = contained
-    out["extension"] = [size_bytes(study.size_bytes)]
+    if contained:
+        out["contained"] = contained
+    extensions = [size_bytes(study.size_bytes)]
+    extensions += [
+        {"url": ANATOMICAL_REGION_URL, "valueCodeableConcept": region}
+        for region in anatomical_regions([s.body_part for s in study.series if s.body_part])
+    ]
+    out["extension"] = extensions
     out["identifier"] = identifiers
     out["status"] = "available"
     out["modality"] = [modality_coding(m) for m in modalities(study.modalities)]
-    out["subject"] = patient_reference(study.patient)
+    subject = patient_reference(study.patient)
+    if subject_ref is not None:
+        subject["reference"] = subject_ref
+    out["subject"] = subject
     out["started"] = local_moment(study_started(study), custodian.zone)
     if accession is not None:
         out["basedOn"] = [
             {"type": "ServiceRequest", "identifier": accession, "display": accession["value"]}
         ]
+        if order_ref is not None:
+            out["basedOn"][0] = {"reference": order_ref, **out["basedOn"][0]}
     if referrer is not None:
         out["referrer"] = {"reference": "#referrer"}
     if endpoints.viewer:
-        out["endpoint"] = [{"reference": "#viewer"}]
+        out["endpoint"] = [{"reference": refs["viewer"]}]
     out["numberOfSeries"] = len(series_out)
     out["numberOfInstances"] = total_instances
-    procedure = study_type(study)
-    if procedure is not None:
-        out["procedureCode"] = [procedure]
+    out["procedureCode"] = [_showable(study_type(study) or concept(text=NO_STUDY_TYPE))]
     if study.description:
         out["description"] = study.description
     out["series"] = series_out
     return out
 
 
-def load_instances(study: Study) -> dict[str, list[Instance]]:
-    """The instance rows of a study's series, by Series Instance UID, in one query."""
-    session = object_session(study)
-    if session is None:
-        raise ManifestError(
-            f"study {study.study_uid} is not attached to a session: pass its instances"
-        )
-    uid_of = {s.id: s.series_uid for s in study.series}
-    out: dict[str, list[Instance]] = {uid: [] for uid in uid_of.values()}
-    if uid_of:
-        rows = session.scalars(select(Instance).where(Instance.series_pk.in_(list(uid_of))))
-        for row in rows:
-            out[uid_of[row.series_pk]].append(row)
-    return out
+def _showable(value: dict[str, Any]) -> dict[str, Any]:
+    """A concept a viewer can show (MADO mado-reqproc-1): a text or a display; a bare code
+    that the terminology cannot name is given its code as text."""
+    codings = value.get("coding", [])
+    if "text" in value or any("display" in c for c in codings):
+        return value
+    return {**value, "text": ", ".join(c["code"] for c in codings)}
 
 
-def _series_order(series: Series) -> tuple[int, int, str]:
+def series_order(series: SeriesFacts) -> tuple[int, int, str]:
+    """The manifest's order of series: by number (none last), then Series Instance UID."""
     return (series.number is None, series.number or 0, series.series_uid)
 
 
-def _instance_order(instance: Instance) -> tuple[int, int, str]:
-    number = instance.instance_number
+def instance_order(instance: InstanceFacts) -> tuple[int, int, str]:
+    """The manifest's order of instances: by number (none last), then SOP Instance UID."""
+    number = instance.number
     return (number is None, number or 0, instance.sop_uid)
 
 
 def _series(
-    series: Series,
-    rows: Sequence[Instance],
-    wado: list[dict[str, Any]],
-    custodian: Custodian,
+    series: SeriesFacts, wado: list[dict[str, Any]], custodian: Custodian
 ) -> dict[str, Any]:
+    rows = series.instances
     out: dict[str, Any] = {
-        "extension": [size_bytes(sum(r.size_bytes for r in rows))],
+        "extension": [size_bytes(series.size_bytes)],
         "uid": series.series_uid,
     }
     # DICOM IS allows negative numbers; FHIR's unsignedInt does not: leave those out.
@@ -381,22 +459,33 @@ def _series(
             "actor": custodian.reference(),
         }
     ]
-    out["instance"] = [_instance(r) for r in sorted(rows, key=_instance_order)]
+    out["instance"] = [_instance(r) for r in sorted(rows, key=instance_order)]
     return out
 
 
-def _instance(row: Instance) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "uid": row.sop_uid,
-        # R4's sopClass binding (DICOM UIDs as URIs), as in the R4 ImagingStudy examples.
-        "sopClass": coding(URI, f"urn:oid:{row.sop_class_uid}"),
-    }
-    if row.instance_number is not None and row.instance_number >= 0:
-        out["number"] = row.instance_number
+def _instance(row: InstanceFacts) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    extensions: list[dict[str, Any]] = []
+    if row.frames is not None and row.frames >= 1:
+        extensions.append({"url": NUMBER_OF_FRAMES_URL, "valueInteger": row.frames})
+    title = coded(row.document_title)
+    if title is not None:
+        extensions.append({"url": KO_TITLE_URL, "valueCodeableConcept": title})
+    if extensions:
+        out["extension"] = extensions
+    out.update(
+        {
+            "uid": row.sop_uid,
+            # R4's sopClass binding (DICOM UIDs as URIs), as in the R4 ImagingStudy examples.
+            "sopClass": coding(URI, f"urn:oid:{row.sop_class_uid}"),
+        }
+    )
+    if row.number is not None and row.number >= 0:
+        out["number"] = row.number
     return out
 
 
-def _referrer(study: Study) -> dict[str, Any] | None:
+def _referrer(study: StudyFacts) -> dict[str, Any] | None:
     """The referring physician as a contained PractitionerRole, carrying the requesting
     specialty (a guideline selection parameter ImagingStudy has no element for)."""
     specialty = requesting_specialty(study)
@@ -430,6 +519,24 @@ def viewer_address(base: str, study_uid: str) -> str:
     return f"{base.rstrip('/')}/IHEInvokeImageDisplay?{query}"
 
 
+def retrieve_location_uid(address: str) -> str:
+    """The Retrieve Location UID (DICOM (0040,E011)) of a WADO-RS base: a UUID-derived UID
+    (``2.25.``, PS3.5 B.2) of its address, so it is the same wherever and whenever it is built."""
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, address.rstrip('/')).int}"
+
+
+def endpoint_resources(
+    endpoints: ImagingEndpoints, custodian: Custodian, study_uid: str
+) -> dict[str, dict[str, Any]]:
+    """The study's endpoints as resources by key (``a``, ``c``, ``viewer``), without ids: the
+    entries of a MADO document."""
+    out = {}
+    for resource in _endpoints(endpoints, custodian, study_uid):
+        key = resource.pop("id")
+        out[key] = resource
+    return out
+
+
 def _endpoints(endpoints: ImagingEndpoints, custodian: Custodian, uid: str) -> list[dict[str, Any]]:
     name_a = f"Option A: DICOMweb gateway of {custodian.name}"
     out = [_wado("a", "A", name_a, endpoints.option_a, custodian)]
@@ -441,7 +548,7 @@ def _endpoints(endpoints: ImagingEndpoints, custodian: Custodian, uid: str) -> l
             {
                 "resourceType": "Endpoint",
                 "id": "viewer",
-                "meta": claims("ncp-endpoint-viewer"),
+                "meta": claims("ncp-endpoint-viewer", MADO + "MadoWebViewerEndpoint"),
                 "identifier": [{"system": IMAGING_OPTION_SYSTEM, "value": "B"}],
                 "status": "active",
                 "connectionType": coding(CONNECTION_TYPE, "ihe-iid", "IHE IID"),
@@ -461,7 +568,10 @@ def _wado(rid: str, option: str, name: str, address: str, custodian: Custodian) 
     return {
         "resourceType": "Endpoint",
         "id": rid,
-        "meta": claims("ncp-endpoint-wado-rs"),
+        "meta": claims("ncp-endpoint-wado-rs", MADO + "MadoWadoEndpoint"),
+        "extension": [
+            {"url": RETRIEVE_LOCATION_URL, "valueString": retrieve_location_uid(address)}
+        ],
         "identifier": [{"system": IMAGING_OPTION_SYSTEM, "value": option}],
         "status": "active",
         "connectionType": coding(CONNECTION_TYPE, "dicom-wado-rs", "DICOM WADO-RS"),
@@ -477,7 +587,11 @@ __all__ = [
     "Custodian",
     "ImagingEndpoints",
     "ManifestError",
+    "anatomical_regions",
+    "endpoint_resources",
     "imaging_study",
-    "load_instances",
+    "instance_order",
+    "retrieve_location_uid",
+    "series_order",
     "viewer_address",
 ]

@@ -3,9 +3,19 @@ Report (Composition first, then DiagnosticReport, Patient, ImagingStudy, Service
 Organization, Practitioner, PractitionerRole).
 
 The builder is strict: it refuses inconsistent input with :class:`ReportBuildError` and
-checks what it built with ``fhir.resources.R4B`` (wire-compatible with R4). ``meta.profile``
-is not claimed yet. The report carries no endpoint and no image URL: image access is the
-manifest's job, so moving a study between archives never breaks a signed report.
+checks what it built with ``fhir.resources.R4B`` (wire-compatible with R4). The report carries no
+endpoint and no image URL: image access is the manifest's job, so moving a study between
+archives never breaks a signed report.
+
+What the HL7 Europe imaging report (R4) asks and this builder writes (docs/profiles.md): the
+categories ``imaging-report`` (LOINC 85430-7) and ``imaging`` (the EU health data API's
+Medical-Imaging) in Composition and DiagnosticReport; the Composition→DiagnosticReport
+extension, so every entry is reachable from the Composition; the version in the R5
+cross-version ``Composition.version`` extension; author, attester, performer and results
+interpreter as the guide slices them; findings the source states in coded form as Observation
+entries (DiagnosticReport.result), and every section without entries carrying its narrative in
+the ``note`` extension as well (rule eu-imaging-composition-1: an entry, an emptyReason, a
+sub-section or a note). A section that has nothing to say carries an emptyReason instead.
 
 Identifiers: the report's business identifier (``Composition.identifier``, equal to one
 ``DiagnosticReport.identifier``) is the same for every version; ``Bundle.identifier`` names one
@@ -32,7 +42,9 @@ from ncp.fhir import canonical
 
 # Re-exported: the example generator and the tests take the code systems from here.
 from ncp.fhir.datatypes import DICOM as DICOM
+from ncp.fhir.datatypes import EU_IMAGING
 from ncp.fhir.datatypes import LOINC as LOINC
+from ncp.fhir.datatypes import PRIORITY_CATEGORY as PRIORITY_CATEGORY
 from ncp.fhir.datatypes import SNOMED as SNOMED
 from ncp.fhir.datatypes import URI as URI
 from ncp.fhir.datatypes import V2_0203 as V2_0203
@@ -48,12 +60,27 @@ Gender = Literal["male", "female", "other", "unknown"]
 V2_0074 = "http://terminology.hl7.org/CodeSystem/v2-0074"
 V3_CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
 LIST_EMPTY_REASON = "http://terminology.hl7.org/CodeSystem/list-empty-reason"
-REPORT_VERSION_URL = canonical.structure_definition("ncp-report-version")
+OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
+UCUM = "http://unitsofmeasure.org"
+
+# R4 has no Composition.version; HL7 Europe imaging (R4) uses the R5 element through its
+# cross-version extension (a string), and so do we, with the version number as its value.
+COMPOSITION_VERSION_URL = (
+    "http://hl7.org/fhir/5.0/StructureDefinition/extension-Composition.version"
+)
 # R4 has no DiagnosticReport→Composition link; the HL7 Europe imaging report (R4) uses the R5
 # element through its cross-version extension, and so do we.
 DIAGNOSTIC_REPORT_COMPOSITION_URL = (
     "http://hl7.org/fhir/5.0/StructureDefinition/extension-DiagnosticReport.composition"
 )
+# ... and the way back (HL7 Europe extensions), so the DiagnosticReport is reachable from the
+# Composition as a document's entries must be.
+COMPOSITION_DIAGNOSTIC_REPORT_URL = (
+    "http://hl7.eu/fhir/extensions/StructureDefinition/composition-diagnosticReportReference"
+)
+NOTE_URL = "http://hl7.org/fhir/StructureDefinition/note"
+"""The section's narrative as an Annotation, as the HL7 Europe examples carry narrative-only
+sections."""
 XHTML = "http://www.w3.org/1999/xhtml"
 
 # Section codes of the HL7 Europe imaging report (LOINC), in document order.
@@ -152,6 +179,18 @@ class ReportOrder:
 
 
 @dataclass(frozen=True, slots=True)
+class ReportFinding:
+    """A finding the source states in coded form: an Observation entry of the findings
+    section (HL7 Europe ObservationFindingEuImaging), and a conclusion code of the report."""
+
+    code: Coding
+    """What was found (SNOMED CT clinical finding)."""
+    body_site: Coding | None = None
+    size_mm: int | None = None
+    """Its largest dimension, when the report measured it."""
+
+
+@dataclass(frozen=True, slots=True)
 class ReportText:
     """Narrative sections; None leaves a section empty (it then carries an emptyReason)."""
 
@@ -161,6 +200,8 @@ class ReportText:
     impression: str | None
     recommendation: str | None = None
     """Optional section: left out of the document when None."""
+    coded_findings: tuple[ReportFinding, ...] = ()
+    """What the findings narrative states in coded form; empty when the source is narrative only."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,13 +333,27 @@ def _check_texts(report: ReportVersion) -> None:
         "organization.name": report.organization.name,
         "organization.city": report.organization.city,
         "order.reason": report.order.reason,
-        **{f"text.{k}": getattr(report.text, k) for k in ReportText.__dataclass_fields__},
+        **{
+            f"text.{k}": getattr(report.text, k)
+            for k in ReportText.__dataclass_fields__
+            if k != "coded_findings"
+        },
         **{f"{k}.{f}": getattr(c, f) for k, c in codings.items() for f in ("code", "display")},
     }
     for where, value in texts.items():
         if value is not None:
             _check_text(where, value)
+    for i, finding in enumerate(report.text.coded_findings):
+        codings[f"text.coded_findings[{i}].code"] = finding.code
+        if finding.body_site is not None:
+            codings[f"text.coded_findings[{i}].body_site"] = finding.body_site
+        if finding.size_mm is not None and finding.size_mm <= 0:
+            raise ReportBuildError(f"text.coded_findings[{i}].size_mm must be positive")
+    if report.text.coded_findings and report.text.findings is None:
+        raise ReportBuildError("coded findings need the findings narrative they come from")
     for where, coding in codings.items():
+        _check_text(f"{where}.code", coding.code)
+        _check_text(f"{where}.display", coding.display)
         if ":" not in coding.system:
             raise ReportBuildError(f"{where}.system must be an absolute URI")
 
@@ -364,22 +419,38 @@ class _Urls:
     organization: str
     radiologist: str
     requester_role: str
+    findings: tuple[str, ...] = ()
 
 
 def _urls(report: ReportVersion) -> _Urls:
     def url(role: str) -> str:
         return f"urn:uuid:{_uuid(report.report_id, report.version, role)}"
 
-    return _Urls(*(url(f) for f in _Urls.__dataclass_fields__))
+    return _Urls(
+        composition=url("composition"),
+        report=url("report"),
+        patient=url("patient"),
+        study=url("study"),
+        order=url("order"),
+        organization=url("organization"),
+        radiologist=url("radiologist"),
+        requester_role=url("requester_role"),
+        findings=tuple(url(f"finding-{i}") for i in range(len(report.text.coded_findings))),
+    )
 
 
 def _section(
     code: str, paragraphs: list[str] | None, entries: Sequence[str] = (), *, empty_reason: str = ""
 ) -> dict[str, Any]:
-    section: dict[str, Any] = {
-        "title": _SECTION_TITLE[code],
-        "code": _concept(_coding(LOINC, code, _SECTION_DISPLAY[code])),
-    }
+    section: dict[str, Any] = {}
+    if paragraphs and not entries:
+        # A narrative-only section: its text again as the section's note, the way the HL7
+        # Europe examples carry narrative, which satisfies eu-imaging-composition-1 without
+        # an emptyReason that would tell country B the section is empty.
+        note = "\n".join(p.strip() for p in paragraphs if p.strip())
+        section["extension"] = [{"url": NOTE_URL, "valueAnnotation": {"text": note}}]
+    section["title"] = _SECTION_TITLE[code]
+    section["code"] = _concept(_coding(LOINC, code, _SECTION_DISPLAY[code]))
     if paragraphs:
         section["text"] = _div(paragraphs)
     else:
@@ -429,7 +500,10 @@ def _composition(report: ReportVersion, urls: _Urls) -> dict[str, Any]:
         _section(SECTION_HISTORY, [text.history] if text.history else None),
         _section(SECTION_PROCEDURE, [text.procedure] if text.procedure else None),
         _section(
-            SECTION_FINDINGS, [text.findings] if text.findings else None, empty_reason=pending
+            SECTION_FINDINGS,
+            [text.findings] if text.findings else None,
+            urls.findings,
+            empty_reason=pending,
         ),
         _section(
             SECTION_IMPRESSION, [text.impression] if text.impression else None, empty_reason=pending
@@ -439,13 +513,16 @@ def _composition(report: ReportVersion, urls: _Urls) -> dict[str, Any]:
         sections.append(_section(SECTION_RECOMMENDATION, [text.recommendation]))
     composition: dict[str, Any] = {
         "resourceType": "Composition",
-        "meta": _claims("ncp-imaging-report-composition"),
+        "meta": _claims("ncp-imaging-report-composition", EU_IMAGING + "CompositionEuImaging"),
         "language": report.language,
-        "extension": [{"url": REPORT_VERSION_URL, "valueInteger": report.version}],
+        "extension": [
+            {"url": COMPOSITION_DIAGNOSTIC_REPORT_URL, "valueReference": _ref(urls.report)},
+            {"url": COMPOSITION_VERSION_URL, "valueString": str(report.version)},
+        ],
         "identifier": _identifier(report.report_id),
         "status": report.status,
         "type": _concept(_coding(LOINC, "18748-4", "Diagnostic imaging study")),
-        "category": [_concept(_coding(LOINC, "85430-7", "Diagnostic imaging report"))],
+        "category": _categories(),
         "subject": _ref(urls.patient, report.patient.name.text),
         "date": _when(report.issued),
         "author": [
@@ -468,31 +545,87 @@ def _composition(report: ReportVersion, urls: _Urls) -> dict[str, Any]:
     return composition
 
 
+def _categories() -> list[dict[str, Any]]:
+    """Composition and DiagnosticReport categories of HL7 Europe imaging: the diagnostic
+    service (v2-0074 RAD), the imaging report (LOINC 85430-7) and the priority category."""
+    return [
+        _concept(_coding(V2_0074, "RAD", "Radiology")),
+        _concept(_coding(LOINC, "85430-7", "Diagnostic imaging report")),
+        _concept(_coding(PRIORITY_CATEGORY, "Medical-Imaging", "Medical imaging")),
+    ]
+
+
+def _order_ref(report: ReportVersion, urls: _Urls) -> dict[str, Any]:
+    """The order, by reference and by its accession number: HL7 Europe imaging slices
+    basedOn references to the order and wants the accession number in them."""
+    return {
+        "reference": urls.order,
+        "type": "ServiceRequest",
+        "identifier": _identifier(report.study.accession, _accession_type()),
+    }
+
+
 def _diagnostic_report(report: ReportVersion, urls: _Urls) -> dict[str, Any]:
     out: dict[str, Any] = {
         "resourceType": "DiagnosticReport",
-        "meta": _claims("ncp-imaging-report-diagnosticreport"),
+        "meta": _claims(
+            "ncp-imaging-report-diagnosticreport", EU_IMAGING + "DiagnosticReportEuImaging"
+        ),
         "language": report.language,
         "extension": [
             {"url": DIAGNOSTIC_REPORT_COMPOSITION_URL, "valueReference": _ref(urls.composition)}
         ],
         "identifier": [_identifier(report.report_id)],
-        "basedOn": [_ref(urls.order)],
+        "basedOn": [_order_ref(report, urls)],
         "status": report.status,
-        "category": [
-            _concept(_coding(V2_0074, "RAD", "Radiology")),
-            _concept(_coding(LOINC, "85430-7", "Diagnostic imaging report")),
-        ],
+        "category": _categories(),
         "code": _concept(_coding(LOINC, "18748-4", "Diagnostic imaging study")),
         "subject": _ref(urls.patient),
         "effectiveDateTime": _when(report.study.started),
         "issued": _when(report.issued),
         "performer": [_ref(urls.organization, report.organization.name)],
         "resultsInterpreter": [_ref(urls.radiologist, report.radiologist.text)],
-        "imagingStudy": [_ref(urls.study)],
     }
+    if urls.findings:
+        out["result"] = [_ref(url) for url in urls.findings]
+    out["imagingStudy"] = [_ref(urls.study)]
     if report.text.impression:
         out["conclusion"] = report.text.impression
+    if report.text.coded_findings:
+        out["conclusionCode"] = [
+            _concept(_coding(f.code.system, f.code.code, f.code.display))
+            for f in report.text.coded_findings
+        ]
+    return out
+
+
+def _finding(report: ReportVersion, urls: _Urls, finding: ReportFinding) -> dict[str, Any]:
+    """One coded finding as an Observation (HL7 Europe ObservationFindingEuImaging)."""
+    out: dict[str, Any] = {
+        "resourceType": "Observation",
+        "meta": _claims(None, EU_IMAGING + "ObservationFindingEuImaging"),
+        "language": report.language,
+        "basedOn": [_order_ref(report, urls)],
+        # A preliminary report's findings are preliminary too; amended ones stay amended.
+        "status": report.status,
+        "category": [_concept(_coding(OBSERVATION_CATEGORY, "imaging", "Imaging"))],
+        "code": _concept(_coding(finding.code.system, finding.code.code, finding.code.display)),
+        "subject": _ref(urls.patient),
+        "effectiveDateTime": _when(report.study.started),
+        "issued": _when(report.issued),
+        "performer": [_ref(urls.radiologist, report.radiologist.text)],
+    }
+    if finding.size_mm is not None:
+        out["valueQuantity"] = {
+            "value": finding.size_mm,
+            "unit": "mm",
+            "system": UCUM,
+            "code": "mm",
+        }
+    if finding.body_site is not None:
+        site = finding.body_site
+        out["bodySite"] = _concept(_coding(site.system, site.code, site.display))
+    out["derivedFrom"] = [_ref(urls.study)]
     return out
 
 
@@ -513,6 +646,7 @@ def _imaging_study(report: ReportVersion, urls: _Urls) -> dict[str, Any]:
     study_uid = Identifier("urn:dicom:uid", f"urn:oid:{study.study_instance_uid}")
     return {
         "resourceType": "ImagingStudy",
+        "meta": _claims(None, EU_IMAGING + "ImagingStudyEuImaging"),
         "identifier": [
             _identifier(study_uid, _concept(_coding(DICOM, "110180", "Study Instance UID"))),
             _identifier(study.accession, _accession_type()),
@@ -521,7 +655,7 @@ def _imaging_study(report: ReportVersion, urls: _Urls) -> dict[str, Any]:
         "modality": [_modality(m) for m in study.modalities],
         "subject": _ref(urls.patient),
         "started": _when(study.started),
-        "basedOn": [_ref(urls.order)],
+        "basedOn": [_order_ref(report, urls)],
         "interpreter": [_ref(urls.radiologist)],
         "numberOfSeries": study.number_of_series,
         "numberOfInstances": study.number_of_instances,
@@ -536,9 +670,12 @@ def _service_request(report: ReportVersion, urls: _Urls) -> dict[str, Any]:
     study, order = report.study, report.order
     out: dict[str, Any] = {
         "resourceType": "ServiceRequest",
+        "meta": _claims(None, EU_IMAGING + "ServiceRequestOrderEuImaging"),
         "identifier": [_identifier(study.accession, _accession_type())],
         "status": "completed",
         "intent": "order",
+        # HL7 Europe imaging orders (ServiceRequestOrderEuImaging) say they are for imaging.
+        "category": [_concept(_coding(SNOMED, "363679005", "Imaging"))],
         "code": _concept(
             _coding(study.procedure.system, study.procedure.code, study.procedure.display)
         ),
@@ -602,10 +739,14 @@ def build_report_bundle(report: ReportVersion) -> dict[str, Any]:
         (urls.organization, _organization(report)),
         (urls.radiologist, _practitioner(report.radiologist)),
         (urls.requester_role, _requester_role(report)),
+        *(
+            (url, _finding(report, urls, finding))
+            for url, finding in zip(urls.findings, report.text.coded_findings, strict=True)
+        ),
     ]
     bundle: dict[str, Any] = {
         "resourceType": "Bundle",
-        "meta": _claims("ncp-imaging-report-bundle"),
+        "meta": _claims("ncp-imaging-report-bundle", EU_IMAGING + "BundleReportEuImaging"),
         "language": report.language,
         "identifier": _identifier(document_identifier(report.report_id, report.version)),
         "type": "document",

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ncp.errors import NcpError
+from ncp.fhir.conformance import transcribed
 
 CORE_SD = "http://hl7.org/fhir/StructureDefinition/"
 
@@ -821,10 +822,13 @@ def build_profiles(profiles_dir: Path, base: Resolver) -> dict[Path, str]:
     files = sorted(profiles_dir.glob("StructureDefinition-*.json"))
     loaded = {path: json.loads(path.read_text(encoding="utf-8")) for path in files}
     by_url = {str(sd["url"]): sd for sd in loaded.values()}
+    # A transcription of a guide's profile also answers to the guide's canonical URL.
+    aliases = {guide: str(sd["url"]) for sd in loaded.values() if (guide := transcribed(sd))}
     done: dict[str, dict[str, Any]] = {}
 
     def resolve(url: str) -> dict[str, Any]:
         key = url.split("|", 1)[0]
+        key = aliases.get(key, key)
         if key in done:
             return done[key]
         if key in by_url:

@@ -38,6 +38,7 @@ from starlette.types import Receive, Scope, Send
 from ncp.audit.models import Action, Outcome, Side
 from ncp.audit.record import AuditError, Auditor
 from ncp.config import ArchiveSection, DicomwebArchive, FolderArchive, GatewaySection, TokensSection
+from ncp.dicom.mapping import patient_issuer
 from ncp.dicom.uids import is_uid
 from ncp.fhir.identifiers import issuer_of
 from ncp.gateway.access import BearerAuth
@@ -181,8 +182,11 @@ class Gateway:
         relay: Relay,
         chunk_bytes: int = 1 << 20,
         index: StudyIndex | None = None,
+        patient_id_issuer: str = "",
     ) -> None:
         self.archive = archive
+        self.patient_id_issuer = patient_id_issuer
+        """The archive's assigning authority of Patient IDs without issuer (``[archive]``)."""
         self.chunk_bytes = chunk_bytes
         self.public_base = public_base.rstrip("/")
         self.auth = auth
@@ -300,7 +304,7 @@ class Gateway:
             if len(self._patients) > 10_000:
                 self._patients.clear()
             self._patients[study] = cached
-        if not _same_patient(grant.patient, cached[1], cached[2]):
+        if not _same_patient(grant.patient, cached[1], cached[2], self.patient_id_issuer):
             raise Forbidden("the study belongs to another patient than the token's", jti=grant.jti)
 
     async def _instances(self, study: str, series: str | None, sop: str | None) -> frozenset[str]:
@@ -370,6 +374,23 @@ class Gateway:
             raise NotFound("the study is empty")
         return Expected(study, series, sop, counts=counts)
 
+    async def _index_is_stale(self, study: str) -> bool:
+        """Whether the archive's series-level listing of ``study`` (its instances per series)
+        disagrees with the node's index; False when either cannot tell."""
+        if self.index is None:
+            return False
+        try:
+            indexed = await self.index.instances(study)
+            listed = await self._counted(study, None, None)
+        except (GatewayError, OSError):
+            return False  # the archive (or the index) failing says nothing of staleness
+        if indexed is None:
+            return True
+        per_series: dict[str, int] = {}
+        for series in indexed.values():
+            per_series[series] = per_series.get(series, 0) + 1
+        return dict(listed.counts or {}) != per_series
+
     def _distrust_index(self, study: str) -> None:
         if len(self._distrusted) > 10_000:
             self._distrusted.clear()
@@ -395,7 +416,7 @@ class Gateway:
                 item
                 for study in studies
                 for item, patient, issuer in found.get(study, ())
-                if _same_patient(grant.patient, patient, issuer)
+                if _same_patient(grant.patient, patient, issuer, self.patient_id_issuer)
                 and (kept := self._kept(item, study, level, None)) is not None
                 and query.matches(kept)
             ]
@@ -583,7 +604,11 @@ class Gateway:
                 ):
                     yield chunk
             except NotListed:
-                if indexed:  # the index lags the archive: list this study there for a while
+                # The parts and the index disagree: a stale index, or an archive that failed
+                # (a transcode it could not do, an instance it left out). Only the archive's
+                # own listing disagreeing with the index says stale; then the study is listed
+                # there for a while. An archive error is not staleness.
+                if indexed and await self._index_is_stale(target.study or ""):
                     self._distrust_index(target.study or "")
                 raise
 
@@ -772,15 +797,14 @@ class _BrokenBeforeStart(GatewayError):
     status = 502
 
 
-def _same_patient(token: PatientRef, patient_id: str, issuer: str | None) -> bool:
-    """The archive's Patient ID (and Issuer of Patient ID, when the archive records one) is
-    the token's patient, compared exactly; an archive without issuers is the node's own
-    issuing domain."""
+def _same_patient(token: PatientRef, patient_id: str, issuer: str | None, default: str) -> bool:
+    """The archive's Patient ID and its issuer are the token's patient, compared exactly. The
+    issuer is the Issuer of Patient ID the archive gives, else the archive's configured
+    assigning authority ``default`` (:func:`ncp.dicom.mapping.patient_issuer`, as the index
+    read it); with neither, no token's patient is the study's."""
     if patient_id != token.value:
         return False
-    if issuer is None:
-        return True
-    return issuer == _issuer_of(token.system)
+    return patient_issuer(issuer, default) == _issuer_of(token.system)
 
 
 _issuer_of = lru_cache(maxsize=1024)(issuer_of)
@@ -812,6 +836,7 @@ def build_gateway_app(
     clock: Callable[[], datetime] | None = None,
     relay: Relay = fast_relay,
     index: StudyIndex | None = None,
+    patient_id_issuer: str | None = None,
 ) -> FastAPI:
     """The DICOMweb gateway of one public base URL.
 
@@ -826,6 +851,8 @@ def build_gateway_app(
     ``sendfile`` when served with ``uvicorn.Config(http=RelayH11Protocol)`` (ASGI messages
     elsewhere). ``index``: where a retrieve finds the study's instances before asking the
     archive (option A: the node's index, :class:`ncp.gateway.studyindex.NodeIndex`).
+    ``patient_id_issuer``: the archive's assigning authority of Patient IDs without issuer;
+    None: the ``[archive]`` settings' own (none for an open GatewayArchive).
     """
     limits = limits or GatewaySection()
     tokens = tokens or TokensSection()
@@ -842,6 +869,12 @@ def build_gateway_app(
         clock=clock,
     )
     owned = isinstance(archive, FolderArchive | DicomwebArchive)
+    if patient_id_issuer is None:
+        patient_id_issuer = (
+            archive.patient_id_issuer
+            if isinstance(archive, FolderArchive | DicomwebArchive)
+            else ""
+        )
     upstream = (
         open_gateway_archive(
             archive,  # type: ignore[arg-type]
@@ -865,10 +898,16 @@ def build_gateway_app(
         relay=relay,
         chunk_bytes=limits.chunk_bytes,
         index=index,
+        patient_id_issuer=patient_id_issuer,
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Before the server accepts a request (uvicorn binds after the startup): a folder's
+        # catalogue is built here, so the first search is answered in milliseconds.
+        warm = getattr(gateway.archive, "warm", None)
+        if warm is not None:
+            await warm()
         yield
         if owned:
             await gateway.archive.aclose()

@@ -185,7 +185,9 @@ def _walk(buf: Buffer, pos: int, little: bool, explicit: bool) -> PartIds:
         if tag > _SERIES:
             break
         if tag in _WANTED:
-            if (explicit and vr != b"UI") or length > 128:
+            # UN: a converter that did not know the VR; the value is the UID all the same
+            # (PS3.5 6.2.2), as pydicom reads it for the index (its dictionary's VR).
+            if (explicit and vr not in (b"UI", b"UN")) or length > 128:
                 raise StreamBroken("a part's data set gives a UID that is not a UID")
             if pos + head + length > size:
                 raise _Short(pos + head + length)

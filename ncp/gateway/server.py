@@ -16,7 +16,10 @@ here), because uvicorn's own TLS gives a client 60 s to finish it.
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 import ssl
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -25,6 +28,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ncp.config import HttpSection
 from ncp.gateway.relay import RelayH11Protocol
+from ncp.gateway.stream import install_cut_short_filter
 from ncp.security.http_limits import ProtocolRefusal, guarded, uvicorn_options
 
 
@@ -65,8 +69,10 @@ def imaging_server(
     app go (:func:`protocol_refusals`)."""
     from ncp.security.mtls import tls_server_protocol
 
+    install_cut_short_filter()  # a transfer cut short: one line, not a traceback
     limits = limits or HttpSection()
     http: type[asyncio.Protocol] | str = protocol
+    handshake_ours = False
     if isinstance(protocol, type) and issubclass(protocol, H11Protocol):
         inner = guarded(protocol, limits, on_refusal=on_refusal)
         http = inner
@@ -74,7 +80,7 @@ def imaging_server(
             http = tls_server_protocol(
                 gateway_ssl_context(tls), inner, handshake_timeout=limits.header_timeout_s
             )
-            tls = None  # our protocol runs the handshake
+            tls, handshake_ours = None, True  # our protocol runs the handshake
     config = uvicorn.Config(
         app,
         host=host,
@@ -89,7 +95,20 @@ def imaging_server(
         ssl_keyfile=None if tls is None else str(tls.key),
         **uvicorn_options(limits),
     )
-    return uvicorn.Server(config)
+    return _ImagingServer(config) if handshake_ours else uvicorn.Server(config)
+
+
+class _ImagingServer(uvicorn.Server):
+    """uvicorn's server, saying truly what it serves: it sees plain TCP (the TLS handshake is
+    our protocol's) and would log ``Uvicorn running on http://`` for an HTTPS-only port."""
+
+    def _log_started_message(self, listeners: Sequence[socket.SocketType]) -> None:
+        for sock in listeners:
+            host, port = sock.getsockname()[:2]
+            where = f"[{host}]" if ":" in host else host
+            logging.getLogger("uvicorn.error").info(
+                "imaging channel (DICOMweb) on https://%s:%d (Ctrl-C to quit)", where, port
+            )
 
 
 def protocol_refusals(app: Any) -> ProtocolRefusal | None:

@@ -13,6 +13,7 @@ noticed through ``receive`` and the transfer is cancelled, which closes the arch
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,7 +116,12 @@ class Expected:
 
 
 class Membership:
-    """One transfer's check of its parts against :class:`Expected`."""
+    """One transfer's check of its parts against :class:`Expected`.
+
+    An instance is named by its data set's SOP Instance UID (0008,0018), as the index and a
+    DICOMweb archive name it; a file meta group that names another (0002,0003) is tolerated
+    (``ncp.gateway.servable``, the rule the index reports by). With the exact list, the file
+    meta's UID is looked up first and the data set read only when it is not listed."""
 
     def __init__(self, expected: Expected) -> None:
         self.expected = expected
@@ -123,18 +129,23 @@ class Membership:
         self.seen: set[str] = set()
         self.per_series: dict[str, int] = {}
 
-    def admit(self, sop: str, ids: PartIds | None) -> None:
+    def needs_data_set(self, meta_sop: str) -> bool:
+        """Whether a part whose file meta names ``meta_sop`` must give its data set's UIDs."""
+        return self.reads_data_set or meta_sop not in (self.expected.listed or ())
+
+    def admit(self, sop: str, ids: PartIds | None) -> str:
         """Let one part through (``sop`` from its file meta, ``ids`` from its data set when
-        :attr:`reads_data_set`), or break the transfer."""
+        :meth:`needs_data_set`), or break the transfer; returns the instance's SOP Instance
+        UID (the data set's when read)."""
         want = self.expected
+        if ids is not None:
+            sop = ids.sop
         if want.listed is not None:
-            if sop not in want.listed:
+            if sop not in want.listed or (ids is not None and ids.study != want.study):
                 raise NotListed("the archive sent an instance that is not in the study asked for")
         else:
             if ids is None or ids.study != want.study:
                 raise StreamBroken("the archive sent an instance of another study")
-            if ids.sop != sop:
-                raise StreamBroken("a part's data set and file meta name different instances")
             if want.series is not None and ids.series != want.series:
                 raise StreamBroken("the archive sent an instance of another series")
             if want.sop is not None and sop != want.sop:
@@ -148,6 +159,7 @@ class Membership:
             if count > want.counts.get(ids.series, 0):
                 raise StreamBroken("the archive sent more instances of a series than it has")
             self.per_series[ids.series] = count
+        return sop
 
     def finish(self) -> None:
         """All that was expected came, or the transfer breaks (before its close delimiter)."""
@@ -169,10 +181,11 @@ class Membership:
 
 
 async def _part_head(
-    body: AsyncIterator[Chunk], reads_data_set: bool
+    body: AsyncIterator[Chunk], reads_data_set: Callable[[str], bool]
 ) -> tuple[list[Chunk], str, str, PartIds | None, Buffer]:
     """The chunks read to name a part, its SOP Instance UID and transfer syntax (file meta),
-    its data set UIDs (when asked) and its first bytes as far as they were looked at;
+    its data set UIDs (when ``reads_data_set`` of the file meta's SOP says so) and its first
+    bytes as far as they were looked at;
     StreamBroken when it does not name itself within HEAD_LIMIT bytes (a folder's file region
     must come after them). The first chunk is looked at in place; bytes are copied only when
     the head spans chunks, and only as many as needed."""
@@ -200,7 +213,7 @@ async def _part_head(
             if facts is None:
                 need = meta_end(head)
                 continue
-            if not reads_data_set:
+            if not reads_data_set(facts[0]):
                 return held, facts[0], facts[1], None, head
             ids = dataset_ids(head, meta_end(head), facts[1])
             if isinstance(ids, PartIds):
@@ -240,8 +253,8 @@ async def dicom_answer(
     first = True
     async for part in parts:
         body = part.body
-        held, sop, syntax, ids, head = await _part_head(body, check.reads_data_set)
-        check.admit(sop, ids)
+        held, meta_sop, syntax, ids, head = await _part_head(body, check.needs_data_set)
+        sop = check.admit(meta_sop, ids)
         pending += writer.open_part(PartHead(f"application/dicom; transfer-syntax={syntax}"))
         size = 0
         for chunk in held:
@@ -301,6 +314,39 @@ def _pass(chunk: Chunk, pending: bytearray, small: int, flush_bytes: int) -> lis
     out = [bytes(pending)]
     pending.clear()
     return out
+
+
+class TransferCutShort(Exception):
+    """A transfer that failed after its answer had started: the connection is dropped. Its
+    text is the one log line the server writes of it (:class:`CutShortFilter`)."""
+
+    def __init__(self, request_id: str, reason: str) -> None:
+        text = "".join(c if c.isprintable() else " " for c in reason)[:300]
+        super().__init__(f"transfer cut short (request {request_id}): {text}")
+        self.request_id = request_id
+        self.reason = reason
+
+
+class CutShortFilter(logging.Filter):
+    """Turns the server's "Exception in ASGI application" record of a
+    :class:`TransferCutShort` into one warning line without traceback: a transfer cut short is
+    an event of the archive or the network, not a fault of the program, and a traceback per
+    broken transfer buries the faults that are."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, TransferCutShort):
+            record.msg, record.args = "%s", (str(exc),)
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def install_cut_short_filter(logger: logging.Logger | None = None) -> None:
+    """Attach one :class:`CutShortFilter` to ``logger`` (uvicorn's error logger by default)."""
+    target = logger or logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, CutShortFilter) for f in target.filters):
+        target.addFilter(CutShortFilter())
 
 
 class StreamedAnswer:
@@ -388,4 +434,7 @@ class StreamedAnswer:
         if failure is not None:
             # Raised after the answer started: the server drops the connection without the
             # last chunk, so the client sees a broken body, never a complete shorter study.
-            raise failure
+            # The server logs it in one line (CutShortFilter): reason and request id; the
+            # audit record holds the rest.
+            reason = tally.error or type(failure).__name__
+            raise TransferCutShort(self.headers.get("X-Request-ID", "-"), reason) from failure

@@ -9,9 +9,11 @@ index does not hold) the gateway checks each part's own data set against the arc
 instance counts per series instead (``ncp.gateway.stream.Expected``).
 
 The index can lag the archive (it is as fresh as the last ``ncp index`` run). A study whose
-transfer showed the index wrong (an instance the index does not name, or one it names that
-the archive no longer has) is checked the other way for :data:`DISTRUST_S` afterwards
-(``Gateway`` does that).
+transfer disagreed with the index (an instance the index does not name, or one it names that
+did not come) is checked the other way for :data:`DISTRUST_S` afterwards, but only when the
+archive's own series-level listing of it disagrees with the index too (``Gateway`` does
+that): an archive that failed to send an instance (a transcode it could not do) is not a
+stale index.
 """
 
 from __future__ import annotations

@@ -88,6 +88,10 @@ class GatewayArchive(Protocol):
         """Frames or bulk data below a checked instance path: (media type, parts)."""
         ...
 
+    async def warm(self) -> None:
+        """Make what the first request needs before the gateway serves (a folder's catalogue)."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -140,6 +144,9 @@ class DicomwebUpstream:
                 max_connections=max_connections, max_keepalive_connections=_KEEPALIVE
             ),
         )
+
+    async def warm(self) -> None:
+        return None  # nothing to build: every answer is the archive's
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ncp.dicom.transcode import TARGETS
 from ncp.dicom.uids import is_uid
 from ncp.gateway.errors import BadRequest, NotAcceptable
 
@@ -101,13 +102,24 @@ def dicom_syntaxes(header: str | None) -> list[str]:
 
 def choose_syntax(accepted: list[str], stored: set[str] | None) -> str:
     """The syntax to ask the archive for. ``stored``: the instances' own syntaxes when known
-    (a folder, which does not transcode), else None (the archive decides, and transcodes)."""
-    if stored is None or "*" in accepted:
+    (a folder), else None (the archive decides, and transcodes).
+
+    A folder sends its files as stored when that is accepted (``*``, or their one syntax:
+    zero copy), else the first accepted syntax it can transcode to
+    (:data:`ncp.dicom.transcode.TARGETS`); instances already in it go as stored."""
+    if stored is None:
         return accepted[0]
     if len(stored) == 1 and next(iter(stored)) in accepted:
         return next(iter(stored))
+    if "*" in accepted:
+        return "*"
+    for syntax in accepted:
+        if syntax in TARGETS:
+            return syntax
     raise NotAcceptable(
-        "the instances are stored in transfer syntaxes not accepted; ask with transfer-syntax=*"
+        "the instances are stored in transfer syntaxes not accepted, and this archive "
+        "transcodes to Explicit or Implicit VR Little Endian only; ask for one of them, or "
+        "with transfer-syntax=*"
     )
 
 

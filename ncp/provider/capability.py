@@ -75,7 +75,10 @@ _DEFINITIONS: dict[tuple[str, str], tuple[str, str]] = {
     ("ImagingStudy", "bodysite"): ("token", _BASE + "ImagingStudy-bodysite"),
     ("ImagingStudy", "status"): ("token", _BASE + "ImagingStudy-status"),
     ("ImagingStudy", "study-type"): ("token", _NCP + "SearchParameter/ImagingStudy-study-type"),
-    ("ImagingStudy", "requesting-specialty"): ("token", ""),
+    ("ImagingStudy", "requesting-specialty"): (
+        "token",
+        _NCP + "SearchParameter/ImagingStudy-requesting-specialty",
+    ),
 }
 _COMMON: dict[str, tuple[str, str]] = {
     "_id": ("token", _BASE + "Resource-id"),
@@ -111,7 +114,7 @@ def _declared() -> dict[str, tuple[SearchParam, ...]]:
 SEARCH_PARAMS: dict[str, tuple[SearchParam, ...]] = _declared()
 """What the search routes accept besides the result parameters (_count, _sort, _format...)."""
 
-_TYPES = ("Bundle", "DocumentReference", "ImagingStudy", "Patient")
+_TYPES = ("Bundle", "DocumentReference", "ImagingStudy", "Organization", "Patient")
 
 
 def interactions_of(routes: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
@@ -147,7 +150,20 @@ PROFILES: dict[str, str] = {
     "DocumentReference": _NCP + "StructureDefinition/ncp-imaging-documentreference",
     "ImagingStudy": _NCP + "StructureDefinition/ncp-imaging-study-manifest",
     "Bundle": _NCP + "StructureDefinition/ncp-imaging-report-bundle",
+    "Organization": _NCP + "StructureDefinition/ncp-organization",
     "Patient": _NCP + "StructureDefinition/ncp-patient",
+}
+GUIDE_PROFILES: dict[str, tuple[str, ...]] = {
+    # The guides' profiles the node's resources also claim (and the project transcribes).
+    "Bundle": (
+        "http://hl7.eu/fhir/imaging/StructureDefinition/BundleReportEuImaging",
+        "https://profiles.ihe.net/RAD/MADO/StructureDefinition/MadoFhirBundle",
+    ),
+    "ImagingStudy": ("https://profiles.ihe.net/RAD/MADO/StructureDefinition/MadoImagingStudy",),
+    "Organization": (
+        "https://profiles.ihe.net/RAD/MADO/StructureDefinition/MadoCreatorOrganization",
+    ),
+    "Patient": ("https://profiles.ihe.net/RAD/MADO/StructureDefinition/MadoPatient",),
 }
 
 MATCH_DEFINITION = "http://hl7.org/fhir/OperationDefinition/Patient-match"
@@ -177,7 +193,10 @@ def capability_statement(
     served = interactions_of(routes)
     resources = []
     for rtype in _TYPES:
-        entry: dict[str, Any] = {"type": rtype, "supportedProfile": [PROFILES[rtype]]}
+        entry: dict[str, Any] = {
+            "type": rtype,
+            "supportedProfile": [PROFILES[rtype], *GUIDE_PROFILES.get(rtype, ())],
+        }
         interactions = served[rtype]
         if interactions:
             entry["interaction"] = [{"code": code} for code in interactions]
@@ -187,6 +206,11 @@ def capability_statement(
             entry["conditionalRead"] = "full-support"  # ncp.provider.conditional
         params = SEARCH_PARAMS.get(rtype, ()) if "search-type" in interactions else ()
         if params:
+            includes, revincludes = _includes(rtype)
+            if includes:
+                entry["searchInclude"] = includes
+            if revincludes:
+                entry["searchRevInclude"] = revincludes
             entry["searchParam"] = [_search_param(p) for p in params]
         operations = [{"name": "validate", "definition": VALIDATE_DEFINITION}]
         if rtype == "Patient":
@@ -239,6 +263,18 @@ def capability_statement(
             }
         ],
     }
+
+
+def _includes(rtype: str) -> tuple[list[str], list[str]]:
+    """The ``_include`` and ``_revinclude`` values the search routes accept for a type, from the
+    table they parse with."""
+    try:
+        from ncp.provider import search_params as table
+    except ModuleNotFoundError:
+        return [], []
+    includes = next((v for k, v in table.INCLUDES.items() if k == rtype), {})
+    revincludes = next((v for k, v in table.REVINCLUDES.items() if k == rtype), {})
+    return sorted(includes), sorted(revincludes)
 
 
 def _search_param(param: SearchParam) -> dict[str, Any]:

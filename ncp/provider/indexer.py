@@ -14,6 +14,12 @@ One run:
 Patient, study and series attributes come from the instance with the smallest SOP Instance UID
 seen so far (``header_sop_uid``), so the same instances give the same index whatever order the
 source lists them in: a folder and an archive holding the same files index identically.
+
+A Patient ID without Issuer of Patient ID takes the source's configured assigning authority
+(``[archive] patient_id_issuer``, :func:`ncp.dicom.mapping.patient_issuer`). The fingerprint
+kept for each entry records the authority it was read under, so a run under another one reads
+every entry again (re-attaching its studies to the patient under the new issuer) and drops the
+patients left without studies.
 """
 
 from __future__ import annotations
@@ -31,10 +37,15 @@ from typing import Any, TypeVar, cast
 from sqlalchemy import Table, bindparam, delete, func, insert, select, tuple_, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from ncp.dicom.folder import FolderSource
 from ncp.dicom.mapping import IndexRecord, InstanceKeys, map_instance, map_levels
 from ncp.dicom.source import ArchiveSource, InstanceHeader, SkippedEntry, SourceEntry
+from ncp.dicom.transcode import can_transcode, syntax_name
 from ncp.errors import UnreadableInstance
 from ncp.fhir.datatypes import utc_of, zone_name
+from ncp.gateway.parthead import HEAD_LIMIT
+from ncp.gateway.servable import part_problem
+from ncp.gateway.wado import EXPLICIT_VR_LITTLE_ENDIAN
 from ncp.store.models import (
     EntryKind,
     Instance,
@@ -43,6 +54,7 @@ from ncp.store.models import (
     Series,
     SourceObject,
     Study,
+    name_key,
 )
 
 _CHUNK = 500  # bound on IN (...) lists: SQLite allows 32766 parameters, stay far below
@@ -63,6 +75,14 @@ class IndexRun:
     studies_touched: int = 0
     touched: frozenset[int] = frozenset()
     """Row ids of the studies the run changed (some may be gone): their list entries are stale."""
+    patient_id_issuer: str = ""
+    """The source's assigning authority for Patient IDs without issuer, as the run applied it."""
+    unservable: list[tuple[str, str]] = field(default_factory=list)
+    """(locator, reason) of the instances indexed in this run that the gateways would refuse
+    (``ncp.gateway.servable``; checked for a folder archive, whose files the index reads)."""
+    without_issuer: int = 0
+    """Instances read in this run whose header carries no Issuer of Patient ID (they took
+    ``patient_id_issuer``; with none configured their patients cannot be named by a peer)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +100,12 @@ def index_source(
     workers: int = 1,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC).replace(tzinfo=None),
     zone: tzinfo | None = None,
+    patient_id_issuer: str = "",
 ) -> IndexRun:
     """Bring the index up to date with ``source``. Safe to run again at any time.
+
+    ``patient_id_issuer``: the source's assigning authority of Patient IDs that carry no Issuer
+    of Patient ID (``[archive] patient_id_issuer``; see the module doc).
 
     ``zone`` is the zone of the archive's naive dates and times (the custodian's,
     :func:`ncp.fhir.datatypes.zone_of`): with it, each study gets its start in UTC. Without it,
@@ -92,17 +116,21 @@ def index_source(
     one writes to the database; the source must then be usable from a forked child (the folder
     source is; a source holding open network connections is not).
     """
-    run = IndexRun(source=source.name)
+    run = IndexRun(source=source.name, patient_id_issuer=patient_id_issuer)
     with sessions() as session:
         known = _load_known(session, source.name)
 
+    # What an entry was read under is part of its fingerprint: another assigning authority
+    # makes every entry changed (none keeps the source's own fingerprint, so an index built
+    # before the setting existed is not read again for nothing).
+    mark = f";issuer={patient_id_issuer}" if patient_id_issuer else ""
     listed: list[SourceEntry] = []
     listed_skips: list[SkippedEntry] = []
     for item in source.entries():
         if isinstance(item, SkippedEntry):
             listed_skips.append(item)
         else:
-            listed.append(item)
+            listed.append(SourceEntry(item.locator, item.fingerprint + mark) if mark else item)
     run.seen = len(listed)
 
     readable = {e.locator for e in listed}
@@ -135,15 +163,17 @@ def index_source(
             run.unchanged += 1
 
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-    for results in _mapped_batches(source, batches, workers):
+    moved_from: set[int] = set()  # patients whose studies went to another patient row
+    for results in _mapped_batches(source, batches, workers, patient_id_issuer):
         with sessions.begin() as session:
             marked = set()
-            _apply_batch(session, source.name, results, known, run, marked, clock())
+            _apply_batch(session, source.name, results, known, run, marked, clock(), moved_from)
             _forget_instants(session, marked)
             touched |= marked
 
     with sessions.begin() as session:
         _recompute(session, touched, zone)
+        _drop_orphans(session, moved_from)
     if zone is not None:
         fill_study_instants(sessions, zone)
     run.studies_touched = len(touched)
@@ -244,10 +274,12 @@ class _Mapped:
     keys: InstanceKeys
     levels: IndexRecord | None
     """Patient, study and series values, for the instances that speak for a level."""
+    unservable: str | None = None
+    """Why the gateways would refuse the stored object, when they would."""
 
 
 def _read_and_map(
-    source: ArchiveSource, batch: Sequence[SourceEntry]
+    source: ArchiveSource, batch: Sequence[SourceEntry], issuer: str = ""
 ) -> list[_Mapped | SkippedEntry]:
     """Read and map one batch. Every instance gets its keys; only the instance with the smallest
     SOP Instance UID of each patient, study and series in the batch gets the (costly) level
@@ -259,7 +291,7 @@ def _read_and_map(
             out.append(result)
             continue
         try:
-            read.append((result, map_instance(result)))
+            read.append((result, map_instance(result, issuer)))
         except UnreadableInstance as exc:
             out.append(SkippedEntry(result.entry, exc.reason))
     all_keys = [keys for _, keys in read]
@@ -270,8 +302,34 @@ def _read_and_map(
     }
     for header, keys in read:
         levels = map_levels(header, keys) if keys.instance.sop_uid in speakers else None
-        out.append(_Mapped(header.entry, keys, levels))
+        out.append(
+            _Mapped(
+                header.entry,
+                keys,
+                levels,
+                _serving_problem(source, header.entry, header.transfer_syntax_uid),
+            )
+        )
     return out
+
+
+def _serving_problem(source: ArchiveSource, entry: SourceEntry, syntax: str) -> str | None:
+    """Why the gateways would refuse this stored object (their own rule, run on its first
+    bytes), for a source whose files the index can read; None otherwise."""
+    if not isinstance(source, FolderSource):
+        return None
+    try:
+        head = source.read_head(entry.locator, HEAD_LIMIT)
+    except (OSError, UnreadableInstance) as exc:
+        return f"its first bytes cannot be read again ({exc})"
+    problem = part_problem(head)
+    if problem is None and not can_transcode(syntax, EXPLICIT_VR_LITTLE_ENDIAN):
+        # Served as stored; the default representation (what dicomweb-client asks for) 406.
+        return (
+            f"stored in {syntax_name(syntax)}, which this node cannot decode: served as stored "
+            "only (transfer-syntax=*), not in the default Explicit VR Little Endian"
+        )
+    return problem
 
 
 def _patient_of(keys: InstanceKeys) -> object:
@@ -287,31 +345,32 @@ def _series_of(keys: InstanceKeys) -> object:
 
 
 _worker_source: ArchiveSource | None = None
+_worker_issuer = ""
 
 
-def _init_worker(source: ArchiveSource) -> None:
-    global _worker_source
-    _worker_source = source
+def _init_worker(source: ArchiveSource, issuer: str) -> None:
+    global _worker_source, _worker_issuer
+    _worker_source, _worker_issuer = source, issuer
 
 
 def _worker_batch(batch: Sequence[SourceEntry]) -> list[_Mapped | SkippedEntry]:
     assert _worker_source is not None
-    return _read_and_map(_worker_source, batch)
+    return _read_and_map(_worker_source, batch, _worker_issuer)
 
 
 def _mapped_batches(
-    source: ArchiveSource, batches: list[list[SourceEntry]], workers: int
+    source: ArchiveSource, batches: list[list[SourceEntry]], workers: int, issuer: str = ""
 ) -> Iterator[list[_Mapped | SkippedEntry]]:
     """Mapped batches in order; with workers, at most two batches a worker are in flight, so
     memory stays bounded however large the archive is."""
     if workers <= 1 or len(batches) <= 1:
         for batch in batches:
-            yield _read_and_map(source, batch)
+            yield _read_and_map(source, batch, issuer)
         return
     # fork: the source reaches the children without being pickled.
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_init_worker, initargs=(source,)
+        workers, mp_context=context, initializer=_init_worker, initargs=(source, issuer)
     ) as pool:
         pending: deque[Future[list[_Mapped | SkippedEntry]]] = deque()
         queue = iter(batches)
@@ -333,6 +392,7 @@ def _apply_batch(
     run: IndexRun,
     touched: set[int],
     now: datetime,
+    moved_from: set[int] | None = None,
 ) -> None:
     skips: list[SkippedEntry] = []
     dup_sops: dict[str, str] = {}
@@ -340,6 +400,7 @@ def _apply_batch(
     # Level values of every speaker, duplicates included: a duplicate carries the same SOP
     # Instance UID as the instance it duplicates, so by the smallest-UID rule its header speaks.
     speakers: list[IndexRecord] = []
+    problems: dict[str, str] = {}
     for result in sorted(results, key=_locator_of):
         if isinstance(result, SkippedEntry):
             skips.append(result)
@@ -353,6 +414,9 @@ def _apply_batch(
             dup_sops[result.entry.locator] = sop
             continue
         records[sop] = (result.entry, keys)
+        run.without_issuer += not keys.issuer_given
+        if result.unservable is not None:
+            problems[result.entry.locator] = result.unservable
         notes = result.levels.notes if result.levels is not None else keys.notes
         run.notes.extend((result.entry.locator, note) for note in notes)
 
@@ -374,11 +438,16 @@ def _apply_batch(
 
     _record_skips(session, source, skips, now, dup_sops)
     run.skipped.extend((s.entry.locator, s.reason) for s in skips)
+    run.unservable.extend(
+        (entry.locator, problems[entry.locator])
+        for entry, _ in records.values()
+        if entry.locator in problems
+    )
     if not records:
         return
 
     patient_pks = _upsert_patients(session, speakers)
-    study_pks = _upsert_studies(session, speakers, patient_pks)
+    study_pks = _upsert_studies(session, speakers, patient_pks, moved_from)
     series_pks = _upsert_series(session, speakers, study_pks)
     touched.update(study_pks.values())
 
@@ -405,6 +474,7 @@ def _apply_batch(
                 "instance_number": keys.instance.instance_number,
                 "number_of_frames": keys.instance.number_of_frames,
                 "size_bytes": keys.instance.size_bytes,
+                **_title_columns(keys.instance.document_title),
                 "source": source,
                 "locator": entry.locator,
             }
@@ -455,6 +525,7 @@ def _upsert_patients(session: Session, rows: list[IndexRecord]) -> dict[tuple[st
             rec.instance.sop_uid,
             {
                 "family_name": rec.patient.family_name,
+                "family_key": name_key(rec.patient.family_name),
                 "given_name": rec.patient.given_name,
                 "birth_date": rec.patient.birth_date,
                 "sex": rec.patient.sex,
@@ -466,9 +537,17 @@ def _upsert_patients(session: Session, rows: list[IndexRecord]) -> dict[tuple[st
 
 
 def _upsert_studies(
-    session: Session, rows: list[IndexRecord], patient_pks: dict[tuple[str, ...], int]
+    session: Session,
+    rows: list[IndexRecord],
+    patient_pks: dict[tuple[str, ...], int],
+    moved_from: set[int] | None = None,
 ) -> dict[str, int]:
     reps = _representatives(rows, lambda r: r.study.study_uid)
+    if moved_from is not None:  # the patients these studies had: some may be left without any
+        for chunk in _chunks(list(reps)):
+            moved_from.update(
+                session.scalars(select(Study.patient_pk).where(Study.study_uid.in_(chunk)))
+            )
     levels: _Levels = {}
     for uid, rec in reps.items():
         s = rec.study
@@ -586,6 +665,18 @@ def _current(
         ):
             found[tuple(key)] = (pk, sop)
     return found
+
+
+def _drop_orphans(session: Session, patient_pks: set[int]) -> None:
+    """Remove those of ``patient_pks`` that have no study left (their studies went to another
+    patient row: the same Patient ID under another issuer)."""
+    for chunk in _chunks(sorted(patient_pks)):
+        session.execute(
+            delete(Patient).where(
+                Patient.id.in_(chunk),
+                ~select(Study.id).where(Study.patient_pk == Patient.id).exists(),
+            )
+        )
 
 
 def _forget_instants(session: Session, study_pks: set[int]) -> None:
@@ -759,3 +850,8 @@ def _recompute(session: Session, study_pks: set[int], zone: tzinfo | None = None
             )
             if orphans:
                 session.execute(delete(Patient).where(Patient.id.in_(orphans)))
+
+
+def _title_columns(title: tuple[str | None, str | None, str | None] | None) -> dict[str, Any]:
+    scheme, code, meaning = title or (None, None, None)
+    return {"title_scheme": scheme, "title_code": code, "title_meaning": meaning}

@@ -36,6 +36,8 @@ from ncp.config import NodeSettings
 from ncp.fhir.io import to_json
 from ncp.fhir.listing import manifest_reference, patient_resource, report_reference
 from ncp.fhir.manifest import Custodian, ImagingEndpoints, ManifestError, imaging_study
+from ncp.fhir.values import PatientFacts
+from ncp.provider.describe import describe_patient, describe_report, describe_study
 from ncp.provider.search import (
     EntryKey,
     ManifestMatch,
@@ -51,7 +53,7 @@ from ncp.store.models import EntryKind, ListEntry, Patient, ReportVersion, Study
 
 log = logging.getLogger(__name__)
 
-RENDERER_VERSION = "1"
+RENDERER_VERSION = "2"
 """Raise when the builders' output changes without a change of the ncp version."""
 _CHUNK = 500
 """Keys per ``IN`` list."""
@@ -150,7 +152,14 @@ class EntryRenderer:
             resource, uid = self._resource(row)
         except ManifestError as exc:
             rtype = "ImagingStudy" if isinstance(row, StudyMatch) else "DocumentReference"
-            log.warning("list entry left out: %s", type(exc).__name__)
+            # Which entry and why, so an operator can find the study and fix its data.
+            log.warning(
+                "list entry left out: %s of %s: %s (rule: %s)",
+                rtype,
+                _subject_of(row),
+                exc,
+                exc.rule or "unnamed",
+            )
             return Rendered(kind, pk, rtype, "", None, None, None, str(exc))
         version = resource.get("meta", {}).get("versionId")
         body = to_json(resource)
@@ -158,27 +167,41 @@ class EntryRenderer:
 
     def _resource(self, row: Any) -> tuple[dict[str, Any], str | None]:
         if isinstance(row, StudyMatch):
-            instances = {s.series_uid: row.instances_of(s) for s in row.series}
-            resource = imaging_study(row.study, self.endpoints, self.custodian, instances=instances)
+            study = describe_study(row.study, row.series, row.instances)
+            resource = imaging_study(study, self.endpoints, self.custodian)
             return resource, row.study.study_uid
         if isinstance(row, ManifestMatch):
-            resource = manifest_reference(row.study, self.custodian, base_url=self.base)
+            resource = manifest_reference(
+                describe_study(row.study), self.custodian, base_url=self.base
+            )
             return resource, row.study.study_uid
         if isinstance(row, ReportMatch):
             resource = report_reference(
-                row.report,
-                row.version,
+                describe_report(row.report, row.version),
                 base_url=self.base,
-                study=row.study,
+                study=describe_study(row.study) if row.study is not None else None,
                 custodian=self.custodian,
             )
             # Versions of one report share the entry's id: the version tells them apart (bdl-7).
             resource["meta"] = {**resource.get("meta", {}), "versionId": str(row.version.version)}
             return resource, row.version.study_uid
         if isinstance(row, PatientInclude):
-            patient = row.patient or Patient(patient_id=row.value, issuer=row.issuer)
+            patient = (
+                describe_patient(row.patient)
+                if row.patient is not None
+                else PatientFacts(patient_id=row.value, issuer=row.issuer)
+            )
             return patient_resource(patient), None
         raise TypeError(f"unexpected search row {type(row).__name__}")
+
+
+def _subject_of(row: Any) -> str:
+    """What an entry is about, for the log (UIDs and ids only, no patient data)."""
+    if isinstance(row, StudyMatch | ManifestMatch):
+        return f"study {row.study.study_uid}"
+    if isinstance(row, ReportMatch):
+        return f"report {row.report.id} (study {row.version.study_uid or 'none'})"
+    return "the patient"
 
 
 def _kind_of(row: Any) -> EntryKind | None:

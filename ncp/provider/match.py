@@ -13,7 +13,9 @@ demographics. A answers with the candidates from its index, each graded
 - no candidate: an empty searchset (total 0).
 
 Identifiers match exactly within their system (``ncp.fhir.identifiers.issuer_of``); names match
-without regard to case.
+without regard to case, in any Unicode spelling of the same text (:func:`ncp.store.models.name_key`:
+"ŻAK" is "Żak", a decomposed "Żak" too, "Zak" is not). The index keeps each family name's key,
+so the comparison is the same on every database and uses an index.
 """
 
 from __future__ import annotations
@@ -23,14 +25,15 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ncp.fhir.http import FhirHttpError
 from ncp.fhir.identifiers import issuer_of
 from ncp.fhir.listing import patient_resource
 from ncp.fhir.parameters import object_list, optional_text, parameters_of, text_list
-from ncp.store.models import Patient
+from ncp.provider.describe import describe_patient
+from ncp.store.models import Patient, name_key
 
 MATCH_GRADE_URL = "http://hl7.org/fhir/StructureDefinition/match-grade"
 MAX_CANDIDATES = 20
@@ -179,7 +182,7 @@ def find_candidates(session: Session, query: MatchQuery) -> list[Candidate]:
             select(Patient)
             .where(
                 Patient.birth_date == query.birth_date,
-                func.lower(Patient.family_name) == query.family.lower(),
+                Patient.family_key == name_key(query.family),
                 # Without an issuer a patient has no identifier B could name in a TRC.
                 Patient.issuer != "",
             )
@@ -228,8 +231,7 @@ def _grade(row: Patient, query: MatchQuery, *, by_identifier: bool) -> Candidate
     return Candidate(row, grade, min(score, 1.0), by_identifier, disagree)
 
 
-def _fold(text: str | None) -> str | None:
-    return text.strip().casefold() if text and text.strip() else None
+_fold = name_key
 
 
 # --- the answer ----------------------------------------------------------------------------------
@@ -239,7 +241,7 @@ def searchset(base_url: str, candidates: Sequence[Candidate]) -> dict[str, Any]:
     """The ``$match`` answer: a searchset of the candidates with grade and score."""
     entries = []
     for c in candidates:
-        resource = patient_resource(c.row)
+        resource = patient_resource(describe_patient(c.row))
         entries.append(
             {
                 "fullUrl": f"{base_url}/Patient/{resource['id']}",

@@ -6,6 +6,8 @@
   pair (HP assertion and TRC) and a report of the TRC's patient. Reads of a version are
   conditional (``If-None-Match``, ``If-Modified-Since``: 304 when the client holds it,
   :mod:`ncp.provider.conditional`).
+- ``GET /fhir/Bundle/{id}`` with the id of a study's manifest (``m`` and a digest, never a
+  report's): the study's IHE MADO manifest document (:mod:`ncp.provider.resource_api`).
 - ``POST /fhir/Bundle``: a national system of this node's own country submits a report version
   (JSON or XML, at most :data:`MAX_REPORT_BYTES`); it is validated and stored in one
   transaction. 201 with ``Location: {base}/Bundle/{id}/_history/{vid}`` and the stored Bundle
@@ -33,12 +35,14 @@ from starlette.concurrency import run_in_threadpool
 from ncp.audit.models import Action, Outcome
 from ncp.fhir.http import FhirHttpError, fhir_response, outcome, read_resource_body, wants_xml
 from ncp.fhir.identifiers import issuer_of
+from ncp.fhir.mado import is_manifest_bundle_id
 from ncp.node import node_of
 from ncp.provider import reports
 from ncp.provider.auditing import audit
 from ncp.provider.auth import national_system, patient_context
 from ncp.provider.conditional import not_modified
 from ncp.provider.list_api import FHIR_ID
+from ncp.provider.resource_api import read_manifest
 from ncp.security.claims import PatientRef
 from ncp.security.pair import RequestContext
 from ncp.security.trust import Peer
@@ -60,6 +64,8 @@ def router() -> APIRouter:
 
     @api.get("/fhir/Bundle/{report_id}")
     def read(request: Request, report_id: str, ctx: Context) -> Response:
+        if is_manifest_bundle_id(report_id):  # a study's IHE MADO manifest document
+            return read_manifest(request, ctx, report_id)
         row = _served(request, ctx, report_id, None, "read")
         return _version_response(request, row)
 

@@ -24,7 +24,10 @@ from ncp.fhir import canonical
 from ncp.fhir.conformance import DefinitionNotFound, Definitions
 from ncp.fhir.identifiers import STUDY_UID_SYSTEM, issuer_of, uid_of
 
-REPORT_VERSION_URL = canonical.structure_definition("ncp-report-version")
+VERSION_URL = "http://hl7.org/fhir/5.0/StructureDefinition/extension-Composition.version"
+"""R5 ``Composition.version`` as HL7 Europe imaging (R4) carries it; the node's profile narrows
+its string to the version number (1, 2, ...), so versions compare."""
+_VERSION_NUMBER = re.compile(r"[1-9][0-9]{0,8}")
 BODY_PART_SYSTEM = canonical.code_system("dicom-body-part-examined")
 BODY_PART_MAP = canonical.concept_map("dicom-body-part-to-snomed")
 LOINC = "http://loinc.org"
@@ -193,11 +196,13 @@ def _composition(bundle: Any) -> dict[str, Any]:
 
 def _version(composition: dict[str, Any]) -> int:
     for ext in _list(composition.get("extension")):
-        if _dict(ext).get("url") == REPORT_VERSION_URL:
-            value = _dict(ext).get("valueInteger")
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-                return value
-            raise FieldError("Composition.extension", "the report version must be 1 or more")
+        if _dict(ext).get("url") == VERSION_URL:
+            value = _dict(ext).get("valueString")
+            if isinstance(value, str) and _VERSION_NUMBER.fullmatch(value):
+                return int(value)
+            raise FieldError(
+                "Composition.extension", "the report version must be a whole number, 1 or more"
+            )
     raise FieldError("Composition.extension", "the report version extension is missing")
 
 

@@ -7,11 +7,12 @@ error.
 
 How versions link: the report is its Composition.identifier (the report id is derived from it,
 :func:`ncp.fhir.identifiers.report_resource_id`); the version number is the Composition's
-``ncp-report-version`` extension; Bundle.identifier names one version's document, and a later
-version's ``relatesTo`` (replaces) names the document it replaces. The highest version stored is
-the latest; older ones stay readable. The same version again with the same content changes
-nothing; with other content it is a :class:`VersionConflict`. A lower version arriving late is
-stored as not latest, and the versions naming it as replaced get linked to it then.
+``Composition.version`` (R5 cross-version extension); Bundle.identifier names one version's
+document, and a later version's ``relatesTo`` (replaces) names the document it replaces. The
+highest version stored is the latest; older ones stay readable. The same version again with the
+same content changes nothing; with other content it is a :class:`VersionConflict`. A lower
+version arriving late is stored as not latest, and the versions naming it as replaced get linked
+to it then.
 
 Concurrency: the report row is inserted with ON CONFLICT DO NOTHING (two replicas creating the
 same report: the second waits for the first, then finds its row) and then locked (SELECT ... FOR
@@ -111,8 +112,12 @@ class LoadFailure:
 @dataclass(slots=True)
 class LoadSummary:
     stored: int = 0
+    """Report versions stored (a report corrected or amended has several)."""
     unchanged: int = 0
+    """Versions that were stored already."""
     failed: list[LoadFailure] = field(default_factory=list)
+    reports: set[str] = field(default_factory=set)
+    """The reports (business identifiers) whose versions were loaded or found stored."""
 
     @property
     def ok(self) -> bool:
@@ -415,6 +420,7 @@ def load_folder(
         except (FhirReadError, OSError, ReportError) as exc:
             summary.failed.append(LoadFailure(name, _reason(exc)))
             continue
+        summary.reports.add(result.report_id)
         if result.created:
             summary.stored += 1
         else:

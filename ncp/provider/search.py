@@ -957,7 +957,7 @@ def _included(
         )
         # Plain tuples (date, report id, key): a page brings a thousand of them.
         reports: dict[str | None, list[tuple[datetime, str, EntryKey]]] = {}
-        for pk, uid, report_id, version, date in ctx.session.execute(stmt).tuples():
+        for pk, uid, report_id, version, date in ctx.session.execute(stmt):
             key = EntryKey(EntryKind.REPORT, pk, uid, report_id, version)
             reports.setdefault(uid, []).append((date, report_id, key))
         for study in page_studies:

@@ -10,7 +10,8 @@
 Claim names are IHE IUA's where IUA has one, wrapped as IUA requires in
 ``extensions.ihe_iua`` (``subject_name``, ``subject_organization``, ``subject_organization_id``,
 ``subject_role``, ``purpose_of_use``, ``home_community_id``); OIDC's ``locale`` for the preferred
-language; ``ncp_``-prefixed names for the rest. docs/tokens.md has the tables.
+language and ``acr`` for how the HP authenticated; ``ncp_``-prefixed names for the rest.
+docs/tokens.md has the tables.
 
 A constructed claim set is a valid claim set: the dataclasses check their value rules when built,
 so a node cannot sign a claim set that the other side would refuse, and ``from_payload`` (the
@@ -265,6 +266,11 @@ class HpAssertion(Claims):
     """OIDC ``locale``: the HP's preferred language, a BCP 47 tag (``de-AT``)."""
     home_community_id: str | None = None
     """IUA ``home_community_id``: B's home community, an OID in URN form, if B has one."""
+    authentication_context: str | None = None
+    """OIDC ``acr`` (authentication context class reference): how B authenticated the HP, a URI
+    or a name B publishes (``http://eidas.europa.eu/LoA/substantial`` from a national identity
+    provider, a two-factor login of B's own). Optional, so that assertions issued before the
+    claim existed still verify; eHDSI requires two factors, and A may audit or require it."""
 
     @property
     def country(self) -> str:
@@ -272,6 +278,8 @@ class HpAssertion(Claims):
         return self.issuer
 
     def _check(self) -> None:
+        if self.authentication_context is not None:
+            _check_text("acr", self.authentication_context)
         _check_text("extensions.ihe_iua.subject_name", self.subject_name)
         _check_text("extensions.ihe_iua.subject_organization", self.subject_organization)
         _check_text("extensions.ihe_iua.subject_organization_id", self.subject_organization_id)
@@ -284,6 +292,8 @@ class HpAssertion(Claims):
     def _fill(self, payload: dict[str, Any], iua: dict[str, Any]) -> None:
         payload["ncp_point_of_care"] = self.point_of_care
         payload["locale"] = self.preferred_language
+        if self.authentication_context is not None:
+            payload["acr"] = self.authentication_context
         iua["subject_name"] = self.subject_name
         iua["subject_organization"] = self.subject_organization
         iua["subject_organization_id"] = self.subject_organization_id
@@ -301,6 +311,7 @@ class HpAssertion(Claims):
             "point_of_care": reader.text("ncp_point_of_care"),
             "preferred_language": reader.text("locale"),
             "home_community_id": reader.iua_text("home_community_id", required=False),
+            "authentication_context": reader.text("acr", required=False),
         }
 
 

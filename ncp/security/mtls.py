@@ -422,6 +422,23 @@ def _outcome_body(status: int, reason: str) -> tuple[list[tuple[bytes, bytes]], 
     return [(b"content-type", b"application/fhir+json; charset=utf-8")], body
 
 
+class MutualTlsServer(uvicorn.Server):
+    """uvicorn's server, saying truly what it serves when it starts. uvicorn sees plain TCP (the
+    handshake is ours, step 1 of the module doc) and would log ``Uvicorn running on http://``
+    for a port that answers nothing but HTTPS with a client certificate."""
+
+    def _log_started_message(self, listeners: Sequence[socket.SocketType]) -> None:
+        for sock in listeners:
+            host, port = sock.getsockname()[:2]
+            where = f"[{host}]" if ":" in host else host
+            logging.getLogger("uvicorn.error").info(
+                "standard channel on https://%s:%d (mutual TLS: a client certificate from the "
+                "trust list is required; Ctrl-C to quit)",
+                where,
+                port,
+            )
+
+
 def make_server(
     app: Any,
     context: ssl.SSLContext,
@@ -457,7 +474,7 @@ def make_server(
         log_level=log_level,
         **uvicorn_options(limits),
     )
-    return uvicorn.Server(config)
+    return MutualTlsServer(config)
 
 
 def standard_channel(

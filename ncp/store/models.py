@@ -10,6 +10,7 @@ never collide in a unique constraint and two rows for the same patient would sli
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import date, datetime
 from enum import IntEnum
 
@@ -46,15 +47,33 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
+def name_key(text: str | None) -> str | None:
+    """The form a name is compared in (``Patient/$match``): without surrounding blanks, case
+    folded and canonically decomposed, as Unicode's canonical caseless match defines it
+    (``NFD(casefold(NFD(x)))``, Unicode 3.13 D145). "ŻAK", "żak" and a decomposed "Żak" are
+    one name; "Zak" stays another (accents are not case). Computed here, not by the database:
+    SQLite's ``lower()`` folds ASCII only, and PostgreSQL's depends on the cluster's locale."""
+    if text is None or not text.strip():
+        return None
+    decomposed = unicodedata.normalize("NFD", text.strip())
+    return unicodedata.normalize("NFD", decomposed.casefold())
+
+
 class Patient(Base):
     __tablename__ = "patient"
-    __table_args__ = (UniqueConstraint("patient_id", "issuer"),)
+    __table_args__ = (
+        UniqueConstraint("patient_id", "issuer"),
+        Index(None, "birth_date", "family_key"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     patient_id: Mapped[str] = mapped_column(LO)
     issuer: Mapped[str] = mapped_column(LO, default="")
     family_name: Mapped[str | None] = mapped_column(LO)
     given_name: Mapped[str | None] = mapped_column(LO)
+    family_key: Mapped[str | None] = mapped_column(LO)
+    """:func:`name_key` of ``family_name``, written with it: what a search by demographics
+    compares, on any database."""
     birth_date: Mapped[date | None] = mapped_column(Date)
     sex: Mapped[str | None] = mapped_column(String(16))
     header_sop_uid: Mapped[str] = mapped_column(UID)
@@ -144,6 +163,11 @@ class Instance(Base):
     instance_number: Mapped[int | None] = mapped_column(Integer)
     number_of_frames: Mapped[int | None] = mapped_column(Integer)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
+    title_scheme: Mapped[str | None] = mapped_column(LO)
+    title_code: Mapped[str | None] = mapped_column(LO)
+    title_meaning: Mapped[str | None] = mapped_column(LO)
+    """A Key Object Selection document's title (Concept Name Code Sequence: scheme, code,
+    meaning); NULL for other instances, and for instances indexed before revision kotitle."""
     source: Mapped[str] = mapped_column(String(32))
     locator: Mapped[str] = mapped_column(String(1024))
 

@@ -18,3 +18,10 @@ def patient_studies(session: Session, patient_id: str, issuer: str) -> list[Stud
         .order_by(Study.started.desc(), Study.study_uid)
     )
     return list(session.scalars(stmt))
+
+
+def patient_issuers(session: Session, patient_id: str) -> list[str]:
+    """The issuers the index holds this exact Patient ID under ("" for none), for saying
+    where a patient is when the issuer asked for holds none."""
+    stmt = select(Patient.issuer).where(Patient.patient_id == patient_id).order_by(Patient.issuer)
+    return list(session.scalars(stmt))

@@ -4,9 +4,11 @@ Resolution follows FHIR R4 "Resolving references in Bundles": a ``urn:uuid:``/``
 absolute reference must equal an entry's ``fullUrl``; a relative ``Type/id`` is resolved against
 the RESTful base of the referring entry's ``fullUrl`` when it has one, otherwise by type and id.
 
-A document (``Bundle.type = document``) must start with its Composition, carry an identifier and
-a timestamp, and hold every resource its Composition references (subject, authors, section
-entries...). A ``urn:`` reference that does not resolve is an error in any bundle: nothing
+A document (``Bundle.type = document``) must hold every resource its Composition references
+(subject, authors, section entries...) and give each entry a ``fullUrl``. That it starts with its
+Composition and carries an identifier and a timestamp are R4's own invariants (``bdl-11``,
+``bdl-9``, ``bdl-10``), checked with the Bundle's definition: not again here, so each fault is
+reported once. A ``urn:`` reference that does not resolve is an error in any bundle: nothing
 outside the bundle can resolve it.
 """
 
@@ -16,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ncp.validation.issues import DUPLICATE, NOT_FOUND, REQUIRED, STRUCTURE, Issue
+from ncp.validation.issues import DUPLICATE, NOT_FOUND, REQUIRED, Issue
 
 _RESTFUL = re.compile(r"^(?P<base>.+)/(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})$")
 _RELATIVE = re.compile(r"^(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})$")
@@ -156,46 +158,4 @@ def bundle_issues(index: BundleIndex) -> list[Issue]:
             )
         else:
             seen[key] = i
-    if index.is_document:
-        issues.extend(_document_issues(index))
-    return issues
-
-
-def _document_issues(index: BundleIndex) -> list[Issue]:
-    issues: list[Issue] = []
-    bundle = index.bundle
-    first = index.resources[0] if index.resources else None
-    if first is None or first.get("resourceType") != "Composition":
-        where = index.locations[0] if index.locations else "Bundle"
-        found = first.get("resourceType") if first else "nothing"
-        issues.append(
-            Issue(
-                "error",
-                STRUCTURE,
-                where,
-                f"a document starts with its Composition, not {found}",
-                "document-composition-first",
-            )
-        )
-    identifier = bundle.get("identifier")
-    if not (isinstance(identifier, dict) and identifier.get("system") and identifier.get("value")):
-        issues.append(
-            Issue(
-                "error",
-                REQUIRED,
-                "Bundle",
-                "a document needs Bundle.identifier with system and value",
-                "document-identifier",
-            )
-        )
-    if not bundle.get("timestamp"):
-        issues.append(
-            Issue(
-                "error",
-                REQUIRED,
-                "Bundle",
-                "a document needs Bundle.timestamp",
-                "document-timestamp",
-            )
-        )
     return issues

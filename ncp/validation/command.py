@@ -8,6 +8,16 @@ for standard input; the format of each is detected from its first byte. Output f
   naming its input in an extension;
 - ``junit``: JUnit XML, one test case per input, a ``failure`` when the input has an error.
 
+``--profile URL`` may be given several times: each resource is checked against every profile of
+its type among them (as against the profiles it claims), each profile applying to the resources
+of its type, nested ones included.
+
+``--workers N`` validates the inputs in N processes (for folders of many files); the report is
+the same, in the same input order, as with one. Standard input is read by the main process.
+
+``--ig eu-imaging`` / ``--ig mado`` check each resource against the profiles of that
+implementation guide too (:mod:`ncp.validation.guides`).
+
 Exit codes: 0 every input valid (warnings allowed), 1 an input is invalid or unreadable, 2 a usage
 error (a path that does not exist, an unknown ``--profile``).
 """
@@ -15,6 +25,8 @@ error (a path that does not exist, an unknown ``--profile``).
 from __future__ import annotations
 
 import argparse
+import io
+import itertools
 import json
 import sys
 from collections.abc import Iterator, Sequence
@@ -27,6 +39,7 @@ from lxml import etree
 from ncp.fhir import canonical
 from ncp.fhir.io import DEFAULT_MAX_BYTES, FhirReadError, read_limited, read_path, read_resource
 from ncp.validation.engine import UnknownProfile, Validator
+from ncp.validation.guides import GUIDES, guide_profiles
 from ncp.validation.issues import Issue, has_errors, to_operation_outcome
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
@@ -76,17 +89,76 @@ def _validate_one(
     return Result(source, rtype if isinstance(rtype, str) else "", issues)
 
 
+def _validate_file(source: str, profiles: Sequence[str], max_bytes: int) -> Result:
+    """One file with the default validator: the work of a worker process (built once each)."""
+    return _validate_one(source, io.BytesIO(), Validator.default(), profiles, max_bytes)
+
+
+def _pool_context() -> Any:
+    import multiprocessing
+    import threading
+
+    # fork shares the validator the main process has built already (it checked the profiles),
+    # so workers start at once; forking a process that runs threads is unsafe, spawn then.
+    if "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
+def _validate_all(
+    sources: list[str],
+    stdin: BinaryIO,
+    validator: Validator,
+    profiles: Sequence[str],
+    max_bytes: int,
+    workers: int,
+) -> list[Result] | None:
+    """The result of each source, in order; None when a worker process died."""
+    if workers <= 1 or len(sources) < 2:
+        return [_validate_one(s, stdin, validator, profiles, max_bytes) for s in sources]
+    # Imported here: a single process (the common case in CI) never pays for them.
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    files = [s for s in sources if s != "-"]
+    # Each worker takes several files at a time: fewer round trips than one by one.
+    chunk = max(1, min(64, len(files) // (workers * 4)))
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context())
+    try:
+        with pool:
+            done = iter(
+                pool.map(
+                    _validate_file,
+                    files,
+                    itertools.repeat(list(profiles)),
+                    itertools.repeat(max_bytes),
+                    chunksize=chunk,
+                )
+            )
+            # In input order; standard input is read here, in the process that has it.
+            return [
+                _validate_one(s, stdin, validator, profiles, max_bytes) if s == "-" else next(done)
+                for s in sources
+            ]
+    except BrokenProcessPool:
+        return None
+
+
 def run_validate(
     paths: Sequence[str],
     *,
     fmt: Format,
-    profile: str | None,
+    profiles: Sequence[str] = (),
     stdin: BinaryIO,
     stdout: TextIO,
     max_bytes: int = DEFAULT_MAX_BYTES,
     validator: Validator | None = None,
+    workers: int = 1,
+    guides: Sequence[str] = (),
 ) -> int:
-    """Validate every input and write the report; returns the exit code."""
+    """Validate every input and write the report; returns the exit code. ``workers`` > 1 runs
+    the default validator in that many processes (a ``validator`` given is used for standard
+    input only then)."""
     if not paths:
         print("ncp validate: give at least one PATH (or - for standard input)", file=sys.stderr)
         return EXIT_USAGE
@@ -97,17 +169,26 @@ def run_validate(
     if fmt not in ("text", "json", "junit"):
         print(f"ncp validate: unknown format {fmt!r}", file=sys.stderr)
         return EXIT_USAGE
+    if workers < 1:
+        print(f"ncp validate: --workers must be 1 or more, not {workers}", file=sys.stderr)
+        return EXIT_USAGE
     validator = validator or Validator.default()
-    profiles = [profile] if profile else []
+    unknown = [g for g in guides if g not in GUIDES]
+    if unknown:
+        print(f"ncp validate: unknown guide {', '.join(unknown)}", file=sys.stderr)
+        return EXIT_USAGE
+    profiles = list(dict.fromkeys([*profiles, *guide_profiles(list(guides))]))
     for url in profiles:
         try:
             validator.check_profile(url)
         except UnknownProfile:
             print(f"ncp validate: unknown profile {url!r}", file=sys.stderr)
             return EXIT_USAGE
-    results = [
-        _validate_one(source, stdin, validator, profiles, max_bytes) for source in _inputs(paths)
-    ]
+    sources = list(_inputs(paths))
+    results = _validate_all(sources, stdin, validator, profiles, max_bytes, workers)
+    if results is None:
+        print("ncp validate: a worker process died; nothing is reported", file=sys.stderr)
+        return EXIT_INVALID
     if fmt == "text":
         _write_text(results, stdout)
     elif fmt == "json":
@@ -213,7 +294,25 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="text (default), json (OperationOutcome) or junit (JUnit XML)",
     )
     parser.add_argument(
-        "--profile", metavar="URL", help="a profile every resource of its type must conform to"
+        "--profile",
+        metavar="URL",
+        action="append",
+        default=[],
+        help="a profile every resource of its type must conform to; repeat for several",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="validate in N processes (for folders of many files); the report is the same",
+    )
+    parser.add_argument(
+        "--ig",
+        action="append",
+        default=[],
+        choices=sorted(GUIDES),
+        help="also check against an implementation guide's profiles (repeatable)",
     )
     parser.add_argument(
         "--max-bytes",
@@ -229,8 +328,10 @@ def _handler(args: argparse.Namespace) -> int:
     return run_validate(
         args.paths,
         fmt=args.format,
-        profile=args.profile,
+        profiles=args.profile,
         stdin=sys.stdin.buffer,
         stdout=sys.stdout,
         max_bytes=args.max_bytes,
+        workers=args.workers,
+        guides=args.ig,
     )

@@ -88,6 +88,8 @@ class ElementNode:
     slices: list[ElementNode] = field(default_factory=list)
     is_choice: bool = False
     _required: tuple[ElementNode, ...] | None = None
+    at_path: dict[str, ElementNode | None] = field(default_factory=dict)
+    """The element at each slicing discriminator path below this one, once looked up."""
 
     def required_children(self) -> tuple[ElementNode, ...]:
         """Children that must be present (min > 0, or a slice with min > 0); computed once."""

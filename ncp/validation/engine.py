@@ -24,6 +24,7 @@ from ncp.validation import structure
 from ncp.validation.bindings import Bindings
 from ncp.validation.bundle import bundle_issues
 from ncp.validation.elements import Catalogue, Tree, canonical
+from ncp.validation.formats import Formats
 from ncp.validation.invariants import Invariants, Scope
 from ncp.validation.issues import (
     INFORMATIONAL,
@@ -56,6 +57,7 @@ class Validator:
         self.catalogue = Catalogue(definitions)
         self.bindings = Bindings(definitions, terminology)
         self.invariants = Invariants()
+        self.formats = Formats(definitions)
 
     @classmethod
     def default(cls) -> Validator:
@@ -128,9 +130,18 @@ class Validator:
             run.issues.append(Issue("fatal", STRUCTURE, "", "a resource is a JSON object", "json"))
             return
         rtype = resource.get("resourceType")
-        run.issues.extend(structure.model_issues(resource))
+        model = structure.model_issues(resource)
+        run.issues.extend(model)
         if not isinstance(rtype, str) or not is_resource_type(rtype):
             return
+        self._walk_all(resource, rtype, forced, run)
+        # A value the walk found malformed was found by the model too: one finding, the walk's
+        # (it knows the FHIR type, so it names the rule).
+        run.issues[: len(model)] = structure.not_found_again(model, run.issues[len(model) :])
+
+    def _walk_all(
+        self, resource: dict[str, Any], rtype: str, forced: Sequence[str], run: Run
+    ) -> None:
         forced_by_type: dict[str, list[str]] = {}
         for url in forced:
             forced_by_type.setdefault(self.check_profile(url), []).append(canonical(url))
@@ -138,21 +149,23 @@ class Validator:
         bundle = run.bundle_index(resource) if rtype == "Bundle" else None
         top = Job(resource, rtype, scope, bundle, None)
         self._resource(top, forced_by_type, run)
-        done: set[tuple[int, str]] = set()
+        done: set[tuple[int, int, str]] = set()
         while run.jobs or run.demands:
             while run.jobs:
                 run.check_budget()
                 self._resource(run.jobs.pop(0), forced_by_type, run)
             while run.demands:
-                entry, url, _where = run.demands.pop(0)
-                # Only a bundle's own entries are demanded; each (entry, profile) once.
-                if bundle is None or (entry, url) in done or (entry, url) in run.walked:
+                owner, entry, url, _where = run.demands.pop(0)
+                # Only a bundle's own entries are demanded (of the bundle the reference is in:
+                # a history holds document bundles); each (bundle, entry, profile) once.
+                key = (id(owner), entry, url)
+                if key in done or key in run.walked:
                     continue
-                done.add((entry, url))
-                target = bundle.resources[entry]
+                done.add(key)
+                target = owner.resources[entry]
                 if target is None or url in _claimed(target):
                     continue
-                job = Job(target, bundle.locations[entry], Scope(target, target), bundle, entry)
+                job = Job(target, owner.locations[entry], Scope(target, target), owner, entry)
                 self._walk(job, self.catalogue.tree(url), run)
         if bundle is not None:
             run.issues.extend(bundle_issues(bundle))
@@ -216,7 +229,12 @@ class Validator:
             trees.append(base)
         for tree in trees:
             if job.entry is not None:
-                run.walked.add((job.entry, tree.url))
+                # An entry is met once per profile of its bundle (ours and a guide's) that
+                # slices the entries: each of its own profiles is walked once.
+                key = (id(job.bundle), job.entry, tree.url)
+                if key in run.walked:
+                    continue
+                run.walked.add(key)
             self._walk(job, tree, run)
 
     def _walk(self, job: Job, tree: Tree | None, run: Run) -> None:

@@ -25,22 +25,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from typing import Any
 
-from antlr4 import CommonTokenStream, InputStream, Token
-from antlr4.error.ErrorListener import ErrorListener
-from fhirpathpy import compile as fhirpath_compile
-from fhirpathpy.engine.invocations import invocation_registry
-from fhirpathpy.engine.nodes import ResourceNode
-from fhirpathpy.models import models
-from fhirpathpy.parser.generated.FHIRPathLexer import FHIRPathLexer
-from fhirpathpy.parser.generated.FHIRPathParser import FHIRPathParser
 from lxml import etree
 
 from ncp.validation.elements import Constraint
 from ncp.validation.issues import INVARIANT, Issue, Severity
 
+# fhirpathpy (with its ANTLR parser) is imported on first use, in :func:`_engine`: the
+# constraints met in what the node exchanges are all native, so ``ncp validate`` of such files
+# never loads it (start-up matters: CI runs one process per file).
+
 Native = Callable[[Any, "Scope"], bool]
 
-_R4 = models["r4"]
 _XHTML = "{http://www.w3.org/1999/xhtml}"
 
 # fhirpathpy compares FHIR date-times as strings when they are read from a resource (literals
@@ -353,7 +348,194 @@ def _cmp_2(value: Any, scope: Scope) -> bool:
     return not _exists(value, "emptyReason") or not _exists(value, "entry")
 
 
+def _count(value: Any, key: str) -> int:
+    found = value.get(key) if isinstance(value, dict) else None
+    if found is None:
+        # A primitive with only its extension (``_name``) is still an element that counts.
+        return 1 if isinstance(value, dict) and value.get("_" + key) is not None else 0
+    return len(found) if isinstance(found, list) else 1
+
+
+def _org_1(value: Any, scope: Scope) -> bool:
+    return _count(value, "identifier") + _count(value, "name") > 0
+
+
+def _org_2(value: Any, scope: Scope) -> bool:
+    return not (isinstance(value, dict) and value.get("use") == "home")
+
+
+def _prr_1(value: Any, scope: Scope) -> bool:
+    return not _exists(value, "orderDetail") or _exists(value, "code")
+
+
+_REPORT_STATUSES = frozenset({"preliminary", "final", "amended"})
+
+
+def _ncp_dr_1(value: Any, scope: Scope) -> bool:
+    status = value.get("status") if isinstance(value, dict) else None
+    return status is None or (isinstance(status, str) and status in _REPORT_STATUSES)
+
+
+def _resolved_organizations(bundle: Any, rtype: str, element: str) -> list[dict[str, Any]]:
+    """``Bundle.entry.resource.ofType(rtype).<element>.resolve().ofType(Organization)``, where
+    a reference resolves to the entry whose fullUrl it names (a document's references do)."""
+    entries = _entries(bundle)
+    by_url = {e.get("fullUrl"): e.get("resource") for e in entries}
+    found: list[dict[str, Any]] = []
+    for entry in entries:
+        resource = entry.get("resource")
+        if not isinstance(resource, dict) or resource.get("resourceType") != rtype:
+            continue
+        refs = resource.get(element)
+        for ref in refs if isinstance(refs, list) else []:
+            target = by_url.get(ref.get("reference")) if isinstance(ref, dict) else None
+            if isinstance(target, dict) and target.get("resourceType") == "Organization":
+                found.append(target)
+    return found
+
+
+def _dr_comp_author_org(value: Any, scope: Scope) -> bool:
+    # HL7 Europe imaging (BundleReportEuImaging): FHIRPath '=' of two collections is true when
+    # they hold equal items in the same order; both empty passes by the 'or' branch.
+    performers = _resolved_organizations(value, "DiagnosticReport", "performer")
+    authors = _resolved_organizations(value, "Composition", "author")
+    return performers == authors
+
+
+# --- the guides' invariants and ours on report and manifest resources ---------------------------
+# Met once per section, resource or narrative of every emitted report and manifest: evaluated
+# here rather than by fhirpathpy (checked against it in tests/test_validation_rules.py).
+
+_NOTE_URL = "http://hl7.org/fhir/StructureDefinition/note"
+_VERSION_URL = "http://hl7.org/fhir/5.0/StructureDefinition/extension-Composition.version"
+_V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
+_VERSION_NUMBER = re.compile(r"[1-9][0-9]{0,8}")
+
+
+def _list(value: Any, key: str) -> list[Any]:
+    found = value.get(key) if isinstance(value, dict) else None
+    if found is None:
+        return []
+    return found if isinstance(found, list) else [found]
+
+
+def _extension_values(value: Any, url: str) -> list[Any]:
+    out: list[Any] = []
+    for ext in _list(value, "extension"):
+        if isinstance(ext, dict) and ext.get("url") == url:
+            out.extend(v for k, v in ext.items() if k.startswith("value"))
+    return out
+
+
+def _eu_imaging_composition_1(value: Any, scope: Scope) -> bool:
+    notes = _extension_values(value, _NOTE_URL)
+    return (
+        bool(_list(value, "entry"))
+        or _exists(value, "emptyReason")
+        or bool(_list(value, "section"))
+        or any(isinstance(n, dict) and _exists(n, "text") for n in notes)
+    )
+
+
+def _accession_in_order_refs(value: Any, scope: Scope) -> bool:
+    for ref in _list(value, "basedOn"):
+        if not isinstance(ref, dict) or ref.get("type") != "ServiceRequest":
+            continue
+        identifier = ref.get("identifier") if isinstance(ref.get("identifier"), dict) else {}
+        types = _list(identifier.get("type"), "coding") if identifier else []
+        acsn = any(
+            isinstance(c, dict) and c.get("system") == _V2_0203 and c.get("code") == "ACSN"
+            for c in types
+        )
+        if not (_exists(identifier, "system") and _exists(identifier, "value") and acsn):
+            return False
+    return True
+
+
+def _im_imagingstudy_01(value: Any, scope: Scope) -> bool:
+    values = [
+        i.get("value")
+        for i in _list(value, "identifier")
+        if isinstance(i, dict) and i.get("system") == "urn:dicom:uid" and "value" in i
+    ]
+    return all(isinstance(v, str) and v.startswith("urn:oid:") for v in values)
+
+
+def _ncp_comp_1(value: Any, scope: Scope) -> bool:
+    versions = _extension_values(value, _VERSION_URL)
+    if not versions or all(v == "1" for v in versions):
+        return True
+    return any(
+        isinstance(r, dict) and r.get("code") == "replaces" for r in _list(value, "relatesTo")
+    )
+
+
+def _ncp_comp_2(value: Any, scope: Scope) -> bool:
+    return all(
+        isinstance(v, str) and _VERSION_NUMBER.fullmatch(v) is not None
+        for v in _extension_values(value, _VERSION_URL)
+    )
+
+
+def _mado_reqproc_1(value: Any, scope: Scope) -> bool:
+    for code in _list(value, "procedureCode"):
+        if _exists(code, "text") or any(_exists(c, "display") for c in _list(code, "coding")):
+            return True
+    return False
+
+
+def _narrative_not_empty(value: Any, scope: Scope) -> bool:
+    return not isinstance(value, dict) or value.get("status") != "empty"
+
+
+_ACCESSION_IN_ORDER_REFS = (
+    "basedOn.where(type = 'ServiceRequest').all(identifier.system.exists() and "
+    "identifier.value.exists() and identifier.type.coding.where(system = "
+    "'http://terminology.hl7.org/CodeSystem/v2-0203' and code = 'ACSN').exists())"
+)
+
+
 NATIVE: dict[tuple[str, str], Native] = {
+    (
+        "eu-imaging-composition-1",
+        "entry.empty().not() or emptyReason.exists() or section.exists() or "
+        "extension('http://hl7.org/fhir/StructureDefinition/note').value.text.exists()",
+    ): _eu_imaging_composition_1,
+    ("eu-imaging-composition-2", "text.exists() or entry.exists() or section.exists()"): _cmp_1,
+    ("hl7eu-diagnosticreporteuimaging-accession", _ACCESSION_IN_ORDER_REFS): (
+        _accession_in_order_refs
+    ),
+    ("hl7eu-imagingstudyeuimaging-accession", _ACCESSION_IN_ORDER_REFS): _accession_in_order_refs,
+    ("hl7eu-observationfindingeuimaging-accession", _ACCESSION_IN_ORDER_REFS): (
+        _accession_in_order_refs
+    ),
+    (
+        "im-imagingstudy-01",
+        "identifier.where(system='urn:dicom:uid').value.startsWith('urn:oid:')",
+    ): _im_imagingstudy_01,
+    (
+        "ncp-comp-1",
+        f"extension('{_VERSION_URL}').value != '1' implies "
+        "relatesTo.where(code = 'replaces').exists()",
+    ): _ncp_comp_1,
+    (
+        "ncp-comp-2",
+        f"extension('{_VERSION_URL}').value.all($this.matches('^[1-9][0-9]{{0,8}}$'))",
+    ): _ncp_comp_2,
+    (
+        "mado-reqproc-1",
+        "procedureCode.text.exists() or  procedureCode.coding.display.exists()",
+    ): _mado_reqproc_1,
+    ("mado-narrative-not-empty", "status != 'empty'"): _narrative_not_empty,
+    ("mado-section-narrative-not-empty", "status != 'empty'"): _narrative_not_empty,
+    (
+        "dr-comp-author-org",
+        "Bundle.entry.resource.ofType(DiagnosticReport).performer.resolve().ofType(Organization) "
+        "= Bundle.entry.resource.ofType(Composition).author.resolve().ofType(Organization) or "
+        "(Bundle.entry.resource.ofType(DiagnosticReport).performer.resolve().ofType(Organization)"
+        ".empty() and Bundle.entry.resource.ofType(Composition).author.resolve().ofType("
+        "Organization).empty())",
+    ): _dr_comp_author_org,
     ("bdl-1", "total.empty() or (type = 'searchset') or (type = 'history')"): _bdl_1,
     ("bdl-2", "entry.search.empty() or (type = 'searchset')"): _bdl_2,
     (
@@ -410,6 +592,11 @@ NATIVE: dict[tuple[str, str], Native] = {
     ): _per_1,
     ("txt-1", "htmlChecks()"): _txt_1,
     ("txt-2", "htmlChecks()"): _txt_2,
+    # Met in every report bundle; fhirpathpy took a tenth of a validation for these.
+    ("org-1", "(identifier.count() + name.count()) > 0"): _org_1,
+    ("org-2", "where(use = 'home').empty()"): _org_2,
+    ("prr-1", "orderDetail.empty() or code.exists()"): _prr_1,
+    ("ncp-dr-1", "status = 'preliminary' or status = 'final' or status = 'amended'"): _ncp_dr_1,
 }
 
 
@@ -421,7 +608,6 @@ def _has_value(inputs: list[Any]) -> list[bool]:
 
 
 _USER_FUNCTIONS: dict[str, Any] = {"hasValue": {"fn": _has_value, "arity": {0: []}}}
-_KNOWN_FUNCTIONS = frozenset(invocation_registry) | frozenset(_USER_FUNCTIONS)
 _FUNCTION_CALL = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*\(")
 _OPERATORS = frozenset({"in", "and", "or", "xor", "implies", "contains", "is", "as", "div", "mod"})
 _OPTIONS: dict[str, Any] = {
@@ -430,26 +616,71 @@ _OPTIONS: dict[str, Any] = {
 }
 
 
-class _Strict(ErrorListener):  # type: ignore[misc]
-    def syntaxError(
-        self, recognizer: Any, symbol: Any, line: int, column: int, msg: str, e: Any
-    ) -> None:
-        raise ValueError(f"column {column}: {msg}")
+@dataclass(frozen=True, slots=True)
+class _Engine:
+    """What is used of fhirpathpy and its ANTLR runtime, loaded once."""
+
+    compile: Callable[..., Callable[..., list[Any]]]
+    model: Any
+    known_functions: frozenset[str]
+    resource_node: Any
+    lexer: Any
+    parser: Any
+    input_stream: Any
+    token_stream: Any
+    eof: int
+    error_listener: type[Any]
+
+
+@functools.cache
+def _engine() -> _Engine:
+    from antlr4 import CommonTokenStream, InputStream, Token
+    from antlr4.error.ErrorListener import ErrorListener
+    from fhirpathpy import compile as fhirpath_compile
+    from fhirpathpy.engine.invocations import invocation_registry
+    from fhirpathpy.engine.nodes import ResourceNode
+    from fhirpathpy.models import models
+    from fhirpathpy.parser.generated.FHIRPathLexer import FHIRPathLexer
+    from fhirpathpy.parser.generated.FHIRPathParser import FHIRPathParser
+
+    return _Engine(
+        compile=fhirpath_compile,
+        model=models["r4"],
+        known_functions=frozenset(invocation_registry) | frozenset(_USER_FUNCTIONS),
+        resource_node=ResourceNode,
+        lexer=FHIRPathLexer,
+        parser=FHIRPathParser,
+        input_stream=InputStream,
+        token_stream=CommonTokenStream,
+        eof=Token.EOF,
+        error_listener=ErrorListener,
+    )
+
+
+def _strict_listener() -> Any:
+    class _Strict(_engine().error_listener):  # type: ignore[misc]
+        def syntaxError(
+            self, recognizer: Any, symbol: Any, line: int, column: int, msg: str, e: Any
+        ) -> None:
+            raise ValueError(f"column {column}: {msg}")
+
+    return _Strict()
 
 
 def check_syntax(expression: str) -> None:
     """Raise ValueError for an expression that is not FHIRPath: fhirpathpy's own parser
     recovers silently from syntax errors and would evaluate a fragment of the expression."""
-    listener = _Strict()
-    lexer = FHIRPathLexer(InputStream(expression))
+    engine = _engine()
+    listener = _strict_listener()
+    lexer = engine.lexer(engine.input_stream(expression))
     lexer.removeErrorListeners()
     lexer.addErrorListener(listener)
-    tokens = CommonTokenStream(lexer)
-    parser = FHIRPathParser(tokens)
+    tokens = engine.token_stream(lexer)
+    parser = engine.parser(tokens)
     parser.removeErrorListeners()
     parser.addErrorListener(listener)
     parser.expression()
-    if tokens.LA(1) != Token.EOF:
+    if tokens.LA(1) != engine.eof:
         raise ValueError(f"unexpected text after column {tokens.LT(1).start}")
 
 
@@ -467,6 +698,17 @@ class Stats:
     native: int = 0
     skipped: int = 0
     skipped_keys: set[str] = field(default_factory=set)
+    memo: dict[tuple[int, int, int, str, str], bool] = field(default_factory=dict)
+    """Results of one run by (object, %resource, %rootResource, key, expression): a resource
+    checked against several profiles (ours and a guide's) meets the same base constraints on
+    the same objects, evaluated once."""
+
+
+def _failure(constraint: Constraint, location: str) -> Issue:
+    severity: Severity = "warning" if constraint.severity == "warning" else "error"
+    return Issue(
+        severity, INVARIANT, location, f"{constraint.key}: {constraint.human}", constraint.key
+    )
 
 
 class Invariants:
@@ -474,6 +716,18 @@ class Invariants:
 
     def __init__(self) -> None:
         self._prepared: dict[tuple[str, str], Prepared] = {}
+        # By the constraints tuple of a compiled element (kept alive here, so its id is never
+        # reused): a validation checks the same few hundred tuples thousands of times.
+        self._by_tuple: dict[int, tuple[tuple[Constraint, ...], tuple[Prepared, ...]]] = {}
+
+    def prepared(self, constraints: tuple[Constraint, ...]) -> tuple[Prepared, ...]:
+        """The constraints of an element, prepared (cached for the element's own tuple)."""
+        found = self._by_tuple.get(id(constraints))
+        if found is not None and found[0] is constraints:
+            return found[1]
+        done = tuple(self.prepare(c) for c in constraints)
+        self._by_tuple[id(constraints)] = (constraints, done)
+        return done
 
     def prepare(self, constraint: Constraint) -> Prepared:
         key = (constraint.key, constraint.expression)
@@ -492,15 +746,16 @@ class Invariants:
             return Prepared(constraint, skip_reason="no FHIRPath expression")
         if constraint.key in UNRELIABLE:
             return Prepared(constraint, skip_reason="fhirpathpy compares these values wrongly")
+        engine = _engine()
         called = set(_FUNCTION_CALL.findall(constraint.expression)) - _OPERATORS
-        missing = called - _KNOWN_FUNCTIONS
+        missing = called - engine.known_functions
         if missing:
             return Prepared(
                 constraint, skip_reason=f"fhirpathpy lacks {', '.join(sorted(missing))}"
             )
         try:
             check_syntax(constraint.expression)
-            compiled = fhirpath_compile(constraint.expression, _R4, _OPTIONS)
+            compiled = engine.compile(constraint.expression, engine.model, _OPTIONS)
         except Exception as exc:  # the parser raises plain exceptions
             return Prepared(constraint, skip_reason=f"fhirpathpy cannot parse it: {exc}")
         return Prepared(constraint, compiled=compiled)
@@ -523,15 +778,61 @@ class Invariants:
         stats: Stats,
         issues: list[Issue],
     ) -> None:
-        """Evaluate the constraints of one element on one value, adding an issue per failure."""
-        for constraint in constraints:
-            prepared = self.prepare(constraint)
+        """Evaluate the constraints of one element on one value, adding an issue per failure.
+
+        ``constraints`` should be an element's own tuple (``ElementNode.constraints``): a tuple
+        made per call is prepared each time (use :meth:`check_each` for those)."""
+        self._check(self.prepared(constraints), value, type_path, location, scope, stats, issues)
+
+    def check_each(
+        self,
+        constraints: tuple[Constraint, ...],
+        value: Any,
+        type_path: str,
+        location: str,
+        scope: Scope,
+        stats: Stats,
+        issues: list[Issue],
+    ) -> None:
+        """:meth:`check` for a tuple made for this one call (not cached)."""
+        done = tuple(self.prepare(c) for c in constraints)
+        self._check(done, value, type_path, location, scope, stats, issues)
+
+    def _check(
+        self,
+        prepared_all: tuple[Prepared, ...],
+        value: Any,
+        type_path: str,
+        location: str,
+        scope: Scope,
+        stats: Stats,
+        issues: list[Issue],
+    ) -> None:
+        memo = stats.memo
+        for prepared in prepared_all:
+            constraint = prepared.constraint
+            memo_key = None
+            if isinstance(value, dict):
+                # A value met again under the same resources (a profile walked once per claim)
+                # gives the same answer: evaluate it once per validation.
+                memo_key = (
+                    id(value),
+                    id(scope.resource),
+                    id(scope.root_resource),
+                    constraint.key,
+                    constraint.expression,
+                )
+                known = memo.get(memo_key)
+                if known is not None:
+                    if not known:
+                        issues.append(_failure(constraint, location))
+                    continue
             if prepared.native is not None:
                 ok = prepared.native(value, scope)
                 stats.native += 1
             elif prepared.compiled is not None:
                 try:
-                    node = ResourceNode.create_node(value, type_path)  # type: ignore[no-untyped-call]
+                    node = _engine().resource_node.create_node(value, type_path)
                     result = prepared.compiled(node, scope.variables())
                 except Exception:  # an engine failure is a skip, never a crash
                     stats.skipped += 1
@@ -543,14 +844,7 @@ class Invariants:
                 stats.skipped_keys.add(constraint.key)
                 continue
             stats.evaluated += 1
+            if memo_key is not None:
+                memo[memo_key] = ok
             if not ok:
-                severity: Severity = "warning" if constraint.severity == "warning" else "error"
-                issues.append(
-                    Issue(
-                        severity,
-                        INVARIANT,
-                        location,
-                        f"{constraint.key}: {constraint.human}",
-                        constraint.key,
-                    )
-                )
+                issues.append(_failure(constraint, location))

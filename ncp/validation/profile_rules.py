@@ -8,6 +8,7 @@ children (the parent), a value issue at the value itself.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -115,10 +116,22 @@ def max_length(node: ElementNode, item: Item, issues: list[Issue]) -> None:
 # --- slicing -----------------------------------------------------------------------------------
 
 
+@functools.cache
+def _steps(path: str) -> tuple[str, ...]:
+    return tuple(path.split("."))
+
+
 def _at(node: ElementNode, path: str) -> ElementNode | None:
-    """The element of a slice at a discriminator path (``code``, ``url``, ``resource``)."""
+    """The element of a slice at a discriminator path (``code``, ``url``, ``resource``), kept on
+    the slice: slices are matched against every item of every resource validated."""
+    if path not in node.at_path:
+        node.at_path[path] = _walk_to(node, path)
+    return node.at_path[path]
+
+
+def _walk_to(node: ElementNode, path: str) -> ElementNode | None:
     current: ElementNode | None = node
-    for step in path.split("."):
+    for step in _steps(path):
         if current is None:
             return None
         if step == "$this":
@@ -133,7 +146,7 @@ def _values(value: Any, path: str, resolve: Resolver) -> list[Any]:
     """The values at a discriminator path of an item (a FHIRPath subset: names, $this,
     resolve())."""
     found: list[Any] = [value]
-    for step in path.split("."):
+    for step in _steps(path):
         if step == "$this":
             continue
         nxt: list[Any] = []
@@ -150,6 +163,18 @@ def _values(value: Any, path: str, resolve: Resolver) -> list[Any]:
                 nxt.extend(child if isinstance(child, list) else [child])
         found = nxt
     return found
+
+
+def _canonical(url: Any) -> str:
+    return url.split("|", 1)[0] if isinstance(url, str) else ""
+
+
+def _profiles_at(node: ElementNode, path: str) -> set[str]:
+    """The profiles a profile discriminator asks for: the target profiles of a reference
+    followed by ``resolve()``, else the element's own type profiles."""
+    if "resolve()" in path:
+        return {_canonical(p) for t in node.types for p in t.target_profiles}
+    return {_canonical(p) for t in node.types for p in t.profiles}
 
 
 def _type_of(value: Any) -> str | None:
@@ -190,14 +215,24 @@ def slice_matches(
         elif disc.type == "profile":
             if target is None:
                 return False
-            wanted = {p for t in target.types for p in t.profiles}
+            wanted = _profiles_at(target, disc.path)
+            # Another slice's profile the item claims: it belongs there, not here by its type
+            # (two slices of one resource type, e.g. MADO's WADO-RS and viewer endpoints).
+            others = {
+                p
+                for s in sliced.slices
+                if s is not candidate and (at := _at(s, disc.path)) is not None
+                for p in _profiles_at(at, disc.path)
+            } - wanted
             types = {profile_type(p) for p in wanted}
             ok = False
             for v in values:
                 claimed = (
-                    set((v.get("meta") or {}).get("profile", [])) if isinstance(v, dict) else set()
+                    {_canonical(p) for p in (v.get("meta") or {}).get("profile", [])}
+                    if isinstance(v, dict)
+                    else set()
                 )
-                if claimed & wanted or _type_of(v) in types:
+                if claimed & wanted or (_type_of(v) in types and not claimed & others):
                     ok = True
             if not ok:
                 return False

@@ -21,19 +21,43 @@ from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
 from ncp.fhir.io import is_resource_type
+from ncp.validation.formats import RULE_FORMAT, format_message, quote
 from ncp.validation.issues import REQUIRED, STRUCTURE, VALUE, Issue
 
 RULE_UNKNOWN = "unknown-element"
 RULE_JSON_TYPE = "json-type"
-RULE_FORMAT = "primitive-format"
 RULE_RESOURCE_TYPE = "resource-type"
 
 _INTEGERS = frozenset({"integer", "unsignedInt", "positiveInt"})
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 _TYPE_ERRORS = re.compile(r"(_type|_parsing|^list_type|^dict_type|^model_type)$")
-_DATE_ERRORS = frozenset(
-    {"date_from_datetime_parsing", "date_parsing", "datetime_parsing", "time_parsing"}
-)
+_DATE_ERRORS = {
+    "date_from_datetime_parsing": "date",
+    "date_parsing": "date",
+    "datetime_parsing": "dateTime",
+    "datetime_from_date_parsing": "dateTime",
+    "time_parsing": "time",
+}
+"""pydantic's parse errors of dates and times, and the FHIR type each concerns."""
+_EXPECTED = {
+    "string": "string",
+    "int": "integer",
+    "bool": "boolean",
+    "float": "decimal",
+    "decimal": "decimal",
+    "list": "array",
+    "dict": "object",
+    "model": "object",
+}
+"""pydantic's type errors (``<name>_type``, ``<name>_parsing``): what the JSON should hold."""
+_SPEC_REGEX = re.compile(r"(\w+) value string does not match spec regex")
+_FHIR_NAMES = {"Date": "date", "DateTime": "dateTime", "Instant": "instant", "Time": "time"}
+_PATTERN_TYPES = {
+    "^[A-Za-z0-9\\-.]+$": "id",
+    "[ \r\n\t\\S]+": "string",
+    "^[^\\s]+(\\s[^\\s]+)*$": "code",
+}
+"""fhir.resources' patterns, by the FHIR type they stand for."""
 
 
 def location_step(parent: str, name: str, index: int | None, value: Any) -> str:
@@ -90,7 +114,7 @@ def check_primitive(type_code: str, value: Any, location: str, issues: list[Issu
                 "error",
                 STRUCTURE,
                 location,
-                f"a {type_code} is expected, not the JSON {_json_kind(value)} {value!r:.40}",
+                f"{_a(type_code)} is expected, not the JSON {_json_kind(value)} {quote(value)}",
                 RULE_JSON_TYPE,
             )
         )
@@ -241,13 +265,60 @@ def _from_pydantic(resource: dict[str, Any], rtype: str, error: Any) -> Issue:
             if isinstance(inner, str):
                 location = f"{location}.ofType({inner})"
     kind = str(error.get("type", ""))
-    message = str(error.get("msg", ""))
     if kind in ("missing",) or kind.endswith(".missing"):
         parent = location.rsplit(".", 1)[0] if steps else location
         path = element_path(location)
         return Issue("error", REQUIRED, parent, f"{path}: minimum required = 1, but found 0", path)
     if kind == "extra_forbidden":
         return unknown_element(location, str(loc[-1]) if loc else "?")
+    value = error.get("input")
     if _TYPE_ERRORS.search(kind) and kind not in _DATE_ERRORS:
-        return Issue("error", STRUCTURE, location, message, RULE_JSON_TYPE)
-    return Issue("error", VALUE, location, message, RULE_FORMAT)
+        expected = _EXPECTED.get(kind.rsplit("_", 1)[0], "value of another type")
+        return Issue(
+            "error",
+            STRUCTURE,
+            location,
+            f"{_a(expected)} is expected, not the JSON {_json_kind(value)} {quote(value)}",
+            RULE_JSON_TYPE,
+        )
+    return Issue("error", VALUE, location, _format_words(kind, error, value), RULE_FORMAT)
+
+
+def _a(noun: str) -> str:
+    return f"an {noun}" if noun[:1] in "aeiou" else f"a {noun}"
+
+
+def _format_words(kind: str, error: Any, value: Any) -> str:
+    """A malformed value the model found, said as :mod:`~ncp.validation.formats` says it."""
+    ctx = error.get("ctx") or {}
+    reason = str(ctx.get("error", "")) if isinstance(ctx, dict) else ""
+    if kind in _DATE_ERRORS:
+        type_code = _DATE_ERRORS[kind]
+        if "day value" in reason or "month value" in reason:
+            return format_message(type_code, value, "no such day in the calendar")
+        return format_message(type_code, value)
+    named = _SPEC_REGEX.search(reason)
+    if named is not None:
+        return format_message(_FHIR_NAMES.get(named.group(1), named.group(1).lower()), value)
+    if "timezone aware" in reason:
+        type_code = "instant" if reason.startswith("Instant") else "dateTime"
+        return format_message(type_code, value, "a time needs a time zone (Z or +hh:mm)")
+    if kind == "string_pattern_mismatch":
+        pattern = str(ctx.get("pattern", "")) if isinstance(ctx, dict) else ""
+        pattern_type = _PATTERN_TYPES.get(pattern)
+        if pattern_type is not None:
+            return format_message(pattern_type, value)
+        return f"{quote(value)} does not match the pattern {pattern}"
+    # Anything else the model refuses: its reason, without the library's own prefixes.
+    text = reason or str(error.get("msg", ""))
+    text = text.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    return f"{quote(value)} is not accepted here: {text}"
+
+
+def not_found_again(model: list[Issue], walked: list[Issue]) -> list[Issue]:
+    """The model's findings of malformed values, less those the walk made at the same place
+    (the walk knows the FHIR type and names its rule; one finding per fault)."""
+    seen = {i.expression for i in walked if i.rule in (RULE_FORMAT, RULE_JSON_TYPE)}
+    return [
+        i for i in model if i.rule not in (RULE_FORMAT, RULE_JSON_TYPE) or i.expression not in seen
+    ]

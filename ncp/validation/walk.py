@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from ncp.validation.engine import Validator
 
 _ENTRY = re.compile(r"^\.entry\[(\d+)\]\.resource")
+_PRIMITIVE: dict[str, bool] = {}
+"""Whether a type code is primitive, by type code (asked at every element)."""
 _IGNORED_KEYS = frozenset({"resourceType", "fhir_comments"})
 
 
@@ -68,10 +70,12 @@ class Run:
     stats: Stats = field(default_factory=Stats)
     unchecked_value_sets: set[str] = field(default_factory=set)
     jobs: list[Job] = field(default_factory=list)
-    demands: list[tuple[int, str, str]] = field(default_factory=list)
-    """(entry index, profile URL, location of the reference) asked by targetProfile."""
-    walked: set[tuple[int, str]] = field(default_factory=set)
-    """(entry index, profile URL) already checked: a demand for one of them is met."""
+    demands: list[tuple[BundleIndex, int, str, str]] = field(default_factory=list)
+    """(bundle, entry index, profile URL, location of the reference) asked by targetProfile:
+    the entry of that bundle (a bundle inside a bundle has its own entries)."""
+    walked: set[tuple[int, int, str]] = field(default_factory=set)
+    """(id of the bundle, entry index, profile URL) already checked: a demand for one of them
+    is met."""
     indexes: dict[int, BundleIndex] = field(default_factory=dict)
     deadline: float | None = None
     """``time.monotonic()`` by which the validation must end (:class:`OverBudget` after)."""
@@ -103,6 +107,11 @@ class Walker:
 
     def resource(self, tree: Tree) -> None:
         resource = self.where.resource
+        rid = resource.get("id")
+        if isinstance(rid, str):
+            # R4 declares Resource.id a string (fhir-type), but a logical id is an ``id``:
+            # 1 to 64 of A-Z a-z 0-9 - . (R4 2.1.0 "Resource.id"; the HL7 validator checks it).
+            self.v.formats.check("id", rid, f"{self.where.location}.id", self.issues)
         item = Item(tree.type, None, resource, self.where.location)
         self.item(tree.root, tree, tree.type, item)
 
@@ -114,8 +123,12 @@ class Walker:
             return
         self.run.check_budget()
         issues = self.issues
-        if is_primitive(type_code):
+        primitive = _PRIMITIVE.get(type_code)
+        if primitive is None:
+            primitive = _PRIMITIVE[type_code] = is_primitive(type_code)
+        if primitive:
             structure.check_primitive(type_code, value, item.location, issues)
+            self.v.formats.check(type_code, value, item.location, issues)
             self.rules(node, type_code, item)
             return
         if not isinstance(value, dict):
@@ -137,7 +150,7 @@ class Walker:
             own = {c.key for c in node.constraints}
             extra = tuple(c for c in parent.constraints if c.key not in own)
             if extra:
-                self.v.invariants.check(
+                self.v.invariants.check_each(
                     extra,
                     value,
                     inner.type,
@@ -234,10 +247,15 @@ class Walker:
                         child.id,
                     )
                 )
-            items: list[Item] = []
-            for json_name in names:
-                items.extend(self.items(child, json_name, obj, where))
-            profile_rules.cardinality(child, len(items), where, issues)
+            if len(names) == 1:
+                items = self.items(child, names[0], obj, where)
+            else:
+                items = [
+                    it for json_name in names for it in self.items(child, json_name, obj, where)
+                ]
+            count = len(items)
+            if count < child.min or (child.max is not None and count > child.max):
+                profile_rules.cardinality(child, count, where, issues)
             if not items:
                 continue
             if child.slices:
@@ -261,8 +279,18 @@ class Walker:
         self, node: ElementNode, json_name: str, obj: dict[str, Any], where: str
     ) -> list[Item]:
         value, ext = obj.get(json_name), obj.get("_" + json_name)
-        here = f"{where}.{json_name}"
         if not node.array:
+            if value is not None and ext is None and not isinstance(value, list):
+                # The common case, first: one value, no extension of it.
+                return [
+                    Item(
+                        json_name,
+                        None,
+                        value,
+                        structure.location_step(where, json_name, None, value),
+                    )
+                ]
+            here = f"{where}.{json_name}"
             if isinstance(value, list):
                 self.issues.append(structure.json_type_issue(here, "value (not an array)", value))
                 return []
@@ -273,6 +301,7 @@ class Walker:
             return [
                 Item(json_name, None, value, structure.location_step(where, json_name, None, value))
             ]
+        here = f"{where}.{json_name}"
         values = value if isinstance(value, list) else None
         exts = ext if isinstance(ext, list) else None
         if (value is not None and values is None) or (ext is not None and exts is None):
@@ -348,9 +377,12 @@ class Walker:
         if ref is None:
             return
         rtype = target.get("resourceType")
+        bundle = self.where.bundle
+        if bundle is None:
+            return
         for url in ref.target_profiles:
             if not url.startswith(CORE_SD) and self.v.profile_type(url) == rtype:
-                self.run.demands.append((index, url, where))
+                self.run.demands.append((bundle, index, url, where))
 
     def nested(self, node: ElementNode, type_code: str, item: Item) -> None:
         resource = item.value

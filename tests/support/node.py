@@ -35,9 +35,17 @@ from sqlalchemy import select
 
 from ncp.app import build_app
 from ncp.audit.models import AuditRecord
-from ncp.config import settings_from_mapping
+from ncp.config import (
+    DatabaseSection,
+    EdgeSection,
+    EdgeSettings,
+    EdgeTlsSection,
+    settings_from_mapping,
+)
 from ncp.dicom.folder import FolderSource
 from ncp.fhir.datatypes import zone_of
+from ncp.gateway.edge import build_edge_app
+from ncp.gateway.server import TlsFiles, imaging_server
 from ncp.node import Node
 from ncp.provider.indexer import index_source
 from ncp.security.claims import HP_ASSERTION, TRC, PatientRef
@@ -46,6 +54,7 @@ from ncp.security.keystore import KeyStore
 from ncp.security.mtls import bind
 from ncp.security.tokens import issue
 from ncp.serve import gateway_app, node_imaging_server, standard_server
+from ncp.store.db import make_engine, session_factory
 from tests.security_support import make_node, trust_toml, write_client
 from tests.support.dicom_factory import make_instance, write_instance
 from tests.support.token_factory import hp_claims, trc_claims
@@ -210,6 +219,12 @@ class RunningNode:
     'BE expired', none."""
     imaging_url: str | None = None
     """The option A gateway's base, when this build has one (``ncp.gateway.app``)."""
+    edge_url: str | None = None
+    """The option C edge gateway's base, when ``running_node(edge=True)`` serves one."""
+    edge_audit: Any = None
+    """The edge gateway's audit sessions (a sessionmaker), when it runs."""
+    index_run: Any = None
+    """What indexing the archive reported (``ncp.provider.indexer.IndexRun``)."""
     servers: list[uvicorn.Server] = field(default_factory=list)
 
     def client(self, who: str = B, *, timeout: float = 10.0) -> httpx.Client:
@@ -268,10 +283,15 @@ def running_node(
     *,
     database_url: str | None = None,
     settings_changes: dict[str, Any] | None = None,
+    archive_extra: Callable[[Path], object] | None = None,
+    edge: bool = False,
 ) -> Iterator[RunningNode]:
     """Make the PKIs, the archive and the index under ``root`` and serve node A until exit.
 
     ``settings_changes``: extra sections merged into A's settings mapping (``tokens``...).
+    ``archive_extra``: writes more files into the archive folder before it is indexed.
+    ``edge``: also serve A's edge gateway (``ncp edge``'s app from an ``EdgeSettings``, before
+    the same archive section), its base A's ``urls.edge``.
     """
     root.mkdir(parents=True, exist_ok=True)
     sock = bind()
@@ -280,6 +300,8 @@ def running_node(
     url = f"{origin}/fhir"
     image_sock = bind()
     imaging_url = f"https://localhost:{image_sock.getsockname()[1]}/dicomweb"
+    edge_sock = bind() if edge else None
+    edge_url = f"https://localhost:{edge_sock.getsockname()[1]}/dicomweb" if edge_sock else EDGE_URL
 
     a = make_node(root, A)
     b, b_made = _peer(root, B, url)
@@ -316,12 +338,14 @@ def running_node(
     )
     archive = root / "archive"
     write_dataset(archive)
+    if archive_extra is not None:
+        archive_extra(archive)
     mapping: dict[str, Any] = {
         "node": {"country": A, "name": "Test node AT", "patient_id_issuer": ISSUER},
         "urls": {
             "standard": url,
             "imaging": imaging_url,
-            "edge": EDGE_URL,
+            "edge": edge_url,
             "viewer": VIEWER_URL,
         },
         "database": {"url": database_url or f"sqlite:///{root / 'node-a.db'}"},
@@ -333,7 +357,12 @@ def running_node(
         mapping[section] = {**mapping.get(section, {}), **values}
     settings = settings_from_mapping(mapping, base_dir=root, environ={})
     node = Node.from_settings(settings)
-    index_source(node.sessions, FolderSource(archive), zone=zone_of(settings.node.country))
+    index_run = index_source(
+        node.sessions,
+        FolderSource(archive),
+        zone=zone_of(settings.node.country),
+        patient_id_issuer=settings.archive.patient_id_issuer,
+    )
     app = build_app(node)
     running = RunningNode(
         node=node,
@@ -345,6 +374,7 @@ def running_node(
         b=b,
         other=other,
         creds=creds,
+        index_run=index_run,
     )
     threads = []
     server = standard_server(node, app, host="127.0.0.1", port=port, log_level="warning")
@@ -356,6 +386,22 @@ def running_node(
         running.servers.append(imaging)
         threads.append(_start(imaging, image_sock))
         running.imaging_url = imaging_url
+    if edge_sock is not None:
+        edge_settings = EdgeSettings(
+            edge=EdgeSection(country=A, audience=edge_url, jwks=a.path("jwks.json")),
+            archive=settings.archive,
+            tls=EdgeTlsSection(certificate=a.path("server.pem"), key=a.path("server.key")),
+            database=DatabaseSection(url=f"sqlite:///{root / 'edge-audit.db'}"),
+        )
+        edge_app = build_edge_app(edge_settings)
+        tls = TlsFiles(edge_settings.tls.certificate, edge_settings.tls.key)
+        edge_server = imaging_server(
+            edge_app, host="127.0.0.1", port=0, tls=tls, log_level="warning"
+        )
+        running.servers.append(edge_server)
+        threads.append(_start(edge_server, edge_sock))
+        running.edge_url = edge_url
+        running.edge_audit = session_factory(make_engine(edge_settings.database.url))
     try:
         yield running
     finally:
@@ -365,6 +411,8 @@ def running_node(
             thread.join(timeout=10)
         sock.close()
         image_sock.close()
+        if edge_sock is not None:
+            edge_sock.close()
         node.close()
 
 
