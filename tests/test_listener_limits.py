@@ -112,8 +112,10 @@ def test_a_slowloris_head_is_408_and_closed(node: RunningNode, listener: str) ->
         else:
             pytest.fail("the server kept reading a head that never ends")
     assert _status(answer) == 408, answer[:300]
-    records = node.wait_for_audit(lambda r: r.details.get("stage") == "http", after=seq)
-    assert records and records[0].action == "refusal" and records[0].details["status"] == 408
+    records = node.wait_for_audit(
+        lambda r: r.details.get("stage") == "http" and r.details.get("status") == 408, after=seq
+    )
+    assert records and records[0].action == "refusal"
 
 
 @pytest.mark.parametrize("listener", LISTENERS)
@@ -176,9 +178,12 @@ def test_ambiguous_body_framing_is_400(node: RunningNode, listener: str, framing
         assert b'"resourceType":"OperationOutcome"' in answer.replace(b" ", b"")
     else:
         assert b"\r\nwarning: 299 " in answer.lower()
-    records = node.wait_for_audit(lambda r: r.details.get("stage") == "http", after=seq)
+    # An earlier test's refusal may be recorded late (off the event loop): look for this one.
+    records = node.wait_for_audit(
+        lambda r: r.details.get("stage") == "http" and r.details.get("status") == 400, after=seq
+    )
     assert records, "the refusal left no audit record"
-    assert records[0].details["status"] == 400 and records[0].action == "refusal"
+    assert records[0].action == "refusal"
 
 
 def test_normal_requests_still_work_on_a_kept_alive_connection(node: RunningNode) -> None:
