@@ -50,7 +50,8 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "serve": (
         "ncp.serve",
-        "run the node: the standard channel (FHIR, mutual TLS) and the option A gateway",
+        "run the node: the standard channel (FHIR, mutual TLS), the option A gateway and the "
+        "option B viewer",
     ),
     "ask": (
         "ncp.consumer.command",

@@ -152,6 +152,12 @@ class ListenSection(_Section):
     imaging_port: int = Field(
         default=0, ge=0, le=65535, description="Imaging channel (DICOMweb gateway, option A)."
     )
+    viewer_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Viewer channel (option B): HTTPS for browsers, no client certificate.",
+    )
 
 
 class GatewaySection(_Section):
@@ -263,6 +269,43 @@ class BudgetSection(_Section):
     retry_after_s: int = Field(default=5, ge=1, le=600, description="Retry-After of that 503.")
 
 
+class ViewerSection(_Section):
+    """The server-side viewer: option B at A (``urls.viewer``), and B's local viewer."""
+
+    session_lifetime_s: int = Field(
+        default=1800,
+        ge=60,
+        le=7200,
+        description="Longest life of a viewer session opened by a launch code (seconds). A "
+        "session never outlives the HP assertion and TRC its code was issued under, is not "
+        "extended by use, and is renewed only by a new launch. At most the 2 h of a TRC.",
+    )
+    frame_memory_mib: int = Field(
+        default=256,
+        ge=0,
+        le=8192,
+        description="Decoded frames kept in memory per process (MiB), so that windowing and "
+        "scrolling back re-render without decoding again; 0 keeps none.",
+    )
+    render_threads: int = Field(
+        default=4, ge=1, le=64, description="Threads that render and encode frames."
+    )
+    max_parts: int = Field(
+        default=500,
+        ge=1,
+        le=10000,
+        description="Most images one rendered study, series or instance answer may hold; "
+        "more is refused (413) and the client asks per instance or frame.",
+    )
+    audit_idle_s: int = Field(
+        default=120,
+        ge=5,
+        le=3600,
+        description="A study not viewed for this long in a session has its frames counted in "
+        "one audit record (image-view, phase viewed).",
+    )
+
+
 class ConsumerSection(_Section):
     """Country B's peer client: which peers this node may ask, and how patiently. Where each
     peer is and how to recognise it (base URL, CA, pins, signing keys) is the trust list's."""
@@ -358,6 +401,7 @@ class NodeSettings(_FileSettings):
     lists: ListSection = ListSection()
     http: HttpSection = HttpSection()
     budget: BudgetSection = BudgetSection()
+    viewer: ViewerSection = ViewerSection()
     consumer: ConsumerSection = ConsumerSection()
 
 

@@ -12,6 +12,10 @@ the audit chain as ``refusal`` records; request-stage refusals are audited by th
 The imaging channel (option A) is served from the same process on ``listen.imaging_port`` when
 ``urls.imaging`` is set (``ncp.gateway.app.build_gateway_app``): HTTPS with
 the node's server certificate; image access tokens authorise its requests, not certificates.
+
+The viewer channel (option B) is served on ``listen.viewer_port`` when ``urls.viewer`` is set
+(``ncp.viewer.launch.build_option_b_app``): HTTPS with the node's server certificate and no
+client certificate (browsers have none); a one-time launch code opens a session.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from urllib.parse import urlsplit
 import uvicorn
 from cryptography.hazmat.primitives import serialization
 from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ncp.app import build_app
 from ncp.audit.models import Side
@@ -37,6 +42,7 @@ from ncp.gateway.studyindex import NodeIndex
 from ncp.node import Node
 from ncp.security.keys import KeySet
 from ncp.security.mtls import audit_refusals, make_server, server_ssl_context
+from ncp.viewer.launch import build_option_b_app
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +121,47 @@ def node_imaging_server(
     )
 
 
+def viewer_app(node: Node) -> Any | None:
+    """The option B viewer app, or None when the node publishes no ``urls.viewer``."""
+    settings = node.settings
+    if not settings.urls.viewer:
+        return None
+
+    def own_keys(issuer: str) -> KeySet | None:
+        return node.keystore.published_keys() if issuer == node.country else None
+
+    return build_option_b_app(
+        archive=settings.archive,
+        public_base=settings.urls.viewer,
+        issuer=node.country,
+        keys=own_keys,
+        replay=node.replay,
+        sessions=node.sessions,
+        auditor=node.auditor,
+        settings=settings.viewer,
+        leeway_s=settings.tokens.leeway_s,
+        clock=node.clock,
+    )
+
+
+def node_viewer_server(
+    node: Node, app: Any, *, host: str, port: int, log_level: str = "info"
+) -> uvicorn.Server:
+    """The viewer's server: HTTPS with the node's server certificate, uvicorn's plain h11
+    protocol (the relay protocol of the imaging channel is for DICOM streams, not pages and
+    images), the node's connection limits like every listener."""
+    tls = TlsFiles(node.keystore.server.cert_path, node.keystore.server.key_path)
+    return imaging_server(
+        app,
+        host=host,
+        port=port,
+        tls=tls,
+        log_level=log_level,
+        protocol=H11Protocol,
+        limits=node.settings.http,
+    )
+
+
 def _port(listen_port: int, url: str, setting: str) -> int:
     if listen_port:
         return listen_port
@@ -147,6 +194,12 @@ def serve(node: Node, *, log_level: str = "info") -> None:
         )
     else:
         log.info("urls.imaging is not set: the option A gateway is not served")
+    viewer = viewer_app(node)
+    if viewer is not None:
+        port = _port(settings.listen.viewer_port, settings.urls.viewer, "urls.viewer")
+        servers.append(node_viewer_server(node, viewer, host=host, port=port, log_level=log_level))
+    else:
+        log.info("urls.viewer is not set: the option B viewer is not served")
 
     async def run_all() -> None:
         await asyncio.gather(*(server.serve() for server in servers))
@@ -158,7 +211,8 @@ def register(subparsers: Any) -> None:
     """Add ``serve`` to the ``ncp`` command's sub-commands."""
     parser = subparsers.add_parser(
         "serve",
-        help="run the node: the standard channel (FHIR, mutual TLS) and the option A gateway",
+        help="run the node: the standard channel (FHIR, mutual TLS), the option A gateway and the "
+        "option B viewer",
     )
     parser.add_argument("--config", required=True, help="the node's TOML file")
     parser.add_argument(

@@ -42,6 +42,7 @@ MODEL_TABLES = {
     "report",
     "report_version",
     "used_token",
+    "viewer_session",
     "list_entry",
 }
 
@@ -146,7 +147,7 @@ def test_migrate_creates_schema(engine: Engine) -> None:
     assert set(inspect(engine).get_table_names()) == set()
     migrate(engine)
     assert set(inspect(engine).get_table_names()) == MODEL_TABLES | {"alembic_version"}
-    assert _current(engine) == _head() == "kotitle"
+    assert _current(engine) == _head() == "viewer_session"
 
 
 def test_migrate_is_idempotent(migrated: Engine) -> None:

@@ -58,6 +58,7 @@ _DCM_DISPLAY = {
     "110113": "Security Alert",
     "110114": "User Authentication",
     "110122": "Login",
+    "110123": "Logout",
     "110150": "Application",
     "110152": "Destination Role ID",
     "110153": "Source Role ID",
@@ -101,6 +102,8 @@ EVENT_TYPES: dict[tuple[Action, str], EventType] = {
     (Action.IMAGE_RETRIEVE, Side.CONSUMER): EventType(DCM, "110107", "C"),
     (Action.IMAGE_STORE, "*"): EventType(DCM, "110104", "C"),
     (Action.VIEWER_LAUNCH, "*"): EventType(DCM, "110103", "R"),
+    (Action.VIEWER_SESSION, "*"): EventType(DCM, "110114", "E"),
+    (Action.IMAGE_VIEW, "*"): EventType(DCM, "110103", "R"),
     (Action.INGEST, "*"): EventType(DCM, "110110", "C", "create"),
     (Action.REFUSAL, "*"): EventType(DCM, "110113", "E"),
 }
@@ -304,6 +307,9 @@ def audit_event(r: AuditRecord) -> dict[str, Any]:
     }
     if Action(r.action) is Action.HP_LOGIN:
         resource["subtype"] = [_coding(DCM, "110122", _DCM_DISPLAY["110122"])]
+    elif Action(r.action) is Action.VIEWER_SESSION:
+        # The session's end is a logout (DCM 110123), as ATNA records one.
+        resource["subtype"] = [_coding(DCM, "110123", _DCM_DISPLAY["110123"])]
     else:
         interaction = r.interaction or kind.interaction
         if interaction is not None:

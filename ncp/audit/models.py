@@ -71,6 +71,12 @@ class Action(enum.StrEnum):
     """B's retriever verified the pulled instances against the manifest and stored them."""
     VIEWER_LAUNCH = "viewer-launch"
     """A one-time viewer code was exchanged for a session in A's viewer (option B)."""
+    VIEWER_SESSION = "viewer-session"
+    """A viewer session at A ended (its expiry passed); what it viewed is on its image-view
+    records."""
+    IMAGE_VIEW = "image-view"
+    """A study was viewed in a viewer (A's option B, B's local viewer): opened, then the frames
+    rendered counted in one record when the viewing ends, not one record per frame."""
     INGEST = "ingest"
     """A national system submitted an imaging report to A's report store."""
     REFUSAL = "refusal"

@@ -8,7 +8,7 @@ current signing key:
 - option C: an image access token for A's edge gateway (audience and ``dicomweb`` =
   ``urls.edge``), 422 when the node has no edge gateway;
 - option B: a one-time viewer launch token, ``viewer`` = ``<urls.viewer>/launch?code=<token>``
-  (the viewer that redeems it is separate work).
+  (redeemed by the viewer, ``ncp.viewer.launch``).
 
 A study that is not in the index, or is another patient's, refuses the whole request (403,
 audited) and nothing is issued. Asking again while the pair is valid renews: a fresh token,

@@ -26,6 +26,7 @@ from ncp.security.claims import (
     PatientRef,
     StudyGrant,
     TokenKind,
+    ViewerLaunch,
     a,
 )
 from ncp.security.keys import KeySet
@@ -58,6 +59,10 @@ class AccessGrant:
     issuer: str
     jti: str
     expires_at: datetime
+    preferred_language: str | None = None
+    """A viewer launch token's ``locale``: the language the viewer speaks."""
+    pair_expires_at: datetime | None = None
+    """A viewer launch token's ``ncp_pair_expires``: no session it opens outlives this."""
 
     @property
     def audit_policy(self) -> str:
@@ -157,6 +162,7 @@ class AccessVerifier:
             max_lifetime=self.max_lifetime if kind is IMAGE_ACCESS else None,
             check=covers_request,
         )
+        launch = claims if isinstance(claims, ViewerLaunch) else None
         return AccessGrant(
             kind=kind,
             patient=claims.patient,
@@ -169,6 +175,8 @@ class AccessVerifier:
             issuer=claims.issuer,
             jti=claims.jti,
             expires_at=claims.expires_at,
+            preferred_language=launch.preferred_language if launch else None,
+            pair_expires_at=launch.pair_expires_at if launch else None,
         )
 
 

@@ -460,27 +460,41 @@ class ViewerLaunch(StudyGrant):
     TYP: ClassVar[str] = "viewer-launch+jwt"
     LABEL: ClassVar[str] = "viewer launch token"
     CEILING: ClassVar[timedelta] = VIEWER_LAUNCH_CEILING
-    NCP_CLAIMS: ClassVar[frozenset[str]] = _GRANT_CLAIMS
+    NCP_CLAIMS: ClassVar[frozenset[str]] = _GRANT_CLAIMS | {"ncp_pair_expires"}
     IUA_CLAIMS: ClassVar[frozenset[str]] = frozenset({"purpose_of_use"})
 
     preferred_language: str | None = None
     """OIDC ``locale``: the language the viewer should speak, from the HP assertion."""
+    pair_expires_at: datetime | None = None
+    """``ncp_pair_expires`` (NumericDate): when the HP assertion or the TRC the token was issued
+    under expires, whichever is first. The viewer session the token opens ends by then: a
+    session never outlives the pair, as no token does."""
 
     def _check(self) -> None:
         super()._check()
         if self.preferred_language is not None:
             _check_language("locale", self.preferred_language)
+        if self.pair_expires_at is not None:
+            if self.pair_expires_at.utcoffset() is None:
+                raise ClaimProblem("ncp_pair_expires", "must be an aware datetime (UTC)")
+            if self.pair_expires_at < self.expires_at:
+                raise ClaimProblem(
+                    "ncp_pair_expires", "is before exp: a token never outlives its pair"
+                )
 
     def _fill(self, payload: dict[str, Any], iua: dict[str, Any]) -> None:
         super()._fill(payload, iua)
         if self.preferred_language is not None:
             payload["locale"] = self.preferred_language
+        if self.pair_expires_at is not None:
+            payload["ncp_pair_expires"] = _numeric(self.pair_expires_at)
 
     @classmethod
     def _read(cls, reader: _Reader) -> dict[str, Any]:
         return {
             **super()._read(reader),
             "preferred_language": reader.text("locale", required=False),
+            "pair_expires_at": reader.time("ncp_pair_expires", required=False),
         }
 
 

@@ -215,6 +215,7 @@ def viewer_launch_for(
         purpose_of_use=context.purpose_of_use,
         priority=priority,
         preferred_language=context.hp.preferred_language,
+        pair_expires_at=context.expires_at,
     )
 
 

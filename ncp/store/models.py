@@ -15,6 +15,7 @@ from datetime import date, datetime
 from enum import IntEnum
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     Date,
@@ -283,6 +284,37 @@ class UsedToken(Base):
 
     jti: Mapped[str] = mapped_column(String(128), primary_key=True)
     expires_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+
+
+class ViewerSession(Base):
+    """A session of A's option B viewer, opened by a one-time launch code (``ncp.viewer``).
+
+    Kept in the database so that every replica of the node serves it (decision record
+    ``viewer-sessions-in-the-database``). The browser holds a random secret in a cookie; the row
+    is keyed by the SHA-256 of that secret, so a copy of this table opens no session.
+    """
+
+    __tablename__ = "viewer_session"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    """Hex SHA-256 of the cookie's secret."""
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    expires_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    """The launch's time plus the configured lifetime, never later than the HP assertion and
+    TRC the launch code was issued under. Never extended: a new launch opens a new session."""
+    closed_at: Mapped[datetime | None] = mapped_column(DateTime)
+    """Set once by the replica that recorded the session's end."""
+    subject: Mapped[str] = mapped_column(LO)
+    """The health professional (the launch token's ``sub``)."""
+    requesting_country: Mapped[str] = mapped_column(String(2))
+    patient_system: Mapped[str] = mapped_column(LO)
+    patient_value: Mapped[str] = mapped_column(LO)
+    purpose: Mapped[str] = mapped_column(String(16))
+    priority: Mapped[str] = mapped_column(String(16))
+    locale: Mapped[str | None] = mapped_column(String(35))
+    studies: Mapped[list[str]] = mapped_column(JSON)
+    """The Study Instance UIDs the launch token named: all the session may show."""
+    launch_jti: Mapped[str] = mapped_column(String(128))
 
 
 class EntryKind(IntEnum):

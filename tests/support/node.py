@@ -53,7 +53,13 @@ from ncp.security.keys import SigningKey
 from ncp.security.keystore import KeyStore
 from ncp.security.mtls import bind
 from ncp.security.tokens import issue
-from ncp.serve import gateway_app, node_imaging_server, standard_server
+from ncp.serve import (
+    gateway_app,
+    node_imaging_server,
+    node_viewer_server,
+    standard_server,
+    viewer_app,
+)
 from ncp.store.db import make_engine, session_factory
 from tests.security_support import make_node, trust_toml, write_client
 from tests.support.dicom_factory import make_instance, write_instance
@@ -219,6 +225,8 @@ class RunningNode:
     'BE expired', none."""
     imaging_url: str | None = None
     """The option A gateway's base, when this build has one (``ncp.gateway.app``)."""
+    viewer_url: str | None = None
+    """The option B viewer's base when it is served (``running_node(viewer=True)``)."""
     edge_url: str | None = None
     """The option C edge gateway's base, when ``running_node(edge=True)`` serves one."""
     edge_audit: Any = None
@@ -283,12 +291,15 @@ def running_node(
     *,
     database_url: str | None = None,
     settings_changes: dict[str, Any] | None = None,
+    viewer: bool = False,
     archive_extra: Callable[[Path], object] | None = None,
     edge: bool = False,
 ) -> Iterator[RunningNode]:
     """Make the PKIs, the archive and the index under ``root`` and serve node A until exit.
 
     ``settings_changes``: extra sections merged into A's settings mapping (``tokens``...).
+    ``viewer``: also serve the option B viewer on a free port, as ``ncp serve`` does (its
+    ``urls.viewer`` then that port's, not :data:`VIEWER_URL`).
     ``archive_extra``: writes more files into the archive folder before it is indexed.
     ``edge``: also serve A's edge gateway (``ncp edge``'s app from an ``EdgeSettings``, before
     the same archive section), its base A's ``urls.edge``.
@@ -300,6 +311,10 @@ def running_node(
     url = f"{origin}/fhir"
     image_sock = bind()
     imaging_url = f"https://localhost:{image_sock.getsockname()[1]}/dicomweb"
+    viewer_sock = bind() if viewer else None
+    viewer_url = (
+        f"https://localhost:{viewer_sock.getsockname()[1]}/viewer" if viewer_sock else VIEWER_URL
+    )
     edge_sock = bind() if edge else None
     edge_url = f"https://localhost:{edge_sock.getsockname()[1]}/dicomweb" if edge_sock else EDGE_URL
 
@@ -346,7 +361,7 @@ def running_node(
             "standard": url,
             "imaging": imaging_url,
             "edge": edge_url,
-            "viewer": VIEWER_URL,
+            "viewer": viewer_url,
         },
         "database": {"url": database_url or f"sqlite:///{root / 'node-a.db'}"},
         "archive": {"kind": "folder", "path": str(archive)},
@@ -386,6 +401,15 @@ def running_node(
         running.servers.append(imaging)
         threads.append(_start(imaging, image_sock))
         running.imaging_url = imaging_url
+    if viewer_sock is not None:
+        viewer_app_ = viewer_app(node)
+        assert viewer_app_ is not None
+        served = node_viewer_server(
+            node, viewer_app_, host="127.0.0.1", port=0, log_level="warning"
+        )
+        running.servers.append(served)
+        threads.append(_start(served, viewer_sock))
+        running.viewer_url = viewer_url
     if edge_sock is not None:
         edge_settings = EdgeSettings(
             edge=EdgeSection(country=A, audience=edge_url, jwks=a.path("jwks.json")),
@@ -411,6 +435,8 @@ def running_node(
             thread.join(timeout=10)
         sock.close()
         image_sock.close()
+        if viewer_sock is not None:
+            viewer_sock.close()
         if edge_sock is not None:
             edge_sock.close()
         node.close()
