@@ -57,6 +57,10 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
         "ncp.consumer.command",
         "ask a trusted peer's standard channel as country B (for testers)",
     ),
+    "check-config": (
+        "ncp.ops.checks",
+        "check a node's or edge gateway's configuration, keys, certificates and trust list",
+    ),
 }
 """Commands whose parser is registered by their own module (``register(subparsers)``), and the
 line ``ncp --help`` shows for each without loading the module (a test keeps them equal)."""

@@ -43,6 +43,12 @@ class NodeSection(_Section):
         "(IssuerOfPatientID), e.g. '1.2.40.0.10.1.4.3.1'. Index and searches match "
         "identifiers exactly within it.",
     )
+    demo: bool = Field(
+        default=False,
+        description="True only in the configs `ncp demo` writes: this node runs on test "
+        "material. Outside the demo, `ncp check-config` and `ncp serve` refuse test keys and "
+        "plain HTTP, and every demo-only convenience checks this flag before it acts.",
+    )
 
     @field_validator("country")
     @classmethod
@@ -151,6 +157,19 @@ class ListenSection(_Section):
     )
     imaging_port: int = Field(
         default=0, ge=0, le=65535, description="Imaging channel (DICOMweb gateway, option A)."
+    )
+    ops_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Operations listener (plain HTTP: /healthz, /readyz, /metrics); 0: none. "
+        "It needs no client certificate, so it binds ops_host, loopback unless said otherwise.",
+    )
+    ops_host: str = Field(
+        default="127.0.0.1",
+        description="Address of the operations listener. Loopback by default; a container or "
+        "a Kubernetes pod whose probes and Prometheus come from outside binds 0.0.0.0 and "
+        "keeps the port off the public network.",
     )
     viewer_port: int = Field(
         default=0,
@@ -267,6 +286,48 @@ class BudgetSection(_Section):
         description="How long a heavy step may wait for a slot before 503 with Retry-After.",
     )
     retry_after_s: int = Field(default=5, ge=1, le=600, description="Retry-After of that 503.")
+
+
+class OpsSection(_Section):
+    """What operators watch: readiness, certificate expiry, shutdown (docs/operations.md)."""
+
+    readiness_cache_s: float = Field(
+        default=2.0,
+        ge=0,
+        le=60,
+        description="A /readyz answer is reused this long, so a probe every second costs "
+        "the database and the archive one check every this many seconds.",
+    )
+    check_timeout_s: float = Field(
+        default=2.0,
+        gt=0,
+        le=30,
+        description="Longest wait for the database or the archive to answer a readiness check.",
+    )
+    peer_timeout_s: float = Field(
+        default=3.0, gt=0, le=30, description="Longest wait for a peer's TLS handshake."
+    )
+    peer_cache_s: float = Field(
+        default=30.0,
+        ge=1,
+        le=3600,
+        description="A peer's reachability is checked at most once in this many seconds, "
+        "however often /readyz is asked: readiness probes never hammer a peer.",
+    )
+    shutdown_grace_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="On SIGTERM the node stops accepting connections and lets requests under "
+        "way (transfers) finish for at most this long, then closes what is left.",
+    )
+    certificate_warning_days: int = Field(
+        default=30,
+        ge=0,
+        le=365,
+        description="`ncp check-config` (and `ncp serve` at start) warns of a certificate "
+        "that expires within this many days.",
+    )
 
 
 class ViewerSection(_Section):
@@ -403,6 +464,8 @@ class NodeSettings(_FileSettings):
     budget: BudgetSection = BudgetSection()
     viewer: ViewerSection = ViewerSection()
     consumer: ConsumerSection = ConsumerSection()
+    ops: OpsSection = OpsSection()
+    """Readiness, certificate warnings and graceful shutdown (docs/operations.md)."""
 
 
 class EdgeSection(_Section):
@@ -413,6 +476,11 @@ class EdgeSection(_Section):
     )
     jwks: Path = Field(description="A's published signing keys (JWKS file, `ncp keys init`).")
     name: str = Field(default="", description="Human name, shown in audit records.")
+    demo: bool = Field(
+        default=False,
+        description="True only in the config `ncp demo` writes (as node.demo): test "
+        "certificates are accepted; `ncp check-config` refuses them otherwise.",
+    )
 
     @field_validator("country")
     @classmethod
@@ -423,6 +491,13 @@ class EdgeSection(_Section):
 class EdgeListenSection(_Section):
     host: str = Field(default="127.0.0.1", description="Address to bind.")
     port: int = Field(default=0, ge=0, le=65535, description="0: the port of edge.audience.")
+    ops_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Operations listener (plain HTTP: /healthz, /readyz, /metrics); 0: none.",
+    )
+    ops_host: str = Field(default="127.0.0.1", description="Address of the operations listener.")
 
 
 class EdgeTlsSection(_Section):
@@ -446,6 +521,7 @@ class EdgeSettings(_FileSettings):
     gateway: GatewaySection = GatewaySection()
     tokens: TokensSection = TokensSection()
     http: HttpSection = HttpSection()
+    ops: OpsSection = OpsSection()
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -16,6 +16,14 @@ the node's server certificate; image access tokens authorise its requests, not c
 The viewer channel (option B) is served on ``listen.viewer_port`` when ``urls.viewer`` is set
 (``ncp.viewer.launch.build_option_b_app``): HTTPS with the node's server certificate and no
 client certificate (browsers have none); a one-time launch code opens a session.
+
+Each role is a function of :data:`ROLES` that returns its server, or None when the node's
+configuration does not enable it; a new role is one function and one line there. Around them,
+:func:`serve` adds what operators need (docs/operations.md): every role's app observed
+(request ids, latency by route, a log line per request: :mod:`ncp.ops.observe`), the metrics of
+the audit trail and the database, the operations listener (``listen.ops_port``: /healthz,
+/readyz, /metrics) and a graceful stop on SIGTERM (:mod:`ncp.ops.runner`). ``ncp serve`` checks
+the configuration first (:mod:`ncp.ops.checks`) and does not start on an error.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ import argparse
 import asyncio
 import logging
 import ssl
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -40,13 +50,22 @@ from ncp.gateway.app import build_gateway_app
 from ncp.gateway.server import TlsFiles, imaging_server, protocol_refusals
 from ncp.gateway.studyindex import NodeIndex
 from ncp.node import Node
+from ncp.ops.health import Check, Readiness, archive_probe, database_probe, peer_probe
+from ncp.ops.logs import LOG_FORMATS, LogFormat, configure_logging
+from ncp.ops.metrics import Metrics
+from ncp.ops.observe import ObservedApp
+from ncp.ops.runner import NamedServer, ops_server, run_servers
 from ncp.security.keys import KeySet
-from ncp.security.mtls import audit_refusals, make_server, server_ssl_context
+from ncp.security.mtls import (
+    audit_refusals,
+    check_pinned,
+    client_ssl_context,
+    make_server,
+    server_ssl_context,
+)
 from ncp.viewer.launch import build_option_b_app
 
 log = logging.getLogger(__name__)
-
-EXIT_OK = 0
 
 
 def node_ssl_context(node: Node) -> ssl.SSLContext:
@@ -171,40 +190,146 @@ def _port(listen_port: int, url: str, setting: str) -> int:
     return parts.port or (443 if parts.scheme == "https" else 80)
 
 
-def serve(node: Node, *, log_level: str = "info") -> None:
-    """Run the node's servers until stopped (Ctrl-C / SIGTERM)."""
+# -- the roles ------------------------------------------------------------------------------------
+
+Role = Callable[[Node, str], NamedServer | None]
+"""A role of the node: (node, log level) -> its server, or None when the config does not
+enable it."""
+
+
+def standard_role(node: Node, log_level: str) -> NamedServer | None:
+    """The standard channel (provider): always served, HTTPS with mutual TLS."""
     settings = node.settings
     if not settings.urls.standard.startswith("https://"):
         raise ConfigError("urls.standard must be an https:// URL: the standard channel is HTTPS")
-    host = settings.listen.host
-    servers = [
-        standard_server(
-            node,
-            build_app(node),
-            host=host,
-            port=_port(settings.listen.standard_port, settings.urls.standard, "urls.standard"),
-            log_level=log_level,
-        )
-    ]
+    port = _port(settings.listen.standard_port, settings.urls.standard, "urls.standard")
+    server = standard_server(
+        node, build_app(node), host=settings.listen.host, port=port, log_level=log_level
+    )
+    return NamedServer("standard", server)
+
+
+def imaging_role(node: Node, log_level: str) -> NamedServer | None:
+    """The option A gateway, when the node publishes ``urls.imaging``."""
     gateway = gateway_app(node)
-    if gateway is not None:
-        port = _port(settings.listen.imaging_port, settings.urls.imaging, "urls.imaging")
-        servers.append(
-            node_imaging_server(node, gateway, host=host, port=port, log_level=log_level)
-        )
-    else:
+    if gateway is None:
         log.info("urls.imaging is not set: the option A gateway is not served")
+        return None
+    settings = node.settings
+    port = _port(settings.listen.imaging_port, settings.urls.imaging, "urls.imaging")
+    server = node_imaging_server(
+        node, gateway, host=settings.listen.host, port=port, log_level=log_level
+    )
+    return NamedServer("imaging", server)
+
+
+def viewer_role(node: Node, log_level: str) -> NamedServer | None:
+    """The option B viewer, when the node publishes ``urls.viewer``."""
     viewer = viewer_app(node)
-    if viewer is not None:
-        port = _port(settings.listen.viewer_port, settings.urls.viewer, "urls.viewer")
-        servers.append(node_viewer_server(node, viewer, host=host, port=port, log_level=log_level))
-    else:
+    if viewer is None:
         log.info("urls.viewer is not set: the option B viewer is not served")
+        return None
+    settings = node.settings
+    port = _port(settings.listen.viewer_port, settings.urls.viewer, "urls.viewer")
+    server = node_viewer_server(
+        node, viewer, host=settings.listen.host, port=port, log_level=log_level
+    )
+    return NamedServer("viewer", server)
 
-    async def run_all() -> None:
-        await asyncio.gather(*(server.serve() for server in servers))
 
-    asyncio.run(run_all())
+ROLES: tuple[Role, ...] = (
+    standard_role,
+    imaging_role,
+    viewer_role,
+)
+"""Every role ``ncp serve`` may run, in start order (one line per role)."""
+
+
+def role_servers(node: Node, log_level: str = "info") -> list[NamedServer]:
+    """The servers of the roles the node's configuration enables."""
+    return [named for role in ROLES if (named := role(node, log_level)) is not None]
+
+
+# -- operations -----------------------------------------------------------------------------------
+
+
+def node_metrics(node: Node) -> Metrics:
+    """The node's metrics: its audit trail counted as it is written, its database at scrapes."""
+    metrics = Metrics()
+    node.auditor.observers.append(metrics.observe_audit)
+    metrics.watch_database(node.sessions)
+    return metrics
+
+
+def observe(servers: list[NamedServer], metrics: Metrics | None) -> None:
+    """Wrap each server's app in :class:`ObservedApp` (before the server loads it)."""
+    for named in servers:
+        config = named.server.config
+        app: Any = config.app  # an ASGI app object: every role builds one, none is a string
+        config.app = ObservedApp(app, listener=named.name, metrics=metrics)
+
+
+def probed_peers(node: Node) -> list[str]:
+    """The peers this node calls: those it asks (``consumer.peers``) and those whose signing
+    keys it fetches (``jwks_url``). Peers that only call this node are not probed."""
+    wanted = list(node.settings.consumer.peers)
+    wanted += [p.country for p in node.trust.peers() if p.jwks_url and p.country not in wanted]
+    return wanted
+
+
+def node_readiness(node: Node) -> Readiness:
+    """The database and the archive (required), the peers this node calls (informative)."""
+    ops = node.settings.ops
+    checks = [
+        Check("database", database_probe(node.engine), ops.check_timeout_s),
+        Check(
+            "archive",
+            archive_probe(node.settings.archive, ops.check_timeout_s),
+            ops.check_timeout_s,
+        ),
+    ]
+    for country in probed_peers(node):
+        peer = node.trust.peer(country)
+        context = client_ssl_context(node.keystore, peer.tls_ca or node.trust.ca_certificates())
+
+        def pinned(der: bytes | None, peer: Any = peer) -> None:
+            check_pinned(peer, der)
+
+        checks.append(
+            Check(
+                f"peer {country}",
+                peer_probe(peer.standard, context, pinned),
+                ops.peer_timeout_s,
+                required=False,
+                cache_s=ops.peer_cache_s,
+            )
+        )
+    return Readiness(checks, cache_s=ops.readiness_cache_s)
+
+
+def serve(node: Node, *, log_level: str = "info", log_format: LogFormat | None = None) -> int:
+    """Run the node's roles and its operations listener until SIGTERM/SIGINT; returns the exit
+    code. ``log_format``: set up the process's log (``ncp serve``); None leaves it alone."""
+    settings = node.settings
+    servers = role_servers(node, log_level)
+    metrics = node_metrics(node)
+    observe(servers, metrics)
+    readiness = node_readiness(node)
+    ops = None
+    if settings.listen.ops_port:
+        ops = ops_server(
+            readiness,
+            metrics,
+            host=settings.listen.ops_host,
+            port=settings.listen.ops_port,
+            log_level=log_level,
+            limits=settings.http,
+        )
+    if log_format is not None:
+        configure_logging(log_format, log_level)  # after every server's Config: see ops.logs
+    return asyncio.run(
+        run_servers(servers, grace_s=settings.ops.shutdown_grace_s, ops=ops, readiness=readiness)
+    )
 
 
 def register(subparsers: Any) -> None:
@@ -218,16 +343,32 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="text lines, or one JSON object per line (default: text)",
+    )
     parser.set_defaults(handler=cmd_serve)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from ncp.ops.checks import Findings, check_node
 
-    settings = load_settings(Path(args.config))
+    configure_logging(args.log_format, args.log_level)
+    config = Path(args.config)
+    settings = load_settings(config)
+    findings = Findings()
+    check_node(settings, config, findings)
+    for problem in findings.warnings:
+        log.warning("%s", problem.line())
+    if findings.errors:
+        raise ConfigError(
+            "\n".join(p.line() for p in findings.errors)
+            + f"\nncp serve does not start with errors (`ncp check-config --config {config}`)"
+        )
     node = Node.from_settings(settings)
     try:
-        serve(node, log_level=args.log_level)
+        return serve(node, log_level=args.log_level, log_format=args.log_format)
     finally:
         node.close()
-    return EXIT_OK

@@ -19,7 +19,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -267,6 +267,9 @@ class Auditor:
             raise ValueError(f"country must be an ISO 3166-1 alpha-2 code, got {country!r}")
         self._sessions = sessions
         self.country = country
+        self.observers: list[Callable[[AuditEvent], None]] = []
+        """Called with each event once its record is committed (the node's metrics count
+        steps here). An observer's failure is logged and never reaches the caller."""
 
     def record(self, event: AuditEvent) -> AuditRecord:
         """Append ``event`` to the chain and commit. Raises :class:`AuditError` if that fails;
@@ -277,7 +280,7 @@ class Auditor:
             with self._sessions.begin() as session:
                 # The caller gets the record as written, whatever the sessionmaker's setting.
                 session.expire_on_commit = False
-                return append(session, event)
+                written = append(session, event)
         except Exception as exc:
             # Only names and ids here: the database error quotes the patient identifiers.
             log.error(
@@ -292,6 +295,12 @@ class Auditor:
                 f"could not be written: {type(exc).__name__}",
                 exc,
             ) from None
+        for observe in self.observers:
+            try:
+                observe(event)
+            except Exception:
+                log.exception("audit observer failed on %s %s", event.side, event.action)
+        return written
 
     @contextmanager
     def step(self, event: AuditEvent) -> Iterator[StepRecorder]:

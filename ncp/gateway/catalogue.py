@@ -1,15 +1,21 @@
 """A folder archive behind the gateway: an in-memory catalogue of its instances, answering QIDO,
 metadata and retrieves from the files themselves.
 
-The catalogue is built by the same walk the indexer uses (:class:`ncp.dicom.folder.FolderSource`:
-headers only, no pixel data, symbolic links refused) before the gateway serves (:meth:`warm`, run
-by the app's startup: the first search must not pay for reading every header, which took 20 s
-and more for the demo's 7,800 instances), and refreshed incrementally: a file whose size and
-modification time are unchanged is not read again. A study asked for that is not in the
-catalogue triggers a refresh the request waits for, at most every ``rescan_s`` seconds; a
+The catalogue lists the files as the indexer does (:class:`ncp.dicom.folder.FolderSource`:
+symbolic links refused) and holds, of each instance, its identity, its transfer syntax and the
+few attributes QIDO-RS answers with (:mod:`ncp.gateway.folderjson`: read from the file's first
+bytes, converted once per distinct value). It is built before the gateway serves (:meth:`warm`,
+run by the app's startup: about a second for the demo's 7,800 instances, where reading and
+converting every whole header took 20 s and more), and refreshed incrementally: a file whose
+size and modification time are unchanged is not read again. A study asked for that is not in
+the catalogue triggers a refresh the request waits for, at most every ``rescan_s`` seconds; a
 catalogue older than a minute is refreshed in the background while requests are answered from
 it. Files are opened only through ``FolderSource.path_of`` (no locator leaves the root) and
 without following a link.
+
+An instance's whole header is read and converted when WADO-RS metadata (or a search for an
+attribute the catalogue does not hold, or ``includefield=all``) asks for it, in a worker
+thread, and kept in a bounded cache (``metadata_cache`` instances).
 
 Retrieves send each file as its first bytes (read here, so the gateway checks its file meta
 group) and a :class:`~ncp.gateway.relay.FileRegion` for the rest, sent from the same open file
@@ -27,9 +33,12 @@ Frames and bulk data are not offered for a folder (its metadata carries bulk dat
 from __future__ import annotations
 
 import asyncio
+import copy
+import logging
 import os
+import threading
 import time
-import warnings
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,36 +47,33 @@ from typing import Any
 import anyio
 
 from ncp.dicom.folder import FolderSource
-from ncp.dicom.mapping import map_instance
+from ncp.dicom.mapping import InstanceKeys, map_instance
 from ncp.dicom.source import InstanceHeader, SourceEntry
 from ncp.dicom.transcode import TranscodeError, can_transcode, syntax_name, transcode
 from ncp.errors import UnreadableInstance
 from ncp.gateway.dicomjson import SERIES_UID, SOP_UID, STUDY_UID, element
 from ncp.gateway.errors import NotAcceptable, NotFound, StreamBroken
+from ncp.gateway.folderjson import (
+    INSTANCE_TAGS,
+    QIDO_TAGS,
+    SERIES_TAGS,
+    STUDY_TAGS,
+    qido_json,
+    read_qido_header,
+    whole_json,
+)
 from ncp.gateway.parthead import HEAD_LIMIT
 from ncp.gateway.relay import Chunk, FileRegion
 from ncp.gateway.stream import DicomPart
 
+log = logging.getLogger(__name__)
+
 _HEAD_BYTES = HEAD_LIMIT
 """Bytes of each file read before its region: all a part may need to name itself."""
-
-
-def _tags(text: str) -> frozenset[str]:
-    return frozenset(text.split())
-
-
-# The attributes QIDO-RS returns by default at each level (PS3.18), with the Issuer of
-# Patient ID the gateway's patient check needs.
-_STUDY_TAGS = _tags(
-    "00080005 00080020 00080030 00080050 00080051 00080090 00080201 00081030 00100010 "
-    "00100020 00100021 00100030 00100040 0020000D 00200010"
-)
-_SERIES_TAGS = _tags(
-    "00080005 00080060 0008103E 00180015 0020000D 0020000E 00200011 00200060 00400244 00400245"
-)
-_INSTANCE_TAGS = _tags(
-    "00080005 00080016 00080018 0020000D 0020000E 00200013 00280008 00280010 00280011 00280100"
-)
+_MODALITY = "00080060"
+# What each level computes itself (replacing any the header holds).
+_STUDY_COUNTS = frozenset({"00080061", "00201206", "00201208"})
+_SERIES_COUNTS = frozenset({"00201209"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +84,8 @@ class _Instance:
     locator: str
     fingerprint: str
     transfer_syntax: str
-    header: dict[str, Any]
+    qido: dict[str, Any]
+    """Its :data:`~ncp.gateway.folderjson.QIDO_TAGS` as DICOM JSON, the UIDs as mapped."""
 
 
 class FolderUpstream:
@@ -87,12 +94,24 @@ class FolderUpstream:
     kind = "folder"
     archive_base: str | None = None
 
-    def __init__(self, root: Path, *, chunk_bytes: int = 1 << 20, rescan_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        chunk_bytes: int = 1 << 20,
+        rescan_s: float = 5.0,
+        metadata_cache: int = 2048,
+    ) -> None:
         self.source = FolderSource(root)
         self.chunk_bytes = chunk_bytes
         self.rescan_s = rescan_s
         self.max_age_s = max(rescan_s, 60.0)
+        self.metadata_cache = metadata_cache
+        self._wholes: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
+        self._wholes_lock = threading.Lock()
         self._by_locator: dict[str, _Instance] = {}
+        self._left_out: dict[str, str] = {}
+        """Files that are no instance the index would take, by fingerprint: not read again."""
         self._studies: dict[str, dict[str, dict[str, _Instance]]] = {}
         self._scanned_at: float | None = None
         self._lock = asyncio.Lock()
@@ -111,24 +130,30 @@ class FolderUpstream:
     def _scan(self) -> None:
         changed: list[SourceEntry] = []
         kept: dict[str, _Instance] = {}
+        left: dict[str, str] = {}
         for entry in self.source.entries():
             if not isinstance(entry, SourceEntry):
                 continue
             old = self._by_locator.get(entry.locator)
             if old is not None and old.fingerprint == entry.fingerprint:
                 kept[entry.locator] = old
+            elif self._left_out.get(entry.locator) == entry.fingerprint:
+                left[entry.locator] = entry.fingerprint  # not an instance, unchanged
             else:
                 changed.append(entry)
-        for header in self.source.read_headers(changed):
-            if isinstance(header, InstanceHeader):
-                instance = _instance(header)
-                if instance is not None:
-                    kept[instance.locator] = instance
+        for entry in changed:
+            header = read_qido_header(self.source, entry)
+            instance = _instance(header) if isinstance(header, InstanceHeader) else None
+            if instance is None:
+                left[entry.locator] = entry.fingerprint
+            else:
+                kept[instance.locator] = instance
         studies: dict[str, dict[str, dict[str, _Instance]]] = {}
         for instance in sorted(kept.values(), key=lambda i: i.locator):
             series = studies.setdefault(instance.study, {}).setdefault(instance.series, {})
             series.setdefault(instance.sop, instance)  # a copy of an instance is served once
         self._by_locator = kept
+        self._left_out = left
         self._studies = studies
 
     def _age(self) -> float | None:
@@ -176,8 +201,10 @@ class FolderUpstream:
         except NotFound:
             return []
         instances = self._select(tree, None, None)
-        item = _pick(instances[0].header, _STUDY_TAGS | set(fields))
-        modalities = sorted({m for i in instances for m in _texts(i.header, "00080060")})
+        tags = STUDY_TAGS | set(fields)
+        (header,) = await self._headers(instances[:1], tags - _STUDY_COUNTS)
+        item = _pick(header, tags)
+        modalities = sorted({m for i in instances for m in _texts(i.qido, _MODALITY)})
         item["00080061"] = element("CS", *modalities)
         item["00201206"] = element("IS", len(tree))
         item["00201208"] = element("IS", len(instances))
@@ -189,18 +216,67 @@ class FolderUpstream:
         tree = await self._study(study)
         wanted = set(fields)
         if level == "series":
+            tags = SERIES_TAGS | wanted
+            firsts = [next(iter(members.values())) for members in tree.values()]
+            headers = await self._headers(firsts, tags - _SERIES_COUNTS)
             out = []
-            for members in tree.values():
-                first = next(iter(members.values()))
-                item = _pick(first.header, _SERIES_TAGS | wanted)
+            for members, header in zip(tree.values(), headers, strict=True):
+                item = _pick(header, tags)
                 item["00201209"] = element("IS", len(members))
                 out.append(item)
             return out
-        return [_pick(i.header, _INSTANCE_TAGS | wanted) for i in self._select(tree, series, None)]
+        tags = INSTANCE_TAGS | wanted
+        chosen = self._select(tree, series, None)
+        return [_pick(header, tags) for header in await self._headers(chosen, tags)]
 
     async def metadata(self, study: str, series: str | None, sop: str | None) -> list[Any]:
         tree = await self._study(study)
-        return [dict(i.header) for i in self._select(tree, series, sop)]
+        wholes = await anyio.to_thread.run_sync(self._whole_many, self._select(tree, series, sop))
+        return [_copied(whole) for whole in wholes if whole is not None]
+
+    async def _headers(
+        self, instances: list[_Instance], tags: set[str] | frozenset[str]
+    ) -> list[dict[str, Any]]:
+        """What answers for ``tags`` of each instance: its catalogue entry when that holds them
+        all, else its whole header (read now; the entry when the file cannot be)."""
+        if "all" not in tags and tags <= QIDO_TAGS:
+            return [i.qido for i in instances]
+        wholes = await anyio.to_thread.run_sync(self._whole_many, instances)
+        return [i.qido if w is None else w for i, w in zip(instances, wholes, strict=True)]
+
+    def _whole_many(self, instances: list[_Instance]) -> list[dict[str, Any] | None]:
+        return [self._whole(i) for i in instances]
+
+    def _whole(self, instance: _Instance) -> dict[str, Any] | None:
+        """The instance's whole header as DICOM JSON (cached); None when its file is gone,
+        unreadable or holds another instance now (the next refresh catches up)."""
+        key = (instance.locator, instance.fingerprint)
+        with self._wholes_lock:
+            cached = self._wholes.get(key)
+            if cached is not None:
+                self._wholes.move_to_end(key)
+                return cached
+        entry = SourceEntry(instance.locator, instance.fingerprint)
+        header = next(iter(self.source.read_headers([entry])))
+        keys = _keys(header) if isinstance(header, InstanceHeader) else None
+        if keys is None or (keys.study_uid, keys.series_uid, keys.instance.sop_uid) != (
+            instance.study,
+            instance.series,
+            instance.sop,
+        ):
+            log.warning(
+                "folder archive: %s changed or became unreadable since it was listed: its "
+                "header is left out",
+                instance.locator,
+            )
+            return None
+        assert isinstance(header, InstanceHeader)
+        whole = _with_uids(whole_json(header), keys)
+        with self._wholes_lock:
+            self._wholes[key] = whole
+            while len(self._wholes) > self.metadata_cache:
+                self._wholes.popitem(last=False)
+        return whole
 
     def stored_syntaxes(self, study: str, series: str | None, sop: str | None) -> set[str] | None:
         # NotFound for a series or instance not in the study (the retrieve would be 404).
@@ -275,22 +351,22 @@ async def _transcoded_part(path: Path, syntax: str, chunk_bytes: int) -> AsyncIt
         yield view[start : start + chunk_bytes]
 
 
-def _instance(header: InstanceHeader) -> _Instance | None:
-    """The catalogue's entry of one file, by the index's own mapping (the same identity, and
-    the same instances refused: ``ncp.dicom.mapping.map_instance``); None when the index
-    would not take it."""
+def _keys(header: InstanceHeader) -> InstanceKeys | None:
+    """The index's own mapping (the same identity, and the same instances refused:
+    ``ncp.dicom.mapping.map_instance``); None when the index would not take the instance."""
     try:
-        keys = map_instance(header)
+        return map_instance(header)
     except UnreadableInstance:
+        return None
+
+
+def _instance(header: InstanceHeader) -> _Instance | None:
+    """The catalogue's entry of one file; None when the index would not take it."""
+    keys = _keys(header)
+    if keys is None:
         return None
     # A value pydicom cannot write as DICOM JSON (an IS of "1A") is left out alone, never the
     # whole header with it: the Patient ID must stay for the patient check (servable.py).
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        header_json = header.dataset.to_json_dict(suppress_invalid_tags=True)
-    header_json[STUDY_UID] = element("UI", keys.study_uid)
-    header_json[SERIES_UID] = element("UI", keys.series_uid)
-    header_json[SOP_UID] = element("UI", keys.instance.sop_uid)
     return _Instance(
         keys.study_uid,
         keys.series_uid,
@@ -298,14 +374,31 @@ def _instance(header: InstanceHeader) -> _Instance | None:
         header.entry.locator,
         header.entry.fingerprint,
         header.transfer_syntax_uid,
-        header_json,
+        _with_uids(qido_json(header), keys),
     )
+
+
+def _with_uids(header_json: dict[str, Any], keys: InstanceKeys) -> dict[str, Any]:
+    """The UIDs as the index reads them (a UID encoded UN, padding: ncp.gateway.servable)."""
+    header_json[STUDY_UID] = element("UI", keys.study_uid)
+    header_json[SERIES_UID] = element("UI", keys.series_uid)
+    header_json[SOP_UID] = element("UI", keys.instance.sop_uid)
+    return header_json
 
 
 def _pick(header: dict[str, Any], tags: set[str] | frozenset[str]) -> dict[str, Any]:
     if "all" in tags:
-        return {k: v for k, v in header.items() if k < "7FE00000"}
-    return {k: header[k] for k in sorted(tags) if k in header}
+        return _copied({k: v for k, v in header.items() if k < "7FE00000"})
+    return _copied({k: header[k] for k in sorted(tags) if k in header})
+
+
+def _copied(item: dict[str, Any]) -> dict[str, Any]:
+    """A copy the gateway may change: its URL rewriting edits UR elements and sequence items
+    in place, and the catalogue's values are shared (by instances with equal values too)."""
+    return {
+        k: copy.deepcopy(v) if isinstance(v, dict) and v.get("vr") in ("SQ", "UR") else v
+        for k, v in item.items()
+    }
 
 
 def _texts(header: dict[str, Any], tag: str) -> list[str]:

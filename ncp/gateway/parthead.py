@@ -69,6 +69,20 @@ def file_meta(prefix: Buffer) -> tuple[str, str] | None:
     """``(sop_instance_uid, transfer_syntax_uid)`` from the start of a Part 10 object; None
     while ``prefix`` is too short to hold the whole file meta group. StreamBroken if it is not
     a Part 10 object (group 0002 is always Explicit VR Little Endian, PS3.10 7.1)."""
+    values = meta_values(prefix)
+    if values is None:
+        return None
+    sop = _uid_text(values.get(0x0003, b""))
+    syntax = _uid_text(values.get(0x0010, b""))
+    if not is_uid(sop) or not is_uid(syntax):
+        raise StreamBroken("a part's file meta names no valid SOP Instance or Transfer Syntax")
+    return sop, syntax
+
+
+def meta_values(prefix: Buffer) -> dict[int, bytes] | None:
+    """The file meta group's values by element number (0x0010: Transfer Syntax UID), as
+    :func:`file_meta` reads them; None while ``prefix`` is too short. StreamBroken if it is not
+    a Part 10 object with a well-formed file meta group."""
     if len(prefix) < 144:
         return None
     if prefix[128:132] != b"DICM" or prefix[132:136] != b"\x02\x00\x00\x00":
@@ -101,11 +115,7 @@ def file_meta(prefix: Buffer) -> tuple[str, str] | None:
             raise StreamBroken("a part's file meta group is unreadable (element too long)")
         values[elem] = bytes(prefix[pos : pos + length])
         pos += length
-    sop = _uid_text(values.get(0x0003, b""))
-    syntax = _uid_text(values.get(0x0010, b""))
-    if not is_uid(sop) or not is_uid(syntax):
-        raise StreamBroken("a part's file meta names no valid SOP Instance or Transfer Syntax")
-    return sop, syntax
+    return values
 
 
 def meta_end(probe: Buffer) -> int:
@@ -260,6 +270,77 @@ def _skip(
                 pos += 8
                 break
             pos = _skip(buf, pos, vr, head, length, little, inner, depth + 1)
+
+
+@dataclass(frozen=True, slots=True)
+class TopElement:
+    """One element at the top level of a data set, as :func:`top_elements` found it."""
+
+    vr: str | None
+    """As written; None in Implicit VR (the data dictionary says)."""
+    start: int
+    """Where its value begins in the buffer walked."""
+    length: int
+
+
+def top_elements(
+    buf: Buffer, start: int, syntax: str, wanted: frozenset[int], through: int, *, whole: bool
+) -> dict[int, TopElement] | None:
+    """The elements of ``wanted`` at the top level of the data set that begins at ``start`` of
+    ``buf`` in ``syntax``, walked element by element (sequences skipped) up to the first tag
+    above ``through``, or to the end of ``buf`` when it holds the ``whole`` data set.
+
+    None whenever this walk could find other values than pydicom reading the whole file (the
+    caller then reads it so): a deflated data set, one that does not begin in the VR encoding
+    its syntax says (pydicom reads it in the other one), a file meta element in it, tags out
+    of order, an unknown VR, a wanted element of undefined length, or an element that runs
+    past ``buf`` (or ``buf`` ending before ``through`` while not ``whole``)."""
+    if syntax in DEFLATED:
+        return None
+    little, explicit = syntax != EXPLICIT_BE, syntax != IMPLICIT_LE
+    size = len(buf)
+    if start + 6 <= size:
+        # pydicom's test of the first element (two letters where an explicit VR stands).
+        b0, b1 = buf[start + 4], buf[start + 5]
+        if (0x40 < b0 < 0x5B and 0x40 < b1 < 0x5B) != explicit:
+            return None
+    structs = _LE if little else _BE
+    unpack, u32 = structs.explicit.unpack_from, structs.u32.unpack_from
+    found: dict[int, TopElement] = {}
+    pos, last = start, -1
+    try:
+        while pos < size:
+            if pos + 8 > size:
+                return None
+            group, elem, vr, length = unpack(buf, pos)
+            tag = group << 16 | elem
+            if tag <= last or group in (0x0002, 0xFFFE):
+                return None
+            last = tag
+            if tag > through:
+                return found
+            if not explicit:
+                vr, head, length = b"", 8, u32(buf, pos + 4)[0]
+            elif vr in _LONG_VRS:
+                if pos + 12 > size:
+                    return None
+                head, length = 12, u32(buf, pos + 8)[0]
+            elif vr in _VRS:
+                head = 8
+            else:
+                return None
+            if tag in wanted:
+                if length == _UNDEFINED or pos + head + length > size:
+                    return None
+                written = vr.decode("ascii") if explicit else None
+                found[tag] = TopElement(written, pos + head, length)
+            if length == _UNDEFINED:
+                pos = _skip(buf, pos, vr, head, length, little, explicit, 0)
+            else:
+                pos += head + length
+    except (_Short, StreamBroken):
+        return None
+    return found if whole and pos == size else None
 
 
 def _uid_text(value: Buffer) -> str:

@@ -396,9 +396,9 @@ class StreamedAnswer:
             await send(message)
 
         failure: BaseException | None = None
+        done = False
         try:
             async with anyio.create_task_group() as group:
-                done = False
 
                 async def watch() -> None:
                     while True:
@@ -430,6 +430,10 @@ class StreamedAnswer:
                     await aclose()
                 if not audited:
                     audited = True
+                    if not done and tally.error is None and not tally.disconnected:
+                        # Cancelled from outside (the server's shutdown grace ran out): the
+                        # transfer is broken, and audited so, not as a success.
+                        tally.error = "transfer cancelled before its end: the server stopped"
                     await self.on_end(tally)
         if failure is not None:
             # Raised after the answer started: the server drops the connection without the

@@ -53,6 +53,11 @@ CLIENT_KEY = "client.key"
 SIGNING_DIR = "signing"
 JWKS_JSON = "jwks.json"
 
+TEST_CA_SUFFIX = " test CA"
+"""The mark of the test PKI: its CA's common name is ``NCPeH-<country> test CA``, so every
+certificate it issues names it as issuer. ``ncp check-config`` and ``ncp serve`` refuse such
+certificates outside the demo (:func:`is_test_issued`)."""
+
 # A clock running a few minutes behind ours must still accept a certificate made just now.
 BACKDATE = timedelta(minutes=5)
 CA_LIFETIME = timedelta(days=5 * 365)
@@ -101,7 +106,7 @@ def make_ca(
     """A self-signed CA for one country: CA:TRUE with path length 0, so it issues leaves only."""
     now = now or datetime.now(UTC)
     key = key or new_ec_key()
-    name = _name(country, common_name or f"NCPeH-{country} test CA")
+    name = _name(country, common_name or f"NCPeH-{country}{TEST_CA_SUFFIX}")
     public = key.public_key()
     cert = (
         x509.CertificateBuilder()
@@ -130,6 +135,18 @@ def make_ca(
         .sign(key, hashes.SHA256())
     )
     return Authority(cert, key)
+
+
+def _common_name(name: x509.Name) -> str:
+    values = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+    value = values[0].value if values else ""
+    return value if isinstance(value, str) else ""
+
+
+def is_test_issued(cert: x509.Certificate) -> bool:
+    """Whether ``cert`` is the test PKI's CA or was issued by it (its issuer carries
+    :data:`TEST_CA_SUFFIX`): test material, never a production node's."""
+    return _common_name(cert.issuer).endswith(TEST_CA_SUFFIX)
 
 
 def _leaf(
