@@ -146,6 +146,7 @@ def _node(root: Path) -> Served:
 [node]
 country = "AT"
 name = "crash test"
+demo = true  # test keys (ncp keys init) are refused otherwise
 patient_id_issuer = "{PATIENT.system.removeprefix("urn:oid:")}"
 
 [urls]

@@ -33,6 +33,7 @@ from urllib.parse import parse_qsl, urlsplit
 from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from ncp.audit.models import Action, Outcome, Side
@@ -921,10 +922,14 @@ def build_gateway_app(
     )
     app.state.gateway = gateway
     document = json.dumps(gateway_openapi(public_base)).encode("utf-8")
-    # No routes: every method and every path (even one a route pattern cannot match, with a
-    # newline in it) reaches the gateway's own handler, so that each refusal is a DICOMweb
-    # status with its audit record, never the framework's own unaudited 404 or 405.
-    app.router.default = _Endpoint(gateway, root, document)
+    # Every method and every path reaches the gateway's own handler, so that each refusal is
+    # a DICOMweb status with its audit record, never the framework's own unaudited 404 or 405:
+    # one catch-all route of every method below the root (an ASGI endpoint, not a function,
+    # takes them all; its template names requests in metrics), and the same handler for
+    # anything no route matches (a path outside the root, or with a newline in it).
+    endpoint = _Endpoint(gateway, root, document)
+    app.router.routes.append(Route(f"{root}/{{rest:path}}", endpoint))
+    app.router.default = endpoint
     return app
 
 
