@@ -57,6 +57,14 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
         "ncp.consumer.command",
         "ask a trusted peer's standard channel as country B (for testers)",
     ),
+    "pull": (
+        "ncp.consumer.pull_command",
+        "pull studies of a patient from a peer: verify, store, follow the job",
+    ),
+    "jobs": (
+        "ncp.consumer.jobs_command",
+        "country B's retrieval jobs: list, show, cancel, work, purge",
+    ),
     "check-config": (
         "ncp.ops.checks",
         "check a node's or edge gateway's configuration, keys, certificates and trust list",

@@ -288,6 +288,167 @@ class BudgetSection(_Section):
     retry_after_s: int = Field(default=5, ge=1, le=600, description="Retry-After of that 503.")
 
 
+class FolderStoreSection(_Section):
+    kind: Literal["folder"] = "folder"
+    path: Path = Field(
+        default=Path("retrieved"),
+        description="Folder where verified instances are kept, one folder per study "
+        "(STUDY/SERIES/SOP.dcm); written atomically (temporary file, fsync, rename).",
+    )
+
+
+class StowStoreSection(_Section):
+    kind: Literal["stowrs"]
+    url: str = Field(
+        description="DICOMweb base of country B's own archive, which accepts STOW-RS "
+        "(POST {url}/studies), e.g. http://127.0.0.1:8042/dicom-web"
+    )
+    timeout_s: float = Field(default=60.0, gt=0, description="Timeout of one archive request.")
+    batch_instances: int = Field(
+        default=8, ge=1, le=1000, description="Verified instances sent in one STOW-RS request."
+    )
+    connections: int = Field(
+        default=4, ge=1, le=32, description="STOW-RS requests sent to the archive at once."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+
+StoreSection = Annotated[FolderStoreSection | StowStoreSection, Field(discriminator="kind")]
+
+
+class CliHpSection(_Section):
+    """The health professional ``ncp pull`` acts for. A command line has no logged-in HP: the
+    operator names one here, and every pull from the command line is signed and audited as this
+    identity (with ``hp_source`` = ``cli`` in B's audit records)."""
+
+    id: str = Field(
+        min_length=1, description="The HP's identifier in country B (``sub`` of the assertion)."
+    )
+    name: str = Field(min_length=1, description="The HP's name as people read it.")
+    role_code: str = Field(
+        default="221",
+        description="ISCO-08 code of the HP's profession (221: medical doctors).",
+    )
+    role_display: str = Field(default="Medical doctors", description="Display of role_code.")
+    organisation: str = Field(min_length=1, description="Name of the HP's organisation.")
+    organisation_id: str = Field(
+        min_length=1, description="Identifier of the organisation, a URI (URL or urn:oid:)."
+    )
+    point_of_care: str = Field(
+        min_length=1, description="Where the HP works now (eHDSI point of care)."
+    )
+    locale: str = Field(default="en", description="The HP's language, a BCP 47 tag.")
+    authentication: str = Field(
+        default="urn:ncp:acr:operator-configured",
+        min_length=1,
+        description="What the HP assertion's acr says of how B authenticated the HP: for the "
+        "command line, that the node's operator configured this identity (no interactive "
+        "login), so that A can tell such requests apart.",
+    )
+
+
+class RetrievalSection(_Section):
+    """Country B's retriever: jobs that pull studies from a peer, verify and store them."""
+
+    emergency_workers: int = Field(
+        default=1,
+        ge=1,
+        le=8,
+        description="Workers reserved for emergency jobs; no other lane may occupy them.",
+    )
+    normal_workers: int = Field(
+        default=2, ge=0, le=32, description="Workers for normal jobs (and emergencies waiting)."
+    )
+    batch_workers: int = Field(
+        default=1,
+        ge=0,
+        le=8,
+        description="Workers for batch (prefetch) jobs; they run only while no emergency or "
+        "normal job is queued or running, and pause between instances for an emergency.",
+    )
+    connections_per_peer: int = Field(
+        default=4,
+        ge=1,
+        le=32,
+        description="DICOMweb connections this process opens to one peer at once (emergency "
+        "jobs get one more, reserved).",
+    )
+    poll_s: float = Field(
+        default=1.0, gt=0, le=60, description="How often an idle worker looks for queued jobs."
+    )
+    lease_s: float = Field(
+        default=30.0,
+        ge=2,
+        le=3600,
+        description="A running job whose worker has not reported for this long is taken over "
+        "by another worker (its process died); workers report every third of it.",
+    )
+    retry_attempts: int = Field(
+        default=5,
+        ge=1,
+        le=100,
+        description="Attempts of a job that fails for a transient reason (peer or its archive "
+        "unreachable, 503) before it fails for good; an attempt that stored anything "
+        "starts the count again.",
+    )
+    retry_backoff_s: float = Field(
+        default=2.0,
+        ge=0,
+        le=600,
+        description="Wait before the second attempt; doubled for each further one, "
+        "at most retry_backoff_max_s.",
+    )
+    retry_backoff_max_s: float = Field(default=60.0, ge=0, le=3600)
+    renew_before_s: float = Field(
+        default=60.0,
+        ge=0,
+        le=600,
+        description="An image access token this close to its expiry is renewed through "
+        "$imaging-access (while the TRC is valid) before the next request.",
+    )
+    request_timeout_s: float = Field(
+        default=60.0, gt=0, description="Longest silence on a DICOMweb connection to a peer."
+    )
+    store: StoreSection = FolderStoreSection()
+    staging: Path | None = Field(
+        default=None,
+        description="Folder for instances being received and verified (default: "
+        "STORE/.incoming for a folder store, 'retrieval-staging' beside the config file "
+        "for STOW-RS). Never holds anything unverified for longer than one job.",
+    )
+    retention_days: float = Field(
+        default=30.0,
+        ge=0,
+        description="Days a retrieved study is kept after it was stored; then the purge job "
+        "removes it (audited). 0 keeps studies until removed by hand.",
+    )
+    purge_every_s: float = Field(
+        default=3600.0, gt=0, description="How often `ncp jobs work` runs the purge job."
+    )
+    reconcile: bool = Field(
+        default=False,
+        description="Import reconciliation: write B's local patient identifier (when a job "
+        "names one) into Patient ID and keep A's in Other Patient IDs Sequence, after "
+        "verification on A's bytes; UIDs are never changed.",
+    )
+    local_patient_issuer: str = Field(
+        default="",
+        description="Issuer of Patient ID written with B's local identifier (default: "
+        "node.patient_id_issuer).",
+    )
+    cli_hp: CliHpSection | None = Field(
+        default=None,
+        description="The HP identity `ncp pull` signs and audits as; without it `ncp pull` "
+        "refuses to run.",
+    )
+
+
 class OpsSection(_Section):
     """What operators watch: readiness, certificate expiry, shutdown (docs/operations.md)."""
 
@@ -462,6 +623,8 @@ class NodeSettings(_FileSettings):
     lists: ListSection = ListSection()
     http: HttpSection = HttpSection()
     budget: BudgetSection = BudgetSection()
+    retrieval: RetrievalSection = RetrievalSection()
+    """Country B's retrieval jobs (workers, lanes, local store, retention)."""
     viewer: ViewerSection = ViewerSection()
     consumer: ConsumerSection = ConsumerSection()
     ops: OpsSection = OpsSection()
@@ -615,12 +778,22 @@ def _resolve_database(db: DatabaseSection, rel: Callable[[Path], Path]) -> Datab
     return db
 
 
+def _resolve_retrieval(section: RetrievalSection, rel: Callable[[Path], Path]) -> RetrievalSection:
+    store = section.store
+    if isinstance(store, FolderStoreSection):
+        store = store.model_copy(update={"path": rel(store.path)})
+        staging = section.staging or store.path / ".incoming"
+    else:
+        staging = section.staging or Path("retrieval-staging")
+    return section.model_copy(update={"store": store, "staging": rel(staging)})
+
+
 def _describe(source: str, exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         key = ".".join(str(part) for part in err["loc"] if not str(part).startswith("function-"))
         # Discriminated unions put the tag in the location: drop it, operators never typed it.
-        key = re.sub(r"\.(folder|dicomweb)(?=\.|$)", "", key)
+        key = re.sub(r"\.(folder|dicomweb|stowrs)(?=\.|$)", "", key)
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
         lines.append(f"{source}: {key}: {msg}")
     return "\n".join(lines)
@@ -637,6 +810,7 @@ def _resolve_paths(settings: NodeSettings, base: Path) -> NodeSettings:
         update={
             "archive": _resolve_archive(settings.archive, rel),
             "reports": reports,
+            "retrieval": _resolve_retrieval(settings.retrieval, rel),
             "database": _resolve_database(settings.database, rel),
             "keys": settings.keys.model_copy(update={"dir": rel(settings.keys.dir)}),
             "trust": settings.trust.model_copy(update={"list": rel(settings.trust.list)}),

@@ -15,6 +15,9 @@ The data folder (``--data``, default ``demo-data``)::
     country-a/index.db                 A's study index, reports and audit trail
     country-b/keys/                    a test PKI for a country B peer (BE): the identity a
                                        client uses to call A (its client certificate, signing key)
+    country-b/node.toml, trust.toml    country B's node (BE), trusting A: `ncp pull` with this
+                                       config pulls from the running demo into
+                                       country-b/retrieved/ (rewritten at every start)
     edge/edge.toml                     the edge gateway's config, rewritten at every start
     edge/tls/                          its server certificate, issued by A's test CA
     edge/edge-audit.db                 its own audit trail
@@ -27,7 +30,8 @@ N+2, and the demo stops with an error naming the port if one is taken; ``--base-
 free ports. Ctrl-C (SIGINT) or SIGTERM stops every child (terminate, wait, kill) and exits 0; if
 a child dies, the others are stopped and the demo exits 1 with the child's last stderr lines.
 
-Country B's node and the portal join later; the layout stays.
+Country B's node runs no service yet: ``ncp pull --config country-b/node.toml`` runs a retrieval
+job in its own process (the demo prints the command). The portal joins later; the layout stays.
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ from ncp.store.queries import patient_studies
 COUNTRY_A = "AT"
 ISSUER_A = DEFAULT_PATIENT_ID_ISSUER
 COUNTRY_B = "BE"
+ISSUER_B = "2.16.56.1.1.1"
 HOST = "127.0.0.1"
 """Every service binds loopback only: the demo's keys are test keys."""
 PUBLIC_HOST = "localhost"
@@ -135,6 +140,18 @@ class Layout:
     @property
     def keys_b(self) -> Path:
         return self.data / "country-b" / "keys"
+
+    @property
+    def node_b(self) -> Path:
+        return self.data / "country-b"
+
+    @property
+    def node_b_config(self) -> Path:
+        return self.node_b / "node.toml"
+
+    @property
+    def trust_b(self) -> Path:
+        return self.node_b / "trust.toml"
 
     @property
     def edge(self) -> Path:
@@ -290,6 +307,59 @@ url = "sqlite:///edge-audit.db"
 """
 
 
+_NODE_B = """\
+# Country B of the demo, written by `ncp demo` at every start (A's ports may change): edits here
+# are lost. It runs no service yet: `ncp pull --config` this file pulls from the running demo.
+[node]
+country = "{country}"
+name = "NCPeH-{country} imaging (demo)"
+patient_id_issuer = "{issuer}"
+
+[database]
+url = "sqlite:///node-b.db"
+
+[archive]
+kind = "folder"
+path = "archive"
+
+[keys]
+dir = "keys"
+
+[trust]
+list = "trust.toml"
+
+[consumer]
+peers = ["{peer}"]
+
+[retrieval]
+retention_days = 7
+
+[retrieval.store]
+kind = "folder"
+path = "retrieved"
+
+# The health professional `ncp pull` acts for (a command line has no login; a demo identity).
+[retrieval.cli_hp]
+id = "BE-DEMO-HP-1"
+name = "Dr. Demo Peeters"
+organisation = "Demo hospital {country}"
+organisation_id = "urn:oid:2.16.56.1.1.1.99"
+point_of_care = "Emergency department (demo)"
+locale = "nl-BE"
+"""
+
+_TRUST_B = """\
+# Country B's trust list in the demo, written by `ncp demo` (format: docs/trust.md).
+format = 1
+
+[peers.{peer}]
+standard = "{standard}"
+imaging = "{imaging}"
+tls_ca = "../country-a/keys/ca.pem"
+jwks_file = "../country-a/keys/jwks.json"
+"""
+
+
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
@@ -356,8 +426,17 @@ def prepare(layout: Layout, ports: Ports, *, patients: int, seed: int, big: int)
             issuer=ISSUER_A,
         ),
     )
+    _write(
+        layout.trust_b,
+        _TRUST_B.format(peer=COUNTRY_A, standard=ports.standard_url, imaging=ports.imaging_url),
+    )
+    _write(
+        layout.node_b_config,
+        _NODE_B.format(country=COUNTRY_B, issuer=ISSUER_B, peer=COUNTRY_A),
+    )
     # Read back as the services will: a config the node would refuse fails here, named.
     load_edge_settings(layout.edge_config)
+    load_settings(layout.node_b_config)
     return load_settings(layout.node_a_config)
 
 
@@ -390,6 +469,8 @@ class TopPatient:
     patient_id: str
     issuer: str
     studies: int
+    newest: str | None = None
+    """The Study Instance UID of the patient's newest study."""
 
 
 def index_and_list(settings: NodeSettings) -> TopPatient:
@@ -440,7 +521,7 @@ def index_and_list(settings: NodeSettings) -> TopPatient:
             f"{st.num_series:>2} series {st.num_instances:>4} instances "
             f"{st.size_bytes / 1e6:6.1f} MB"
         )
-    return TopPatient(pid, issuer, int(count))
+    return TopPatient(pid, issuer, int(count), studies[0].study_uid if studies else None)
 
 
 # --- the services --------------------------------------------------------------------------------
@@ -674,6 +755,16 @@ def describe(
                 "trust_list": str(layout.trust_a),
             }
         },
+        "country_b": {
+            COUNTRY_B: {
+                "note": "country B's node: no service yet; `ncp pull --config` its config "
+                "pulls from the running demo",
+                "config": str(layout.node_b_config),
+                "trust_list": str(layout.trust_b),
+                "keys": str(layout.keys_b),
+                "store": str(layout.node_b / "retrieved"),
+            }
+        },
         "edge": {
             COUNTRY_A: {
                 "config": str(layout.edge_config),
@@ -782,6 +873,11 @@ def _run(
         json.dumps(describe(layout, services, settings, top), indent=1) + "\n", encoding="utf-8"
     )
     print(f"\ndemo.json: {layout.demo_json}")
+    if top.newest:
+        print(
+            f"pull:   ncp pull --config {layout.node_b_config} --peer {COUNTRY_A} "
+            f"--patient '{patient_system(top.issuer)}|{top.patient_id}' --study {top.newest}"
+        )
     print("running; Ctrl-C stops every service", flush=True)
     while not stop.wait(0.25):
         dead = supervisor.dead()

@@ -108,3 +108,52 @@ def test_cli_reports_config_errors_with_exit_2(
     assert "database.urll: unknown key" in capsys.readouterr().err
     assert main(["config", str(write(tmp_path, GOOD))]) == 0
     assert '"country": "AT"' in capsys.readouterr().out
+
+
+RETRIEVAL = """
+[retrieval]
+normal_workers = 3
+retention_days = 7
+
+[retrieval.store]
+kind = "folder"
+path = "pulled"
+
+[retrieval.cli_hp]
+id = "BE-HP-1"
+name = "Dr. One"
+organisation = "Hospital"
+organisation_id = "urn:oid:2.16.56.1.1.1.9"
+point_of_care = "Radiology"
+"""
+
+
+def test_retrieval_paths_resolve_and_staging_sits_beside_the_store(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, GOOD + RETRIEVAL), environ={})
+    assert s.retrieval.normal_workers == 3 and s.retrieval.retention_days == 7
+    assert s.retrieval.store.kind == "folder"
+    assert s.retrieval.store.path == tmp_path / "pulled"
+    assert s.retrieval.staging == tmp_path / "pulled" / ".incoming"
+    assert s.retrieval.cli_hp is not None and s.retrieval.cli_hp.id == "BE-HP-1"
+    defaults = load_settings(write(tmp_path, GOOD), environ={})
+    assert defaults.retrieval.cli_hp is None and defaults.retrieval.emergency_workers == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        (RETRIEVAL.replace("normal_workers = 3", "normal_workers = -1"), "normal_workers"),
+        (RETRIEVAL.replace("normal_workers = 3", "emergency_workers = 0"), "emergency_workers"),
+        (RETRIEVAL.replace("normal_workers = 3", "nomral_workers = 3"), "nomral_workers"),
+        (RETRIEVAL.replace('id = "BE-HP-1"', 'id = ""'), "cli_hp.id"),
+        (
+            RETRIEVAL.replace(
+                'kind = "folder"\npath = "pulled"', 'kind = "stowrs"\nurl = "ftp://x"'
+            ),
+            "store.url",
+        ),
+    ],
+)
+def test_unsafe_retrieval_settings_are_refused_by_name(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        load_settings(write(tmp_path, GOOD + text), environ={})

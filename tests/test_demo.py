@@ -7,6 +7,7 @@ import json
 import os
 import queue
 import re
+import shlex
 import signal
 import socket
 import ssl
@@ -116,6 +117,22 @@ def test_demo_serves_node_a_to_the_test_peer_and_stops_everything_on_ctrl_c(
         bare = ssl.create_default_context(cafile=peer["trust_anchor"])
         with httpx.Client(verify=bare, timeout=10) as client, pytest.raises(httpx.TransportError):
             client.get(peer["audience"] + "/metadata")
+
+        # Country B's node pulls the patient's newest study with the command the demo printed.
+        [printed] = [line for line in seen if line.startswith("pull:")]
+        command = shlex.split(printed.removeprefix("pull:"))
+        assert command[:2] == ["ncp", "pull"]
+        pulled = subprocess.run(
+            [sys.executable, "-m", "ncp", *command[1:], "--json"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert pulled.returncode == 0, pulled.stderr[-2000:]
+        job = json.loads(pulled.stdout)
+        assert job["status"] == "stored" and job["hp"]["source"] == "cli"
+        stored = Path(demo["country_b"]["BE"]["store"]) / job["studies"][0]["study_uid"]
+        assert len(list(stored.glob("*/*.dcm"))) == job["progress"]["instances_total"] > 0
 
         pids = [s["pid"] for s in demo["services"]]
         assert all(not _gone(pid) for pid in pids)

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import Column, MetaData, String, Table, create_engine
+from sqlalchemy import create_engine
 
 from ncp.ops.metrics import DatabaseCollector, Metrics
 from ncp.store.db import migrate, session_factory
@@ -267,27 +267,39 @@ def test_no_raw_path_or_patient_value_reaches_a_label(cycle: Cycle) -> None:
 
 
 def test_retrieval_jobs_are_read_from_the_database_by_state_and_lane(tmp_path: Path) -> None:
+    from datetime import datetime
+
+    from ncp.store.retrieval import RetrievalJob
+
     engine = create_engine(f"sqlite:///{tmp_path / 'b.db'}")
     migrate(engine)
     metrics = Metrics()
     metrics.watch_database(session_factory(engine))
-    before = metrics.exposition().decode()
-    assert "ncp_audit_chain_length 0.0" in before and "ncp_retrieval_jobs" not in before
-    # The table as country B's retrieval jobs create it (ncp.store.retrieval), with jobs.
-    jobs = Table(
-        "retrieval_job",
-        MetaData(),
-        Column("id", String(36), primary_key=True),
-        Column("status", String(16)),
-        Column("priority", String(16)),
-    )
-    jobs.create(engine)
+    before = {f.name: f for f in text_string_to_metric_families(metrics.exposition().decode())}
+    assert before["ncp_audit_chain_length"].samples[0].value == 0
+    assert before["ncp_retrieval_jobs"].samples == []  # the table is there, empty
+    # Jobs as country B's retrieval jobs keep them (ncp.store.retrieval).
     rows = [("queued", "batch")] * 3 + [("downloading", "emergency"), ("stored", "normal")]
-    with engine.begin() as connection:
-        connection.execute(
-            jobs.insert(),
-            [{"id": str(i), "status": s, "priority": p} for i, (s, p) in enumerate(rows)],
-        )
+    now = datetime(2026, 12, 6, 12, 0)
+    with session_factory(engine).begin() as session:
+        for i, (state, lane) in enumerate(rows):
+            session.add(
+                RetrievalJob(
+                    id=str(i),
+                    status=state,
+                    priority=lane,
+                    option="A",
+                    peer="AT",
+                    patient_system="urn:oid:1.2.3",
+                    patient_value="P",
+                    hp_id="HP",
+                    hp_name="HP",
+                    hp_source="portal",
+                    request_id=f"job-{i}",
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
     families = {f.name: f for f in text_string_to_metric_families(metrics.exposition().decode())}
     got = {
         (s.labels["state"], s.labels["lane"]): s.value

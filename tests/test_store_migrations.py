@@ -27,7 +27,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-import ncp.audit.models  # noqa: F401  (the audit tables belong to the schema)
+# The audit tables and B's retrieval jobs belong to the schema.
+import ncp.audit.models
+import ncp.store.retrieval  # noqa: F401
 from ncp.store.db import alembic_config, make_engine, migrate, session_factory
 from ncp.store.models import Base, Instance, Patient, Series, SourceObject, Study
 
@@ -44,6 +46,12 @@ MODEL_TABLES = {
     "used_token",
     "viewer_session",
     "list_entry",
+    "retrieval_job",
+    "retrieval_job_study",
+    "retrieval_event",
+    "retrieved_instance",
+    "retrieval_problem",
+    "stored_study",
 }
 
 
@@ -147,7 +155,7 @@ def test_migrate_creates_schema(engine: Engine) -> None:
     assert set(inspect(engine).get_table_names()) == set()
     migrate(engine)
     assert set(inspect(engine).get_table_names()) == MODEL_TABLES | {"alembic_version"}
-    assert _current(engine) == _head() == "viewer_session"
+    assert _current(engine) == _head() == "retrieval_jobs"
 
 
 def test_migrate_is_idempotent(migrated: Engine) -> None:

@@ -69,6 +69,11 @@ class Action(enum.StrEnum):
     """Images moved over the imaging channel: served by A's gateway, pulled by B's retriever."""
     IMAGE_STORE = "image-store"
     """B's retriever verified the pulled instances against the manifest and stored them."""
+    RETRIEVAL_JOB = "retrieval-job"
+    """A retrieval job on B changed status in a way that matters (created, declined, failed,
+    cancelled, waiting for the HP again, stored)."""
+    IMAGE_PURGE = "image-purge"
+    """B's retention removed a retrieved study from its local store."""
     VIEWER_LAUNCH = "viewer-launch"
     """A one-time viewer code was exchanged for a session in A's viewer (option B)."""
     VIEWER_SESSION = "viewer-session"

@@ -37,6 +37,9 @@ class PeerContext:
     trc: str
     patient: PatientRef
     expires_at: datetime
+    request_id: str | None = None
+    """The correlation id of the exchange (``X-Request-ID`` to A, and in both countries' audit
+    records); a retrieval job uses its own when None."""
 
 
 @dataclass(frozen=True)

@@ -657,7 +657,7 @@ class PeerClient:
         """Each page of a search, read and audited (one record per page, one correlation id
         for the whole list); next links are followed only under the peer's own base, never
         twice, at most ``max_pages``."""
-        correlation = self._request_id(request_id)
+        correlation = self._request_id(request_id or context.request_id)
         channel: PeerChannel | None = None
         url: str | None = rtype  # made absolute once the peer is known to be one B may ask
         page_params: list[tuple[str, str]] | None = params
@@ -804,7 +804,7 @@ class PeerClient:
         return PeerStep(
             action,
             context.peer,
-            self._request_id(request_id),
+            self._request_id(request_id or context.request_id),
             hp=pair.hp,
             trc=pair.trc,
             patient=context.patient,

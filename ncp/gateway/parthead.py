@@ -214,6 +214,93 @@ def _walk(buf: Buffer, pos: int, little: bool, explicit: bool) -> PartIds:
     return PartIds(found[_STUDY], found[_SERIES], found[_SOP])
 
 
+def top_level_values(
+    head: Buffer,
+    start: int,
+    syntax: str,
+    wanted: frozenset[int],
+    *,
+    limit: int = HEAD_LIMIT,
+    whole: bool = False,
+) -> dict[int, bytes] | int:
+    """The raw values of the ``wanted`` tags at the top level of the data set that begins at
+    ``start`` of ``head`` in ``syntax`` (absent tags are left out); or, when ``head`` is too
+    short to reach past the highest wanted tag, how many bytes of the part are needed.
+
+    What :func:`dataset_ids` does for the three UIDs, for any tags before the pixel data (B's
+    retriever reads the patient and the SOP class too). ``whole``: ``head`` is the whole part,
+    so a data set that ends before the highest wanted tag simply lacks it. StreamBroken when
+    the data set is unreadable or the tags lie beyond ``limit``."""
+    if syntax in DEFLATED:
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        try:
+            plain = inflater.decompress(bytes(head[start:limit]), limit)
+        except zlib.error:
+            raise StreamBroken("a part's deflated data set is unreadable") from None
+        try:
+            return _collect(plain, 0, True, True, wanted, whole and inflater.eof)
+        except _Short:
+            if len(plain) >= limit or len(head) >= limit or inflater.eof:
+                raise _beyond(limit) from None
+            return len(head) + 1
+    try:
+        little, explicit = syntax != EXPLICIT_BE, syntax != IMPLICIT_LE
+        return _collect(memoryview(head)[:limit], start, little, explicit, wanted, whole)
+    except _Short as short:
+        if short.need > limit:
+            raise _beyond(limit) from None
+        return short.need
+
+
+def _collect(
+    buf: Buffer, pos: int, little: bool, explicit: bool, wanted: frozenset[int], whole: bool
+) -> dict[int, bytes]:
+    structs = _LE if little else _BE
+    unpack, u32 = structs.explicit.unpack_from, structs.u32.unpack_from
+    size = len(buf)
+    highest = max(wanted)
+    found: dict[int, bytes] = {}
+    last = -1
+    while True:
+        if whole and pos == size:
+            return found
+        if pos + 8 > size:
+            if whole:
+                raise StreamBroken("a part's data set is unreadable (truncated element)")
+            raise _Short(pos + 12)
+        group, elem, vr, length = unpack(buf, pos)
+        tag = group << 16 | elem
+        if tag > highest:
+            return found
+        if tag <= last or group == 0xFFFE:
+            raise StreamBroken("a part's data set is unreadable (tags out of order)")
+        last = tag
+        if not explicit:
+            vr, header, length = b"", 8, u32(buf, pos + 4)[0]
+        elif vr in _LONG_VRS:
+            if pos + 12 > size:
+                if whole:
+                    raise StreamBroken("a part's data set is unreadable (truncated element)")
+                raise _Short(pos + 12)
+            header, length = 12, u32(buf, pos + 8)[0]
+        elif vr in _VRS:
+            header = 8
+        else:
+            raise StreamBroken("a part's data set is unreadable (bad VR)")
+        if tag in wanted:
+            if length == _UNDEFINED or length > 1024:
+                raise StreamBroken("a part's data set gives an implausible value")
+            if pos + header + length > size:
+                if whole:
+                    raise StreamBroken("a part's data set is unreadable (truncated element)")
+                raise _Short(pos + header + length)
+            found[tag] = bytes(buf[pos + header : pos + header + length])
+        if length == _UNDEFINED:
+            pos = _skip(buf, pos, vr, header, length, little, explicit, 0)
+        else:
+            pos += header + length
+
+
 def _element(
     buf: Buffer, pos: int, structs: _Structs, explicit: bool
 ) -> tuple[int, bytes, int, int]:

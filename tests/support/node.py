@@ -42,7 +42,7 @@ from ncp.config import (
     EdgeTlsSection,
     settings_from_mapping,
 )
-from ncp.dicom.folder import FolderSource
+from ncp.dicom.archive import open_archive
 from ncp.fhir.datatypes import zone_of
 from ncp.gateway.edge import build_edge_app
 from ncp.gateway.server import TlsFiles, imaging_server
@@ -291,6 +291,8 @@ def running_node(
     *,
     database_url: str | None = None,
     settings_changes: dict[str, Any] | None = None,
+    before_index: Callable[[Path], str | None] | None = None,
+    clock: Callable[[], datetime] | None = None,
     viewer: bool = False,
     archive_extra: Callable[[Path], object] | None = None,
     edge: bool = False,
@@ -298,6 +300,9 @@ def running_node(
     """Make the PKIs, the archive and the index under ``root`` and serve node A until exit.
 
     ``settings_changes``: extra sections merged into A's settings mapping (``tokens``...).
+    ``before_index``: called with the archive folder once the dataset is written (to add
+    studies); when it returns a DICOMweb URL, A's archive is that server (the caller stored the
+    folder's files there) and the index is built from it. ``clock``: A's clock (aware UTC).
     ``viewer``: also serve the option B viewer on a free port, as ``ncp serve`` does (its
     ``urls.viewer`` then that port's, not :data:`VIEWER_URL`).
     ``archive_extra``: writes more files into the archive folder before it is indexed.
@@ -355,6 +360,7 @@ def running_node(
     write_dataset(archive)
     if archive_extra is not None:
         archive_extra(archive)
+    archive_url = before_index(archive) if before_index is not None else None
     mapping: dict[str, Any] = {
         "node": {"country": A, "name": "Test node AT", "patient_id_issuer": ISSUER},
         "urls": {
@@ -364,17 +370,21 @@ def running_node(
             "viewer": viewer_url,
         },
         "database": {"url": database_url or f"sqlite:///{root / 'node-a.db'}"},
-        "archive": {"kind": "folder", "path": str(archive)},
+        "archive": (
+            {"kind": "dicomweb", "url": archive_url}
+            if archive_url
+            else {"kind": "folder", "path": str(archive)}
+        ),
         "keys": {"dir": str(a.directory)},
         "trust": {"list": str(trust)},
     }
     for section, values in (settings_changes or {}).items():
         mapping[section] = {**mapping.get(section, {}), **values}
     settings = settings_from_mapping(mapping, base_dir=root, environ={})
-    node = Node.from_settings(settings)
+    node = Node.from_settings(settings, clock=clock)
     index_run = index_source(
         node.sessions,
-        FolderSource(archive),
+        open_archive(settings.archive),
         zone=zone_of(settings.node.country),
         patient_id_issuer=settings.archive.patient_id_issuer,
     )

@@ -103,6 +103,8 @@ class OrthancServer:
         self.shutdown_seconds: float | None = None
         self._stopped = False
         self._http: httpx.Client | None = None
+        self._command: list[str] = []
+        self._owner: pwd.struct_passwd | None = None
 
     # -- construction ----------------------------------------------------------------------
 
@@ -180,8 +182,9 @@ class OrthancServer:
 
     def _launch(self, command: list[str], owner: pwd.struct_passwd | None) -> None:
         t0 = time.monotonic()
+        self._command, self._owner = command, owner
         for sub in ("storage", "index"):
-            (self.tmpdir / sub).mkdir()
+            (self.tmpdir / sub).mkdir(exist_ok=True)
         self.config_path.write_text(json.dumps(self._config(), indent=2))
         owned = [self.tmpdir, *(self.tmpdir / d for d in ("storage", "index")), self.config_path]
         env: dict[str, str] | None = None
@@ -193,7 +196,7 @@ class OrthancServer:
             for p in owned:
                 os.chown(p, owner.pw_uid, owner.pw_gid)
         try:
-            with open(self.logfile, "wb") as log:
+            with open(self.logfile, "ab") as log:
                 self.process = subprocess.Popen(
                     [*command, str(self.config_path)],
                     stdin=subprocess.DEVNULL,
@@ -337,6 +340,27 @@ class OrthancServer:
         for hit in r.json():
             if hit.get("Type") == "Study":
                 self.http.delete(f"/studies/{hit['ID']}").raise_for_status()
+
+    def halt(self) -> None:
+        """Stop Orthanc (SIGTERM, as an operator's restart does) and keep its storage, for
+        :meth:`relaunch`: an archive that goes away in the middle of a transfer."""
+        proc = self.process
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=STOP_TIMEOUT)
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+
+    def relaunch(self) -> None:
+        """Start Orthanc again on the same ports and storage after :meth:`halt`."""
+        with contextlib.suppress(ValueError):
+            atexit.unregister(self.stop)
+        self._launch(self._command, self._owner)
 
     def log_tail(self, chars: int = 3000) -> str:
         try:

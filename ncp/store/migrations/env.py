@@ -5,7 +5,9 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-import ncp.audit.models  # noqa: F401  (puts the audit tables on Base.metadata)
+# Imported for their tables on Base.metadata: the audit trail and B's retrieval jobs.
+import ncp.audit.models
+import ncp.store.retrieval  # noqa: F401
 from ncp.store.models import Base
 
 config = context.config

@@ -1,0 +1,515 @@
+"""Country B's end-to-end pull against a bare WADO-RS download of the same study, in one run.
+
+    python bench/pull_bench.py [--instances 1000] [--series 4] [--repeat 3] [--only a,b]
+
+Starts Orthanc as A's archive (plain HTTP, and a second one over HTTPS holding the same study for
+the TLS reference), generates a CT study (``--instances`` 512x512 16-bit images in ``--series``
+series: 525 MB for 1000), and runs country A as an operator does: ``ncp index``, ``ncp serve``
+(standard channel with mutual TLS, option A gateway over TLS) and ``ncp edge`` (option C) as
+processes. Then, interleaved, the first round a dropped warm-up, medians of ``--repeat``:
+
+- ``bare``: curl retrieving the whole study from Orthanc (WADO-RS, as stored) to a file on disk;
+- ``bare_tls``: the same from the HTTPS Orthanc (the reference for the pulls, which cross TLS);
+- ``bare_tls_synced``: ``bare_tls`` and the file flushed to disk (fsync) before the clock stops,
+  as durable as what the folder store guarantees;
+- ``pull_a``: country B's pull in a process of its own (B's node from its config, its peer
+  client over mutual TLS), timed from "go" to "stored": B signs the HP's pair, the patient's
+  list of ImagingStudy manifests from A's standard channel, the image token
+  (``$imaging-access``), WADO-RS through A's gateway, every instance verified against the
+  manifest, stored in the folder store (each file flushed to disk and renamed into place),
+  recorded and audited;
+- ``pull_c``: the same through A's edge gateway (option C);
+- ``stow_only``: the study's files sent to a third Orthanc (B's archive) by B's STOW-RS store as
+  the pull sends them (batches of 32 instances, 8 a request, 4 requests at once), nothing else:
+  what the archive's ingestion costs;
+- ``pull_a_stow``: ``pull_a`` into that Orthanc through STOW-RS.
+
+Memory: the resident growth of B's process from "go" to "stored" (VmRSS every 10 ms).
+Prints one JSON object: seconds, MB/s, ratios to ``bare_tls`` and ``bare``, RSS growth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+for entry in (str(ROOT), str(BENCH)):
+    if entry not in sys.path:
+        sys.path.insert(0, entry)
+
+from byte_path_alternatives import free_port, sampling, upload, wait_port  # noqa: E402
+
+ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+ISSUER = "1.2.40.0.10.1.4.3.1"
+PATIENT_ID = "BENCH-1"
+VARIANTS = ("bare", "bare_tls", "bare_tls_synced", "pull_a", "pull_c", "stow_only", "pull_a_stow")
+REFERENCES = ("bare", "bare_tls", "bare_tls_synced", "stow_only")
+
+
+# --- the study ---------------------------------------------------------------------------------
+
+
+def make_study(
+    folder: Path, instances: int, series: int, size: int = 512
+) -> tuple[str, list[Path]]:
+    """A CT study of ``instances`` 16-bit images in ``series`` series, for A's patient."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.filewriter import dcmwrite
+    from pydicom.uid import (
+        PYDICOM_IMPLEMENTATION_UID,
+        CTImageStorage,
+        ExplicitVRLittleEndian,
+        generate_uid,
+    )
+
+    study = generate_uid()
+    series_uids = [generate_uid() for _ in range(series)]
+    base = np.random.default_rng(7).integers(0, 4096, size=(size, size), dtype=np.uint16)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(instances):
+        ds = Dataset()
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series_uids[i % series]
+        ds.PatientID, ds.IssuerOfPatientID = PATIENT_ID, ISSUER
+        ds.PatientName, ds.PatientBirthDate, ds.PatientSex = "Bench^Patient", "19700101", "O"
+        ds.Modality, ds.StudyDate, ds.StudyTime = "CT", "20240102", "101500"
+        ds.SeriesNumber, ds.InstanceNumber = i % series + 1, i // series + 1
+        ds.Rows = ds.Columns = size
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = np.roll(base, i).tobytes()
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        ds.file_meta = meta
+        path = folder / f"{i:05d}.dcm"
+        dcmwrite(path, ds, enforce_file_format=True)
+        paths.append(path)
+    return study, paths
+
+
+# --- the nodes ----------------------------------------------------------------------------------
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def setup_nodes(work: Path, archive_url: str, ports: dict[str, int]) -> dict[str, Path]:
+    """Keys, trust lists and configs of A, A's edge and B (two B configs: folder, STOW-RS)."""
+    from ncp.security import pki
+
+    a_keys, b_keys = work / "a" / "keys", work / "b" / "keys"
+    pki.init_keys_folder(a_keys, "AT")
+    pki.init_keys_folder(b_keys, "BE")
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from ncp.security.keystore import load_certificates, load_private_key
+
+    ca_key = load_private_key(a_keys / pki.CA_KEY)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    authority = pki.Authority(load_certificates(a_keys / pki.CA_CERT)[0], ca_key)
+    edge_key = pki.new_ec_key()
+    edge_cert = pki.issue_server_certificate(authority, edge_key.public_key(), "AT")
+    (work / "edge").mkdir(parents=True, exist_ok=True)
+    pki.write_file(work / "edge" / "server.pem", pki.cert_pem(edge_cert))
+    pki.write_private_key(work / "edge" / "server.key", edge_key)
+
+    standard = f"https://localhost:{ports['standard']}/fhir"
+    imaging = f"https://localhost:{ports['imaging']}/dicomweb"
+    edge = f"https://localhost:{ports['edge']}/dicomweb"
+    _write(
+        work / "a" / "trust.toml",
+        f'format = 1\n[peers.BE]\nstandard = "https://localhost:1/fhir"\n'
+        f'tls_ca = "{b_keys / "ca.pem"}"\njwks_file = "{b_keys / "jwks.json"}"\n',
+    )
+    a = _write(
+        work / "a" / "node.toml",
+        f"""[node]
+country = "AT"
+patient_id_issuer = "{ISSUER}"
+[urls]
+standard = "{standard}"
+imaging = "{imaging}"
+edge = "{edge}"
+[listen]
+host = "127.0.0.1"
+standard_port = {ports["standard"]}
+imaging_port = {ports["imaging"]}
+[database]
+url = "sqlite:///index.db"
+[archive]
+kind = "dicomweb"
+url = "{archive_url}"
+[keys]
+dir = "keys"
+[trust]
+list = "trust.toml"
+""",
+    )
+    edge_cfg = _write(
+        work / "edge" / "edge.toml",
+        f"""[edge]
+country = "AT"
+audience = "{edge}"
+jwks = "{a_keys / "jwks.json"}"
+[archive]
+kind = "dicomweb"
+url = "{archive_url}"
+[tls]
+certificate = "server.pem"
+key = "server.key"
+[listen]
+host = "127.0.0.1"
+port = {ports["edge"]}
+[database]
+url = "sqlite:///edge-audit.db"
+""",
+    )
+    _write(
+        work / "b" / "trust.toml",
+        f'format = 1\n[peers.AT]\nstandard = "{standard}"\nimaging = "{imaging}"\n'
+        f'tls_ca = "{a_keys / "ca.pem"}"\njwks_file = "{a_keys / "jwks.json"}"\n',
+    )
+    b_common = """[node]
+country = "BE"
+patient_id_issuer = "2.16.56.1.1.1"
+[database]
+url = "sqlite:///{db}"
+[archive]
+kind = "folder"
+path = "archive"
+[keys]
+dir = "keys"
+[trust]
+list = "trust.toml"
+[consumer]
+peers = ["AT"]
+[retrieval]
+poll_s = 0.2
+{store}
+[retrieval.cli_hp]
+id = "BE-HP-BENCH"
+name = "Dr. Bench"
+organisation = "Bench hospital"
+organisation_id = "urn:oid:2.16.56.1.1.1.9"
+point_of_care = "Radiology"
+"""
+    b_folder = _write(
+        work / "b" / "node.toml",
+        b_common.format(db="node-b.db", store='store = { kind = "folder", path = "retrieved" }'),
+    )
+    b_stow = _write(
+        work / "b" / "node-stow.toml",
+        b_common.format(db="node-b-stow.db", store='store = { kind = "stowrs", url = "STOW" }'),
+    )
+    return {"a": a, "edge": edge_cfg, "b": b_folder, "b_stow": b_stow}
+
+
+# --- B's side: one pull in a process of its own -------------------------------------------------
+
+
+def b_pull(args: argparse.Namespace) -> None:
+    """Child mode: load B's node, say "ready", wait for a line on stdin, pull, print JSON."""
+    from ncp.config import load_settings
+    from ncp.consumer.jobs import JobRequest, Requester
+    from ncp.consumer.wiring import ClientWiring, StudyFilters, retrieval_env
+    from ncp.consumer.worker import Retriever
+    from ncp.node import Node
+    from ncp.security.claims import PatientRef
+
+    settings = load_settings(Path(args.config))
+    node = Node.from_settings(settings)
+    wiring = ClientWiring(node)  # B's peer client, as ncp pull uses it
+    env = retrieval_env(node, wiring.access)
+    hp = settings.retrieval.cli_hp
+    assert hp is not None
+    patient = PatientRef(f"urn:oid:{ISSUER}", PATIENT_ID)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    t0 = time.perf_counter()
+    context = wiring.context("AT", hp, patient, purpose="TREAT", informed=True)
+    studies = wiring.studies(context, StudyFilters())
+    job = env.jobs.create(
+        Requester(hp.id, hp.name, "cli"),
+        context,
+        JobRequest("AT", patient, tuple(studies), option=args.option),
+    )
+    t1 = time.perf_counter()
+    status = Retriever(env).run_only(job.id)
+    seconds = time.perf_counter() - t0
+    view = env.jobs.get(job.id)
+    at = {event.status: event.at for event in view.history}
+    print(
+        json.dumps(
+            {
+                "status": str(status),
+                "seconds": seconds,
+                "bytes": view.bytes_done,
+                "instances": view.instances_done,
+                "reason": view.reason,
+                # Where the time went: signing and the list, then the job's own phases.
+                "phases_s": {
+                    "sign_and_list": round(t1 - t0, 3),
+                    "downloading": round((at["verifying"] - at["downloading"]).total_seconds(), 3)
+                    if "verifying" in at
+                    else None,
+                    "verifying": round((at["stored"] - at["verifying"]).total_seconds(), 3)
+                    if "stored" in at
+                    else None,
+                },
+            }
+        ),
+        flush=True,
+    )
+    env.close()
+    wiring.close()
+    node.close()
+
+
+# --- measuring ----------------------------------------------------------------------------------
+
+
+def bare(url: str, target: Path, cafile: Path | None, *, synced: bool = False) -> tuple[float, int]:
+    cmd = ["curl", "-s", "-f", "-o", str(target), "-w", "%{size_download} %{time_total}"]
+    cmd += ["-H", f"Accept: {ACCEPT}"]
+    if cafile is not None:
+        cmd += ["--cacert", str(cafile)]
+    t0 = time.perf_counter()
+    done = subprocess.run([*cmd, url], capture_output=True, text=True, check=True)
+    size, seconds = done.stdout.split()
+    took = float(seconds)
+    if synced:
+        fd = os.open(target, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+        took = time.perf_counter() - t0
+    target.unlink()
+    return took, int(size)
+
+
+def stow_only(url: str, files: list[Path], staging: Path) -> float:
+    """B's STOW-RS store alone: copies of the study's files in batches of 32 (as the pull)."""
+    from pydicom import dcmread
+
+    from ncp.consumer.localstore import InstanceKey, StowStore, Verified
+
+    staging.mkdir(parents=True, exist_ok=True)
+    store = StowStore(url)
+    items = []
+    for i, path in enumerate(files):
+        copy = staging / f"{i}.part"
+        shutil.copyfile(path, copy)
+        ds = dcmread(path, stop_before_pixels=True)
+        key = InstanceKey(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        items.append(Verified(copy, key, path.stat().st_size))
+    t0 = time.perf_counter()
+    for start in range(0, len(items), 32):
+        store.put(items[start : start + 32])
+    took = time.perf_counter() - t0
+    store.close()
+    return took
+
+
+def pull(config: Path, option: str, log: Path) -> tuple[dict[str, Any], float]:
+    cmd = [sys.executable, str(BENCH / "pull_bench.py"), "b", "--config", str(config)]
+    cmd += ["--option", option]
+    with open(log, "ab") as err:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True
+        )
+    assert proc.stdin is not None and proc.stdout is not None
+    line = proc.stdout.readline()
+    if line.strip() != "ready":
+        proc.kill()
+        raise RuntimeError(f"B did not start: {line!r}; see {log}")
+    with sampling([proc.pid]) as mem:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        result = json.loads(proc.stdout.readline())
+    proc.wait(60)
+    return result, mem["growth_kb"] / 1024
+
+
+def run(args: argparse.Namespace) -> None:
+    from tests.support.orthanc import OrthancServer, OrthancUnavailable
+
+    chosen = args.only.split(",") if args.only else VARIANTS
+    wanted = [v for v in VARIANTS if v in chosen or v in REFERENCES]
+    work = Path(tempfile.mkdtemp(prefix="ncp-pullbench-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    servers: list[Any] = []
+    unavailable: dict[str, str] = {}
+    try:
+        archive = OrthancServer.start()
+        servers.append(archive)
+        archive_tls = b_archive = None
+        try:
+            archive_tls = OrthancServer.start(tls=True)
+            servers.append(archive_tls)
+        except OrthancUnavailable as exc:
+            unavailable["bare_tls"] = str(exc)[:600]
+        if "pull_a_stow" in wanted or "stow_only" in wanted:
+            b_archive = OrthancServer.start()
+            servers.append(b_archive)
+        t0 = time.monotonic()
+        study, files = make_study(work / "study", args.instances, args.series)
+        size_mb = sum(p.stat().st_size for p in files) / 1e6
+        with ThreadPoolExecutor(2) as both:
+            jobs = [both.submit(upload, archive.rest_url, files)]
+            if archive_tls is not None:
+                jobs.append(both.submit(_upload_tls, archive_tls, files))
+            for job in jobs:
+                job.result()
+        ports = {"standard": free_port(), "imaging": free_port(), "edge": free_port()}
+        configs = setup_nodes(work, archive.dicomweb_url, ports)
+        if b_archive is not None:
+            text = configs["b_stow"].read_text().replace("STOW", b_archive.dicomweb_url)
+            configs["b_stow"].write_text(text)
+        ncp = [sys.executable, "-m", "ncp"]
+        subprocess.run(
+            [*ncp, "index", "--config", str(configs["a"])],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+        setup_s = time.monotonic() - t0
+        for kind, config in (("serve", configs["a"]), ("edge", configs["edge"])):
+            log = open(work / f"{kind}.log", "wb")  # noqa: SIM115 - closed with the process
+            procs.append(
+                subprocess.Popen(
+                    [*ncp, kind, "--config", str(config)],
+                    cwd=ROOT,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        for port in ports.values():
+            wait_port(port, timeout=120)
+
+        seconds: dict[str, list[float]] = {v: [] for v in wanted}
+        rss: dict[str, list[float]] = {v: [] for v in wanted if v not in REFERENCES}
+        failures: dict[str, str] = {}
+        phases: dict[str, list[dict[str, float]]] = {}
+        for round_no in range(args.repeat + 1):
+            for name in wanted:
+                if name in unavailable or name in failures:
+                    continue
+                if name == "bare":
+                    took, _ = bare(f"{archive.dicomweb_url}/studies/{study}", work / "x", None)
+                elif name in ("bare_tls", "bare_tls_synced"):
+                    assert archive_tls is not None
+                    url = f"{archive_tls.dicomweb_url}/studies/{study}"
+                    synced = name.endswith("_synced")
+                    took, _ = bare(url, work / "x", archive_tls.ca_file, synced=synced)
+                elif name == "stow_only":
+                    assert b_archive is not None
+                    b_archive.clear()
+                    took = stow_only(b_archive.dicomweb_url, files, work / "stow-staging")
+                else:
+                    stow = name.endswith("_stow")
+                    if stow:
+                        assert b_archive is not None
+                        b_archive.clear()
+                    shutil.rmtree(work / "b" / "retrieved" / study, ignore_errors=True)
+                    config = configs["b_stow" if stow else "b"]
+                    option = "C" if name == "pull_c" else "A"
+                    result, grew = pull(config, option, work / f"{name}.log")
+                    if result["status"] != "stored" or result["instances"] != len(files):
+                        failures[name] = json.dumps(result)
+                        continue
+                    took = result["seconds"]
+                    if round_no:
+                        rss[name].append(grew)
+                        phases.setdefault(name, []).append(result["phases_s"])
+                if round_no:
+                    seconds[name].append(took)
+        medians = {k: statistics.median(v) for k, v in seconds.items() if v}
+        report: dict[str, Any] = {
+            "machine": {
+                "cpus": os.cpu_count(),
+                "load_average_at_end": round(os.getloadavg()[0], 1),
+            },
+            "study": {
+                "instances": len(files),
+                "series": args.series,
+                "mb": round(size_mb, 1),
+                "setup_s": round(setup_s, 1),
+            },
+            "repeat": args.repeat,
+            "seconds": {k: round(v, 2) for k, v in medians.items()},
+            "throughput_mb_s": {k: round(size_mb / v) for k, v in medians.items()},
+        }
+        pulls = {k: v for k, v in medians.items() if k.startswith("pull_")}
+        for ref in ("bare", "bare_tls", "bare_tls_synced"):
+            if ref in medians:
+                report[f"ratio_to_{ref}"] = {
+                    k: round(v / medians[ref], 2) for k, v in pulls.items()
+                }
+        if "stow_only" in medians and "pull_a_stow" in medians:
+            report["pull_a_stow_to_stow_only"] = round(
+                medians["pull_a_stow"] / medians["stow_only"], 2
+            )
+        report["rss_growth_mb_max"] = {k: round(max(v), 1) for k, v in rss.items() if v}
+        report["pull_phases_s"] = phases
+        if failures:
+            report["failures"] = failures
+        if unavailable:
+            report["unavailable"] = unavailable
+        print(json.dumps(report, indent=2))
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(10)
+        for server in servers:
+            server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _upload_tls(server: Any, files: list[Path]) -> None:
+    server.upload(files)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="mode")
+    child = sub.add_parser("b", help="(internal) B's side of one pull")
+    child.add_argument("--config", required=True)
+    child.add_argument("--option", choices=["A", "C"], default="A")
+    parser.add_argument("--instances", type=int, default=1000)
+    parser.add_argument("--series", type=int, default=4)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--only", default="", help="comma-separated variants (bare ones always)")
+    args = parser.parse_args()
+    if args.mode == "b":
+        b_pull(args)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
