@@ -65,6 +65,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
         "ncp.consumer.jobs_command",
         "country B's retrieval jobs: list, show, cancel, work, purge",
     ),
+    "portal": ("ncp.portal.command", "the HP portal's local accounts"),
     "check-config": (
         "ncp.ops.checks",
         "check a node's or edge gateway's configuration, keys, certificates and trust list",

@@ -16,8 +16,16 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from ncp.errors import ConfigError
@@ -157,6 +165,13 @@ class ListenSection(_Section):
     )
     imaging_port: int = Field(
         default=0, ge=0, le=65535, description="Imaging channel (DICOMweb gateway, option A)."
+    )
+    portal_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="The HP portal (HTTPS, the node's server certificate); 0: the port of "
+        "portal.url.",
     )
     ops_port: int = Field(
         default=0,
@@ -449,6 +464,133 @@ class RetrievalSection(_Section):
     )
 
 
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+def _https_or_loopback(value: str, what: str) -> str:
+    """An https:// URL, or plain http:// on loopback only (a test identity provider)."""
+    parts = urlsplit(value)
+    if parts.scheme == "https" and parts.netloc:
+        return value
+    if parts.scheme == "http" and parts.hostname is not None:
+        host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+        if host in _LOOPBACK_HOSTS:
+            return value
+    raise ValueError(f"{what} must be an https:// URL (plain http only on loopback)")
+
+
+class OidcSection(_Section):
+    """A national identity provider for health professionals, through OpenID Connect
+    (authorization code flow with PKCE; the ID token's signature, nonce and ``acr`` checked).
+    An HP who signs in there must also have an account at the portal, linked by the IdP's
+    ``sub`` (``ncp portal add-user --oidc-subject``): the account carries the role and
+    organisation the HP identity assertion needs, which an eID does not."""
+
+    issuer: str = Field(
+        description="The provider's issuer URL; its configuration is read from "
+        "<issuer>/.well-known/openid-configuration. https:// (http:// on loopback only)."
+    )
+    client_id: str = Field(description="The portal's client id at the provider.")
+    client_secret: str = Field(
+        default="",
+        description="The client secret (client_secret_basic); keep it out of the file: "
+        "NCP_PORTAL__OIDC__CLIENT_SECRET. Empty: a public client (PKCE only).",
+    )
+    scopes: tuple[str, ...] = Field(
+        default=("openid", "profile"), description="Scopes asked for; 'openid' is required."
+    )
+    acr_values: tuple[str, ...] = Field(
+        default=(),
+        description="Authentication context classes asked for and the only ones accepted, "
+        "e.g. ['http://eidas.europa.eu/LoA/substantial', 'http://eidas.europa.eu/LoA/high']. "
+        "Empty: any acr the provider states (an ID token without acr is refused).",
+    )
+    display_name: str = Field(
+        default="National eID", description="The provider's name on the login page."
+    )
+    timeout_s: float = Field(default=10.0, gt=0, le=60, description="Timeout of one call.")
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer_url(cls, value: str) -> str:
+        return _https_or_loopback(value.rstrip("/"), "portal.oidc.issuer")
+
+    @field_validator("scopes")
+    @classmethod
+    def _openid_scope(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if "openid" not in value:
+            raise ValueError("must include 'openid'")
+        return value
+
+
+class PortalSection(_Section):
+    """Country B's portal for health professionals (``ncp.portal``): login with a second
+    factor (or a national OpenID Connect provider), server-side sessions in the node's
+    database. docs/portal.md explains each limit."""
+
+    enabled: bool = Field(default=False, description="Serve the portal (ncp serve).")
+    url: str = Field(
+        default="",
+        description="The portal's public base URL as browsers reach it, e.g. "
+        "https://ncp.example.be/portal-root; https:// only (its cookies are Secure).",
+    )
+    idle_timeout_s: int = Field(
+        default=900, ge=60, le=3600, description="A session unused this long ends (seconds)."
+    )
+    absolute_lifetime_s: int = Field(
+        default=8 * 3600,
+        ge=600,
+        le=12 * 3600,
+        description="A session ends this long after login, used or not (seconds).",
+    )
+    login_timeout_s: int = Field(
+        default=300, ge=30, le=900, description="Time to finish a login's steps (seconds)."
+    )
+    max_failures_account: int = Field(
+        default=5, ge=1, le=100, description="Failed logins of one account that lock it."
+    )
+    max_failures_source: int = Field(
+        default=20, ge=1, le=1000, description="Failed logins from one address that block it."
+    )
+    failure_window_s: int = Field(
+        default=900, ge=60, description="Failures older than this are not counted (seconds)."
+    )
+    lockout_s: int = Field(default=900, ge=60, description="How long a lock-out lasts (seconds).")
+    default_language: str = Field(
+        default="en",
+        description="Language of pages before login when the browser asks for none we have "
+        "(en, de, fr).",
+    )
+    local_accounts: bool = Field(
+        default=True, description="Allow login with a local password and TOTP code."
+    )
+    oidc: OidcSection | None = Field(
+        default=None, description="A national identity provider (OpenID Connect), optional."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _portal_url(cls, value: str) -> str:
+        if value and not value.startswith("https://"):
+            raise ValueError("must be an https:// URL: the portal's cookies are Secure")
+        return value.rstrip("/")
+
+    @field_validator("default_language")
+    @classmethod
+    def _language(cls, value: str) -> str:
+        if value not in ("en", "de", "fr"):
+            raise ValueError("must be one of the portal's languages: en, de, fr")
+        return value
+
+    @model_validator(mode="after")
+    def _served_somewhere(self) -> PortalSection:
+        if self.enabled and not self.url:
+            raise ValueError("portal.enabled needs portal.url (the portal's public https:// URL)")
+        if self.enabled and not self.local_accounts and self.oidc is None:
+            raise ValueError("with local_accounts off, portal.oidc is the only way in: set it")
+        return self
+
+
 class OpsSection(_Section):
     """What operators watch: readiness, certificate expiry, shutdown (docs/operations.md)."""
 
@@ -625,6 +767,7 @@ class NodeSettings(_FileSettings):
     budget: BudgetSection = BudgetSection()
     retrieval: RetrievalSection = RetrievalSection()
     """Country B's retrieval jobs (workers, lanes, local store, retention)."""
+    portal: PortalSection = PortalSection()
     viewer: ViewerSection = ViewerSection()
     consumer: ConsumerSection = ConsumerSection()
     ops: OpsSection = OpsSection()

@@ -9,6 +9,9 @@ client certificate of a peer on the trust list, or of this node's own CA (its na
 for report ingest; the application then tells the two apart). Handshake refusals are written to
 the audit chain as ``refusal`` records; request-stage refusals are audited by the application.
 
+The HP portal (``ncp.portal``) is served on ``listen.portal_port`` when ``portal.enabled``:
+HTTPS with the node's server certificate (:func:`portal_server`).
+
 The imaging channel (option A) is served from the same process on ``listen.imaging_port`` when
 ``urls.imaging`` is set (``ncp.gateway.app.build_gateway_app``): HTTPS with
 the node's server certificate; image access tokens authorise its requests, not certificates.
@@ -178,6 +181,32 @@ def node_viewer_server(
         log_level=log_level,
         protocol=H11Protocol,
         limits=node.settings.http,
+        label="option B viewer",
+    )
+
+
+def portal_server(node: Node, *, host: str, log_level: str = "info") -> uvicorn.Server:
+    """The HP portal (``ncp.portal``): HTTPS with the node's server certificate. Proxy headers
+    are not read: the lock-out counts failures per client address, which a forged
+    X-Forwarded-For must not change."""
+    from ncp.portal.app import build_portal_app
+
+    settings = node.settings
+    if not settings.portal.url:
+        raise ConfigError("portal.enabled needs portal.url (the portal's public https:// URL)")
+    port = _port(settings.listen.portal_port, settings.portal.url, "portal.url")
+    tls = TlsFiles(node.keystore.server.cert_path, node.keystore.server.key_path)
+    # The server every HTTPS listener of the node runs (no WebSockets, no Server header, the
+    # lifespan required), with uvicorn's plain h11 protocol and the node's connection limits.
+    return imaging_server(
+        build_portal_app(node),
+        host=host,
+        port=port,
+        tls=tls,
+        log_level=log_level,
+        protocol=H11Protocol,
+        limits=settings.http,
+        label="HP portal",
     )
 
 
@@ -237,10 +266,19 @@ def viewer_role(node: Node, log_level: str) -> NamedServer | None:
     return NamedServer("viewer", server)
 
 
+def portal_role(node: Node, log_level: str) -> NamedServer | None:
+    """Country B's HP portal, when ``portal.enabled``."""
+    if not node.settings.portal.enabled:
+        return None
+    server = portal_server(node, host=node.settings.listen.host, log_level=log_level)
+    return NamedServer("portal", server)
+
+
 ROLES: tuple[Role, ...] = (
     standard_role,
     imaging_role,
     viewer_role,
+    portal_role,
 )
 """Every role ``ncp serve`` may run, in start order (one line per role)."""
 

@@ -27,8 +27,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-# The audit tables and B's retrieval jobs belong to the schema.
+# The audit tables, B's retrieval jobs and the portal's belong to the schema.
 import ncp.audit.models
+import ncp.store.portal
 import ncp.store.retrieval  # noqa: F401
 from ncp.store.db import alembic_config, make_engine, migrate, session_factory
 from ncp.store.models import Base, Instance, Patient, Series, SourceObject, Study
@@ -52,6 +53,9 @@ MODEL_TABLES = {
     "retrieved_instance",
     "retrieval_problem",
     "stored_study",
+    "hp_account",
+    "portal_session",
+    "login_failure",
 }
 
 
@@ -155,7 +159,7 @@ def test_migrate_creates_schema(engine: Engine) -> None:
     assert set(inspect(engine).get_table_names()) == set()
     migrate(engine)
     assert set(inspect(engine).get_table_names()) == MODEL_TABLES | {"alembic_version"}
-    assert _current(engine) == _head() == "retrieval_jobs"
+    assert _current(engine) == _head() == "portal"
 
 
 def test_migrate_is_idempotent(migrated: Engine) -> None:

@@ -90,6 +90,7 @@ _REST_OPERATION = EventType(AUDIT_EVENT_TYPE, "rest", "E", "operation")
 
 EVENT_TYPES: dict[tuple[Action, str], EventType] = {
     (Action.HP_LOGIN, "*"): EventType(DCM, "110114", "E"),
+    (Action.HP_LOGOUT, "*"): EventType(DCM, "110114", "E"),
     (Action.PATIENT_IDENTIFY, "*"): EventType(DCM, "110112", "E", "search-type"),
     (Action.TRC_CONFIRM, Side.CONSUMER): EventType(DCM, "110110", "C"),
     (Action.TRC_CONFIRM, "*"): EventType(DCM, "110110", "E"),
@@ -310,8 +311,8 @@ def audit_event(r: AuditRecord) -> dict[str, Any]:
     }
     if Action(r.action) is Action.HP_LOGIN:
         resource["subtype"] = [_coding(DCM, "110122", _DCM_DISPLAY["110122"])]
-    elif Action(r.action) is Action.VIEWER_SESSION:
-        # The session's end is a logout (DCM 110123), as ATNA records one.
+    elif Action(r.action) in (Action.HP_LOGOUT, Action.VIEWER_SESSION):
+        # A session's end is a logout (DCM 110123), as ATNA records one.
         resource["subtype"] = [_coding(DCM, "110123", _DCM_DISPLAY["110123"])]
     else:
         interaction = r.interaction or kind.interaction

@@ -48,7 +48,10 @@ class Action(enum.StrEnum):
     """The steps of the use case (design.md section 3) that leave an audit record."""
 
     HP_LOGIN = "hp-login"
-    """B authenticated a health professional and signed the HP identity assertion."""
+    """B authenticated a health professional and signed the HP identity assertion (or refused a
+    login step: a wrong password or code, a lock-out)."""
+    HP_LOGOUT = "hp-logout"
+    """A health professional's session at B's portal ended: logout, idle timeout or end of life."""
     PATIENT_IDENTIFY = "patient-identify"
     """B asked A to identify a patient; A confirmed, found no match, or found several."""
     TRC_CONFIRM = "trc-confirm"

@@ -6,7 +6,7 @@ bearer token they need, and the DICOMweb status of every refusal (a status code 
 ``Warning: 299`` header and a short text). The gateway routes every path through one handler
 (:mod:`ncp.gateway.app`), so this document is written here rather than read from routes; a test
 asks every path and method of it (schemathesis). Decision record:
-``docs/decisions/0016-openapi-documents.md``.
+``docs/decisions/0017-openapi-documents.md``.
 """
 
 from __future__ import annotations

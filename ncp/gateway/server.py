@@ -62,11 +62,13 @@ def imaging_server(
     protocol: type[asyncio.Protocol] | str = RelayH11Protocol,
     limits: HttpSection | None = None,
     on_refusal: ProtocolRefusal | None = None,
+    label: str = "imaging channel (DICOMweb)",
 ) -> uvicorn.Server:
     """A server for a gateway ``app``; ``tls`` None (plain HTTP) and another ``protocol`` exist
     for measuring alternatives only: the deployed channel is HTTPS under the relay's protocol.
     ``limits``: the connection limits (``[http]``); ``on_refusal``: where refusals below the
-    app go (:func:`protocol_refusals`)."""
+    app go (:func:`protocol_refusals`); ``label``: what the start-up line says is served (the
+    viewer and the portal run under this server too, with uvicorn's plain h11 protocol)."""
     from ncp.security.mtls import tls_server_protocol
 
     install_cut_short_filter()  # a transfer cut short: one line, not a traceback
@@ -95,19 +97,23 @@ def imaging_server(
         ssl_keyfile=None if tls is None else str(tls.key),
         **uvicorn_options(limits),
     )
-    return _ImagingServer(config) if handshake_ours else uvicorn.Server(config)
+    return _HttpsServer(config, label) if handshake_ours else uvicorn.Server(config)
 
 
-class _ImagingServer(uvicorn.Server):
+class _HttpsServer(uvicorn.Server):
     """uvicorn's server, saying truly what it serves: it sees plain TCP (the TLS handshake is
     our protocol's) and would log ``Uvicorn running on http://`` for an HTTPS-only port."""
+
+    def __init__(self, config: uvicorn.Config, label: str) -> None:
+        super().__init__(config)
+        self.label = label
 
     def _log_started_message(self, listeners: Sequence[socket.SocketType]) -> None:
         for sock in listeners:
             host, port = sock.getsockname()[:2]
             where = f"[{host}]" if ":" in host else host
             logging.getLogger("uvicorn.error").info(
-                "imaging channel (DICOMweb) on https://%s:%d (Ctrl-C to quit)", where, port
+                "%s on https://%s:%d (Ctrl-C to quit)", self.label, where, port
             )
 
 

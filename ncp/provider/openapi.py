@@ -7,7 +7,7 @@ reads them), and this module adds what the routes read by hand: the request bodi
 or XML Parameters, resources, forms), the search parameters (the search routes' own table,
 :mod:`ncp.provider.capability`), the security of each route (mutual TLS, the HP assertion, the
 treatment relationship confirmation) and the OperationOutcome of every refusal. Decision record:
-``docs/decisions/0016-openapi-documents.md``.
+``docs/decisions/0017-openapi-documents.md``.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-# Imported for their tables on Base.metadata: the audit trail and B's retrieval jobs.
+# Imported for their tables on Base.metadata: the audit trail, B's retrieval jobs, the portal.
 import ncp.audit.models
+import ncp.store.portal
 import ncp.store.retrieval  # noqa: F401
 from ncp.store.models import Base
 
