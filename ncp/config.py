@@ -654,6 +654,14 @@ class ViewerSection(_Section):
     render_threads: int = Field(
         default=4, ge=1, le=64, description="Threads that render and encode frames."
     )
+    read_ahead_frames: int = Field(
+        default=8,
+        ge=0,
+        le=64,
+        description="Frames of a series decoded ahead of the one asked for, in the direction "
+        "of scrolling (half as many behind), so that a first pass over a series finds them "
+        "decoded; never more than a quarter of frame_memory_mib. 0 reads nothing ahead.",
+    )
     max_parts: int = Field(
         default=500,
         ge=1,
