@@ -1,7 +1,7 @@
 // ncp viewer: the page of the server-side viewer. Frames are rendered by the server (PS3.18
 // rendered resources); this script lists studies and series, asks for frames with the window
 // chosen, and moves, zooms and windows them. No framework, nothing from another origin.
-// The page's HTML asks for its first image itself (decision 0017); its data (the session's
+// The page's HTML asks for its first image itself (decision 0018); its data (the session's
 // context, the study, its series, the first series' images) comes with it as a JSON data block
 // when the page's request had the session, else in one request beside the image. Nothing here
 // is asked for before the first image.
