@@ -200,7 +200,7 @@ def test_keyboard_only_login(browser: Any, served: Any, clock: Clock) -> None:
     url, _node, secrets = served
     page = _page(browser, LAPTOP)
     page.goto(f"{url}/login")
-    assert page.evaluate("document.activeElement.id") == "username"  # autofocus
+    _wait(page, "document.activeElement && document.activeElement.id === 'username'")
     # The first thing in the tab order is the skip link to the main content.
     assert page.evaluate("document.querySelector('a[href], button, input, select').className") == (
         "skip"
@@ -212,7 +212,11 @@ def test_keyboard_only_login(browser: Any, served: Any, clock: Clock) -> None:
     page.keyboard.press("Enter")
     page.wait_for_url(f"{url}/login/totp")
     clock.advance(seconds=30)
-    page.keyboard.type(totp_now(secrets["en"], clock))  # the code field has the focus
+    # The code field takes the focus by itself. Chromium applies autofocus at its next rendering
+    # step, which may come after the load event on a busy machine: wait for it, never type into
+    # the page's body.
+    _wait(page, "document.activeElement && document.activeElement.id === 'code'")
+    page.keyboard.type(totp_now(secrets["en"], clock))
     page.keyboard.press("Enter")
     page.wait_for_url(f"{url}/")
 
