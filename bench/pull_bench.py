@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -148,6 +149,7 @@ def setup_nodes(work: Path, archive_url: str, ports: dict[str, int]) -> dict[str
         f"""[node]
 country = "AT"
 patient_id_issuer = "{ISSUER}"
+demo = true  # the bench's keys are the test PKI's (`ncp keys init`)
 [urls]
 standard = "{standard}"
 imaging = "{imaging}"
@@ -171,6 +173,7 @@ list = "trust.toml"
         work / "edge" / "edge.toml",
         f"""[edge]
 country = "AT"
+demo = true
 audience = "{edge}"
 jwks = "{a_keys / "jwks.json"}"
 [archive]
@@ -194,6 +197,7 @@ url = "sqlite:///edge-audit.db"
     b_common = """[node]
 country = "BE"
 patient_id_issuer = "2.16.56.1.1.1"
+demo = true
 [database]
 url = "sqlite:///{db}"
 [archive]
@@ -248,6 +252,7 @@ def b_pull(args: argparse.Namespace) -> None:
     print("ready", flush=True)
     sys.stdin.readline()
     t0 = time.perf_counter()
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     context = wiring.context("AT", hp, patient, purpose="TREAT", informed=True)
     studies = wiring.studies(context, StudyFilters())
     job = env.jobs.create(
@@ -258,6 +263,7 @@ def b_pull(args: argparse.Namespace) -> None:
     t1 = time.perf_counter()
     status = Retriever(env).run_only(job.id)
     seconds = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
     view = env.jobs.get(job.id)
     at = {event.status: event.at for event in view.history}
     print(
@@ -268,6 +274,8 @@ def b_pull(args: argparse.Namespace) -> None:
                 "bytes": view.bytes_done,
                 "instances": view.instances_done,
                 "reason": view.reason,
+                "cpu_user_s": round(r1.ru_utime - r0.ru_utime, 3),
+                "cpu_system_s": round(r1.ru_stime - r0.ru_stime, 3),
                 # Where the time went: signing and the list, then the job's own phases.
                 "phases_s": {
                     "sign_and_list": round(t1 - t0, 3),

@@ -515,7 +515,8 @@ class JobRun:
         try:
             self._checkpoint()
             fetcher = Fetcher(
-                self.env.http(peer),
+                self.env.connections,
+                peer,
                 self.staging,
                 request_id=self.row.request_id,
                 write_back=self.env.store.write_back,
