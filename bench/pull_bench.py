@@ -251,6 +251,7 @@ def b_pull(args: argparse.Namespace) -> None:
     patient = PatientRef(f"urn:oid:{ISSUER}", PATIENT_ID)
     print("ready", flush=True)
     sys.stdin.readline()
+    pauses = gc_pauses()
     t0 = time.perf_counter()
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     context = wiring.context("AT", hp, patient, purpose="TREAT", informed=True)
@@ -276,6 +277,8 @@ def b_pull(args: argparse.Namespace) -> None:
                 "reason": view.reason,
                 "cpu_user_s": round(r1.ru_utime - r0.ru_utime, 3),
                 "cpu_system_s": round(r1.ru_stime - r0.ru_stime, 3),
+                # The cyclic garbage collector holds the GIL while it walks the heap.
+                "gc_pauses": {"count": len(pauses), "s": round(sum(pauses), 3)},
                 # Where the time went: signing and the list, then the job's own phases.
                 "phases_s": {
                     "sign_and_list": round(t1 - t0, 3),
@@ -293,6 +296,23 @@ def b_pull(args: argparse.Namespace) -> None:
     env.close()
     wiring.close()
     node.close()
+
+
+def gc_pauses() -> list[float]:
+    """The cyclic garbage collector's pauses (seconds) from now on, appended as they end."""
+    import gc
+
+    pauses: list[float] = []
+    began = [0.0]
+
+    def watch(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            began[0] = time.perf_counter()
+        else:
+            pauses.append(time.perf_counter() - began[0])
+
+    gc.callbacks.append(watch)
+    return pauses
 
 
 # --- measuring ----------------------------------------------------------------------------------
