@@ -1,7 +1,7 @@
 """B's local store of retrieved studies, behind one interface: a folder (the default) or B's own
 archive through STOW-RS.
 
-Only verified instances reach a store (``ncp.consumer.runner`` verifies first); they arrive as
+Only verified instances reach a store (``ncp.consumer.download`` verifies first); they arrive as
 files in the staging folder, in batches (:meth:`LocalStore.put`), so that a store can make a
 batch durable at once. A store also says which instances of a study it holds already
 (:meth:`LocalStore.existing`): a job restarted after a crash skips them, and nothing is stored
