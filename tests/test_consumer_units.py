@@ -237,6 +237,37 @@ def test_the_folder_store_renames_verified_files_into_place(tmp_path: Path) -> N
     assert store.existing(STUDY) == set() and not (tmp_path / "store" / STUDY).exists()
 
 
+def test_the_folder_store_flushes_each_new_folder_entry_before_it_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ncp.consumer.localstore as localstore
+
+    flushed: list[Path] = []
+    real = localstore._fsync_dir
+    monkeypatch.setattr(localstore, "_fsync_dir", lambda p: (flushed.append(p), real(p)))
+    root = tmp_path / "store"
+    staging = root / ".incoming" / "job"
+    series = root / STUDY / SERIES
+
+    def put(store: FolderStore, n: int) -> set[Path]:
+        flushed.clear()
+        key = InstanceKey(STUDY, SERIES, f"{SERIES}.{n}")
+        store.put([Verified(_staged(staging, f"{n}.part", b"x"), key, 1)])
+        assert store.path_of(key).read_bytes() == b"x"
+        return set(flushed)
+
+    store = FolderStore(root)
+    # New folders: the series folder (its new file) and each folder that gained an entry.
+    assert put(store, 1) == {series, root / STUDY, root}
+    # Later batches: the series folder's new entries only.
+    assert put(store, 2) == {series}
+    # A purged study pulled again: its new folders' entries are flushed again.
+    store.remove_study(STUDY)
+    assert put(store, 3) == {series, root / STUDY, root}
+    # A store opened again (another process, after a crash) flushes them once more.
+    assert put(FolderStore(root), 4) == {series, root / STUDY, root}
+
+
 def test_uids_are_the_only_names_a_store_accepts() -> None:
     with pytest.raises(ValueError):
         InstanceKey("../../etc", SERIES, "1.2")
