@@ -228,7 +228,10 @@ class Committer:
                 item = self._queue.get(timeout=0.05 if busy else self._beat_every)
             except queue.Empty:
                 item = None
-            flush_now = item is None or self._queue.empty()
+            # A batch goes when it is full, when nothing came for a moment, or when asked: not
+            # each time the queue is empty (one connection's instances arrive a few ms apart,
+            # and a batch of one costs a transaction and a folder flush of its own).
+            flush_now = item is None
             if item is _CLOSE:
                 closing = flush_now = True
             elif item is _FLUSH:
