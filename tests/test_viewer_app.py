@@ -293,8 +293,9 @@ def test_no_route_of_the_viewer_ever_answers_dicom(portal: Any) -> None:
     viewer_app = client.app.routes[-1].app  # type: ignore[attr-defined]
     templates = [r.path for r in viewer_app.routes if isinstance(r, Route)]
     expected = {
-        "/", "/static/{name}", "/context", "/studies", "/studies/{study}/series",
-        "/studies/{study}/series/{series}/instances", "/{rest:path}",
+        "/", "/static/{name}", "/context", "/initial", "/studies", "/studies/{study}/series",
+        "/studies/{study}/first-image", "/studies/{study}/series/{series}/instances",
+        "/{rest:path}",
     }  # fmt: skip
     levels = [
         "/studies/{study}",

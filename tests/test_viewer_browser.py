@@ -25,6 +25,7 @@ import pytest
 from PIL import Image
 
 from ncp.viewer.render import Window, render
+from tests.support.dicom_factory import write_instance
 from tests.support.node import RunningNode, running_node
 from tests.support.orthanc import ENV_REQUIRE
 from tests.support.viewer import CT_SERIES, CT_STUDY, ct_instance, launch_url, write_ct_series
@@ -74,9 +75,26 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningNode
 
     def extra(folder: Path) -> None:
         volume["ct"] = write_ct_series(folder, n=SLICES, size=SIZE)
+        write_cine(folder)
 
     with running_node(root, viewer=True, archive_extra=extra) as running:
         yield running, volume["ct"]
+
+
+CINE_SERIES = f"{CT_STUDY}.3"
+
+
+def write_cine(folder: Path) -> None:
+    """A third series of the CT study: one multi-frame image, 12 frames of 64 x 48 pixels
+    twice as tall as wide (Pixel Spacing 1.0 \\ 0.5 mm), a frame every 40 ms (25 per second)."""
+    frames = np.stack([np.full((48, 64), 1024 + 40 * i, np.uint16) for i in range(12)])
+    ds = ct_instance(
+        frames[0], number=1, series=CINE_SERIES, SeriesNumber=3, SeriesDescription="Cine",
+        FrameTime=40.0, NumberOfFrames=12,
+    )  # fmt: skip
+    ds.PixelSpacing = [1.0, 0.5]
+    ds.PixelData = frames.tobytes()
+    write_instance(folder / "PAT100" / "ct-cine.dcm", ds)
 
 
 def shown_pixels(page: Any) -> np.ndarray:
@@ -231,7 +249,115 @@ def test_a_refused_launch_is_a_readable_page(chromium: Any, node: Any) -> None:
         page.goto(url)
         page.goto(url)  # the same link again
         assert "Les images ne peuvent pas être ouvertes" in page.inner_text("h1")
-        assert "used already" in page.inner_text(".reason")
+        # The reason in the HP's language; the help desk's line keeps the audit's wording.
+        assert "déjà été utilisé" in page.inner_text(".reason")
+        assert "used already" in page.inner_text(".request")
         page.screenshot(path=str(ARTIFACTS / "refused-fr.png"))
+    finally:
+        context.close()
+
+
+NETWORK_LOG = """() => {
+    const entries = performance.getEntriesByType("resource");
+    const frame = entries.find((e) => /\\/(rendered|first-image)$/.test(new URL(e.name).pathname));
+    const nav = performance.getEntriesByType("navigation")[0];
+    const mark = performance.getEntriesByName("ncp-first-image")[0];
+    return {
+        redirects: nav.redirectCount,
+        frameEnd: frame ? frame.responseEnd : null,
+        shownAt: mark ? mark.startTime : null,
+        resources: entries.map((e) => ({
+            path: new URL(e.name).pathname.replace(/^.*\\/viewer\\//, ""),
+            initiator: e.initiatorType,
+            start: e.startTime,
+            end: e.responseEnd,
+        })),
+    };
+}"""
+
+
+def test_the_first_image_needs_only_the_page_its_two_files_and_itself(
+    chromium: Any, node: Any
+) -> None:
+    """The page's own network log (Resource Timing): from the launch to the first image, the
+    browser asks for the launch (redirected), the page, its script and style, the image and at
+    most the page's data (one request, in parallel with the image); no list of studies,
+    series or images, no context, no thumbnail comes before the image, and the image is asked
+    for by the page's HTML (an ``img``), not by the script once it has run and asked for data.
+    Before: the script asked for the context and the studies, then the series, then the
+    images, then the frame (7 requests after the page, 5 of them one after another)."""
+    running, _ = node
+    context, page, _, problems = open_viewer(chromium, running, "en")
+    try:
+        log = page.evaluate(NETWORK_LOG)
+        assert log["redirects"] == 1  # the launch, then the page: one navigation
+        assert log["frameEnd"] is not None
+        before = [r for r in log["resources"] if r["start"] < log["frameEnd"]]
+        paths = sorted(r["path"] for r in before)
+        lists = ("context", "studies", "series", "instances", "thumbnail")
+        assert not [p for p in paths if p.endswith(lists)], paths
+        assert len(before) <= 4, paths
+        assert set(paths) <= {
+            "static/viewer.css",
+            "static/viewer.js",
+            "initial",
+            f"studies/{CT_STUDY}/first-image",
+        }, paths
+        [frame] = [r for r in before if r["path"].endswith(("/rendered", "/first-image"))]
+        assert frame["initiator"] == "img", frame
+        # The page marks the moment its first image is shown, for the benchmark.
+        assert log["shownAt"] is not None and log["shownAt"] >= frame["end"] - 1
+        assert problems == []
+    finally:
+        context.close()
+
+
+def test_cine_plays_at_the_series_speed_or_the_hps_and_pixels_keep_their_shape(
+    chromium: Any, node: Any
+) -> None:
+    running, _ = node
+    context, page, _, problems = open_viewer(chromium, running, "en")
+    try:
+        page.click(f".series-item[data-series='{CINE_SERIES}']")
+        wait_shown(page, 0)
+        # 64 x 48 pixels of 0.5 x 1.0 mm: shown 32 mm wide and 48 mm high.
+        width, height = page.eval_on_selector(
+            "#image",
+            "img => [img.getBoundingClientRect().width, img.getBoundingClientRect().height]",
+        )
+        assert height / width == pytest.approx(1.5, rel=0.01)
+        page.keyboard.press(" ")
+        page.wait_for_selector("#cine[aria-pressed='true'][data-rate='25']", timeout=5_000)
+        page.wait_for_selector("#image:not([data-pos='0'])", state="attached", timeout=5_000)
+        assert "25 fps" in page.inner_text("#ov-br")
+        page.keyboard.press("[")  # slower: the next speed down
+        page.wait_for_selector("#cine[data-rate='20']", timeout=5_000)
+        assert page.input_value("#cine-rate") == "20"
+        page.select_option("#cine-rate", "5")
+        page.wait_for_selector("#cine[data-rate='5']", timeout=5_000)
+        page.keyboard.press(" ")
+        page.wait_for_selector("#cine[aria-pressed='false']", timeout=5_000)
+        page.select_option("#cine-rate", "auto")
+        page.keyboard.press(" ")
+        page.wait_for_selector("#cine[data-rate='25']", timeout=5_000)
+        page.screenshot(path=str(ARTIFACTS / "cine-en.png"))
+        assert problems == []
+    finally:
+        context.close()
+
+
+def test_the_hp_ends_the_session_from_the_page(chromium: Any, node: Any) -> None:
+    running, _ = node
+    context, page, _, problems = open_viewer(chromium, running, "fr-FR")
+    try:
+        page.wait_for_selector("#app[data-state='ready']", state="attached")
+        page.click("#end-session")
+        page.wait_for_selector("#app[data-state='closed']", state="attached", timeout=10_000)
+        assert "La session est terminée" in page.inner_text("#message")
+        assert page.eval_on_selector("#image", "img => img.classList.contains('hidden')")
+        status = page.evaluate("() => fetch('context').then((r) => r.status)")
+        assert status == 401
+        page.screenshot(path=str(ARTIFACTS / "ended-fr.png"))
+        assert [p for p in problems if "401" not in p] == []
     finally:
         context.close()

@@ -338,3 +338,46 @@ def test_the_viewer_is_served_over_https_only(node: RunningNode) -> None:
             sessions=parts.sessions,
             auditor=parts.auditor,
         )
+
+
+def test_the_hp_ends_a_session_and_its_end_is_recorded_once(
+    node: RunningNode, browser: httpx.Client
+) -> None:
+    """``POST /logout`` from the viewer's own page ends the session at once (this replica
+    refuses it from then on, the others within their 5 s memory), writes the viewing record,
+    then one ``viewer-session`` end (why: logout), and clears the cookie. Another site's
+    request cannot end it; a second logout records nothing more; the sweep never again."""
+    secret = launched(node, browser, [CT_STUDY])
+    assert browser.get(f"/viewer/studies/{CT_STUDY}/thumbnail").status_code == 200
+    origin = (node.viewer_url or "").rsplit("/viewer", 1)[0]
+    cookie = {"Cookie": f"{COOKIE}={secret}"}
+    before = node.last_seq()
+    for forged in ({"Origin": "https://evil.test"}, {"Sec-Fetch-Site": "cross-site"}):
+        refused = browser.post("/viewer/logout", headers=forged)
+        assert refused.status_code == 403 and "viewer's own page" in refused.text
+    assert browser.get(f"/viewer/studies/{CT_STUDY}/thumbnail").status_code == 200
+    ended = browser.post(
+        "/viewer/logout", headers={"Origin": origin, "Sec-Fetch-Site": "same-origin"}
+    )
+    assert ended.status_code == 204 and ended.content == b""
+    assert "Max-Age=0" in ended.headers["set-cookie"] and COOKIE not in browser.cookies
+    with viewer_client(node) as other:
+        after = other.get(f"/viewer/studies/{CT_STUDY}/thumbnail", headers=cookie)
+        assert after.status_code == 401 and "ended" in after.text
+        again = other.post("/viewer/logout", headers={**cookie, "Origin": origin})
+        assert again.status_code == 401
+    new = [r for r in node.audit_records() if r.seq > before]
+    refusals = [r for r in new if r.action == "refusal"]
+    assert len(refusals) == 4  # two forged logouts, the image and the logout after the end
+    session = session_id(secret)[:16]
+    mine = [r for r in new if r.action != "refusal" and r.details.get("session") == session]
+    assert [(r.action, r.details["phase"]) for r in mine] == [
+        ("image-view", "viewed"),
+        ("viewer-session", "ended"),
+    ]
+    assert mine[0].details["thumbnails"] == 2
+    assert mine[1].details["why"] == "logout" and mine[1].outcome == 0
+    with node.node.sessions() as db:
+        row = db.get(ViewerSession, session_id(secret))
+        # Closed: the sweep, which ends only rows not closed yet, never records it again.
+        assert row is not None and row.closed_at is not None

@@ -14,7 +14,7 @@ for the page, a short text otherwise) and audits it.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -22,6 +22,7 @@ from starlette.requests import Request
 
 from ncp.errors import NcpError
 from ncp.security.claims import PatientRef
+from ncp.viewer.i18n import reason_in
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,22 +55,41 @@ class ViewerGrant:
 
 class ViewerRefused(NcpError):
     """A request the viewer does not serve: ``status`` (400, 401, 403, 404...) and a reason a
-    person can read. ``jti``: the token the refusal concerns, once its signature verified."""
+    person can read. ``jti``: the token the refusal concerns, once its signature verified.
+
+    ``reason`` is English, with ``{name}`` fields filled from ``params`` when given: the audit
+    keeps it so. The person refused reads it in their language (:meth:`said_in`) when the
+    viewer's catalogue (:mod:`ncp.viewer.i18n`) has it; a reason it does not know (a portal's
+    own words) is shown as given.
+    """
 
     def __init__(
         self,
         status: int,
         reason: str,
         *,
+        params: Mapping[str, object] | None = None,
         jti: str | None = None,
         grant: ViewerGrant | None = None,
     ) -> None:
-        super().__init__(reason)
+        self.template = reason
+        self.params = dict(params or {})
+        self.reason = reason.format(**self.params) if self.params else reason
+        super().__init__(self.reason)
         self.status = status
-        self.reason = reason
         self.jti = jti
         self.grant = grant
+
+    def said_in(self, language: str | None) -> str:
+        """The reason in ``language`` (a BCP 47 tag; English when the catalogue lacks it)."""
+        return reason_in(self.template, language, self.params)
 
 
 Authorise = Callable[[Request], Awaitable[ViewerGrant]]
 """The dependency every viewer request goes through: the grant, or ViewerRefused."""
+
+
+EndSession = Callable[[Request, ViewerGrant, str], Awaitable[Mapping[str, str]]]
+"""Ends a session now, on the HP's ``POST /logout`` (A: the session row closed and its end
+audited; given the request, its grant and its request id), returning headers for the answer
+(A: the cookie cleared)."""

@@ -7,6 +7,8 @@ nothing private reaches an answer, whatever the archive's headers hold.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -69,6 +71,11 @@ INSTANCE_KEYWORDS = (
     "Rows",
     "Columns",
     "PixelSpacing",
+    "ImagerPixelSpacing",
+    "PixelAspectRatio",
+    "RecommendedDisplayFrameRate",
+    "CineRate",
+    "FrameTime",
     "BitsStored",
     "WindowCenter",
     "WindowWidth",
@@ -131,7 +138,26 @@ def series_json(images: StudyImages) -> list[dict[str, Any]]:
 
 
 def instance_json(image: ImageRef) -> dict[str, Any]:
+    """The image's attributes a viewer shows (DICOM JSON). Kept for the header it was made
+    of (about a millisecond each with pydicom: a series of hundreds is listed once, not at
+    every request); callers must not change it."""
+    with _KEPT_LOCK:
+        found = _KEPT.get(id(image.header))
+        if found is not None and found[0] is image.header and found[1] == image.transfer_syntax:
+            _KEPT.move_to_end(id(image.header))
+            return found[2]
     item = _pick(image.header, INSTANCE_KEYWORDS)
     if image.transfer_syntax:
         item[_AVAILABLE_SYNTAX] = {"vr": "UI", "Value": [image.transfer_syntax]}
+    with _KEPT_LOCK:
+        # The entry holds the header itself, so its id() cannot name another one meanwhile.
+        _KEPT[id(image.header)] = (image.header, image.transfer_syntax, item)
+        while len(_KEPT) > _KEPT_MAX:
+            _KEPT.popitem(last=False)
     return item
+
+
+_KEPT: OrderedDict[int, tuple[Dataset, str, dict[str, Any]]] = OrderedDict()
+_KEPT_LOCK = threading.Lock()
+_KEPT_MAX = 8192
+"""Instance lists kept: about 2 KB each, so at most some 16 MB."""

@@ -29,10 +29,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import os
+import threading
 import time
-from collections import OrderedDict
-from collections.abc import Iterable
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from email.message import Message
 from io import BytesIO
@@ -52,15 +54,31 @@ from ncp.dicom.source import ArchiveSource, InstanceHeader, SkippedEntry, Source
 from ncp.dicom.uids import is_uid
 from ncp.errors import ArchiveError, ConfigError, UnreadableInstance
 from ncp.store.models import Instance, Series, Study
-from ncp.viewer.decode import Undecodable, decode_file_frame, decode_frame_bytes
+from ncp.viewer.decode import (
+    NativeLayout,
+    Undecodable,
+    decode_file_frame,
+    decode_frame_bytes,
+    native_frame,
+    native_layout,
+    pixel_data_start,
+)
+
+log = logging.getLogger(__name__)
 
 _STUDY_TTL_S = 60.0
 """How long a study's headers are kept before the source is asked again."""
 _STUDIES_KEPT = 32
+_IMAGES_KEPT = 8192
+"""Headers kept per source: some 20 KB each without private elements (a CT slice), so about
+160 MB at most, measured in ``bench/viewer_bench.py`` (``server_memory_mib``)."""
 _FIRST_PIXEL_TAG = 0x7FE00008
 _FRAMES_ACCEPT = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
 _INSTANCE_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 _WHOLE_KEPT = 8
+_STREAM_PART_LIMIT = 256 << 20
+_STREAM_DECODING = 3
+"""The longest stored object read from a series stream (a CT slice is about 0.5 MB)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,10 +178,13 @@ def _is_image(ds: Dataset) -> bool:
 
 
 class _StudyCache:
-    """Headers of recently opened studies (a viewer opens one study many times a second)."""
+    """Headers of recently opened studies (a viewer opens one study many times a second):
+    at most :data:`_STUDIES_KEPT` studies and :data:`_IMAGES_KEPT` images (the most recent
+    study is kept whatever its size), each for :data:`_STUDY_TTL_S`."""
 
     def __init__(self) -> None:
         self._items: OrderedDict[str, tuple[float, StudyImages | None]] = OrderedDict()
+        self.images = 0
 
     def get(self, study: str) -> tuple[bool, StudyImages | None]:
         found = self._items.get(study)
@@ -173,10 +194,50 @@ class _StudyCache:
         return True, found[1]
 
     def put(self, study: str, images: StudyImages | None) -> None:
+        self._drop(study)
         self._items[study] = (time.monotonic(), images)
-        self._items.move_to_end(study)
-        while len(self._items) > _STUDIES_KEPT:
-            self._items.popitem(last=False)
+        self.images += len(images.images) if images else 0
+        while len(self._items) > 1 and (
+            len(self._items) > _STUDIES_KEPT or self.images > _IMAGES_KEPT
+        ):
+            self._drop(next(iter(self._items)))
+
+    def _drop(self, study: str) -> None:
+        old = self._items.pop(study, None)
+        if old is not None and old[1] is not None:
+            self.images -= len(old[1].images)
+
+
+class _Headers:
+    """Parsed headers of files by locator and fingerprint (size and modification time), so
+    that a study listed again (its :data:`_STUDY_TTL_S` over) parses only the files that
+    changed: each file is parsed once while it stays the same. At most :data:`_IMAGES_KEPT`."""
+
+    def __init__(self) -> None:
+        self._items: OrderedDict[str, tuple[str, ImageRef]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, locator: str, fingerprint: str) -> ImageRef | None:
+        with self._lock:
+            found = self._items.get(locator)
+            if found is None or found[0] != fingerprint:
+                return None
+            self._items.move_to_end(locator)
+            return found[1]
+
+    def put(self, fingerprint: str, image: ImageRef) -> None:
+        with self._lock:
+            self._items[image.locator] = (fingerprint, image)
+            self._items.move_to_end(image.locator)
+            while len(self._items) > _IMAGES_KEPT:
+                self._items.popitem(last=False)
+
+
+def _kept(ds: Dataset) -> Dataset:
+    """A header as the viewer keeps it: without private elements, which it never shows nor
+    uses (vendor blocks can be tens of KB an image)."""
+    ds.remove_private_tags()
+    return ds
 
 
 # -- a folder of files ---------------------------------------------------------------------------
@@ -186,15 +247,22 @@ class FolderFrames:
     """Part 10 files under a folder; ``catalogue`` says which files make a study."""
 
     name = "folder"
+    parallel_reads = 2
+    """Frames read ahead at once: files on a local disk, the CPU decodes."""
 
     def __init__(self, source: FolderSource | Path, catalogue: Catalogue) -> None:
         self.source = source if isinstance(source, FolderSource) else FolderSource(source)
         self.catalogue = catalogue
         self._cache = _StudyCache()
+        self._headers = _Headers()
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def aclose(self) -> None:
         return None
+
+    def known(self, study: str) -> tuple[bool, StudyImages | None]:
+        """The study's images when this source holds them in memory now: (True, images)."""
+        return self._cache.get(study)
 
     async def study(self, study: str) -> StudyImages | None:
         if not is_uid(study):
@@ -217,8 +285,15 @@ class FolderFrames:
 
     def _read(self, study: str, locators: list[str]) -> StudyImages | None:
         found: list[ImageRef] = []
-        entries = [SourceEntry(locator, "") for locator in locators]
-        for header in self.source.read_headers(entries):
+        unread: list[SourceEntry] = []
+        for locator in locators:
+            fingerprint = self._fingerprint(locator)
+            kept = self._headers.get(locator, fingerprint) if fingerprint else None
+            if kept is not None and kept.study == study:
+                found.append(kept)
+            else:
+                unread.append(SourceEntry(locator, fingerprint))
+        for header in self.source.read_headers(unread):
             if not isinstance(header, InstanceHeader):
                 continue
             ds = header.dataset
@@ -230,12 +305,22 @@ class FolderFrames:
             # The file must say it is of this study: the catalogue may be older than the file.
             if uids[0] != study or not all(is_uid(u) for u in uids) or not _is_image(ds):
                 continue
-            found.append(
-                ImageRef(
-                    study, uids[1], uids[2], header.entry.locator, header.transfer_syntax_uid, ds
-                )
+            image = ImageRef(
+                study, uids[1], uids[2], header.entry.locator, header.transfer_syntax_uid, _kept(ds)
             )
+            if header.entry.fingerprint:
+                self._headers.put(header.entry.fingerprint, image)
+            found.append(image)
         return StudyImages(study, _order(found)) if found else None
+
+    def _fingerprint(self, locator: str) -> str:
+        """Size and modification time of the file (without following a link); empty when it
+        cannot be seen, and the file is read (and refused) as before."""
+        try:
+            stat = os.stat(self.source.path_of(locator), follow_symlinks=False)
+        except (UnreadableInstance, OSError):
+            return ""
+        return f"{stat.st_size}:{stat.st_mtime_ns}"
 
     async def frame(self, image: ImageRef, index: int) -> NDArray[Any]:
         return await asyncio.to_thread(self._frame, image, index)
@@ -248,7 +333,24 @@ class FolderFrames:
         except (UnreadableInstance, OSError) as exc:
             raise Undecodable(f"the file cannot be opened ({type(exc).__name__})") from None
         with os.fdopen(fd, "rb") as fh:
+            layout = native_layout(image.header, image.transfer_syntax)
+            if layout is not None and index < layout.frames:
+                data = _native_frame_bytes(fh.fileno(), layout, index, image.transfer_syntax)
+                if data is not None:
+                    return native_frame(layout, data)
             return decode_file_frame(fh, index, image.transfer_syntax)
+
+
+def _native_frame_bytes(fd: int, layout: NativeLayout, index: int, syntax: str) -> bytes | None:
+    """Frame ``index`` of a file whose native Pixel Data is its last element, read at its
+    offset without parsing the file again (the header was parsed when the study was listed);
+    None when the file does not end that way, and pydicom reads it."""
+    size = os.fstat(fd).st_size
+    start = pixel_data_start(lambda offset, n: os.pread(fd, n, offset), size, layout, syntax)
+    if start is None:
+        return None
+    data = os.pread(fd, layout.frame_bytes, start + index * layout.frame_bytes)
+    return data if len(data) == layout.frame_bytes else None
 
 
 class IndexCatalogue:
@@ -344,6 +446,9 @@ class DicomwebFrames:
     """
 
     name = "dicomweb"
+    parallel_reads = 4
+    """Frames asked for ahead at once: each is a round trip to the archive, which works on
+    several requests at a time."""
 
     def __init__(
         self, url: str, *, timeout_s: float = 30.0, headers: dict[str, str] | None = None
@@ -365,6 +470,10 @@ class DicomwebFrames:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+    def known(self, study: str) -> tuple[bool, StudyImages | None]:
+        """The study's images when this source holds them in memory now: (True, images)."""
+        return self._cache.get(study)
 
     async def study(self, study: str) -> StudyImages | None:
         if not is_uid(study):
@@ -403,7 +512,9 @@ class DicomwebFrames:
         if header is None or str(header.ds.get("SOPInstanceUID", "")) != ref.sop:
             return None
         self._keep_whole(ref.sop, data)
-        return ImageRef(ref.study, ref.series, ref.sop, ref.locator, header.syntax, header.ds)
+        return ImageRef(
+            ref.study, ref.series, ref.sop, ref.locator, header.syntax, _kept(header.ds)
+        )
 
     def _keep_whole(self, sop: str, data: bytes) -> None:
         self._whole[sop] = data
@@ -428,6 +539,70 @@ class DicomwebFrames:
             raise Undecodable("the archive did not say the frame's transfer syntax")
         return await asyncio.to_thread(decode_frame_bytes, image.header, syntax, body)
 
+    async def stream_series(
+        self,
+        images: StudyImages,
+        series: str,
+        keep: Callable[[ImageRef, int, NDArray[Any]], bool],
+    ) -> int:
+        """Read a series of single-frame images in one request (WADO-RS retrieve series, as
+        stored), decoding each instance as it arrives and handing its frame to ``keep``, until
+        ``keep`` says no more (False: the memory for reading ahead is full) or the series
+        ends. Returns how many frames were kept.
+
+        For the archive, one stream of stored files costs a fraction of a frame request per
+        image (Orthanc: about 1 ms an instance against 4-6 ms a frame, measured in
+        ``bench/viewer_bench.py``'s conditions). Only the part being read is held; an image is
+        known by its own data set's SOP Instance UID, never by its place in the answer.
+        Multi-frame images and images whose header needs bulk data are left to the frame
+        requests.
+        """
+        members = {m.sop: m for m in images.of_series(series)}
+        if not members or any(m.frames > 1 or _needs_bulk_data(m.header) for m in members.values()):
+            return 0
+        path = f"/studies/{images.study}/series/{series}"
+        kept = 0
+        # Parts are decoded in worker threads while the next ones arrive, at most
+        # _STREAM_DECODING at a time (each holds one stored instance).
+        decoding: deque[asyncio.Future[tuple[ImageRef, NDArray[Any]] | None]] = deque()
+
+        async def take(wait_for_all: bool) -> bool:
+            nonlocal kept
+            while decoding and (
+                wait_for_all or len(decoding) >= _STREAM_DECODING or decoding[0].done()
+            ):
+                found = await decoding.popleft()
+                if found is not None:
+                    kept += 1
+                    if not keep(found[0], 0, found[1]):
+                        return False
+            return True
+
+        try:
+            async with self._http.stream(
+                "GET", path, headers={"Accept": _INSTANCE_ACCEPT}
+            ) as response:
+                if response.status_code != 200:
+                    return 0
+                boundary = _param(response.headers.get("content-type", ""), "boundary")
+                if not boundary:
+                    return 0
+                parts = _PartReader(boundary.encode("latin-1"), _STREAM_PART_LIMIT)
+                async for chunk in response.aiter_bytes():
+                    for part in parts.feed(chunk):
+                        decoding.append(
+                            asyncio.ensure_future(asyncio.to_thread(_frame_of_part, part, members))
+                        )
+                        if not await take(False):
+                            return kept
+                await take(True)
+        except (httpx.HTTPError, ValueError) as exc:
+            log.info("streaming a series from the archive stopped: %s", exc)
+        finally:
+            for left in decoding:  # stopped early: what is still decoding is not wanted
+                left.cancel()
+        return kept
+
     async def _instance(self, path: str, sop: str) -> bytes:
         response = await self._get(path, _INSTANCE_ACCEPT)
         if response is None:
@@ -446,6 +621,76 @@ class DicomwebFrames:
         if response.status_code != 200:
             raise ArchiveError(f"the archive answered HTTP {response.status_code}")
         return response
+
+
+class _PartReader:
+    """The parts of a ``multipart/related`` body as its chunks arrive: each part's body once
+    it is whole. A part longer than ``limit`` stops the reading (ValueError)."""
+
+    def __init__(self, boundary: bytes, limit: int) -> None:
+        self.delimiter = b"--" + boundary
+        self.limit = limit
+        self.buffer = bytearray()
+        self.started = False
+        self.ended = False
+        self.searched = 0
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        out: list[bytes] = []
+        if self.ended:
+            return out
+        self.buffer += chunk
+        while True:
+            if not self.started:
+                start = self.buffer.find(self.delimiter)
+                if start < 0:
+                    return out
+                del self.buffer[: start + len(self.delimiter)]
+                self.started = True
+            if len(self.buffer) < 2:
+                return out
+            if self.buffer[:2] == b"--":
+                self.ended = True
+                self.buffer.clear()
+                return out
+            end = self.buffer.find(b"\r\n" + self.delimiter, self.searched)
+            if end < 0:
+                if len(self.buffer) > self.limit:
+                    raise ValueError("a part of the archive's answer is too long")
+                self.searched = max(0, len(self.buffer) - len(self.delimiter) - 2)
+                return out
+            part = bytes(self.buffer[:end])
+            del self.buffer[: end + 2 + len(self.delimiter)]
+            self.searched = 0
+            head = part.find(b"\r\n\r\n")
+            if head >= 0:
+                out.append(part[head + 4 :])
+
+
+def _frame_of_part(
+    data: bytes, members: dict[str, ImageRef]
+) -> tuple[ImageRef, NDArray[Any]] | None:
+    """The image of the series a stored instance is (by its data set's SOP Instance UID) and
+    its single frame decoded; None for an object that is not one of them or cannot be read."""
+    header = _header_of(data)
+    if header is None:
+        return None
+    image = members.get(str(header.ds.get("SOPInstanceUID", "")))
+    if image is None:
+        return None
+    syntax = header.syntax or image.transfer_syntax
+    try:
+        layout = native_layout(image.header, syntax)
+        if layout is not None:
+            view = memoryview(data)
+            start = pixel_data_start(
+                lambda at, n: bytes(view[at : at + n]), len(data), layout, syntax
+            )
+            if start is not None:
+                return image, native_frame(layout, view[start : start + layout.frame_bytes])
+        return image, decode_file_frame(BytesIO(data), 0, syntax)
+    except Undecodable:
+        return None
 
 
 def _decode_whole(data: bytes, index: int) -> NDArray[Any]:
@@ -494,6 +739,7 @@ def _image_of_json(study: str, item: Any) -> ImageRef | None:
         and not tag.startswith("0002")
         and all(c in "0123456789abcdefABCDEF" for c in tag)
         and int(tag, 16) < _FIRST_PIXEL_TAG
+        and int(tag[:4], 16) % 2 == 0  # private elements: never shown nor used (see _kept)
     }
     try:
         ds = Dataset.from_json(kept, bulk_data_uri_handler=_no_bulk_data)

@@ -3,11 +3,17 @@ and coded values (modality, body part) from the project's terminology in its eig
 
 Labels exist in English, German and French; another language falls back to English for the
 labels, while coded values still come in that language when the terminology has it.
+
+Refusals are written in English where they are raised (the audit keeps them so) and shown to
+the person refused in their language through :data:`REASONS`, keyed by the English text as
+written at the ``raise`` (with its ``{name}`` fields, filled afterwards): the same catalogue
+pattern as gettext, without a build step. ``tests/test_viewer_leftovers.py`` checks that every
+reason the viewer raises is in it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from ncp.fhir.terminology import Terminology, default_terminology
 
@@ -85,6 +91,14 @@ _LABELS: dict[str, dict[str, str]] = {
         "refused_hint": "Ask for the images again in your portal; a viewer link works once "
         "and for one minute.",
         "error_code": "Reason",
+        "help_desk": "For the help desk",
+        "end_session": "End session",
+        "end_session_hint": "End the viewing session now",
+        "session_closed": "The viewing session is ended. You can close this window.",
+        "cine_rate": "Cine speed",
+        "cine_auto": "series speed",
+        "fps": "fps",
+        "key_cine_rate": "Slower / faster cine",
     },
     "de": {
         "title": "Bildbetrachter",
@@ -155,6 +169,14 @@ _LABELS: dict[str, dict[str, str]] = {
         "refused_hint": "Fordern Sie die Bilder in Ihrem Portal erneut an; ein Betrachter-Link "
         "gilt einmal und eine Minute lang.",
         "error_code": "Grund",
+        "help_desk": "Für den Support",
+        "end_session": "Sitzung beenden",
+        "end_session_hint": "Die Betrachtungssitzung jetzt beenden",
+        "session_closed": "Die Sitzung ist beendet. Sie können dieses Fenster schließen.",
+        "cine_rate": "Cine-Geschwindigkeit",
+        "cine_auto": "Serientempo",
+        "fps": "B/s",
+        "key_cine_rate": "Cine langsamer / schneller",
     },
     "fr": {
         "title": "Visionneuse d'images",
@@ -225,8 +247,223 @@ _LABELS: dict[str, dict[str, str]] = {
         "refused_hint": "Demandez à nouveau les images dans votre portail ; un lien de "
         "visualisation ne sert qu'une fois, pendant une minute.",
         "error_code": "Motif",
+        "help_desk": "Pour l'assistance",
+        "end_session": "Terminer la session",
+        "end_session_hint": "Terminer maintenant la session de visualisation",
+        "session_closed": "La session est terminée. Vous pouvez fermer cette fenêtre.",
+        "cine_rate": "Vitesse du ciné",
+        "cine_auto": "cadence série",
+        "fps": "im/s",
+        "key_cine_rate": "Ciné plus lent / plus rapide",
     },
 }
+
+REASONS: dict[str, dict[str, str]] = {
+    # -- the viewer's routes (ncp.viewer.app) --
+    "percent-encoded characters in the path": {
+        "de": "Der Pfad enthält prozentkodierte Zeichen",
+        "fr": "le chemin contient des caractères encodés en pourcentage",
+    },
+    "a backslash or an empty segment in the path": {
+        "de": "Der Pfad enthält einen umgekehrten Schrägstrich oder ein leeres Segment",
+        "fr": "le chemin contient une barre oblique inverse ou un segment vide",
+    },
+    "a dot segment in the path": {
+        "de": "Der Pfad enthält ein Punktsegment",
+        "fr": "le chemin contient un segment « . » ou « .. »",
+    },
+    "the image archive is not available now": {
+        "de": "Das Bildarchiv ist derzeit nicht erreichbar",
+        "fr": "l'archive d'images n'est pas disponible pour le moment",
+    },
+    "the audit record could not be written": {
+        "de": "Der Protokolleintrag konnte nicht geschrieben werden",
+        "fr": "l'enregistrement d'audit n'a pas pu être écrit",
+    },
+    "a path segment that should be a UID is not one": {
+        "de": "Ein Pfadsegment, das eine UID sein sollte, ist keine",
+        "fr": "un segment du chemin qui devrait être un UID n'en est pas un",
+    },
+    "this session does not cover the study asked for": {
+        "de": "Diese Sitzung umfasst die angeforderte Studie nicht",
+        "fr": "cette session ne couvre pas l'examen demandé",
+    },
+    "the archive holds no images of this study": {
+        "de": "Das Archiv enthält keine Bilder dieser Studie",
+        "fr": "l'archive ne contient aucune image de cet examen",
+    },
+    "{count} images asked for at once; at most {limit}: ask per instance or per frame": {
+        "de": "{count} Bilder auf einmal angefordert; höchstens {limit}: bitte pro Bild oder "
+        "Frame anfordern",
+        "fr": "{count} images demandées à la fois ; {limit} au plus : demandez-les par image "
+        "ou par trame",
+    },
+    "no image to make a thumbnail of": {
+        "de": "Kein Bild für eine Miniaturansicht vorhanden",
+        "fr": "aucune image pour en faire une vignette",
+    },
+    "no such image in the series": {
+        "de": "Dieses Bild gibt es in der Serie nicht",
+        "fr": "cette image n'existe pas dans la série",
+    },
+    "frame numbers must be positive whole numbers": {
+        "de": "Frame-Nummern müssen positive ganze Zahlen sein",
+        "fr": "les numéros de trame doivent être des entiers positifs",
+    },
+    "the image has {frames} frame(s)": {
+        "de": "Das Bild hat {frames} Frame(s)",
+        "fr": "l'image a {frames} trame(s)",
+    },
+    "no such series in the study": {
+        "de": "Diese Serie gibt es in der Studie nicht",
+        "fr": "cette série n'existe pas dans l'examen",
+    },
+    "query parameter {name} is not supported here": {
+        "de": "Der Abfrageparameter {name} wird hier nicht unterstützt",
+        "fr": "le paramètre de requête {name} n'est pas pris en charge ici",
+    },
+    "query parameter {name} is given twice": {
+        "de": "Der Abfrageparameter {name} ist doppelt angegeben",
+        "fr": "le paramètre de requête {name} est donné deux fois",
+    },
+    "no such file": {"de": "Diese Datei gibt es nicht", "fr": "ce fichier n'existe pas"},
+    "no such viewer resource": {
+        "de": "Diese Ressource gibt es im Betrachter nicht",
+        "fr": "cette ressource n'existe pas dans la visionneuse",
+    },
+    "ending a session must come from the viewer's own page": {
+        "de": "Eine Sitzung kann nur von der Seite des Betrachters aus beendet werden",
+        "fr": "seule la page de la visionneuse peut terminer une session",
+    },
+    # -- rendered-resource parameters (ncp.viewer.render_output) --
+    "window must be center,width[,function] with numbers": {
+        "de": "window muss Zentrum,Breite[,Funktion] mit Zahlen sein",
+        "fr": "window doit être centre,largeur[,fonction] avec des nombres",
+    },
+    "the window function must be linear, linear-exact or sigmoid": {
+        "de": "Die Fensterfunktion muss linear, linear-exact oder sigmoid sein",
+        "fr": "la fonction de fenêtrage doit être linear, linear-exact ou sigmoid",
+    },
+    "window centre and width must be finite numbers": {
+        "de": "Fensterzentrum und -breite müssen endliche Zahlen sein",
+        "fr": "le centre et la largeur de la fenêtre doivent être des nombres finis",
+    },
+    "a linear window's width must be at least 1": {
+        "de": "Die Breite eines linearen Fensters muss mindestens 1 sein",
+        "fr": "la largeur d'une fenêtre linéaire doit être d'au moins 1",
+    },
+    "the window's width must be positive": {
+        "de": "Die Fensterbreite muss positiv sein",
+        "fr": "la largeur de la fenêtre doit être positive",
+    },
+    "viewport must be vw,vh or vw,vh,sx,sy,sw,sh in whole pixels": {
+        "de": "viewport muss vw,vh oder vw,vh,sx,sy,sw,sh in ganzen Pixeln sein",
+        "fr": "viewport doit être vw,vh ou vw,vh,sx,sy,sw,sh en pixels entiers",
+    },
+    "viewport width and height must be 1 to {largest}": {
+        "de": "Breite und Höhe von viewport müssen zwischen 1 und {largest} liegen",
+        "fr": "la largeur et la hauteur de viewport doivent aller de 1 à {largest}",
+    },
+    "the viewport's source region must start inside the image": {
+        "de": "Der Quellbereich von viewport muss im Bild beginnen",
+        "fr": "la région source de viewport doit commencer dans l'image",
+    },
+    "the viewport's source region starts outside the image": {
+        "de": "Der Quellbereich von viewport beginnt außerhalb des Bildes",
+        "fr": "la région source de viewport commence hors de l'image",
+    },
+    "the viewport's source region holds no pixels": {
+        "de": "Der Quellbereich von viewport enthält keine Pixel",
+        "fr": "la région source de viewport ne contient aucun pixel",
+    },
+    "quality must be a whole number from 1 to 100": {
+        "de": "quality muss eine ganze Zahl von 1 bis 100 sein",
+        "fr": "quality doit être un entier de 1 à 100",
+    },
+    "rendered images are offered as {types} only, never as DICOM": {
+        "de": "Gerenderte Bilder gibt es nur als {types}, niemals als DICOM",
+        "fr": "les images rendues sont proposées en {types} uniquement, jamais en DICOM",
+    },
+    # -- the launch (ncp.viewer.launch) --
+    "the link has no launch code": {
+        "de": "Der Link enthält keinen Startcode",
+        "fr": "le lien ne contient pas de code de lancement",
+    },
+    "the viewer is busy: try again in a minute": {
+        "de": "Der Betrachter ist ausgelastet: Versuchen Sie es in einer Minute erneut",
+        "fr": "la visionneuse est occupée : réessayez dans une minute",
+    },
+    "requestType must be STUDY or PATIENT": {
+        "de": "requestType muss STUDY oder PATIENT sein",
+        "fr": "requestType doit être STUDY ou PATIENT",
+    },
+    "the link asks for a study the launch code does not cover": {
+        "de": "Der Link fordert eine Studie an, die der Startcode nicht umfasst",
+        "fr": "le lien demande un examen que le code de lancement ne couvre pas",
+    },
+    "the link names another patient than the launch code": {
+        "de": "Der Link nennt einen anderen Patienten als der Startcode",
+        "fr": "le lien désigne un autre patient que le code de lancement",
+    },
+    "no study of this launch has the accession number asked for": {
+        "de": "Keine Studie dieses Aufrufs hat die angeforderte Auftragsnummer",
+        "fr": "aucun examen de ce lancement n'a le numéro d'examen demandé",
+    },
+    "the link gives {name} twice": {
+        "de": "Der Link enthält {name} doppelt",
+        "fr": "le lien donne {name} deux fois",
+    },
+    "the link has an unknown parameter {name}": {
+        "de": "Der Link enthält einen unbekannten Parameter {name}",
+        "fr": "le lien contient un paramètre inconnu {name}",
+    },
+    "studyUID must be a comma list of Study Instance UIDs": {
+        "de": "studyUID muss eine durch Kommas getrennte Liste von Study Instance UIDs sein",
+        "fr": "studyUID doit être une liste de Study Instance UID séparés par des virgules",
+    },
+    "this viewer link has been used already (each link opens the viewer once)": {
+        "de": "Dieser Betrachter-Link wurde bereits verwendet (jeder Link öffnet den Betrachter "
+        "einmal)",
+        "fr": "ce lien de visualisation a déjà été utilisé (chaque lien n'ouvre la visionneuse "
+        "qu'une fois)",
+    },
+    "this viewer link has expired (a link is valid for one minute)": {
+        "de": "Dieser Betrachter-Link ist abgelaufen (ein Link gilt eine Minute lang)",
+        "fr": "ce lien de visualisation a expiré (un lien est valable une minute)",
+    },
+    "this link is for another viewer": {
+        "de": "Dieser Link gilt für einen anderen Betrachter",
+        "fr": "ce lien est destiné à une autre visionneuse",
+    },
+    "this is not a viewer launch code": {
+        "de": "Dies ist kein Startcode für den Betrachter",
+        "fr": "ceci n'est pas un code de lancement de la visionneuse",
+    },
+    "the launch code is not valid ({kind})": {
+        "de": "Der Startcode ist ungültig ({kind})",
+        "fr": "le code de lancement n'est pas valide ({kind})",
+    },
+    # -- sessions (ncp.viewer.sessions) --
+    "the assertions this launch was issued under have expired": {
+        "de": "Die Bestätigungen, unter denen dieser Aufruf ausgestellt wurde, sind abgelaufen",
+        "fr": "les attestations sous lesquelles ce lancement a été émis ont expiré",
+    },
+    "no viewer session: open the images from your portal": {
+        "de": "Keine Betrachtersitzung: Öffnen Sie die Bilder über Ihr Portal",
+        "fr": "aucune session de visualisation : ouvrez les images depuis votre portail",
+    },
+    "no such viewer session: open the images from your portal": {
+        "de": "Diese Betrachtersitzung gibt es nicht: Öffnen Sie die Bilder über Ihr Portal",
+        "fr": "cette session de visualisation n'existe pas : ouvrez les images depuis votre "
+        "portail",
+    },
+    "the viewer session has ended: open the images again from your portal": {
+        "de": "Die Betrachtersitzung ist beendet: Öffnen Sie die Bilder erneut über Ihr Portal",
+        "fr": "la session de visualisation est terminée : rouvrez les images depuis votre portail",
+    },
+}
+"""Refusal reasons by their English text (with ``{name}`` fields) -> German and French."""
+
 
 PRESETS = (
     ("preset_lung", -600.0, 1500.0),
@@ -246,6 +483,20 @@ def language_of(locale: str | None) -> str:
 
 def labels(locale: str | None) -> dict[str, str]:
     return dict(_LABELS[language_of(locale)])
+
+
+def reason_in(
+    template: str, language: str | None, params: Mapping[str, object] | None = None
+) -> str:
+    """A refusal reason (its English text as raised, :data:`REASONS`) in ``language``, with
+    its fields filled; the English text when the catalogue lacks the reason or language."""
+    said = REASONS.get(template, {}).get(language_of(language), template)
+    if not params:
+        return said
+    try:
+        return said.format(**params)
+    except (KeyError, IndexError, ValueError):
+        return template.format(**params)
 
 
 def from_accept_language(header: str | None) -> str:

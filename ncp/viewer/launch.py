@@ -33,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ncp.audit.models import Action, Outcome, Side
-from ncp.audit.record import AuditError, Auditor
+from ncp.audit.record import AuditError, AuditEvent, Auditor
 from ncp.config import ArchiveSection, ViewerSection
 from ncp.dicom.uids import is_uid
 from ncp.errors import ConfigError
@@ -50,7 +50,14 @@ from ncp.viewer.auditing import ViewAudit
 from ncp.viewer.frames import frame_source
 from ncp.viewer.pages import refused_page
 from ncp.viewer.render_service import RenderService
-from ncp.viewer.sessions import Opened, SessionAuth, SessionStore, cookie_header
+from ncp.viewer.sessions import (
+    CLEARED,
+    COOKIE,
+    Opened,
+    SessionAuth,
+    SessionStore,
+    cookie_header,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +118,8 @@ class Launcher:
                     )
                 )
             except TokenError as refused:
-                raise ViewerRefused(403, _readable(refused), jti=refused.jti) from None
+                template, fields = _readable(refused)
+                raise ViewerRefused(403, template, params=fields, jti=refused.jti) from None
             except ReplayGuardFull:
                 raise ViewerRefused(503, "the viewer is busy: try again in a minute") from None
             first = await self._first_study(access, params, wanted)
@@ -136,6 +144,13 @@ class Launcher:
             return await self._refused(request, rid, refusal, access)
         except AuditError:
             return Response("the audit record could not be written\n", status_code=500)
+        # A launch of one study opens it; of several, the one its IID parameters chose (else
+        # the page opens the most recent). While the browser follows the redirect, the
+        # studies' headers are read and the first frames decoded: the page and its first
+        # image find them ready.
+        studies = sorted(access.studies)
+        first = first or (studies[0] if len(studies) == 1 else None)
+        self.service.warm(studies, first=first)
         target = f"{self.base}/" + (f"?study={quote(first)}" if first else "")
         expires = opened.grant.expires_at or now
         return Response(
@@ -202,12 +217,18 @@ class Launcher:
             if access is not None
             else i18n.from_accept_language(request.headers.get("accept-language"))
         )
-        html = refused_page(language, refusal.reason, status=refusal.status, request_id=rid)
+        html = refused_page(
+            language,
+            refusal.said_in(language),
+            status=refusal.status,
+            request_id=rid,
+            original=refusal.reason,
+        )
         return Response(
             html,
             status_code=refusal.status,
             media_type="text/html; charset=utf-8",
-            headers={"X-Request-ID": rid},
+            headers={"X-Request-ID": rid, "Content-Language": language},
         )
 
 
@@ -215,9 +236,13 @@ def _params(request: Request) -> dict[str, str]:
     out: dict[str, str] = {}
     for name, value in request.query_params.multi_items():
         if name in out:
-            raise ViewerRefused(400, f"the link gives {name[:40]!r} twice")
+            raise ViewerRefused(
+                400, "the link gives {name} twice", params={"name": repr(name[:40])}
+            )
         if name not in _IID_USED and name not in _IID_IGNORED:
-            raise ViewerRefused(400, f"the link has an unknown parameter {name[:40]!r}")
+            raise ViewerRefused(
+                400, "the link has an unknown parameter {name}", params={"name": repr(name[:40])}
+            )
         out[name] = value
     return out
 
@@ -257,21 +282,22 @@ def _grant_of(access: AccessGrant) -> ViewerGrant:
     )
 
 
-def _readable(refused: TokenError) -> str:
-    """What the HP reads: the rule that failed, in a few words (the audit keeps the whole)."""
+def _readable(refused: TokenError) -> tuple[str, dict[str, object]]:
+    """What the HP reads: the rule that failed, in a few words (the audit keeps the whole), as
+    a reason of the viewer's catalogue and its fields."""
     from ncp.security import tokens
 
     if isinstance(refused, tokens.Replayed):
-        return "this viewer link has been used already (each link opens the viewer once)"
+        return "this viewer link has been used already (each link opens the viewer once)", {}
     if isinstance(refused, tokens.Expired):
-        return "this viewer link has expired (a link is valid for one minute)"
+        return "this viewer link has expired (a link is valid for one minute)", {}
     if isinstance(refused, tokens.WrongAudience):
-        return "this link is for another viewer"
+        return "this link is for another viewer", {}
     if isinstance(refused, tokens.StudyNotCovered):
-        return "the link asks for a study the launch code does not cover"
+        return "the link asks for a study the launch code does not cover", {}
     if isinstance(refused, tokens.WrongType):
-        return "this is not a viewer launch code"
-    return f"the launch code is not valid ({type(refused).__name__})"
+        return "this is not a viewer launch code", {}
+    return "the launch code is not valid ({kind})", {"kind": type(refused).__name__}
 
 
 def _instant(moment: datetime | None) -> str | None:
@@ -326,6 +352,7 @@ def build_option_b_app(
         frame_source(archive, index=sessions),
         memory_bytes=settings.frame_memory_mib << 20,
         threads=settings.render_threads,
+        read_ahead=settings.read_ahead_frames,
     )
     audit = ViewAudit(auditor, Side.VIEWER, idle_s=settings.audit_idle_s)
     store = SessionStore(sessions, lifetime=timedelta(seconds=settings.session_lifetime_s))
@@ -340,17 +367,20 @@ def build_option_b_app(
             await audit.flush(ended={grant.session for grant, _ in ended})
         for grant, opened in ended:
             await audit.record(
-                audit.event(
-                    Action.VIEWER_SESSION,
-                    f"viewer-session-{grant.session}",
-                    grant,
-                    studies=tuple(sorted(grant.studies)),
-                    duration_ms=max(
-                        0, round(((grant.expires_at or opened) - opened).total_seconds() * 1000)
-                    ),
-                    details={"session": grant.session, "phase": "ended", "why": "expired"},
-                )
+                _session_end(audit, grant, opened, grant.expires_at or opened, "expired", None)
             )
+
+    async def end_session(request: Request, grant: ViewerGrant, rid: str) -> dict[str, str]:
+        """The HP's logout: the row closed (by this call or an earlier one), the end recorded
+        by the call that closed it, after the session's viewing records."""
+        at = now()
+        secret = request.cookies.get(COOKIE, "")
+        closed = await anyio.to_thread.run_sync(lambda: store.close(secret, now=at))
+        if closed is not None:
+            ended, opened = closed
+            await audit.flush(ended={ended.session})
+            await audit.record(_session_end(audit, ended, opened, at, "logout", rid))
+        return {"Set-Cookie": CLEARED}
 
     return build_viewer_app(
         service=service,
@@ -361,4 +391,25 @@ def build_option_b_app(
         extra_routes=[("/launch", launcher.handle)],
         on_tick=sweep,
         title="ncp option B viewer",
+        end_session=end_session,
+    )
+
+
+def _session_end(
+    audit: ViewAudit,
+    grant: ViewerGrant,
+    opened: datetime,
+    ended: datetime,
+    why: str,
+    request_id: str | None,
+) -> AuditEvent:
+    """The ``viewer-session`` record of a session's end: ``why`` expired (the sweep) or
+    logout (the HP)."""
+    return audit.event(
+        Action.VIEWER_SESSION,
+        request_id or f"viewer-session-{grant.session}",
+        grant,
+        studies=tuple(sorted(grant.studies)),
+        duration_ms=max(0, round((ended - opened).total_seconds() * 1000)),
+        details={"session": grant.session, "phase": "ended", "why": why},
     )

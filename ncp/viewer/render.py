@@ -25,6 +25,7 @@ COLOR goes through its palette (pydicom's ``apply_color_lut``). No VOI applies t
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -125,6 +126,24 @@ def render(ds: Dataset, frame: NDArray[Any], window: Window | None = None) -> Di
             raise RenderError(f"a {photometric} frame must have three samples per pixel")
         return _to_8_bits(frame, int(ds.get("BitsStored") or 8))
     raise RenderError(f"photometric interpretation {photometric or '(none)'} is not supported")
+
+
+def pixel_aspect(ds: Dataset) -> float:
+    """How much taller than wide a pixel is (PS3.3 C.7.6.3.1.2 and 10.7.1.3): the ratio of
+    Pixel Spacing's row spacing to its column spacing (or of Imager Pixel Spacing's, or of
+    the shared functional groups' Pixel Measures), else Pixel Aspect Ratio's vertical to
+    horizontal; 1 when the header says nothing usable. Kept within 1/10 to 10."""
+    candidates = [ds.get("PixelSpacing"), ds.get("ImagerPixelSpacing")]
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    with contextlib.suppress(AttributeError, IndexError, KeyError, TypeError):
+        candidates.append(shared[0].PixelMeasuresSequence[0].get("PixelSpacing"))
+    candidates.append(ds.get("PixelAspectRatio"))
+    for value in candidates:
+        pair = _numbers(value)
+        if len(pair) == 2 and all(np.isfinite(pair)) and pair[0] > 0 and pair[1] > 0:
+            ratio = pair[0] / pair[1]
+            return 1.0 if abs(ratio - 1.0) < 1e-3 else float(min(10.0, max(0.1, ratio)))
+    return 1.0
 
 
 def default_window(ds: Dataset, frame: NDArray[Any]) -> Window | None:

@@ -9,6 +9,7 @@ Media types: ``image/jpeg`` (the default, as PS3.18 8.7.4 makes it for rendered 
 from __future__ import annotations
 
 import io
+import math
 import re
 from dataclasses import dataclass
 
@@ -27,10 +28,17 @@ _NUMBER = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?\Z")
 
 
 class BadParameter(ValueError):
-    """A rendered-resource query parameter that cannot be honoured (400)."""
+    """A rendered-resource query parameter that cannot be honoured (400). ``template`` is the
+    English text with ``{name}`` fields, ``params`` their values (translated for the person
+    refused by :func:`ncp.viewer.i18n.reason_in`)."""
+
+    def __init__(self, template: str, **params: object) -> None:
+        super().__init__(template.format(**params) if params else template)
+        self.template = template
+        self.params = params
 
 
-class NotAcceptable(ValueError):
+class NotAcceptable(BadParameter):
     """No media type the client accepts can be produced (406)."""
 
 
@@ -52,10 +60,15 @@ def parse_window(text: str) -> Window:
     function = _WINDOW_FUNCTIONS.get(parts[2].strip().lower(), "") if len(parts) == 3 else "LINEAR"
     if function not in FUNCTIONS:
         raise BadParameter("the window function must be linear, linear-exact or sigmoid")
-    try:
-        return Window(float(parts[0]), float(parts[1]), function)
-    except ValueError as exc:
-        raise BadParameter(str(exc)) from None
+    center, width = float(parts[0]), float(parts[1])
+    if not (math.isfinite(center) and math.isfinite(width)):
+        raise BadParameter("window centre and width must be finite numbers")
+    # C.11.2.1.2: LINEAR needs a width of at least 1, the others a positive width.
+    if function == "LINEAR" and width < 1:
+        raise BadParameter("a linear window's width must be at least 1")
+    if width <= 0:
+        raise BadParameter("the window's width must be positive")
+    return Window(center, width, function)
 
 
 def parse_viewport(text: str) -> Viewport:
@@ -66,7 +79,7 @@ def parse_viewport(text: str) -> Viewport:
     values = [int(p) for p in parts]
     width, height = values[0], values[1]
     if not (0 < width <= MAX_VIEWPORT and 0 < height <= MAX_VIEWPORT):
-        raise BadParameter(f"viewport width and height must be 1 to {MAX_VIEWPORT}")
+        raise BadParameter("viewport width and height must be 1 to {largest}", largest=MAX_VIEWPORT)
     region = None
     if len(values) == 6:
         sx, sy, sw, sh = values[2:]
@@ -107,13 +120,16 @@ def choose_media_type(accept: str | None) -> str:
             ranked.append((-q, order, MEDIA_TYPES[0]))
     if not ranked:
         raise NotAcceptable(
-            f"rendered images are offered as {', '.join(MEDIA_TYPES)} only, never as DICOM"
+            "rendered images are offered as {types} only, never as DICOM",
+            types=", ".join(MEDIA_TYPES),
         )
     return min(ranked)[2]
 
 
-def fit(image: Display, viewport: Viewport | None) -> Display:
-    """``image`` cut to the viewport's region and scaled to fit it, keeping the aspect ratio."""
+def fit(image: Display, viewport: Viewport | None, aspect: float = 1.0) -> Display:
+    """``image`` cut to the viewport's region and scaled to fit it, keeping the aspect ratio
+    of what it shows: ``aspect`` is how much taller than wide a pixel is
+    (:func:`~ncp.viewer.render.pixel_aspect`), so non-square pixels come out square."""
     if viewport is None:
         return image
     if viewport.region is not None:
@@ -131,11 +147,12 @@ def fit(image: Display, viewport: Viewport | None) -> Display:
             cut = cut[::-1]
         image = np.ascontiguousarray(cut)
     rows, cols = image.shape[:2]
-    scale = min(viewport.width / cols, viewport.height / rows)
-    size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
+    scale = min(viewport.width / cols, viewport.height / (rows * aspect))
+    size = (max(1, round(cols * scale)), max(1, round(rows * aspect * scale)))
     if size == (cols, rows):
         return image
-    resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BILINEAR
+    shrinks = size[0] < cols or size[1] < rows
+    resample = Image.Resampling.LANCZOS if shrinks else Image.Resampling.BILINEAR
     return np.asarray(Image.fromarray(image).resize(size, resample))
 
 

@@ -97,7 +97,26 @@ class SessionStore:
         )
         with self._sessions.begin() as session:
             session.add(row)
-        return Opened(secret, _grant(row))
+        opened = Opened(secret, _grant(row))
+        # Remembered here at once: the page that follows the launch is served without
+        # reading the row back.
+        with self._lock:
+            self._memory[row.id] = (time.monotonic(), opened.grant, False)
+        return opened
+
+    def remembered(self, secret: str, *, now: datetime) -> ViewerGrant | None:
+        """The grant of a live session this process remembers (no database read, so callable
+        on the event loop); None when it must be read (or refused) by :meth:`grant_of`."""
+        if not _SECRET.fullmatch(secret):
+            return None
+        with self._lock:
+            found = self._memory.get(session_id(secret))
+        if found is None or time.monotonic() - found[0] > CACHE_S:
+            return None
+        _, grant, closed = found
+        if grant is None or closed or (grant.expires_at is not None and grant.expires_at <= now):
+            return None
+        return grant
 
     def grant_of(self, secret: str, *, now: datetime) -> ViewerGrant:
         """The grant of a live session, or ViewerRefused (401) saying why not."""
@@ -127,6 +146,28 @@ class SessionStore:
                 grant=grant,
             )
         return grant
+
+    def close(self, secret: str, *, now: datetime) -> tuple[ViewerGrant, datetime] | None:
+        """End the session of ``secret`` now (the HP logged out): its row closed, so that no
+        replica serves it once its memory of it is older than :data:`CACHE_S`, and this
+        process at once. Returns its grant and opening time when this call closed it (its
+        end is then recorded by the caller, once), None when it was closed already."""
+        if not _SECRET.fullmatch(secret):
+            return None
+        key = session_id(secret)
+        with self._sessions.begin() as session:
+            claimed = session.execute(
+                update(ViewerSession)
+                .where(ViewerSession.id == key, ViewerSession.closed_at.is_(None))
+                .values(closed_at=_naive(now))
+            ).rowcount  # type: ignore[attr-defined]
+            row = session.get(ViewerSession, key) if claimed == 1 else None
+            found = None if row is None else (_grant(row), _aware(row.created_at))
+        with self._lock:
+            remembered = self._memory.get(key)
+            if remembered is not None:
+                self._memory[key] = (remembered[0], remembered[1], True)
+        return found
 
     def ended(self, *, now: datetime, limit: int = 100) -> list[tuple[ViewerGrant, datetime]]:
         """Sessions past their expiry that no replica has closed yet, each closed here once
@@ -179,9 +220,18 @@ class SessionAuth:
     async def __call__(self, request: Request) -> ViewerGrant:
         secret = request.cookies.get(COOKIE, "")
         now = self.clock()
+        # Most requests find the session remembered: no thread for them (a page scrolling a
+        # series asks many times a second); a database read goes to a thread.
+        grant = self.store.remembered(secret, now=now)
+        if grant is not None:
+            return grant
         return await anyio.to_thread.run_sync(lambda: self.store.grant_of(secret, now=now))
 
 
 def cookie_header(secret: str, expires_at: datetime, now: datetime) -> str:
     max_age = max(0, int((expires_at - now).total_seconds()))
     return f"{COOKIE}={secret}; Path=/; Max-Age={max_age}; Secure; HttpOnly; SameSite=Strict"
+
+
+CLEARED = f"{COOKIE}=; Path=/; Max-Age=0; Secure; HttpOnly; SameSite=Strict"
+"""The cookie of an ended session, cleared in the browser."""

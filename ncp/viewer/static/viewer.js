@@ -1,6 +1,10 @@
 // ncp viewer: the page of the server-side viewer. Frames are rendered by the server (PS3.18
 // rendered resources); this script lists studies and series, asks for frames with the window
 // chosen, and moves, zooms and windows them. No framework, nothing from another origin.
+// The page's HTML asks for its first image itself (decision 0018); its data (the session's
+// context, the study, its series, the first series' images) comes with it as a JSON data block
+// when the page's request had the session, else in one request beside the image. Nothing here
+// is asked for before the first image.
 "use strict";
 (() => {
   const $ = (id) => document.getElementById(id);
@@ -17,7 +21,11 @@
     location: "00201041", photometric: "00280004", syntax: "00083002", bits: "00280101",
     slope: "00281053", intercept: "00281052", kvp: "00180060", imageType: "00080008",
     acqDate: "00080022", acqTime: "00080032", lossy: "00282110",
+    aspect: "00280034", imagerSpacing: "00181164", displayRate: "00082144",
+    cineRate: "00180040", frameTime: "00181063",
   };
+  const CINE_RATES = [2, 5, 10, 15, 20, 25, 30, 50];
+  const VOI_FUNCTIONS = ["linear", "linear-exact", "sigmoid"];
   const PREFETCH = 6;
   const LOSSLESS_AFTER_MS = 220;
 
@@ -27,6 +35,7 @@
     zoom: 1, panX: 0, panY: 0, tool: "window", cine: null,
     shown: { url: null, lossless: false }, blobs: new Map(), pending: null,
     busy: false, losslessTimer: null, base: { scale: 1, left: 0, top: 0 },
+    cineRate: null, firstShown: false, ended: false,
   };
   // For tests and the curious: what is shown now.
   window.__viewer = state;
@@ -86,44 +95,63 @@
   function message(text) {
     $("message").textContent = text || "";
   }
-  function endSession() {
+  function endSession(text) {
     stopCine();
+    state.ended = true;
     $("app").dataset.state = "ended";
-    message(L("session_over"));
+    message(text || L("session_over"));
     $("image").classList.add("hidden");
+    // The images shown are dropped from the page's memory too.
+    for (const promise of state.blobs.values()) promise.then((u) => URL.revokeObjectURL(u), () => {});
+    state.blobs.clear();
+    for (const img of document.querySelectorAll(".series-item img")) img.removeAttribute("src");
   }
 
   // -- start ----------------------------------------------------------------------------------
-  async function start() {
-    // Both at once: the list does not wait for the labels.
-    const studies = getJson("studies");
-    studies.catch(() => {});
+  function readInitial() {
+    const block = document.getElementById("ncp-initial");
     try {
-      state.ctx = await getJson("context");
+      return JSON.parse((block && block.textContent) || "{}");
     } catch (error) {
-      $("app").dataset.state = "refused";
-      return fail(error);
+      return {};
     }
+  }
+
+  async function start() {
+    let initial = readInitial();
+    if (!initial.context) {
+      // The page came without its data (a launch from another site: the session's cookie
+      // does not travel on that navigation): one request for it, while the image loads.
+      state.L = initial.labels || {};
+      try {
+        initial = await getJson(`initial${location.search}`);
+      } catch (error) {
+        $("app").dataset.state = "refused";
+        $("image").classList.add("hidden");
+        return fail(error);
+      }
+    }
+    state.ctx = initial.context;
     state.L = state.ctx.labels;
-    document.documentElement.lang = state.ctx.language;
-    document.title = L("title");
     buildToolbar();
-    message(L("loading"));
     if (state.ctx.expires) {
       const ends = new Date(state.ctx.expires);
       $("session").textContent = `${L("session_ends")} ${ends.toLocaleTimeString(state.ctx.locale, { hour: "2-digit", minute: "2-digit" })}`;
-      setTimeout(endSession, Math.max(0, ends - Date.now()));
+      setTimeout(() => endSession(), Math.max(0, ends - Date.now()));
     }
-    try {
-      state.studies = await studies;
-    } catch (error) {
-      return fail(error);
-    }
+    state.studies = initial.studies || [];
     buildSidebar();
-    const asked = new URLSearchParams(location.search).get("study");
-    const first = state.studies.find((s) => val(s, TAG.studyUid) === asked) || state.studies[0];
-    if (!first) return message(L("no_images"));
-    await openStudy(val(first, TAG.studyUid));
+    if (!initial.study) return message(L("no_images"));
+    await openStudy(initial.study, initial);
+    // With several studies, the page came with the one it opens: the others are listed now.
+    if (!initial.complete) {
+      try {
+        state.studies = await getJson("studies");
+        buildSidebar();
+      } catch (error) {
+        fail(error);
+      }
+    }
   }
 
   // -- toolbar ----------------------------------------------------------------------------------
@@ -135,8 +163,15 @@
     }
     tools.append(el("button", { class: "tool", type: "button", id: "reset", title: `${L("reset")} (R)`, onclick: reset }, L("reset")));
     tools.append(el("button", { class: "tool", type: "button", id: "cine", "aria-pressed": "false", title: `${L("cine")} (Space)`, onclick: toggleCine }, L("cine")));
+    const rate = el("select", { class: "rate", id: "cine-rate", title: `${L("cine_rate")} ([ ])`, "aria-label": L("cine_rate"), onchange: (e) => setCineRate(e.target.value) },
+      el("option", { value: "auto" }, L("cine_auto")),
+      ...CINE_RATES.map((r) => el("option", { value: String(r) }, `${r} ${L("fps")}`)));
+    tools.append(rate);
     tools.append(el("button", { class: "tool", type: "button", id: "info-button", "aria-pressed": "false", title: `${L("info")} (I)`, onclick: toggleInfo }, L("info")));
     tools.append(el("button", { class: "tool", type: "button", title: `${L("help")} (?)`, onclick: toggleHelp }, "?"));
+    if (state.ctx.can_end) {
+      $("end").append(el("button", { class: "tool", type: "button", id: "end-session", title: L("end_session_hint"), onclick: logout }, L("end_session")));
+    }
     const presets = $("presets");
     presets.setAttribute("aria-label", L("presets"));
     presets.append(el("button", { class: "preset", type: "button", "data-preset": "default", "aria-pressed": "true", title: `${L("preset_default")} (0)`, onclick: () => setWindow(null) }, L("preset_default"), el("span", { class: "key" }, "0")));
@@ -156,29 +191,38 @@
   // -- studies and series ------------------------------------------------------------------------
   function buildSidebar() {
     const side = $("sidebar");
-    side.replaceChildren(el("h2", {}, L("studies")));
-    for (const study of state.studies) {
+    // Boxes already shown (with their series and thumbnails) are kept, in the list's order.
+    const kept = new Map([...side.querySelectorAll(".study")].map((box) => [box.dataset.study, box]));
+    const boxes = state.studies.map((study) => {
       const uid = val(study, TAG.studyUid);
       const mods = vals(study, TAG.modalities).map(modalityName).join(", ");
-      const box = el("section", { class: "study", "data-study": uid },
-        el("button", { class: "study-head", type: "button", onclick: () => openStudy(uid) },
-          el("div", { class: "study-date" }, `${fmtDate(val(study, TAG.studyDate))} ${fmtTime(val(study, TAG.studyTime))}`.trim()),
-          el("div", { class: "study-desc" }, val(study, TAG.studyDesc) || "—"),
-          el("div", { class: "study-meta" }, `${mods} · ${L("series")}: ${val(study, TAG.nSeries)} · ${L("images")}: ${val(study, TAG.nInstances)}`)),
-        el("div", { class: "series-list" }));
-      side.append(box);
-    }
+      const head = el("button", { class: "study-head", type: "button", onclick: () => openStudy(uid) },
+        el("div", { class: "study-date" }, `${fmtDate(val(study, TAG.studyDate))} ${fmtTime(val(study, TAG.studyTime))}`.trim()),
+        el("div", { class: "study-desc" }, val(study, TAG.studyDesc) || "—"),
+        el("div", { class: "study-meta" }, `${mods} · ${L("series")}: ${val(study, TAG.nSeries)} · ${L("images")}: ${val(study, TAG.nInstances)}`));
+      const box = kept.get(uid);
+      if (box) {
+        box.querySelector(".study-head").replaceWith(head);
+        return box;
+      }
+      return el("section", { class: "study" + (uid === state.study ? " current" : ""), "data-study": uid }, head, el("div", { class: "series-list" }));
+    });
+    side.replaceChildren(el("h2", {}, L("studies")), ...boxes);
   }
 
-  async function openStudy(uid) {
+  async function openStudy(uid, given) {
     if (state.study === uid && state.series.length) return;
     state.study = uid;
     for (const box of document.querySelectorAll(".study")) box.classList.toggle("current", box.dataset.study === uid);
     let series;
-    try {
-      series = await getJson(`studies/${uid}/series`);
-    } catch (error) {
-      return fail(error);
+    if (given && given.study === uid && given.series) {
+      series = given.series;
+    } else {
+      try {
+        series = await getJson(`studies/${uid}/series`);
+      } catch (error) {
+        return fail(error);
+      }
     }
     state.series = series;
     const list = document.querySelector(`.study[data-study="${uid}"] .series-list`);
@@ -191,19 +235,33 @@
         el("img", { "data-src": `studies/${uid}/series/${suid}/thumbnail`, alt: val(s, TAG.seriesDesc) || mod }),
         el("span", { class: "series-caption" }, el("b", {}, `${mod} ${val(s, TAG.seriesNumber)}`), el("span", {}, val(s, TAG.seriesDesc) || "—"), el("span", {}, `${L("images")}: ${val(s, TAG.seriesInstances)}`))));
     }
-    if (series.length) await openSeries(val(series[0], TAG.seriesUid));
+    if (series.length) await openSeries(val(series[0], TAG.seriesUid), given);
   }
 
-  async function openSeries(suid) {
+  // The window of an image as the server reads it: its first Window Center/Width and its VOI
+  // LUT Function (an unknown one read as linear).
+  function imageWindowOf(inst) {
+    const c = num(inst, TAG.center);
+    const w = num(inst, TAG.width);
+    if (c === null || w === null || w < 1) return null;
+    const fn = (val(inst, TAG.voiFunction) || "LINEAR").toLowerCase().replace("_", "-");
+    return { center: c, width: w, fn: VOI_FUNCTIONS.includes(fn) ? fn : "linear" };
+  }
+
+  async function openSeries(suid, given) {
     stopCine();
     clearTimeout(state.losslessTimer);
     state.seriesUid = suid;
     for (const b of document.querySelectorAll(".series-item")) b.setAttribute("aria-current", String(b.dataset.series === suid));
     let instances;
-    try {
-      instances = await getJson(`studies/${state.study}/series/${suid}/instances`);
-    } catch (error) {
-      return fail(error);
+    if (given && given.seriesUid === suid && given.instances) {
+      instances = given.instances;
+    } else {
+      try {
+        instances = await getJson(`studies/${state.study}/series/${suid}/instances`);
+      } catch (error) {
+        return fail(error);
+      }
     }
     state.instances = instances;
     state.frames = [];
@@ -211,19 +269,36 @@
       const n = Math.max(1, parseInt(val(inst, TAG.frames) || "1", 10) || 1);
       for (let f = 1; f <= n; f += 1) state.frames.push({ inst, frame: f, frames: n, study: state.study, series: suid });
     }
-    const first = instances[0];
-    const c = num(first, TAG.center);
-    const w = num(first, TAG.width);
-    state.imageWindow = c !== null && w !== null ? { center: c, width: w, fn: (val(first, TAG.voiFunction) || "LINEAR").toLowerCase().replace("_", "-") } : null;
+    state.imageWindow = instances.length ? imageWindowOf(instances[0]) : null;
     state.window = null;
     markPreset("default");
     state.pos = 0;
     state.zoom = 1; state.panX = 0; state.panY = 0;
-    $("image").classList.remove("hidden");
+    const img = $("image");
+    // The page's HTML asked for this series' first frame already (the study's first-image):
+    // it is shown as it comes, in place of the same frame asked for by the script.
+    const asked = img.getAttribute("src");
+    if (given && given.first && asked === `studies/${given.study}/first-image` && state.frames.length) {
+      const key = frameUrl(state.frames[0], activeWindow(), "image/jpeg", 90);
+      state.blobs.set(key, loaded(img).then(() => asked, () => {
+        state.blobs.delete(key);
+        img.removeAttribute("src");
+        return blobUrl(key); // asked again by the script, whose failure says why
+      }));
+    }
+    img.classList.remove("hidden");
     message("");
     layout();
     await show(0);
     if ($("info").classList.contains("hidden") === false) fillInfo();
+  }
+
+  function loaded(img) {
+    return new Promise((resolve, reject) => {
+      if (img.complete) return img.naturalWidth ? resolve() : reject(new Error("image"));
+      img.addEventListener("load", () => resolve(), { once: true });
+      img.addEventListener("error", () => reject(new Error("image")), { once: true });
+    });
   }
 
   // -- frames ------------------------------------------------------------------------------------
@@ -279,10 +354,21 @@
     } finally {
       state.busy = false;
     }
+    if (state.ended) return;
+    if (!state.firstShown && $("image").dataset.pos !== undefined) firstShown();
     drawOverlays();
     loadThumbnails();
     prefetch();
     state.losslessTimer = setTimeout(showLossless, LOSSLESS_AFTER_MS);
+  }
+
+  // Once, when the first image is on the screen: a mark in the page's performance timeline
+  // ("ncp-first-image", from the start of the navigation, the launch included) and an event.
+  function firstShown() {
+    state.firstShown = true;
+    $("app").dataset.state = "ready";
+    performance.mark("ncp-first-image");
+    document.dispatchEvent(new CustomEvent("ncp:first-image"));
   }
 
   // Thumbnails are asked for once the first image is shown: it comes first.
@@ -295,7 +381,8 @@
 
   function paint(src, job, lossless) {
     const img = $("image");
-    img.src = src;
+    if (state.ended) return;
+    if (img.getAttribute("src") !== src) img.src = src;
     img.dataset.pos = String(job.pos);
     img.dataset.lossless = lossless ? "1" : "0";
     const win = activeWindow();
@@ -319,8 +406,11 @@
 
   function prefetch() {
     const win = activeWindow();
-    for (let d = 1; d <= PREFETCH; d += 1) {
-      for (const p of [state.pos + d, state.pos - d]) {
+    // Six frames each way, nearest first; while cine plays, a second of frames ahead only.
+    const ahead = state.cine ? Math.max(PREFETCH, Math.ceil(cineRate())) : PREFETCH;
+    const behind = state.cine ? 0 : PREFETCH;
+    for (let d = 1; d <= ahead; d += 1) {
+      for (const p of d <= behind ? [state.pos + d, state.pos - d] : [state.pos + d]) {
         if (p >= 0 && p < state.frames.length) blobUrl(frameUrl(state.frames[p], win, "image/jpeg", 90)).catch(() => {});
       }
     }
@@ -336,17 +426,29 @@
   }
 
   // -- geometry: fit, zoom, pan ---------------------------------------------------------------------
+  // How much taller than wide a pixel is: Pixel Spacing (row / column spacing), Imager Pixel
+  // Spacing, or Pixel Aspect Ratio (vertical / horizontal); the server does the same for the
+  // images it sizes (thumbnails, viewport=).
+  function pixelAspect(inst) {
+    for (const tag of [TAG.spacing, TAG.imagerSpacing, TAG.aspect]) {
+      const [v, h] = vals(inst, tag).map((x) => parseFloat(x));
+      if (v > 0 && h > 0 && Number.isFinite(v / h)) return Math.abs(v / h - 1) < 1e-3 ? 1 : Math.min(10, Math.max(0.1, v / h));
+    }
+    return 1;
+  }
   function layout() {
     const entry = current();
     if (!entry) return;
     const rows = parseInt(val(entry.inst, TAG.rows), 10) || 512;
     const cols = parseInt(val(entry.inst, TAG.columns), 10) || 512;
+    const high = rows * pixelAspect(entry.inst);
     const box = $("viewport").getBoundingClientRect();
-    const scale = Math.min(box.width / cols, box.height / rows);
-    state.base = { scale, left: (box.width - cols * scale) / 2, top: (box.height - rows * scale) / 2, rows, cols };
+    const scale = Math.min(box.width / cols, box.height / high);
+    state.base = { scale, left: (box.width - cols * scale) / 2, top: (box.height - high * scale) / 2, rows, cols };
     const img = $("image");
+    img.classList.add("placed");
     img.style.width = `${cols * scale}px`;
-    img.style.height = `${rows * scale}px`;
+    img.style.height = `${high * scale}px`;
     applyTransform();
   }
   function applyTransform() {
@@ -427,6 +529,8 @@
   function bindKeys() {
     document.addEventListener("keydown", (e) => {
       if (e.altKey || e.metaKey || (e.ctrlKey && e.key !== "0")) return;
+      if (e.target && /^(SELECT|INPUT|TEXTAREA)$/.test(e.target.tagName)) return;
+      if (state.ended || !state.ctx) return;
       const k = e.key;
       let handled = true;
       if (k === "ArrowDown" || k === "PageDown" || k === "j") step(1);
@@ -435,6 +539,7 @@
       else if (k === "End") show(state.frames.length - 1);
       else if (k === "ArrowRight" || k === "ArrowLeft") nextSeries(k === "ArrowRight" ? 1 : -1);
       else if (k === " ") toggleCine();
+      else if (k === "[" || k === "]") stepCineRate(k === "]" ? 1 : -1);
       else if (/^[1-5]$/.test(k)) { const p = state.ctx.presets[+k - 1]; setWindow({ center: p.center, width: p.width, fn: "linear" }, p.key); }
       else if (k === "0") setWindow(null);
       else if (k === "+" || k === "=") zoomBy(1.25);
@@ -459,16 +564,57 @@
   }
 
   // -- cine --------------------------------------------------------------------------------------------
+  // Frames per second: the HP's choice, else the image's own (Recommended Display Frame Rate,
+  // Cine Rate, or 1000 / Frame Time), else 10. A frame is never skipped: when the server is
+  // slower than the rate, cine slows down rather than jump.
+  function seriesRate() {
+    const entry = current();
+    const inst = entry ? entry.inst : null;
+    const rate = num(inst, TAG.displayRate) || num(inst, TAG.cineRate);
+    if (rate > 0) return Math.min(60, rate);
+    const ms = num(inst, TAG.frameTime);
+    return ms > 0 ? Math.min(60, 1000 / ms) : 10;
+  }
+  function cineRate() { return state.cineRate || seriesRate(); }
+  function setCineRate(value) {
+    state.cineRate = value === "auto" ? null : Math.max(1, Math.min(60, parseFloat(value) || 10));
+    const select = $("cine-rate");
+    if (select) select.value = state.cineRate ? String(state.cineRate) : "auto";
+    if (state.cine) { stopCine(); toggleCine(); }
+    drawOverlays();
+  }
+  function stepCineRate(delta) {
+    const now = cineRate();
+    const next = delta > 0 ? CINE_RATES.find((r) => r > now) : [...CINE_RATES].reverse().find((r) => r < now);
+    if (next) setCineRate(String(next));
+  }
   function toggleCine() {
     if (state.cine) return stopCine();
-    state.cine = setInterval(() => show((state.pos + 1) % state.frames.length), 100);
+    if (!state.frames.length) return;
+    state.cine = setInterval(() => {
+      if (!state.busy) show((state.pos + 1) % state.frames.length);
+    }, 1000 / cineRate());
     $("cine").setAttribute("aria-pressed", "true");
+    $("cine").dataset.rate = round(cineRate(), 1);
+    drawOverlays();
   }
   function stopCine() {
     if (state.cine) clearInterval(state.cine);
     state.cine = null;
     const b = $("cine");
     if (b) b.setAttribute("aria-pressed", "false");
+  }
+
+  // -- the session's end -------------------------------------------------------------------------------
+  async function logout() {
+    try {
+      const answer = await fetch("logout", { method: "POST", credentials: "same-origin" });
+      if (!answer.ok && answer.status !== 401) throw await failure(answer);
+    } catch (error) {
+      return fail(error);
+    }
+    endSession(L("session_closed"));
+    $("app").dataset.state = "closed";
   }
 
   // -- overlays, information, help ---------------------------------------------------------------------
@@ -501,6 +647,7 @@
     $("ov-br").replaceChildren(
       line(win ? `${L("window")}: ${round(win.width)}  ${L("level")}: ${round(win.center)}` : `${L("window")}/${L("level")}: ${L("preset_default")}`, "strong"),
       line(`${L("zoom")}: ${Math.round(state.base.scale * state.zoom * 100)}%`),
+      line(state.cine ? `${L("cine")}: ${round(cineRate(), 1)} ${L("fps")}` : ""),
       line(`${val(i, TAG.columns)} × ${val(i, TAG.rows)}`, "dim"),
       line(state.shown.lossless ? L("lossless") : L("lossy"), state.shown.lossless ? "ok" : "warn"));
     const bar = $("scrollthumb");
@@ -535,7 +682,7 @@
     if (!box.classList.contains("hidden")) return box.classList.add("hidden");
     const rows = [
       [["↑", "↓"], "key_scroll"], [["←", "→"], "key_series"], [["Home", "End"], "key_first_last"],
-      [["Space"], "key_cine"], [["1", "…", "5"], "key_presets"], [["0"], "key_default"],
+      [["Space"], "key_cine"], [["[", "]"], "key_cine_rate"], [["1", "…", "5"], "key_presets"], [["0"], "key_default"],
       [["+", "−"], "key_zoom"], [["R"], "key_reset"], [["W", "P", "Z", "S"], "key_tools"],
       [["I"], "key_info"], [["?"], "key_help"],
     ];
