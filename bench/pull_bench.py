@@ -12,6 +12,8 @@ processes. Then, interleaved, the first round a dropped warm-up, medians of ``--
 - ``bare_tls``: the same from the HTTPS Orthanc (the reference for the pulls, which cross TLS);
 - ``bare_tls_synced``: ``bare_tls`` and the file flushed to disk (fsync) before the clock stops,
   as durable as what the folder store guarantees;
+- ``gw_a_curl``: curl retrieving the study through A's gateway over TLS with the image token
+  B's peer client gets (untimed), to a file: A's hop alone, without B;
 - ``pull_a``: country B's pull in a process of its own (B's node from its config, its peer
   client over mutual TLS), timed from "go" to "stored": B signs the HP's pair, the patient's
   list of ImagingStudy manifests from A's standard channel, the image token
@@ -24,8 +26,16 @@ processes. Then, interleaved, the first round a dropped warm-up, medians of ``--
   what the archive's ingestion costs;
 - ``pull_a_stow``: ``pull_a`` into that Orthanc through STOW-RS.
 
+CPU: the machine has few cores, shared with other work, so wall times swing with the load. Each
+variant's CPU time is taken per process: the client (curl's, from its rusage; B's process from
+"go" to "stored", from its own), A's ``ncp serve`` (``gateway_a``), the edge and each Orthanc
+(``/proc/PID/stat`` before and after). What a path costs per byte does not depend on who else
+runs, so the pulls are compared with the references on wall time and on CPU time.
+
 Memory: the resident growth of B's process from "go" to "stored" (VmRSS every 10 ms).
-Prints one JSON object: seconds, MB/s, ratios to ``bare_tls`` and ``bare``, RSS growth.
+Prints one JSON object: seconds, MB/s, ratios to ``bare_tls``, ``bare``, ``bare_tls_synced`` and
+``gw_a_curl``; CPU seconds by process, CPU ms per MB and CPU ratios (total, and the client's
+alone: B against curl); RSS growth; the load average before and after.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -55,7 +66,16 @@ from byte_path_alternatives import free_port, sampling, upload, wait_port  # noq
 ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 ISSUER = "1.2.40.0.10.1.4.3.1"
 PATIENT_ID = "BENCH-1"
-VARIANTS = ("bare", "bare_tls", "bare_tls_synced", "pull_a", "pull_c", "stow_only", "pull_a_stow")
+VARIANTS = (
+    "bare",
+    "bare_tls",
+    "bare_tls_synced",
+    "gw_a_curl",
+    "pull_a",
+    "pull_c",
+    "stow_only",
+    "pull_a_stow",
+)
 REFERENCES = ("bare", "bare_tls", "bare_tls_synced", "stow_only")
 
 
@@ -148,6 +168,7 @@ def setup_nodes(work: Path, archive_url: str, ports: dict[str, int]) -> dict[str
         f"""[node]
 country = "AT"
 patient_id_issuer = "{ISSUER}"
+demo = true  # the bench's keys are the test PKI's (`ncp keys init`)
 [urls]
 standard = "{standard}"
 imaging = "{imaging}"
@@ -171,6 +192,7 @@ list = "trust.toml"
         work / "edge" / "edge.toml",
         f"""[edge]
 country = "AT"
+demo = true
 audience = "{edge}"
 jwks = "{a_keys / "jwks.json"}"
 [archive]
@@ -194,6 +216,7 @@ url = "sqlite:///edge-audit.db"
     b_common = """[node]
 country = "BE"
 patient_id_issuer = "2.16.56.1.1.1"
+demo = true
 [database]
 url = "sqlite:///{db}"
 [archive]
@@ -247,7 +270,9 @@ def b_pull(args: argparse.Namespace) -> None:
     patient = PatientRef(f"urn:oid:{ISSUER}", PATIENT_ID)
     print("ready", flush=True)
     sys.stdin.readline()
+    pauses = gc_pauses()
     t0 = time.perf_counter()
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     context = wiring.context("AT", hp, patient, purpose="TREAT", informed=True)
     studies = wiring.studies(context, StudyFilters())
     job = env.jobs.create(
@@ -258,6 +283,7 @@ def b_pull(args: argparse.Namespace) -> None:
     t1 = time.perf_counter()
     status = Retriever(env).run_only(job.id)
     seconds = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
     view = env.jobs.get(job.id)
     at = {event.status: event.at for event in view.history}
     print(
@@ -268,6 +294,10 @@ def b_pull(args: argparse.Namespace) -> None:
                 "bytes": view.bytes_done,
                 "instances": view.instances_done,
                 "reason": view.reason,
+                "cpu_user_s": round(r1.ru_utime - r0.ru_utime, 3),
+                "cpu_system_s": round(r1.ru_stime - r0.ru_stime, 3),
+                # The cyclic garbage collector holds the GIL while it walks the heap.
+                "gc_pauses": {"count": len(pauses), "s": round(sum(pauses), 3)},
                 # Where the time went: signing and the list, then the job's own phases.
                 "phases_s": {
                     "sign_and_list": round(t1 - t0, 3),
@@ -287,28 +317,116 @@ def b_pull(args: argparse.Namespace) -> None:
     node.close()
 
 
+def gc_pauses() -> list[float]:
+    """The cyclic garbage collector's pauses (seconds) from now on, appended as they end."""
+    import gc
+
+    pauses: list[float] = []
+    began = [0.0]
+
+    def watch(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            began[0] = time.perf_counter()
+        else:
+            pauses.append(time.perf_counter() - began[0])
+
+    gc.callbacks.append(watch)
+    return pauses
+
+
+def b_token(args: argparse.Namespace) -> None:
+    """Child mode: an image access token for the study through B's peer client, as JSON
+    (for ``gw_a_curl``: curl through A's gateway with the token a pull would use)."""
+    from ncp.config import load_settings
+    from ncp.consumer.wiring import ClientWiring, StudyFilters
+    from ncp.node import Node
+    from ncp.security.claims import PatientRef
+
+    settings = load_settings(Path(args.config))
+    node = Node.from_settings(settings)
+    wiring = ClientWiring(node)
+    hp = settings.retrieval.cli_hp
+    assert hp is not None
+    patient = PatientRef(f"urn:oid:{ISSUER}", PATIENT_ID)
+    context = wiring.context("AT", hp, patient, purpose="TREAT", informed=True)
+    studies = list(wiring.studies(context, StudyFilters()))
+    grant = wiring.access("AT").imaging_access(context, studies, args.option, "normal")
+    print(json.dumps({"token": grant.token, "base": grant.base_url, "studies": studies}))
+    wiring.close()
+    node.close()
+
+
 # --- measuring ----------------------------------------------------------------------------------
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-def bare(url: str, target: Path, cafile: Path | None, *, synced: bool = False) -> tuple[float, int]:
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, all its threads (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+class CpuMeter:
+    """The CPU time the run's servers (A's gateway, the edge, the Orthancs) spend, by role,
+    between two snapshots: on a machine shared with other work, wall time swings with the load;
+    CPU time per byte says what each part of a path costs."""
+
+    def __init__(self) -> None:
+        self.pids: dict[str, int] = {}
+
+    def snapshot(self) -> dict[str, float]:
+        out = {}
+        for role, pid in self.pids.items():
+            with contextlib.suppress(OSError):
+                out[role] = cpu_seconds(pid)
+        return out
+
+    def since(self, before: dict[str, float]) -> dict[str, float]:
+        now = self.snapshot()
+        return {role: now[role] - before[role] for role in before if role in now}
+
+
+def bare(
+    url: str,
+    target: Path,
+    cafile: Path | None,
+    *,
+    synced: bool = False,
+    token: str | None = None,
+) -> tuple[float, int, float]:
+    """curl's download to ``target``: seconds, bytes, and curl's CPU seconds (with the flush
+    of the file, when ``synced``)."""
     cmd = ["curl", "-s", "-f", "-o", str(target), "-w", "%{size_download} %{time_total}"]
     cmd += ["-H", f"Accept: {ACCEPT}"]
+    if token is not None:
+        cmd += ["-H", f"Authorization: Bearer {token}"]
     if cafile is not None:
         cmd += ["--cacert", str(cafile)]
     t0 = time.perf_counter()
-    done = subprocess.run([*cmd, url], capture_output=True, text=True, check=True)
-    size, seconds = done.stdout.split()
+    proc = subprocess.Popen([*cmd, url], stdout=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert proc.stdout is not None
+    out = proc.stdout.read()
+    proc.stdout.close()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise RuntimeError(f"curl failed ({proc.returncode}) on {url}")
+    size, seconds = out.split()
     took = float(seconds)
+    cpu = usage.ru_utime + usage.ru_stime
     if synced:
+        c0 = time.thread_time()
         fd = os.open(target, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
+        cpu += time.thread_time() - c0
         took = time.perf_counter() - t0
     target.unlink()
-    return took, int(size)
+    return took, int(size), cpu
 
 
-def stow_only(url: str, files: list[Path], staging: Path) -> float:
+def stow_only(url: str, files: list[Path], staging: Path) -> tuple[float, float]:
     """B's STOW-RS store alone: copies of the study's files in batches of 32 (as the pull)."""
     from pydicom import dcmread
 
@@ -324,14 +442,17 @@ def stow_only(url: str, files: list[Path], staging: Path) -> float:
         key = InstanceKey(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
         items.append(Verified(copy, key, path.stat().st_size))
     t0 = time.perf_counter()
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     for start in range(0, len(items), 32):
         store.put(items[start : start + 32])
     took = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
     store.close()
-    return took
+    return took, r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
 
 
 def pull(config: Path, option: str, log: Path) -> tuple[dict[str, Any], float]:
+    """One pull by B in a process of its own: its JSON summary, and its memory growth (MB)."""
     cmd = [sys.executable, str(BENCH / "pull_bench.py"), "b", "--config", str(config)]
     cmd += ["--option", option]
     with open(log, "ab") as err:
@@ -349,6 +470,15 @@ def pull(config: Path, option: str, log: Path) -> tuple[dict[str, Any], float]:
         result = json.loads(proc.stdout.readline())
     proc.wait(60)
     return result, mem["growth_kb"] / 1024
+
+
+def token_for(config: Path, option: str) -> dict[str, Any]:
+    cmd = [sys.executable, str(BENCH / "pull_bench.py"), "token", "--config", str(config)]
+    done = subprocess.run(
+        [*cmd, "--option", option], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    answer: dict[str, Any] = json.loads(done.stdout)
+    return answer
 
 
 def run(args: argparse.Namespace) -> None:
@@ -406,49 +536,79 @@ def run(args: argparse.Namespace) -> None:
             )
         for port in ports.values():
             wait_port(port, timeout=120)
+        meter = CpuMeter()
+        meter.pids = {"gateway_a": procs[0].pid, "edge": procs[1].pid}
+        meter.pids["orthanc"] = archive.process.pid
+        if archive_tls is not None:
+            meter.pids["orthanc_tls"] = archive_tls.process.pid
+        if b_archive is not None:
+            meter.pids["orthanc_b"] = b_archive.process.pid
+        load_before = os.getloadavg()
 
         seconds: dict[str, list[float]] = {v: [] for v in wanted}
+        cpu: dict[str, list[dict[str, float]]] = {v: [] for v in wanted}
         rss: dict[str, list[float]] = {v: [] for v in wanted if v not in REFERENCES}
         failures: dict[str, str] = {}
         phases: dict[str, list[dict[str, float]]] = {}
+        gc_pauses_s: dict[str, list[float]] = {}
         for round_no in range(args.repeat + 1):
             for name in wanted:
                 if name in unavailable or name in failures:
                     continue
+                token = None
+                if name == "gw_a_curl":  # untimed: the token a pull would use
+                    token = token_for(configs["b"], "A")
+                if name.startswith("pull_"):  # untimed: the last round's study goes
+                    shutil.rmtree(work / "b" / "retrieved" / study, ignore_errors=True)
+                    if name.endswith("_stow"):
+                        assert b_archive is not None
+                        b_archive.clear()
+                if name == "stow_only":
+                    assert b_archive is not None
+                    b_archive.clear()
+                before = meter.snapshot()
                 if name == "bare":
-                    took, _ = bare(f"{archive.dicomweb_url}/studies/{study}", work / "x", None)
+                    url = f"{archive.dicomweb_url}/studies/{study}"
+                    took, _, client = bare(url, work / "x", None)
                 elif name in ("bare_tls", "bare_tls_synced"):
                     assert archive_tls is not None
                     url = f"{archive_tls.dicomweb_url}/studies/{study}"
                     synced = name.endswith("_synced")
-                    took, _ = bare(url, work / "x", archive_tls.ca_file, synced=synced)
+                    took, _, client = bare(url, work / "x", archive_tls.ca_file, synced=synced)
+                elif name == "gw_a_curl":
+                    assert token is not None
+                    url = f"{token['base']}/studies/{study}"
+                    ca = work / "a" / "keys" / "ca.pem"
+                    took, _, client = bare(url, work / "x", ca, token=token["token"])
                 elif name == "stow_only":
                     assert b_archive is not None
-                    b_archive.clear()
-                    took = stow_only(b_archive.dicomweb_url, files, work / "stow-staging")
+                    took, client = stow_only(b_archive.dicomweb_url, files, work / "stow-staging")
                 else:
-                    stow = name.endswith("_stow")
-                    if stow:
-                        assert b_archive is not None
-                        b_archive.clear()
-                    shutil.rmtree(work / "b" / "retrieved" / study, ignore_errors=True)
-                    config = configs["b_stow" if stow else "b"]
+                    config = configs["b_stow" if name.endswith("_stow") else "b"]
                     option = "C" if name == "pull_c" else "A"
                     result, grew = pull(config, option, work / f"{name}.log")
                     if result["status"] != "stored" or result["instances"] != len(files):
                         failures[name] = json.dumps(result)
                         continue
                     took = result["seconds"]
+                    client = result["cpu_user_s"] + result["cpu_system_s"]
                     if round_no:
                         rss[name].append(grew)
                         phases.setdefault(name, []).append(result["phases_s"])
+                        gc_pauses_s.setdefault(name, []).append(result["gc_pauses"]["s"])
+                servers_cpu = meter.since(before)
                 if round_no:
                     seconds[name].append(took)
+                    used = {"client": client, **{k: v for k, v in servers_cpu.items() if v > 0}}
+                    cpu[name].append(used)
+        load_after = os.getloadavg()
         medians = {k: statistics.median(v) for k, v in seconds.items() if v}
+        cpu_medians = {k: _median_roles(v) for k, v in cpu.items() if v}
         report: dict[str, Any] = {
             "machine": {
                 "cpus": os.cpu_count(),
-                "load_average_at_end": round(os.getloadavg()[0], 1),
+                "load_average_before": [round(x, 1) for x in load_before],
+                "load_average_after": [round(x, 1) for x in load_after],
             },
             "study": {
                 "instances": len(files),
@@ -460,18 +620,39 @@ def run(args: argparse.Namespace) -> None:
             "seconds": {k: round(v, 2) for k, v in medians.items()},
             "throughput_mb_s": {k: round(size_mb / v) for k, v in medians.items()},
         }
-        pulls = {k: v for k, v in medians.items() if k.startswith("pull_")}
-        for ref in ("bare", "bare_tls", "bare_tls_synced"):
+        pulls = {k: v for k, v in medians.items() if k.startswith("pull_") or k == "gw_a_curl"}
+        for ref in ("bare", "bare_tls", "bare_tls_synced", "gw_a_curl"):
             if ref in medians:
                 report[f"ratio_to_{ref}"] = {
-                    k: round(v / medians[ref], 2) for k, v in pulls.items()
+                    k: round(v / medians[ref], 2) for k, v in pulls.items() if k != ref
                 }
         if "stow_only" in medians and "pull_a_stow" in medians:
             report["pull_a_stow_to_stow_only"] = round(
                 medians["pull_a_stow"] / medians["stow_only"], 2
             )
+        # CPU: seconds by process (client: curl, or B's process from "go" to "stored"), their
+        # total per MB, and the totals against the references'.
+        report["cpu_s"] = {
+            k: {r: round(x, 2) for r, x in v.items()} for k, v in cpu_medians.items()
+        }
+        report["cpu_ms_per_mb"] = {
+            k: round(v["total"] * 1000 / size_mb, 2) for k, v in cpu_medians.items()
+        }
+        for ref in ("bare_tls", "bare_tls_synced", "gw_a_curl"):
+            if ref in cpu_medians:
+                total = cpu_medians[ref]["total"]
+                client = cpu_medians[ref]["client"]
+                report[f"cpu_ratio_to_{ref}"] = {
+                    k: {
+                        "total": round(v["total"] / total, 2),
+                        "client": round(v["client"] / client, 2),
+                    }
+                    for k, v in cpu_medians.items()
+                    if k != ref and (k.startswith("pull_") or k == "gw_a_curl")
+                }
         report["rss_growth_mb_max"] = {k: round(max(v), 1) for k, v in rss.items() if v}
         report["pull_phases_s"] = phases
+        report["b_gc_pauses_s"] = {k: round(max(v), 3) for k, v in gc_pauses_s.items()}
         if failures:
             report["failures"] = failures
         if unavailable:
@@ -488,6 +669,14 @@ def run(args: argparse.Namespace) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _median_roles(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """Per role, the median of the rounds' CPU seconds; ``total``: the median of their sums."""
+    roles = {role for used in rounds for role in used}
+    out = {role: statistics.median(used.get(role, 0.0) for used in rounds) for role in roles}
+    out["total"] = statistics.median(sum(used.values()) for used in rounds)
+    return out
+
+
 def _upload_tls(server: Any, files: list[Path]) -> None:
     server.upload(files)
 
@@ -500,6 +689,9 @@ def main() -> None:
     child = sub.add_parser("b", help="(internal) B's side of one pull")
     child.add_argument("--config", required=True)
     child.add_argument("--option", choices=["A", "C"], default="A")
+    tok = sub.add_parser("token", help="(internal) an image token through B's peer client")
+    tok.add_argument("--config", required=True)
+    tok.add_argument("--option", choices=["A", "C"], default="A")
     parser.add_argument("--instances", type=int, default=1000)
     parser.add_argument("--series", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=3)
@@ -507,6 +699,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.mode == "b":
         b_pull(args)
+    elif args.mode == "token":
+        b_token(args)
     else:
         run(args)
 

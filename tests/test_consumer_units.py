@@ -4,8 +4,9 @@ instance headers and verification against a manifest, the folder store, reconcil
 from __future__ import annotations
 
 import asyncio
+import io
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pydicom
@@ -17,7 +18,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, 
 from ncp.consumer.localstore import FolderStore, InstanceKey, Verified
 from ncp.consumer.manifests import manifest_from_json, manifest_to_json
 from ncp.consumer.model import ManifestInstance, ManifestSeries, StudyManifest
-from ncp.consumer.multipart import MultipartError, PartReader
+from ncp.consumer.multipart import ChunkSource, MultipartError, PartReader
 from ncp.consumer.reconcile import LocalIdentity, reconcile
 from ncp.consumer.verify import StudyCheck, Unreadable, read_header
 from ncp.gateway.multipart import MultipartReader, MultipartWriter, PartHead
@@ -47,8 +48,9 @@ def _cut(data: bytes, cuts: list[int]) -> list[bytes]:
     return out
 
 
-def _sync(chunks: list[bytes], boundary: bytes) -> list[bytes] | str:
-    reader = PartReader(iter(chunks), boundary)
+def _sync(chunks: list[bytes], boundary: bytes, buffer_bytes: int = 0) -> list[bytes] | str:
+    # buffer_bytes=0: the smallest buffer the reader takes, so that bodies cross its refills.
+    reader = PartReader(ChunkSource(chunks), boundary, buffer_bytes=buffer_bytes)
     try:
         out = []
         while reader.next_part() is not None:
@@ -97,7 +99,7 @@ def test_the_part_reader_reads_what_the_writer_framed_like_the_gateways_reader(
 
 def test_a_body_cut_inside_a_part_is_an_error() -> None:
     body, boundary = _frame([b"x" * 5000])
-    reader = PartReader(iter(_cut(body[:3000], [1000, 2000])), boundary)
+    reader = PartReader(ChunkSource(_cut(body[:3000], [1000, 2000])), boundary)
     assert reader.next_part() is not None
     with pytest.raises(MultipartError):
         list(reader.body())
@@ -235,6 +237,37 @@ def test_the_folder_store_renames_verified_files_into_place(tmp_path: Path) -> N
     assert store.existing(STUDY) == set() and not (tmp_path / "store" / STUDY).exists()
 
 
+def test_the_folder_store_flushes_each_new_folder_entry_before_it_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ncp.consumer.localstore as localstore
+
+    flushed: list[Path] = []
+    real = localstore._fsync_dir
+    monkeypatch.setattr(localstore, "_fsync_dir", lambda p: (flushed.append(p), real(p)))
+    root = tmp_path / "store"
+    staging = root / ".incoming" / "job"
+    series = root / STUDY / SERIES
+
+    def put(store: FolderStore, n: int) -> set[Path]:
+        flushed.clear()
+        key = InstanceKey(STUDY, SERIES, f"{SERIES}.{n}")
+        store.put([Verified(_staged(staging, f"{n}.part", b"x"), key, 1)])
+        assert store.path_of(key).read_bytes() == b"x"
+        return set(flushed)
+
+    store = FolderStore(root)
+    # New folders: the series folder (its new file) and each folder that gained an entry.
+    assert put(store, 1) == {series, root / STUDY, root}
+    # Later batches: the series folder's new entries only.
+    assert put(store, 2) == {series}
+    # A purged study pulled again: its new folders' entries are flushed again.
+    store.remove_study(STUDY)
+    assert put(store, 3) == {series, root / STUDY, root}
+    # A store opened again (another process, after a crash) flushes them once more.
+    assert put(FolderStore(root), 4) == {series, root / STUDY, root}
+
+
 def test_uids_are_the_only_names_a_store_accepts() -> None:
     with pytest.raises(ValueError):
         InstanceKey("../../etc", SERIES, "1.2")
@@ -275,16 +308,21 @@ def test_reconciliation_writes_bs_identifier_and_keeps_as_in_other_ids(tmp_path:
     assert len(pydicom.dcmread(path).OtherPatientIDsSequence) == 1
 
 
-def _chunks(data: bytes, size: int) -> Iterator[bytes]:
-    for i in range(0, len(data), size):
-        yield data[i : i + size]
-
-
-def test_the_part_reader_hands_out_views_not_copies_of_large_bodies() -> None:
-    big = os.urandom(1 << 20)
-    body, boundary = _frame([big])
-    reader = PartReader(_chunks(body, 65536), boundary)
+def test_the_part_reader_hands_out_views_of_its_own_buffer_not_copies() -> None:
+    big = os.urandom(3 << 20)
+    body, boundary = _frame([big, b"small"])
+    # Read as http.client's response reads: readinto fills the buffer (io.BytesIO does too).
+    reader = PartReader(io.BytesIO(body), boundary, buffer_bytes=1 << 20)
     assert reader.next_part() is not None
-    pieces = list(reader.body())
-    assert b"".join(bytes(p) for p in pieces) == big
-    assert sum(isinstance(p, memoryview) for p in pieces) >= len(pieces) - 20
+    got, pieces = bytearray(), 0
+    for piece in reader.body():
+        assert isinstance(piece, memoryview) and piece.obj is reader._buf  # no copy
+        got += piece  # used before the next read: the buffer is refilled in place
+        pieces += 1
+    assert got == big
+    assert pieces <= 4  # pieces of about the buffer's size
+    assert reader.next_part() is not None
+    assert b"".join(bytes(p) for p in reader.body()) == b"small"
+    assert reader.next_part() is None
+
+

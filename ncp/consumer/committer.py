@@ -11,10 +11,22 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timedelta
+from typing import cast
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Integer,
+    Table,
+    bindparam,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -30,6 +42,36 @@ log = logging.getLogger(__name__)
 
 BATCH_FILES = 32
 BATCH_BYTES = 64 << 20
+STORING = 2
+"""Batches the store works on at once: the next is flushed while the last is recorded."""
+
+
+# The committer's statements, built once (Core, not the ORM's bulk paths): a batch costs a few
+# statements' execution, not their construction and compilation every time.
+_JOB = cast(Table, RetrievalJob.__table__)
+_STUDY = cast(Table, RetrievalJobStudy.__table__)
+_INSERT_INSTANCE = insert(cast(Table, RetrievedInstance.__table__))
+_INSERT_PROBLEM = insert(cast(Table, RetrievalProblem.__table__))
+_PROGRESS = (
+    update(_JOB)
+    .where(_JOB.c.id == bindparam("job_"), _JOB.c.worker == bindparam("worker_"))
+    .values(
+        instances_done=_JOB.c.instances_done + bindparam("instances_", type_=Integer),
+        bytes_done=_JOB.c.bytes_done + bindparam("bytes_", type_=BigInteger),
+        instances_rejected=_JOB.c.instances_rejected + bindparam("rejected_", type_=Integer),
+        heartbeat_at=bindparam("now_", type_=DateTime),
+        updated_at=bindparam("now_", type_=DateTime),
+    )
+    .returning(_JOB.c.cancel_requested)
+)
+_STUDY_PROGRESS = (
+    update(_STUDY)
+    .where(_STUDY.c.job_id == bindparam("job_"), _STUDY.c.study_uid == bindparam("study_"))
+    .values(
+        instances_done=_STUDY.c.instances_done + bindparam("instances_", type_=Integer),
+        bytes_done=_STUDY.c.bytes_done + bindparam("bytes_", type_=BigInteger),
+    )
+)
 
 
 class JobLost(Exception):
@@ -81,6 +123,8 @@ class Committer:
         self._emergency_checked = 0.0
         self._beat_every = settings.lease_s / 3
         self._last_beat = 0.0
+        self._stores = ThreadPoolExecutor(STORING, thread_name_prefix="retrieve-store")
+        self._storing: deque[tuple[Future[None], list[Verified]]] = deque()
         self._local = None
         if settings.reconcile and local_patient:
             issuer = settings.local_patient_issuer or env.local_issuer
@@ -93,8 +137,7 @@ class Committer:
         while True:
             if self.failure is not None or self.lost:
                 if isinstance(item, Verified):
-                    with contextlib.suppress(FileNotFoundError):
-                        item.path.unlink()
+                    _discard([item])
                 return
             try:
                 self._queue.put(item, timeout=0.5)
@@ -111,7 +154,7 @@ class Committer:
         now = self.env.now()
         with self.env.sessions.begin() as session:
             session.execute(
-                insert(RetrievedInstance),
+                _INSERT_INSTANCE,
                 [
                     {
                         "job_id": self.job_id,
@@ -180,11 +223,15 @@ class Committer:
         closing = False
         self._beat()
         while not closing:
+            busy = batch or problems or self._storing
             try:
-                item = self._queue.get(timeout=0.05 if batch or problems else self._beat_every)
+                item = self._queue.get(timeout=0.05 if busy else self._beat_every)
             except queue.Empty:
                 item = None
-            flush_now = item is None or self._queue.empty()
+            # A batch goes when it is full, when nothing came for a moment, or when asked: not
+            # each time the queue is empty (one connection's instances arrive a few ms apart,
+            # and a batch of one costs a transaction and a folder flush of its own).
+            flush_now = item is None
             if item is _CLOSE:
                 closing = flush_now = True
             elif item is _FLUSH:
@@ -196,35 +243,69 @@ class Committer:
                 problems.append(item)
             full = len(batch) >= BATCH_FILES or size >= BATCH_BYTES
             if (batch or problems) and (flush_now or full):
-                self._commit(batch, problems)
+                self._send(batch, problems)
                 batch, problems, size = [], [], 0
+            self._record_stored(wait=item is _FLUSH or closing)
             if item is _FLUSH:
                 with self._flushed:
                     self._flush_done += 1
                     self._flushed.notify_all()
             if time.monotonic() - self._last_beat >= self._beat_every:
                 self._beat()
+        self._stores.shutdown(wait=True)
         with self._flushed:
             self._flush_done = self._flush_asked
             self._flushed.notify_all()
 
-    def _commit(self, batch: list[Verified], problems: list[Problem]) -> None:
+    def _send(self, batch: list[Verified], problems: list[Problem]) -> None:
+        """A batch to the store (in the background), problems to the records (now)."""
         if self.failure is not None or self.lost:
-            for item in batch:
-                with contextlib.suppress(FileNotFoundError):
-                    item.path.unlink()
+            _discard(batch)
             return
+        if batch:
+            while len(self._storing) >= STORING:
+                self._record_one(*self._storing.popleft())
+            self._storing.append((self._stores.submit(self._store, batch), batch))
+        if problems:
+            self._record([], problems)
+
+    def _store(self, batch: list[Verified]) -> None:
+        """On a store thread: reconcile (when configured), then store the batch durably."""
+        if self._local is not None:
+            for item in batch:
+                reconcile(item.path, self.patient, self._local)
+        self.env.store.put(batch)
+
+    def _record_stored(self, *, wait: bool) -> None:
+        """Record the batches the store took (all of them, waiting, with ``wait``)."""
+        while self._storing and (wait or self._storing[0][0].done()):
+            self._record_one(*self._storing.popleft())
+
+    def _record_one(self, stored: Future[None], batch: list[Verified]) -> None:
         try:
-            if batch:
-                if self._local is not None:
-                    for item in batch:
-                        reconcile(item.path, self.patient, self._local)
-                self.env.store.put(batch)
+            stored.result()
+        except (StoreError, ReconcileError) as exc:
+            self.failure = self.failure or exc
+            _discard(batch)
+            return
+        except Exception as exc:
+            log.exception("job %s: storing instances failed", self.job_id)
+            self.failure = self.failure or exc
+            _discard(batch)
+            return
+        if self.failure is None and not self.lost:
+            # Stored and not recorded (the job failed or was lost meanwhile): a later attempt
+            # finds them in the store and counts them done.
+            self._record(batch, [])
+
+    def _record(self, batch: list[Verified], problems: list[Problem]) -> None:
+        """Stored instances and problems into B's records, with the job's progress."""
+        try:
             now = self.env.now()
             with self.env.sessions.begin() as session:
                 if batch:
                     session.execute(
-                        insert(RetrievedInstance),
+                        _INSERT_INSTANCE,
                         [
                             {
                                 "job_id": self.job_id,
@@ -241,7 +322,7 @@ class Committer:
                     )
                 if problems:
                     session.execute(
-                        insert(RetrievalProblem),
+                        _INSERT_PROBLEM,
                         [
                             {
                                 "job_id": self.job_id,
@@ -261,11 +342,6 @@ class Committer:
                 self.stored[v.key.study_uid].add(v.key.sop_uid)
             if batch:
                 self.stored_any = True
-        except (StoreError, ReconcileError) as exc:
-            self.failure = exc
-            for item in batch:
-                with contextlib.suppress(FileNotFoundError):
-                    item.path.unlink()
         except JobLost:
             self.lost = True
         except Exception as exc:
@@ -280,19 +356,16 @@ class Committer:
         now: datetime,
     ) -> None:
         """Counts, lease and cancellation, in the caller's transaction."""
-        job = RetrievalJob
         changed = session.execute(
-            update(job)
-            .where(job.id == self.job_id, job.worker == self.worker)
-            .values(
-                instances_done=job.instances_done + len(done),
-                bytes_done=job.bytes_done + sum(done.values()),
-                instances_rejected=job.instances_rejected
-                + sum(1 for p in problems if p.kind != "missing"),
-                heartbeat_at=now,
-                updated_at=now,
-            )
-            .returning(job.cancel_requested)
+            _PROGRESS,
+            {
+                "job_": self.job_id,
+                "worker_": self.worker,
+                "instances_": len(done),
+                "bytes_": sum(done.values()),
+                "rejected_": sum(1 for p in problems if p.kind != "missing"),
+                "now_": now,
+            },
         ).first()
         if changed is None:
             raise JobLost()
@@ -301,15 +374,13 @@ class Committer:
         for (study, _), size in done.items():
             n, b = per_study.get(study, (0, 0))
             per_study[study] = (n + 1, b + size)
-        for study, (n, b) in per_study.items():
+        if per_study:
             session.execute(
-                update(RetrievalJobStudy)
-                .where(RetrievalJobStudy.job_id == self.job_id)
-                .where(RetrievalJobStudy.study_uid == study)
-                .values(
-                    instances_done=RetrievalJobStudy.instances_done + n,
-                    bytes_done=RetrievalJobStudy.bytes_done + b,
-                )
+                _STUDY_PROGRESS,
+                [
+                    {"job_": self.job_id, "study_": study, "instances_": n, "bytes_": b}
+                    for study, (n, b) in per_study.items()
+                ],
             )
         self._last_beat = time.monotonic()
 
@@ -321,3 +392,9 @@ class Committer:
             self.lost = True
         except SQLAlchemyError:
             log.warning("job %s: the heartbeat could not be written", self.job_id)
+
+
+def _discard(batch: Iterable[Verified]) -> None:
+    for item in batch:
+        with contextlib.suppress(FileNotFoundError):
+            item.path.unlink()

@@ -1,5 +1,5 @@
 """What the retrieval machinery of one process needs, in one place: the job service, the local
-store, the peers, the imaging channel's HTTP clients and the per-peer connection bound.
+store, the peers, the imaging channel's connections and the per-peer connection bound.
 
 Built by the composition root (``ncp.consumer.wiring.retrieval_env``) from a node; tests build one
 around a real node A and a stand-in for the peer client.
@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-import httpx
 from sqlalchemy.orm import Session, sessionmaker
 
 from ncp.config import RetrievalSection
+from ncp.consumer.connections import Connections
 from ncp.consumer.jobs import Jobs
 from ncp.consumer.localstore import LocalStore
 from ncp.consumer.model import PeerAccess, Priority
@@ -60,16 +60,23 @@ class RetrievalEnv:
     store: LocalStore
     peers: Callable[[str], PeerAccess]
     """The peer client of a country on the trust list (``PeerAccess``)."""
-    imaging_tls: Callable[[str], ssl.SSLContext | bool]
-    """What the imaging channel's HTTPS client of a peer trusts (the peer's CAs)."""
+    imaging_tls: Callable[[str], ssl.SSLContext]
+    """What the imaging channel's HTTPS connections to a peer trust (the peer's CAs)."""
     local_issuer: str = ""
     """Issuer of B's own patient identifiers (import reconciliation)."""
     slots: PeerSlots = field(init=False)
-    _clients: dict[str, httpx.Client] = field(default_factory=dict, init=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    connections: Connections = field(init=False)
+    """The imaging channel's connections (one pool per process, kept alive per peer)."""
 
     def __post_init__(self) -> None:
         self.slots = PeerSlots(self.settings.connections_per_peer)
+        timeout = self.settings.request_timeout_s
+        self.connections = Connections(
+            self.imaging_tls,
+            timeout_s=timeout,
+            connect_timeout_s=min(timeout, 10.0),
+            keep_idle=self.settings.connections_per_peer + 1,
+        )
 
     @property
     def sessions(self) -> sessionmaker[Session]:
@@ -79,28 +86,6 @@ class RetrievalEnv:
         """Naive UTC, as the database keeps times."""
         return self.jobs.now()
 
-    def http(self, peer: str) -> httpx.Client:
-        """The imaging channel's client of ``peer`` (one per process and peer, kept open)."""
-        with self._lock:
-            client = self._clients.get(peer)
-            if client is None:
-                timeout = self.settings.request_timeout_s
-                client = httpx.Client(
-                    verify=self.imaging_tls(peer),
-                    timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-                    limits=httpx.Limits(
-                        max_connections=self.settings.connections_per_peer + 1,
-                        max_keepalive_connections=self.settings.connections_per_peer + 1,
-                    ),
-                    trust_env=False,
-                    follow_redirects=False,
-                )
-                self._clients[peer] = client
-            return client
-
     def close(self) -> None:
-        with self._lock:
-            for client in self._clients.values():
-                client.close()
-            self._clients.clear()
+        self.connections.close()
         self.store.close()

@@ -1,7 +1,7 @@
 """B's local store of retrieved studies, behind one interface: a folder (the default) or B's own
 archive through STOW-RS.
 
-Only verified instances reach a store (``ncp.consumer.runner`` verifies first); they arrive as
+Only verified instances reach a store (``ncp.consumer.download`` verifies first); they arrive as
 files in the staging folder, in batches (:meth:`LocalStore.put`), so that a store can make a
 batch durable at once. A store also says which instances of a study it holds already
 (:meth:`LocalStore.existing`): a job restarted after a crash skips them, and nothing is stored
@@ -19,6 +19,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -118,31 +119,54 @@ class FolderStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._flushers = ThreadPoolExecutor(self.FLUSHERS, thread_name_prefix="store-fsync")
+        self._lock = threading.Lock()
+        self._durable: set[Path] = set()
+        """Study and series folders whose entry in their parent folder was flushed: the parent
+        is not flushed again for each batch (one flush of the series folder per batch)."""
 
     def path_of(self, key: InstanceKey) -> Path:
         return self.root / key.study_uid / key.series_uid / f"{key.sop_uid}.dcm"
 
     def put(self, batch: Sequence[Verified]) -> None:
-        folders: set[Path] = set()
         try:
             # The staging files were written and closed without a flush (the download asked the
             # kernel to start writing them back): flushing here, off the download's threads,
             # lets the network go on while the disk catches up.
             list(self._flushers.map(_fsync_file, [item.path for item in batch]))
+            series = {self.path_of(item.key).parent for item in batch}
+            entries = set(series)  # folders that gain an entry here: flushed after the renames
+            for folder in series:
+                entries |= self._folder(folder)
             for item in batch:
-                target = self.path_of(item.key)
-                if target.parent not in folders:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    folders.add(target.parent)
-                    folders.add(target.parent.parent)
-                os.replace(item.path, target)
-            for folder in folders:
-                _fsync_dir(folder)
-            _fsync_dir(self.root)
+                os.replace(item.path, self.path_of(item.key))
+            list(self._flushers.map(_fsync_dir, entries))
+            with self._lock:
+                self._durable |= series | {folder.parent for folder in series}
         except OSError as exc:
             for item in batch:
                 _discard(item.path)
             raise StoreError(f"the folder store could not write: {exc.strerror or exc}") from None
+
+    def _folder(self, series: Path) -> set[Path]:
+        """Make sure the series folder exists; the folders whose new entry (the study's, the
+        series') must be flushed too: each one this store created, or has not yet seen flushed
+        (after a start: once)."""
+        flush: set[Path] = set()
+        study = series.parent
+        for folder, parent in ((study, self.root), (series, study)):
+            try:
+                folder.mkdir()
+                created = True
+            except FileExistsError:
+                created = False
+            except FileNotFoundError:  # the store's own folder is not there yet
+                folder.mkdir(parents=True)
+                created = True
+            with self._lock:
+                if created or folder not in self._durable:
+                    self._durable.discard(folder)
+                    flush.add(parent)
+        return flush
 
     def existing(self, study_uid: str) -> set[str]:
         if not is_uid(study_uid):
@@ -172,6 +196,8 @@ class FolderStore:
         count = len(self.existing(study_uid))
         if folder.exists():
             # Renamed away first, so the study disappears at once even if the removal is slow.
+            with self._lock:
+                self._durable = {f for f in self._durable if folder not in (f, f.parent)}
             doomed = self.root / f".purge-{study_uid}-{secrets.token_hex(4)}"
             os.replace(folder, doomed)
             _fsync_dir(self.root)

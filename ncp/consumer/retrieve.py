@@ -4,7 +4,8 @@ token, part by part, into files in the staging folder.
 A :class:`Unit` is one request: a whole series, or one instance (what a resumed job still
 lacks of a series it had begun). Each part of the answer is written to its own staging file as it
 arrives, its first bytes read for the instance's header (:func:`ncp.consumer.verify.read_header`);
-nothing is held in memory but one network chunk and a part's first bytes. The caller verifies
+nothing is held in memory but the reader's buffer (:mod:`ncp.consumer.multipart`) and, at
+times, a part's first bytes. The caller verifies
 each :class:`Received` and stores or discards its file.
 
 Answers are sorted into errors that say what to do next: :class:`Transient` (retry later: the
@@ -16,15 +17,15 @@ refusal: do not retry).
 from __future__ import annotations
 
 import contextlib
+import http.client
+import itertools
 import os
-import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
-import httpx
-
+from ncp.consumer.connections import Connections, NetworkError
 from ncp.consumer.multipart import MultipartError, PartReader, boundary_of
 from ncp.consumer.verify import InstanceHeader, Unreadable, read_header
 from ncp.errors import NcpError
@@ -88,13 +89,20 @@ class Received:
 
 
 class Fetcher:
-    """Runs units against one DICOMweb base with one token; ``client`` is shared by every job
-    calling the same peer (its connection pool is the per-peer bound)."""
+    """Runs units against one DICOMweb base with one token; ``connections`` are shared by every
+    job calling the same peer (the per-peer bound is the callers': ``PeerSlots``)."""
 
     def __init__(
-        self, client: httpx.Client, staging: Path, *, request_id: str, write_back: bool = False
+        self,
+        connections: Connections,
+        peer: str,
+        staging: Path,
+        *,
+        request_id: str,
+        write_back: bool = False,
     ) -> None:
-        self.client = client
+        self.connections = connections
+        self.peer = peer
         self.staging = staging
         self.request_id = request_id
         self.write_back = write_back
@@ -112,25 +120,31 @@ class Fetcher:
             "X-Request-ID": self.request_id,
         }
         url = base_url.rstrip("/") + unit.path()
-        try:
-            with self.client.stream("GET", url, headers=headers) as response:
+        with contextlib.ExitStack() as stack:
+            try:
+                response = stack.enter_context(self.connections.get(self.peer, url, headers))
                 _check_status(response)
-                try:
-                    boundary = boundary_of(response.headers.get("content-type", ""))
-                except MultipartError as exc:
-                    raise Transient(f"the peer answered without multipart: {exc}") from None
-                yield self._parts(PartReader(response.iter_raw(), boundary))
-        except httpx.HTTPError as exc:
-            raise Transient(f"the transfer from the peer failed: {type(exc).__name__}") from None
-        except MultipartError as exc:
-            raise Transient(f"the transfer from the peer broke off: {exc}") from None
+            except NetworkError as exc:
+                raise Transient(f"the request to the peer failed: {_what(exc)}") from None
+            try:
+                boundary = boundary_of(response.getheader("content-type") or "")
+            except MultipartError as exc:
+                raise Transient(f"the peer answered without multipart: {exc}") from None
+            reader = PartReader(_Network(response), boundary)
+            try:
+                yield self._parts(reader)
+                # The caller read every part; what follows the close delimiter is read too,
+                # so the connection can serve the next request.
+                _Network(response).drain()
+            except MultipartError as exc:
+                raise Transient(f"the transfer from the peer broke off: {exc}") from None
 
     def _parts(self, reader: PartReader) -> Iterator[Received]:
         while reader.next_part() is not None:
             yield self._receive(reader)
 
     def _receive(self, reader: PartReader) -> Received:
-        path = self.staging / f"{secrets.token_hex(12)}.part"
+        path = self.staging / f"{next(_names)}.part"
         head = bytearray()
         need = 144  # the preamble and the start of the file meta group
         header: InstanceHeader | None = None
@@ -139,12 +153,18 @@ class Fetcher:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             while (piece := reader.read()) is not None:
+                if header is None and unreadable is None:
+                    if not head and len(piece) >= need:
+                        # The part's first piece holds the header, usually: read in place.
+                        header, need, unreadable = _header(piece[:HEAD_LIMIT], need, whole=False)
+                        if header is None and unreadable is None:
+                            head += piece[:HEAD_LIMIT]  # more than that is needed: gather
+                    elif len(head) < HEAD_LIMIT:
+                        head += piece[: HEAD_LIMIT - len(head)]
+                        if len(head) >= need:
+                            header, need, unreadable = _header(head, need, whole=False)
                 size += len(piece)
                 _write_all(fd, piece)
-                if header is None and unreadable is None and len(head) < HEAD_LIMIT:
-                    head += piece[: HEAD_LIMIT - len(head)]
-                    if len(head) >= need:
-                        header, need, unreadable = _header(head, need, whole=False)
             if header is None and unreadable is None:
                 header, _, unreadable = _header(head, need, whole=size == len(head))
         except BaseException:
@@ -160,8 +180,37 @@ class Fetcher:
         return Received(path, size, header, unreadable)
 
 
+class _Network:
+    """The response body as the part reader reads it: a failure of the network is Transient,
+    never mistaken for one of the disk's."""
+
+    def __init__(self, response: http.client.HTTPResponse) -> None:
+        self._response = response
+
+    def readinto(self, view: memoryview, /) -> int:
+        try:
+            return self._response.readinto(view)
+        except NetworkError as exc:
+            raise Transient(f"the transfer from the peer failed: {_what(exc)}") from None
+
+    def drain(self, most: int = 64 * 1024) -> None:
+        """Read what is left of the body (an epilogue): a few bytes, or the connection is not
+        kept."""
+        with contextlib.suppress(*NetworkError):
+            self._response.read(most)
+
+
+_names = itertools.count()
+"""Staging file names, unique in the process (each job has its own staging folder)."""
+
+
+def _what(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
 def _header(
-    head: bytearray, need: int, *, whole: bool
+    head: bytearray | memoryview, need: int, *, whole: bool
 ) -> tuple[InstanceHeader | None, int, str | None]:
     try:
         found = read_header(head, whole=whole)
@@ -179,12 +228,12 @@ def _write_all(fd: int, piece: bytes | memoryview) -> None:
         view = view[written:]
 
 
-def _check_status(response: httpx.Response) -> None:
-    status = response.status_code
+def _check_status(response: http.client.HTTPResponse) -> None:
+    status = response.status
     if status == 200:
         return
-    response.read()  # small: an error answer
-    text = response.headers.get("warning") or response.text[:200]
+    body = response.read(4096)  # an error answer: its start is enough
+    text = response.getheader("warning") or body.decode("utf-8", "replace")[:200]
     if status == 401:
         raise TokenRefused(f"the peer refused the image access token (401): {text}")
     if status == 404:
@@ -192,7 +241,7 @@ def _check_status(response: httpx.Response) -> None:
     if status in (408, 429) or status >= 500:
         raise Transient(
             f"the peer or its archive is unavailable ({status})",
-            _retry_after(response.headers.get("retry-after")),
+            _retry_after(response.getheader("retry-after")),
         )
     raise Refused(f"the peer refused ({status}): {text}")
 

@@ -8,7 +8,7 @@ Three lanes, as image exchange portals run them:
 - **batch** (prefetch of priors before a visit): ``batch_workers`` threads that take a batch job
   only while no emergency or normal job is queued or running anywhere (every replica's jobs are
   in the one database), and that pause between instances while an emergency job is queued or
-  running (``ncp.consumer.runner``).
+  running (``ncp.consumer.download``).
 
 A job is claimed in one statement, ``UPDATE ... WHERE id = (SELECT ... FOR UPDATE SKIP LOCKED
 LIMIT 1) RETURNING id``: on PostgreSQL several replicas never take the same job and never wait
