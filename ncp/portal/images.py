@@ -18,6 +18,7 @@ Another HP's job is "not found", exactly as one that does not exist.
 from __future__ import annotations
 
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse, Response
@@ -109,9 +110,10 @@ def view_at_a(
     if portal.peers is None:
         raise HTTPException(503)
     grant = portal.peers.viewer_launch(confirmed, chosen, emergency=confirmed.emergency)
-    return portal.render(
-        request, "launch.html", session=view, target=grant.url, peer=confirmed.peer
-    )
+    # IHE IID (RAD-106) parameters: A's viewer opens the study asked for first.
+    iid = urlencode({"requestType": "STUDY", "studyUID": ",".join(chosen)})
+    target = f"{grant.url}{'&' if '?' in grant.url else '?'}{iid}"
+    return portal.render(request, "launch.html", session=view, target=target, peer=confirmed.peer)
 
 
 # -- the HP's jobs ---------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from ncp.node import Node
 from ncp.provider.reports import load_folder
 from ncp.validation.engine import Validator
 from tests.security_support import trust_toml
-from tests.support.node import A, ISSUER, RunningNode, running_node
+from tests.support.node import ISSUER, A, RunningNode, running_node
 from tests.support.portal import ServedPortal, add_hp, serve_portal
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -196,20 +196,38 @@ def write_b_config(root: Path, a: RunningNode, **portal: Any) -> Path:
     (root / "trust.toml").write_text(trust_toml({A: entry}))
     (root / "archive").mkdir(exist_ok=True)
     settings: dict[str, dict[str, Any]] = {
-        "node": {"country": "BE", "name": "NCPeH-BE imaging (test)",
-                 "patient_id_issuer": "2.16.56.1.1.1"},  # fmt: skip
+        "node": {
+            "country": "BE",
+            "name": "NCPeH-BE imaging (test)",
+            "patient_id_issuer": "2.16.56.1.1.1",
+        },
         "urls": {"standard": "https://ncp.be.test/fhir"},
         "database": {"url": f"sqlite:///{root / 'node-b.db'}"},
         "archive": {"kind": "folder", "path": str(root / "archive")},
         "keys": {"dir": str(a.b.keys_dir)},
         "trust": {"list": str(root / "trust.toml")},
         "tokens": {"leeway_s": 30},
-        "consumer": {"peers": [A], "backoff_s": 0.05, "timeout_s": 30,
-                     "assertion_lifetime_s": 1800},  # fmt: skip
-        "portal": {"enabled": True, "url": "https://localhost:8447", "idle_timeout_s": 3600,
-                   "identifier_systems": {A: IDENTIFIER_SYSTEM}, **portal},  # fmt: skip
-        "retrieval": {"poll_s": 0.1, "retry_backoff_s": 0.2, "request_timeout_s": 30.0,
-                      "staging": str(root / "staging")},  # fmt: skip
+        # Pairs live 30 minutes and the portal's idle timeout is an hour, so a test can let a
+        # confirmation run out (moving B's clock) before the session does.
+        "consumer": {
+            "peers": [A],
+            "backoff_s": 0.05,
+            "timeout_s": 30,
+            "assertion_lifetime_s": 1800,
+        },
+        "portal": {
+            "enabled": True,
+            "url": "https://localhost:8447",
+            "idle_timeout_s": 3600,
+            "identifier_systems": {A: IDENTIFIER_SYSTEM},
+            **portal,
+        },
+        "retrieval": {
+            "poll_s": 0.1,
+            "retry_backoff_s": 0.2,
+            "request_timeout_s": 30.0,
+            "staging": str(root / "staging"),
+        },
         "viewer": {"render_threads": 2},
     }
     lines: list[str] = []

@@ -72,7 +72,7 @@
         r.organisation, r.accession || "", display(r.study_type), display(r.requesting_specialty),
         report ? report.title + " " + report.status_display + " " + report.author : ""
       ].join(" ").toLowerCase(),
-      reportRank: report ? (STATUS_ORDER[report.status] || 4) - (report.urgent ? 10 : 0) : 99,
+      reportRank: report ? (report.status in STATUS_ORDER ? STATUS_ORDER[report.status] : 4) - (report.urgent ? 10 : 0) : 99,
       checkbox: null,
       node: null
     };
@@ -129,9 +129,10 @@
             img.src = r.thumbnail;
             cell.appendChild(img);
           }
-          var text = clamp(r.kind === "report" ? msg("list.report_only") + ": " + r.description : r.description);
+          var words = el("div", "words");
+          var text = el("span", "line", r.kind === "report" ? msg("list.report_only") + ": " + r.description : r.description);
           text.title = r.description;
-          cell.appendChild(text);
+          words.appendChild(text);
           if (r.viewer) {
             var view = el("button", "link view-b", msg("list.view_at", { country: r.country }));
             view.type = "submit";
@@ -140,8 +141,9 @@
             view.value = r.id;
             view.formTarget = "_blank";
             view.setAttribute("aria-label", msg("list.view_at", { country: r.country }) + ": " + r.description + ", " + r.started_display);
-            cell.appendChild(view);
+            words.appendChild(view);
           }
+          cell.appendChild(words);
           td.appendChild(cell);
           break;
         case "study_type":
@@ -263,9 +265,7 @@
   var topSpacer = el("tr", "spacer"), bottomSpacer = el("tr", "spacer");
   [topSpacer, bottomSpacer].forEach(function (s) {
     s.setAttribute("aria-hidden", "true");
-    var td = el("td");
-    td.colSpan = COLUMNS.length;
-    s.appendChild(td);
+    s.appendChild(el("td"));
   });
   var offsets = [0];  /* offsets[i]: where item i starts, offsets[n]: the total height */
 
@@ -330,7 +330,20 @@
       nodes.push(node);
     }
     if (to < items.length) nodes.push(bottomSpacer);
-    tbody.replaceChildren.apply(tbody, nodes);
+    place(nodes);
+  }
+
+  function place(nodes) {
+    // Rows that stay are not moved (a moved node would lose the keyboard focus): those that
+    // leave go, then each node is put where it belongs if it is not there yet.
+    var keep = new Set(nodes);
+    Array.prototype.slice.call(tbody.children).forEach(function (child) {
+      if (!keep.has(child)) child.remove();
+    });
+    for (var i = 0; i < nodes.length; i++) {
+      var current = tbody.children[i];
+      if (current !== nodes[i]) tbody.insertBefore(nodes[i], current || null);
+    }
   }
 
   var headCache = 0;
@@ -532,6 +545,7 @@
     readFilters();
     apply();
   });
+  document.getElementById("f-group").addEventListener("change", function () { readFilters(); apply(); });
   filtersForm.addEventListener("submit", function (event) { event.preventDefault(); });
   filtersForm.addEventListener("reset", function () {
     setTimeout(function () { readFilters(); state.tab = ""; applyColumns(); apply(); }, 0);
@@ -548,6 +562,9 @@
   function applyColumns() {
     COLUMNS.forEach(function (c) { table.classList.toggle("hide-" + c, hidden.indexOf(c) >= 0); });
     columnBoxes.forEach(function (box) { box.checked = hidden.indexOf(box.value) < 0; });
+    // A spacer spans the shown columns only: more would add phantom columns to the fixed
+    // layout, which would take width from the real ones.
+    topSpacer.firstChild.colSpan = bottomSpacer.firstChild.colSpan = COLUMNS.length - hidden.length;
     headCache = 0;
   }
   columnBoxes.forEach(function (box) {
