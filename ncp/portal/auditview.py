@@ -73,9 +73,7 @@ def _asked(record: AuditRecord, t: Translator) -> str:
     return " · ".join(parts)
 
 
-def audit_page(
-    request: Request, before: int | None = Query(None, ge=1, le=2**62)
-) -> Response:
+def audit_page(request: Request, before: int | None = Query(None, ge=1, le=2**62)) -> Response:
     portal = portal_of(request)
     view = portal.hp_session(request)
     assert view.hp is not None

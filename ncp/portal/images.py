@@ -166,6 +166,9 @@ def _job_view(portal: Portal, t: Translator, job: JobView, names: dict[Any, str]
                 "size": t.size(s.bytes_done),
                 "stored": s.status == "stored" and s.purged_at is None,
                 "purge": when(s.purge_at),
+                "description": s.description or "",
+                "started": t.datetime(s.started) if s.started else "",
+                "modalities": ", ".join(s.modalities),
             }
             for s in job.studies
         ],

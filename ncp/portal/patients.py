@@ -236,11 +236,7 @@ class SessionPatients:
         self, view: PortalSessionView, peer: str, patient: PatientRef
     ) -> Confirmed | None:
         return next(
-            (
-                c
-                for c in self.all_confirmed(view)
-                if c.peer == peer and c.patient == patient
-            ),
+            (c for c in self.all_confirmed(view) if c.peer == peer and c.patient == patient),
             None,
         )
 

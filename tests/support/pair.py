@@ -49,7 +49,7 @@ from tests.support.node import ISSUER, A, RunningNode, running_node
 from tests.support.portal import ServedPortal, add_hp, serve_portal
 
 ROOT = Path(__file__).resolve().parents[2]
-INJECTED = "<script>window.__pwned = 1</script><img src=x onerror=\"window.__pwned = 2\">"
+INJECTED = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
 """What A's data carries in one Study Description and one report finding."""
 IDENTIFIER_SYSTEM = f"urn:oid:{ISSUER}"
 
