@@ -30,7 +30,7 @@ from ncp.store.retrieval import RetrievalJob, RetrievalJobStudy, StoredStudy
 from ncp.viewer.access import ViewerGrant, ViewerRefused
 from ncp.viewer.app import build_viewer_app
 from ncp.viewer.auditing import ViewAudit
-from ncp.viewer.frames import DicomwebFrames, FrameSource, frame_source
+from ncp.viewer.frames import DicomwebFrames, FolderFrames, FrameSource, ScanCatalogue
 from ncp.viewer.render_service import RenderService
 
 GRANT_TTL_S = 2.0
@@ -55,9 +55,15 @@ def stored_studies(sessions: sessionmaker[Session], hp: Requester) -> frozenset[
         return frozenset(session.scalars(query))
 
 
+RESCAN_S = 1.0
+"""A folder store is scanned again when a granted study is not in its catalogue, at most this
+often: the HP's grant names only studies their jobs stored, so a missing one has just come."""
+
+
 def store_frames(store: StoreSection) -> FrameSource:
     if isinstance(store, FolderStoreSection):
-        return frame_source(FolderSource(store.path))
+        source = FolderSource(store.path)
+        return FolderFrames(source, ScanCatalogue(source, rescan_s=RESCAN_S))
     return DicomwebFrames(store.url, timeout_s=store.timeout_s)
 
 
