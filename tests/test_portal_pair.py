@@ -186,6 +186,9 @@ def test_login_identify_confirm_filter_and_sort_300_studies(browser: Any, pair: 
     assert index == "32"
     assert page.evaluate("document.getElementById('list-wrap').scrollTop") > 0
 
+    # The report of an urgent order is flagged on its study's row (A tags its list entry).
+    assert urgent_ids(rows) == {pair.urgent_study}
+
     # The report column sorts urgent, then preliminary, first; each is flagged on its row.
     preliminary = {r["id"] for r in rows if r["report"] and r["report"]["preliminary"]}
     urgent = {r["id"] for r in rows if r["report"] and r["report"]["urgent"]}
@@ -195,8 +198,15 @@ def test_login_identify_confirm_filter_and_sort_300_studies(browser: Any, pair: 
     assert set(order[: len(urgent)]) == urgent
     assert preliminary - urgent <= set(order[: len(urgent | preliminary)])
     first = page.locator("#list-table tbody tr.row").first
-    assert first.locator(".flag.preliminary, .flag.urgent").count() >= 1
+    assert first.get_attribute("id") == f"study-{pair.urgent_study}"
+    assert "urgent" in (first.get_attribute("class") or "")
+    assert first.locator(".flag.urgent").inner_text().lower() == "urgent"
+    assert page.locator("#list-table tbody tr.row").nth(1).locator(".flag.preliminary").count()
     shot(page, "pair-list-sorted-by-report-en-1366")
+
+
+def urgent_ids(rows: list[dict[str, Any]]) -> set[str]:
+    return {r["id"] for r in rows if r["report"] and r["report"]["urgent"]}
 
 
 def _text(row: dict[str, Any]) -> str:
@@ -244,6 +254,11 @@ def test_a_report_with_two_versions_and_the_way_back_to_its_study(
     assert "version 1, not the latest" in page.inner_text(".banner.old")
     axe(page, "report v1")
     shot(page, "pair-report-v1-preliminary-en-1366")
+    # A report of an urgent order says so, prominently.
+    page.goto(f"{page.url.split('/reports/')[0]}/reports/{pair.urgent_report}")
+    assert "Urgent." in page.inner_text(".banner.urgent")
+    shot(page, "pair-report-urgent-en-1366")
+    page.go_back()
     # One click to the study: the list, scrolled to it and marked.
     page.locator("a.to-study").first.click()
     page.wait_for_url(re.compile(rf".*/list#study-{re.escape(pair.versioned_study)}$"))

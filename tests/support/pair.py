@@ -9,7 +9,7 @@ B's node with its portal over HTTPS and its retrieval worker as a process.
   patient with ``studies`` studies and their reports (``ncp.examples``), several of them in two or
   more versions, loaded into A's report store as A's national systems would send them. Into A's
   data go, on purpose, a Study Description and a report finding that carry ``<script>`` (what B
-  must show as text).
+  must show as text), and one report answers an order of priority ``stat`` (flagged urgent).
 - **B**: its config on disk (``b/node.toml``: portal enabled, ``[consumer] peers = ["AT"]``, a
   folder store, the trust list naming A's standard channel, gateway, CA and keys), the node in
   this process with a clock the tests can move (:class:`OffsetClock`), the portal served over
@@ -103,6 +103,9 @@ class Pair:
     versioned_report: str
     """A's id of a report with two versions (preliminary, then final)."""
     versioned_study: str
+    urgent_report: str
+    """A's id of a report whose order was ``stat``."""
+    urgent_study: str
     worker: subprocess.Popen[bytes] | None = None
     secrets: dict[str, str] = field(default_factory=dict)
 
@@ -180,6 +183,15 @@ def _inject_finding(path: Path) -> None:
             section["text"]["div"] = (
                 f'<div xmlns="http://www.w3.org/1999/xhtml"><p>{escaped} Small nodule.</p></div>'
             )
+    path.write_text(json.dumps(bundle, ensure_ascii=False), encoding="utf-8")
+
+
+def _set_priority(path: Path, priority: str) -> None:
+    """The order of a report as urgent (its ServiceRequest's priority)."""
+    bundle = _bundle(path)
+    for entry in bundle["entry"]:
+        if entry["resource"]["resourceType"] == "ServiceRequest":
+            entry["resource"]["priority"] = priority
     path.write_text(json.dumps(bundle, ensure_ascii=False), encoding="utf-8")
 
 
@@ -299,6 +311,13 @@ def running_pair(
         if len(paths) == 1 and _study_of(_bundle(paths[0])) != injected_study
     )
     _inject_finding(single)
+    urgent = next(
+        paths[-1]
+        for paths in files.values()
+        if paths[0] != single and _study_of(_bundle(paths[0])) != injected_study
+        and _bundle(paths[-1])["entry"][0]["resource"]["status"] == "final"
+    )
+    _set_priority(urgent, "stat")
 
     def add_generated(archive: Path) -> None:
         _inject_description(generated / "dicom", person["id"], injected_study)
@@ -336,6 +355,8 @@ def running_pair(
                     injected_report=_report_id(_bundle(single)),
                     versioned_report=_report_id(_bundle(versioned[0])),
                     versioned_study=_study_of(_bundle(versioned[0])),
+                    urgent_report=_report_id(_bundle(urgent)),
+                    urgent_study=_study_of(_bundle(urgent)),
                     worker=proc,
                 )
         finally:
