@@ -224,12 +224,12 @@ class SessionPatients:
 
     def confirmed(self, view: PortalSessionView, key: str) -> Confirmed | None:
         entry = view.data.get(_PATIENTS, {}).get(key)
-        return _confirmed(key, entry) if isinstance(entry, dict) else None
+        return confirmed_entry(key, entry) if isinstance(entry, dict) else None
 
     def all_confirmed(self, view: PortalSessionView) -> list[Confirmed]:
         """Newest confirmation first."""
         patients = view.data.get(_PATIENTS, {})
-        out = [_confirmed(k, v) for k, v in patients.items() if isinstance(v, dict)]
+        out = [confirmed_entry(k, v) for k, v in patients.items() if isinstance(v, dict)]
         return list(reversed(out))
 
     def for_patient(
@@ -241,7 +241,8 @@ class SessionPatients:
         )
 
 
-def _confirmed(key: str, entry: dict[str, Any]) -> Confirmed:
+def confirmed_entry(key: str, entry: dict[str, Any]) -> Confirmed:
+    """A confirmation as the session's data keeps it."""
     return Confirmed(
         key=key,
         peer=str(entry["peer"]),
@@ -262,4 +263,5 @@ __all__ = [
     "Identification",
     "SessionPatients",
     "candidates_of",
+    "confirmed_entry",
 ]

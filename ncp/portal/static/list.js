@@ -725,6 +725,7 @@
       apply();
     },
     renderMs: performance.now() - scriptStart,
+    readyAt: performance.now(),
     ready: true
   };
 })();
