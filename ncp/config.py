@@ -567,6 +567,22 @@ class PortalSection(_Section):
     oidc: OidcSection | None = Field(
         default=None, description="A national identity provider (OpenID Connect), optional."
     )
+    identifier_systems: dict[str, str] = Field(
+        default_factory=dict,
+        description="Per peer country, the FHIR system of its national patient identifier, "
+        'which the HP types the value of, e.g. {AT = "urn:oid:1.2.40.0.10.1.4.3.1"}. A country '
+        "without one takes SYSTEM|VALUE as typed.",
+    )
+
+    @field_validator("identifier_systems")
+    @classmethod
+    def _systems(cls, value: dict[str, str]) -> dict[str, str]:
+        for country, system in value.items():
+            if not re.fullmatch(r"[A-Z]{2}", country):
+                raise ValueError(f"{country!r}: a country code such as AT")
+            if not system.startswith(("urn:oid:", "urn:", "http://", "https://")):
+                raise ValueError(f"{country}: {system!r} is not a FHIR system URI")
+        return value
 
     @field_validator("url")
     @classmethod

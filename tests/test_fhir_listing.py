@@ -258,6 +258,23 @@ def test_latest_report_version_is_current_and_linked_to_its_study(session: Sessi
     )
 
 
+def test_a_report_of_an_urgent_order_is_tagged_so_in_its_list_entry(session: Session) -> None:
+    study = studies(session)[0]
+    report, (_v1, v2) = report_rows(study)
+    plain = report_reference(report, v2, base_url=BASE, study=study, custodian=CUSTODIAN)
+    assert "tag" not in plain["meta"]
+    for priority, flagged in (("stat", True), ("asap", True), ("urgent", True), ("routine", False)):
+        v2.priority = priority
+        entry = report_reference(report, v2, base_url=BASE, study=study, custodian=CUSTODIAN)
+        assert errors(entry) == []
+        tags = entry["meta"].get("tag", [])
+        assert tags == (
+            [{"system": "http://hl7.org/fhir/request-priority", "code": priority,
+              "display": {"stat": "STAT", "asap": "ASAP", "urgent": "Urgent"}[priority]}]
+            if flagged else []
+        )  # fmt: skip
+
+
 def test_older_version_is_superseded_and_points_at_its_history(session: Session) -> None:
     study = studies(session)[0]
     report, (v1, _v2) = report_rows(study)

@@ -141,6 +141,23 @@ def test_bundle_is_a_valid_document_with_the_composition_first() -> None:
     assert_no_urls(bundle)
 
 
+def test_the_order_s_priority_is_the_service_request_s_and_read_back() -> None:
+    from ncp.provider.report_fields import report_fields
+    from tests.test_report_api import assert_valid
+
+    report = make_report()
+    urgent = dataclasses.replace(report, order=dataclasses.replace(report.order, priority="stat"))
+    bundle = build_report_bundle(urgent)
+    assert resources(bundle)["ServiceRequest"]["priority"] == "stat"
+    assert_valid(bundle)
+    assert report_fields(bundle).priority == "stat"
+    assert "priority" not in resources(build_report_bundle(report))["ServiceRequest"]
+    assert report_fields(build_report_bundle(report)).priority is None
+    wrong = dataclasses.replace(report, order=dataclasses.replace(report.order, priority="high"))
+    with pytest.raises(ReportBuildError, match="request-priority"):
+        build_report_bundle(wrong)
+
+
 def test_sections_are_sliced_by_loinc_code_and_carry_narrative() -> None:
     composition = resources(build_report_bundle(make_report()))["Composition"]
     codes = [s["code"]["coding"][0]["code"] for s in composition["section"]]

@@ -182,6 +182,9 @@ FORMS = [
     ("/identify", {"country": "AT", "identifier": "123"}),
     ("/confirm", {"purpose": "TREAT", "relationship": "yes"}),
     ("/retrieve", {"study": "1.2.3"}),
+    ("/view", {"study": "1.2.3"}),
+    ("/jobs/00000000-0000-0000-0000-000000000000/cancel", {}),
+    ("/jobs/00000000-0000-0000-0000-000000000000/confirm", {}),
     ("/logout", {}),
 ]
 
@@ -201,9 +204,11 @@ def test_csrf_is_refused_on_every_form_of_a_session(
         r = c.post(path, data=form, follow_redirects=False)
         assert r.status_code == 403, (path, given)
         assert "not allowed" in r.text
-    # With its own token the form is accepted (phase 1: 503 "not available yet" or logout).
+    # With its own token the form passes the check (this node asks no peer: 503; no such
+    # patient or job of this session: 404; the logout: 303). tests/test_portal_pair.py sends
+    # every form with real data.
     r = c.post(path, data={**data, "csrf_token": token}, follow_redirects=False)
-    assert r.status_code in (303, 503)
+    assert r.status_code in (303, 404, 503), (path, r.status_code)
 
 
 @pytest.mark.parametrize("path", ["/login", "/login/totp"])

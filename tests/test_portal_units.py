@@ -5,6 +5,7 @@ line, and sessions shared by two replicas of B on one database (SQLite and Postg
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import ssl
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ from ncp.portal.listview import COLUMNS, ROW_KEYS, ListContext, build_list
 from ncp.store.portal import HpAccount
 from tests.portal_support import client, csrf_of, login
 from tests.support.portal import PASSWORD, Clock, add_hp, portal_node, totp_now
-from tests.support.portal_data import GeneratedList, generated_list
+from tests.support.portal_data import GeneratedList, as_read, generated_list
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +41,16 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> GeneratedList:
 
 def _model(generated: GeneratedList, tag: str = "en") -> dict[str, Any]:
     ctx = ListContext(peer="AT", throughput=10e6, report_url=lambda r: f"/reports/{r}")
-    return build_list(generated.document_references, generated.imaging_studies,
-                      Translator(tag), ctx)  # fmt: skip
+    listed, manifests = as_read(
+        generated.patient, generated.document_references, generated.imaging_studies
+    )
+    return build_list(listed, manifests, Translator(tag), ctx)
 
 
 def test_view_model_of_300_generated_studies(generated: GeneratedList) -> None:
     model = _model(generated)
     rows = model["rows"]
-    assert model["version"] == 1 and model["skipped"] == 0
+    assert model["version"] == 2 and model["skipped"] == 0
     assert model["columns"] == list(COLUMNS)
     assert len(rows) == 300 and all(r["kind"] == "study" for r in rows)
     assert all(tuple(r) == ROW_KEYS for r in rows)
@@ -86,18 +89,21 @@ def test_coded_values_in_the_hps_language(generated: GeneratedList) -> None:
 
 def test_a_report_without_its_study_is_a_row_of_its_own(generated: GeneratedList) -> None:
     reports = [d for d in generated.document_references if "docStatus" in d]
-    model = build_list(reports[:3], [], Translator("en"), ListContext(peer="AT"))
+    listed, _ = as_read(generated.patient, reports[:3], [])
+    model = build_list(listed, {}, Translator("en"), ListContext(peer="AT"))
     assert [r["kind"] for r in model["rows"]] == ["report"] * 3
     assert all(r["report"] and r["download_display"] == "" for r in model["rows"])
 
 
 def test_unreadable_entries_are_counted_not_shown(generated: GeneratedList) -> None:
-    broken = [{"resourceType": "DocumentReference", "id": "x"}, "not a resource"]
     manifest = next(d for d in generated.document_references if "docStatus" not in d)
     no_date = json.loads(json.dumps(manifest))
     del no_date["context"]["period"], no_date["date"]
-    model = build_list([*broken, no_date], [], Translator("en"), ListContext(peer="AT"))
-    assert model["rows"] == [] and model["skipped"] == 3
+    listed, _ = as_read(generated.patient, [no_date], [])
+    # A's own warnings (entries it could not build) are counted with what B cannot place.
+    listed = dataclasses.replace(listed, warnings=("entry 7: no manifest could be built",))
+    model = build_list(listed, {}, Translator("en"), ListContext(peer="AT"))
+    assert model["rows"] == [] and model["skipped"] == 2
 
 
 def test_catalogues_hold_the_same_keys() -> None:
@@ -227,20 +233,32 @@ def test_lock_out_counts_failures_across_replicas(replicas: tuple[Node, Node, Cl
 
 
 def test_the_confirm_template_renders_the_contract_types_as_text() -> None:
+    from datetime import UTC, datetime
+
     from ncp.config import NodeSection
     from ncp.portal.app import templates
+    from ncp.portal.patients import Confirmed
     from ncp.security.claims import PatientRef
 
+    now = datetime.now(UTC)
+    confirmed = Confirmed(
+        key="k1", peer="AT", patient=PatientRef("urn:oid:1.2.40.0.10.1.4.3.1", "<b>1234</b>"),
+        display="<script>x()</script>", purpose="ETREAT", informed=False, hp_assertion="a.b.c",
+        trc="d.e.f", expires_at=now, confirmed_at=now,
+    )  # fmt: skip
     html = templates().get_template("confirm.html").render(
         t=Translator("de-AT"), lang="de", session=None, hp=None, csrf="tok",
         node=NodeSection(country="BE"), version="x", request_id="r",
-        patient=PatientRef("urn:oid:1.2.40.0.10.1.4.3.1", "<b>1234</b>"),
-        patient_display="<script>x()</script>", patient_key="k1", peer="AT",
+        confirmed=confirmed, expired=True, expired_at="6. Dez. 2026, 17:00", error=None,
     )  # fmt: skip
     assert "Behandlungsbeziehung bestätigen" in html
     assert "<script>x()</script>" not in html and "&lt;script&gt;" in html
-    assert 'value="ETREAT"' in html and 'class="choice emergency"' in html
-    assert 'name="csrf_token" value="tok"' in html
+    assert "&lt;b&gt;1234&lt;/b&gt;" in html
+    assert "endete um 6. Dez. 2026, 17:00" in html  # the reason it is asked again
+    # An emergency confirmation is asked again as an emergency, visibly so.
+    assert 'value="ETREAT" checked' in html and 'class="choice emergency"' in html
+    assert 'name="csrf_token" value="tok"' in html and 'name="patient" value="k1"' in html
+    assert "a.b.c" not in html and "d.e.f" not in html  # the signed pair never reaches a page
 
 
 def test_a_session_gives_the_hp_identity_of_b_s_assertions(tmp_path: Path) -> None:

@@ -159,7 +159,7 @@ def test_migrate_creates_schema(engine: Engine) -> None:
     assert set(inspect(engine).get_table_names()) == set()
     migrate(engine)
     assert set(inspect(engine).get_table_names()) == MODEL_TABLES | {"alembic_version"}
-    assert _current(engine) == _head() == "portal"
+    assert _current(engine) == _head() == "report_priority"
 
 
 def test_migrate_is_idempotent(migrated: Engine) -> None:

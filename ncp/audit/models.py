@@ -159,6 +159,8 @@ class AuditRecord(Base):
         Index(None, "request_id"),
         Index(None, "recorded"),
         Index(None, "patient_id", "patient_issuer"),
+        # The portal's audit view: an HP's own records, newest first.
+        Index(None, "actor_id", "seq"),
     )
 
     seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)

@@ -143,6 +143,10 @@ class StudyView:
     stored_at: datetime | None
     purge_at: datetime | None
     purged_at: datetime | None
+    description: str | None = None
+    """From A's manifest, once read (a job's detail only): what people recognise a study by."""
+    started: datetime | None = None
+    modalities: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -244,6 +248,15 @@ class JobView:
                     "purge_at": t(s.purge_at),
                     "purged_at": t(s.purged_at),
                 }
+                | (
+                    {
+                        "description": s.description,
+                        "started": s.started.isoformat() if s.started else None,
+                        "modalities": list(s.modalities),
+                    }
+                    if detail
+                    else {}
+                )
                 for s in self.studies
             ],
         }
@@ -595,6 +608,7 @@ def _view(session: Session, job: RetrievalJob, *, detail: bool) -> JobView:
             stored_at=aware(stored.stored_at) if stored and s.status == "stored" else None,
             purge_at=aware(stored.purge_at) if stored and s.status == "stored" else None,
             purged_at=aware(stored.purged_at) if stored and s.status == "stored" else None,
+            **(_described(s.manifest) if detail else {}),
         )
         for s, stored in rows
     )
@@ -644,6 +658,26 @@ def _view(session: Session, job: RetrievalJob, *, detail: bool) -> JobView:
         history=history,
         problems=problems,
     )
+
+
+def _described(manifest: str | None) -> dict[str, Any]:
+    """What people recognise a study by, from the manifest a job keeps (once it read it)."""
+    if not manifest:
+        return {}
+    try:
+        data = json.loads(manifest)
+        started = data.get("started")
+        return {
+            "description": data.get("description") or None,
+            "started": datetime.fromisoformat(started) if started else None,
+            "modalities": tuple(
+                dict.fromkeys(
+                    str(x["modality"]) for x in data.get("series") or () if x.get("modality")
+                )
+            ),
+        }
+    except (ValueError, TypeError, AttributeError):
+        return {}
 
 
 def retention_until(stored_at: datetime, days: float) -> datetime | None:

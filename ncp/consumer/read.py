@@ -58,6 +58,8 @@ MATCH_GRADE_URL = "http://hl7.org/fhir/StructureDefinition/match-grade"
 MADO_FORMAT_CODE = "urn:ihe:rad:MADO:fhir-manifest"
 """Prefix of IHE MADO's FHIR-manifest format code (the year suffix varies by edition)."""
 REPORT_CATEGORY = "85430-7"
+SNOMED = "http://snomed.info/sct"
+PRIORITY_SYSTEM = "http://hl7.org/fhir/request-priority"
 """LOINC Diagnostic imaging report: the category of a report DocumentReference."""
 MODALITY_EXTENSIONS = ("extension-DocumentReference.modality",)
 BODY_SITE_EXTENSIONS = ("extension-DocumentReference.bodySite",)
@@ -413,6 +415,7 @@ def _listed_report(
         if context.get("practiceSetting")
         else None,
         identifier=identifiers[0] if identifiers else None,
+        priority=_priority(resource),
     )
 
 
@@ -423,15 +426,30 @@ def _modalities_and_sites(extensions: Any) -> tuple[tuple[str, ...], tuple[Coded
         ext = _map(ext)
         url = _str(ext.get("url")) or ""
         value = ext.get("valueCodeableConcept")
-        if value is None:
-            continue
-        if url.endswith(MODALITY_EXTENSIONS):
+        if url.endswith(MODALITY_EXTENSIONS) and value is not None:
             for coding in _codings(value):
                 if coding.code and coding.code not in modalities:
                     modalities.append(coding.code)
         elif url.endswith(BODY_SITE_EXTENSIONS):
-            sites.append(_coded(value))
+            # R5 bodySite is a CodeableReference: the concept sits in a nested "concept"
+            # extension (as A writes it); a flat valueCodeableConcept is read too.
+            concepts = [value] if value is not None else []
+            concepts += [
+                _map(inner).get("valueCodeableConcept")
+                for inner in _list(ext.get("extension"))
+                if _map(inner).get("url") == "concept"
+            ]
+            sites += [_coded(c, prefer=SNOMED) for c in concepts if c is not None]
     return tuple(modalities), tuple(sites)
+
+
+def _priority(resource: Mapping[str, Any]) -> str | None:
+    """The order's priority A tags a report entry with (``meta.tag``, FHIR request-priority)."""
+    for tag in _list(_map(resource.get("meta")).get("tag")):
+        tag = _map(tag)
+        if tag.get("system") == PRIORITY_SYSTEM and _str(tag.get("code")):
+            return _str(tag.get("code"))
+    return None
 
 
 # --- ImagingStudy manifests ----------------------------------------------------------------------
@@ -627,6 +645,7 @@ def report_document(
             elif accession is None and _str(ident.get("value")):
                 accession = _str(ident.get("value"))
     diagnostic = next((r for r in resources if r.get("resourceType") == "DiagnosticReport"), {})
+    order = next((r for r in resources if r.get("resourceType") == "ServiceRequest"), {})
     meta = _map(bundle.get("meta"))
     identifier = _first_identifier(composition.get("identifier"))
     replaces = next(
@@ -659,6 +678,7 @@ def report_document(
         conclusion=_str(diagnostic.get("conclusion")),
         last_updated=_moment(meta.get("lastUpdated"), notes, f"report {report_id}"),
         replaces=replaces,
+        priority=_str(order.get("priority")),
         bundle=dict(bundle),
         quirks=tuple(notes.quirks),
     )
@@ -878,10 +898,12 @@ def _codings(concept: Any) -> list[Coded]:
     return [_coding(c) for c in _list(_map(concept).get("coding"))]
 
 
-def _coded(concept: Any) -> Coded:
+def _coded(concept: Any, *, prefer: str | None = None) -> Coded:
+    """A concept's coding (the first, or the first of the system ``prefer``) and its text."""
     concept = _map(concept)
     codings = _codings(concept)
-    first = codings[0] if codings else Coded()
+    preferred = [c for c in codings if prefer is not None and c.system == prefer]
+    first = (preferred or codings or [Coded()])[0]
     return Coded(first.system, first.code, first.display, _str(concept.get("text")))
 
 

@@ -193,10 +193,17 @@ class ListedReport:
     practice_setting: Coded | None = None
     identifier: PatientRef | None = None
     """The report's business identifier (system, value), the same in every version."""
+    priority: str | None = None
+    """The priority of the order the report answers (FHIR request-priority: routine, urgent,
+    asap, stat), when A tags the entry with it (``meta.tag``)."""
 
     @property
     def preliminary(self) -> bool:
         return self.doc_status == "preliminary"
+
+    @property
+    def urgent(self) -> bool:
+        return self.priority in ("urgent", "asap", "stat")
 
 
 @dataclass(frozen=True)
@@ -276,6 +283,9 @@ class ReportDocument:
     last_updated: datetime | None = None
     replaces: str | None = None
     """The document identifier of the version this one replaces (relatesTo replaces)."""
+    priority: str | None = None
+    """The priority of the order the report answers (its ServiceRequest's, FHIR
+    request-priority), when the document says it."""
     bundle: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
     """The Bundle as A sent it (JSON form), for keeping or re-validating."""
     quirks: tuple[str, ...] = ()
@@ -283,6 +293,10 @@ class ReportDocument:
     @property
     def preliminary(self) -> bool:
         return self.status == "preliminary"
+
+    @property
+    def urgent(self) -> bool:
+        return self.priority in ("urgent", "asap", "stat")
 
     def section(self, code: str) -> ReportSection | None:
         return next((s for s in self.sections if s.code == code), None)

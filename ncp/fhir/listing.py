@@ -68,6 +68,10 @@ BODY_SITE_EXTENSION = (
     "http://hl7.org/fhir/5.0/StructureDefinition/extension-DocumentReference.bodySite"
 )
 FHIR_JSON = "application/fhir+json"
+PRIORITY_SYSTEM = "http://hl7.org/fhir/request-priority"
+URGENT_PRIORITIES = {"urgent": "Urgent", "asap": "ASAP", "stat": "STAT"}
+"""Request priorities a report's list entry is tagged with (``meta.tag``), by their FHIR
+displays: what B's list flags as urgent."""
 
 # Composition.status (what the report store keeps) → DocumentReference.docStatus
 # (composition-status). "corrected" is a DiagnosticReport status; for a document it is amended.
@@ -221,10 +225,16 @@ def report_reference(
         context["practiceSetting"] = setting
     context["related"] = _related(uid, accession, indexed=study is not None)
 
+    meta = claims("ncp-imaging-documentreference")
+    if version.priority in URGENT_PRIORITIES:
+        # An urgent order's report is tagged so: B's list flags it without reading the report.
+        meta["tag"] = [
+            coding(PRIORITY_SYSTEM, version.priority, URGENT_PRIORITIES[version.priority])
+        ]
     out: dict[str, Any] = {
         "resourceType": "DocumentReference",
         "id": version.resource_id,
-        "meta": claims("ncp-imaging-documentreference"),
+        "meta": meta,
     }
     if extensions:
         out["extension"] = extensions

@@ -112,6 +112,10 @@ _SECTION_TITLE = {
 _NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, f"{canonical.BASE}/imaging-report")
 
 
+REQUEST_PRIORITIES = ("routine", "urgent", "asap", "stat")
+"""FHIR R4 request-priority codes (ServiceRequest.priority binds to them, required)."""
+
+
 class ReportBuildError(ValueError):
     """The report input is inconsistent or cannot become a valid FHIR R4 document."""
 
@@ -176,6 +180,9 @@ class ReportOrder:
     requesting_service: Coding | None = None
     """The ordering specialty (SNOMED CT); carried by the requester's PractitionerRole."""
     reason: str | None = None
+    priority: str | None = None
+    """The order's FHIR request-priority (routine, urgent, asap, stat), when the source says
+    it: ServiceRequest.priority; A's list flags the report urgent for urgent, asap and stat."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -682,6 +689,13 @@ def _service_request(report: ReportVersion, urls: _Urls) -> dict[str, Any]:
         "subject": _ref(urls.patient),
         "requester": _ref(urls.requester_role, order.requester.text),
     }
+    if order.priority:
+        if order.priority not in REQUEST_PRIORITIES:
+            raise ReportBuildError(
+                f"order priority {order.priority!r}: one of {', '.join(REQUEST_PRIORITIES)} "
+                "(FHIR request-priority, a required binding)"
+            )
+        out["priority"] = order.priority
     if order.reason:
         out["reasonCode"] = [{"text": order.reason}]
     return out

@@ -146,6 +146,8 @@ class ReportFacts:
     """LOINC code of the study type, when the report names one."""
     requesting_code: str | None = None
     """SNOMED CT code of the requesting specialty, when the report names one."""
+    priority: str | None = None
+    """The order's FHIR request-priority (routine, urgent, asap, stat), when the report says it."""
 
 
 __all__ = [

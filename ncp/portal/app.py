@@ -9,20 +9,30 @@ little JavaScript from ``static/``; nothing is fetched from elsewhere. Routes (d
 | ``GET /login/totp``, ``POST /login/totp`` | the TOTP code (second factor) |
 | ``GET /login/oidc``, ``GET /login/oidc/callback`` | the national identity provider |
 | ``POST /logout`` | ends the session |
-| ``GET /`` | start page: identify a patient (form; its data path is phase 2) |
-| ``POST /identify``, ``POST /confirm``, ``POST /retrieve`` | phase 2; answer 503 until wired |
+| ``GET /`` | start page: identify a patient; the patients confirmed in this session |
+| ``POST /identify`` | ``$match`` at A: certain, candidates, no match (``ncp.portal.usecase``) |
+| ``POST /confirm``, ``GET /patients/{key}/confirm`` | B signs the TRC; confirm again |
+| ``GET /patients/{key}/list`` | the list of a confirmed patient |
+| ``GET /patients/{key}/reports/{id}`` | a report with its versions |
+| ``GET /patients/{key}/thumbnails/{uid}`` | a study's thumbnail from A's viewer (option B) |
+| ``POST /retrieve``, ``POST /view`` | jobs (options A, C); A's viewer (option B) |
+| ``GET /jobs``, ``GET /jobs/{id}``, ``POST /jobs/{id}/cancel``, ``.../confirm`` | the HP's jobs |
+| ``GET /audit`` | the HP's own requests from B's audit chain |
 | ``GET /account`` | the HP's session: who, how authenticated, until when |
-| ``GET /patients/{key}/list`` | the list page of a patient (from the ``list_source``) |
+| ``/api/retrieval/...`` | the jobs' JSON API (``ncp.consumer.jobs_api``) for the HP's jobs |
+| ``/viewer/...`` | B's local viewer over its store, the HP's stored studies only |
 | ``GET /static/...`` | CSS, JavaScript, icons (package data) |
 
-Every 4xx and 5xx is a readable page in the HP's language (never a stack trace); every answer
-carries the headers of :mod:`ncp.portal.security`.
+Every 4xx and 5xx is a readable page in the HP's language (never a stack trace; JSON below
+``/api/``); every answer carries the headers of :mod:`ncp.portal.security`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -31,7 +41,7 @@ from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -39,14 +49,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ncp import __version__
 from ncp.audit.models import Action, Outcome
 from ncp.config import PortalSection
+from ncp.consumer.jobs import Jobs, Requester
 from ncp.fhir.http import request_id
 from ncp.node import Node
 from ncp.portal import auditing
 from ncp.portal.i18n import Translator, from_accept_language, translator_for
 from ncp.portal.lockout import Lockout
 from ncp.portal.oidc import OidcClient
+from ncp.portal.patients import SessionPatients
+from ncp.portal.peering import PortalPeers
 from ncp.portal.security import SecurityHeaders
-from ncp.portal.sessions import Hp, PortalSessionView, SessionStore
+from ncp.portal.sessions import PortalSessionView, SessionStore
+from ncp.portal.thumbnails import Thumbnails
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +75,13 @@ must carry it. It authorises nothing but the next login step."""
 
 
 class ListSource(Protocol):
-    """Where the list page's view model comes from (phase 2: the peer client's list for the
-    patient of the HP's confirmation); tests give generated lists."""
+    """A list page's view model from elsewhere than A (tests and the benchmark of the page's
+    script give generated lists); by default the list is the peer client's for the patient of
+    the HP's confirmation."""
 
-    def __call__(self, hp: Hp, key: str, t: Translator) -> Mapping[str, Any] | None:
+    def __call__(
+        self, session: PortalSessionView, key: str, t: Translator
+    ) -> Mapping[str, Any] | None:
         """The view model (``ncp.portal.listview.build_list``), or None when ``key`` names no
         list this HP may see."""
         ...
@@ -89,10 +106,22 @@ class Portal:
     oidc: OidcClient | None
     list_source: ListSource | None
     clock: Callable[[], datetime]
+    peers: PortalPeers | None
+    """B's peer client for the HP's questions; None when the node may ask no peer."""
+    patients: SessionPatients
+    jobs: Jobs
+    thumbnails: Thumbnails | None
 
     @property
     def settings(self) -> PortalSection:
         return self.node.settings.portal
+
+    @staticmethod
+    def requester(view: PortalSessionView) -> Requester:
+        """The HP as the retrieval jobs know them (their identifier in B is the user name, as
+        in the HP assertion's ``sub``)."""
+        assert view.hp is not None
+        return Requester(view.hp.username, view.hp.name, "portal")
 
     def session(self, request: Request, cookie: str = SESSION_COOKIE) -> PortalSessionView | None:
         """The request's session from ``cookie``, loaded once per request. A refused cookie
@@ -223,38 +252,81 @@ def build_portal_app(
     oidc: OidcClient | None = None,
     list_source: ListSource | None = None,
     clock: Callable[[], datetime] | None = None,
+    peers: PortalPeers | None = None,
 ) -> FastAPI:
     """The portal of ``node`` (``[portal]`` of its settings). ``oidc`` defaults to a client of
-    the configured provider (``portal.oidc``), if any."""
-    from ncp.portal import login, pages
+    the configured provider (``portal.oidc``), if any; ``peers`` to the node's peer client when
+    ``[consumer] peers`` names any. The retrieval jobs, the local viewer over the
+    ``[retrieval] store`` and the jobs' JSON API are the node's own."""
+    from ncp.portal import api, auditview, images, login, pages, usecase
+    from ncp.portal.localviewer import PortalGrants, local_viewer
+    from ncp.security.mtls import client_ssl_context
 
     settings = node.settings.portal
     now = clock or node.clock
     if oidc is None and settings.oidc is not None:
         oidc = OidcClient(settings.oidc, f"{settings.url}/login/oidc/callback")
+    if peers is None and node.settings.consumer.peers:
+        peers = PortalPeers.from_node(node, now)
+    thumbnails = None
+    if peers is not None:
+        thumbnails = Thumbnails(
+            peers,
+            lambda peer: client_ssl_context(node.keystore, node.trust.peer(peer).tls_ca),
+            session_lifetime_s=node.settings.viewer.session_lifetime_s,
+        )
+    store = SessionStore(node.sessions, settings, now)
+    portal = Portal(
+        node=node,
+        store=store,
+        lockout=Lockout(node.sessions, settings, now),
+        templates=templates(),
+        oidc=oidc,
+        list_source=list_source,
+        clock=now,
+        peers=peers,
+        patients=SessionPatients(store),
+        jobs=Jobs(node.sessions, node.auditor, clock=now),
+        thumbnails=thumbnails,
+    )
+    viewer = local_viewer(node, PortalGrants(node.sessions, api.viewer_login(portal)))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # A mounted app's own lifespan is not run by Starlette: the viewer's (its audit
+        # flushes, its render threads) runs inside the portal's.
+        async with viewer.router.lifespan_context(viewer):
+            try:
+                yield
+            finally:
+                if thumbnails is not None:
+                    thumbnails.close()
+                if peers is not None:
+                    with contextlib.suppress(Exception):
+                        peers.close()
+
     app = FastAPI(
         title="ncp portal",
         version=__version__,
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
+        lifespan=lifespan,
     )
-    app.state.portal = Portal(
-        node=node,
-        store=SessionStore(node.sessions, settings, now),
-        lockout=Lockout(node.sessions, settings, now),
-        templates=templates(),
-        oidc=oidc,
-        list_source=list_source,
-        clock=now,
-    )
+    app.state.portal = portal
     app.add_middleware(SecurityHeaders)
     app.mount("/static", StaticFiles(directory=static_dir()), name="static")
+    app.mount("/viewer", viewer, name="viewer")
     app.include_router(login.router())
     app.include_router(pages.router())
+    app.include_router(usecase.router())
+    app.include_router(images.router())
+    app.include_router(auditview.router())
+    app.include_router(api.jobs_router(portal), prefix="/api/retrieval")
     app.add_exception_handler(LoginRequired, _login_required)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _invalid)
+    usecase.add_handlers(app)
     app.add_exception_handler(Exception, _unexpected)
     return app
 
@@ -294,13 +366,33 @@ def error_page(request: Request, status: int, headers: Mapping[str, str] | None 
     return response
 
 
+def is_api(request: Request) -> bool:
+    return request.url.path.startswith("/api/")
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     allowed = {"Allow": exc.headers["Allow"]} if exc.headers and "Allow" in exc.headers else None
+    if is_api(request):
+        code = {401: "login-required", 403: "forbidden", 404: "not-found"}.get(
+            exc.status_code, "error"
+        )
+        return JSONResponse(
+            {"error": code, "detail": str(exc.detail)},
+            status_code=exc.status_code,
+            headers=allowed,
+        )
     return error_page(request, exc.status_code, allowed)
 
 
 async def _invalid(request: Request, exc: Exception) -> Response:
+    if is_api(request):
+        assert isinstance(exc, RequestValidationError)
+        fields = [
+            {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", ""))}
+            for e in exc.errors()
+        ]
+        return JSONResponse({"error": "invalid", "detail": fields}, status_code=422)
     return error_page(request, 400)
 
 
@@ -309,4 +401,13 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return error_page(request, 500)
 
 
-__all__ = ["LOGIN_COOKIE", "SESSION_COOKIE", "ListSource", "Portal", "build_portal_app"]
+__all__ = [
+    "LOGIN_COOKIE",
+    "SESSION_COOKIE",
+    "ListSource",
+    "LoginRequired",
+    "Portal",
+    "build_portal_app",
+    "error_page",
+    "portal_of",
+]

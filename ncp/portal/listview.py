@@ -1,52 +1,47 @@
-"""The list page's view model: one JSON object per patient list, built from the metadata list
-country A serves (FHIR ``DocumentReference`` entries for study manifests and reports, and the
-``ImagingStudy`` manifests), with coded values, dates and sizes in the HP's language.
+"""The list page's view model: one JSON object per patient list, built from what the peer client
+(``ncp.consumer.peer``) read of country A's metadata list (``MetadataList``: the study manifest
+and report entries of every page) and of A's ImagingStudy manifests (series and instance counts,
+the option B viewer endpoint), with coded values, dates and sizes in the HP's language.
 
 The page's script (``static/list.js``) renders, sorts, filters and groups it; nothing in it is
 HTML: every value from A is text and the script writes it with ``textContent``. The schema
-(version 1) is documented in docs/portal.md; :data:`ROW_KEYS` names a row's keys.
+(version 2) is documented in docs/portal.md; :data:`ROW_KEYS` names a row's keys.
 
-Where the values come from (``ncp.fhir.listing`` builds them at A):
+Where the values come from (``ncp.fhir.listing`` builds them at A, ``ncp.consumer.read`` reads
+them at B):
 
-- date and time: the manifest's ``context.period.start`` (the study's local time at A);
+- date and time: the manifest entry's ``context.period.start`` (the study's local time at A);
 - modality and body site: the R5 ``DocumentReference.modality``/``bodySite`` extensions;
 - description: the manifest's attachment title (the DICOM Study Description);
 - study type and requesting specialty: ``context.event`` and ``context.practiceSetting``
-  (only a ``text`` when the DICOM did not say; shown as "not recorded");
-- size: the ``ncp-size-bytes`` extension; series and instances: the ImagingStudy;
+  (only a ``text`` when the DICOM did not say: shown as "not recorded");
+- size: the ``ncp-size-bytes`` extension; series and instances: the ImagingStudy manifest;
 - report: the report entry whose ``context.related`` names the study's UID: ``docStatus``
-  (preliminary flagged), an urgency from ``meta.tag`` (request-priority urgent, asap or stat),
-  title, author, custodian (the originating organisation), date and version;
-- thumbnail: only when the ImagingStudy offers option B (an IHE IID viewer endpoint), from the
-  caller's ``thumbnail_url``.
+  (preliminary flagged), its order's priority from ``meta.tag`` (urgent, asap or stat: urgent
+  flagged), title, author, custodian (the originating organisation), date;
+- thumbnail and option B: only when the manifest offers A's viewer (an IHE IID endpoint).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
+from ncp.consumer.model import StudyManifest
+from ncp.consumer.results import Coded, ListedReport, ListedStudy, MetadataList
 from ncp.portal.i18n import Translator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 SNOMED = "http://snomed.info/sct"
 LOINC = "http://loinc.org"
-STUDY_UID_SYSTEM = "urn:dicom:uid"
-PRIORITY_SYSTEM = "http://hl7.org/fhir/request-priority"
-URGENT_PRIORITIES = frozenset({"urgent", "asap", "stat"})
-MODALITY_EXT = "http://hl7.org/fhir/5.0/StructureDefinition/extension-DocumentReference.modality"
-BODY_SITE_EXT = "http://hl7.org/fhir/5.0/StructureDefinition/extension-DocumentReference.bodySite"
-SIZE_EXT = "https://ncp.example/fhir/StructureDefinition/ncp-size-bytes"
-REPORT_CATEGORY = "85430-7"
 
 ROW_KEYS = (
     "id", "kind", "started", "started_display", "year", "modalities", "modality_display",
     "body_sites", "body_site_display", "description", "study_type", "requesting_specialty",
     "organisation", "country", "series", "instances", "size_bytes", "size_display",
-    "download_s", "download_display", "accession", "report", "thumbnail",
+    "download_s", "download_display", "accession", "report", "thumbnail", "viewer",
 )  # fmt: skip
 """Keys of every row, in this order (docs/portal.md has the meaning of each)."""
 
@@ -69,122 +64,50 @@ class ListContext:
     throughput: float | None = None
     """Bytes per second measured on earlier pulls from this peer; None before the first."""
     report_url: Callable[[str], str] | None = None
-    """The portal's address of a report, by the report entry's id."""
+    """The portal's address of a report, by A's report id."""
     thumbnail_url: Callable[[str], str | None] | None = None
     """The address of a study's thumbnail (option B studies only), by Study Instance UID."""
 
 
-def _codings(concept: Mapping[str, Any] | None) -> list[Mapping[str, Any]]:
-    if not isinstance(concept, Mapping):
-        return []
-    found = concept.get("coding")
-    return [c for c in found if isinstance(c, Mapping)] if isinstance(found, list) else []
-
-
-def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) and value.strip() else None
-
-
-def _coded(concept: Any, t: Translator, systems: tuple[str, ...]) -> dict[str, Any] | None:
-    """``{"code", "display"}`` in the HP's language, ``{"code": None, "display": text}`` for a
-    text-only concept, None for none."""
-    for coding in _codings(concept):
-        system, code = coding.get("system"), coding.get("code")
-        if system in systems and isinstance(code, str):
-            return {"code": code, "display": t.coded(system, code, _text(coding.get("display")))}
-    if isinstance(concept, Mapping) and _text(concept.get("text")):
-        return {"code": None, "display": None, "note": concept["text"]}
-    return None
-
-
-def _extensions(resource: Mapping[str, Any], url: str) -> list[Mapping[str, Any]]:
-    found = resource.get("extension")
-    if not isinstance(found, list):
-        return []
-    return [e for e in found if isinstance(e, Mapping) and e.get("url") == url]
-
-
-def _study_uid(resource: Mapping[str, Any]) -> str | None:
-    context = resource.get("context")
-    related = context.get("related") if isinstance(context, Mapping) else None
-    for ref in related if isinstance(related, list) else []:
-        ident = ref.get("identifier") if isinstance(ref, Mapping) else None
-        if isinstance(ident, Mapping) and ident.get("system") == STUDY_UID_SYSTEM:
-            value = _text(ident.get("value"))
-            if value is not None:
-                return value.removeprefix("urn:oid:")
-    return None
-
-
-def _moment(value: Any) -> datetime | None:
-    if not isinstance(value, str):
+def _coded(value: Coded | None, t: Translator) -> dict[str, Any] | None:
+    """``{"code", "display"}`` in the HP's language; None when A gave no code (a text-only
+    concept says the archive did not record it)."""
+    if value is None or not value.code:
         return None
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return moment if moment.tzinfo is not None else None
+    fallback = value.display or value.text
+    display = t.coded(value.system, value.code, fallback) if value.system else fallback
+    return {"code": value.code, "display": display or value.code}
 
 
-def _is_report(resource: Mapping[str, Any]) -> bool:
-    return any(
-        c.get("code") == REPORT_CATEGORY
-        for cat in resource.get("category", []) or []
-        for c in _codings(cat)
-    )
-
-
-def _urgent(resource: Mapping[str, Any]) -> bool:
-    meta = resource.get("meta")
-    tags = meta.get("tag") if isinstance(meta, Mapping) else None
-    return any(
-        isinstance(tag, Mapping)
-        and tag.get("system") == PRIORITY_SYSTEM
-        and tag.get("code") in URGENT_PRIORITIES
-        for tag in (tags if isinstance(tags, list) else [])
-    )
-
-
-def _report(resource: Mapping[str, Any], t: Translator, ctx: ListContext) -> dict[str, Any]:
-    status = _text(resource.get("docStatus")) or "unknown"
-    content = resource.get("content") or [{}]
-    attachment = content[0].get("attachment", {}) if isinstance(content[0], Mapping) else {}
-    created = _moment(attachment.get("creation")) or _moment(resource.get("date"))
-    authors = [a.get("display") for a in resource.get("author", []) or [] if isinstance(a, Mapping)]
-    custodian = resource.get("custodian")
-    rid = str(resource.get("id", ""))
-    meta = resource.get("meta")
+def _report(report: ListedReport, t: Translator, ctx: ListContext) -> dict[str, Any]:
+    status = report.doc_status or "unknown"
+    if report.status == "entered-in-error":
+        status = "entered-in-error"
+    key = f"report.status.{status}"
     return {
-        "id": rid,
+        "id": report.report_id,
         "status": status,
-        "status_display": t(f"report.status.{status}")
-        if f"report.status.{status}" in t.messages
-        else status,
-        "preliminary": status == "preliminary",
-        "urgent": _urgent(resource),
-        "title": _text(attachment.get("title")) or "",
-        "author": ", ".join(a for a in authors if isinstance(a, str)),
-        "organisation": _text(custodian.get("display")) if isinstance(custodian, Mapping) else None,
-        "date": created.isoformat() if created else None,
-        "date_display": t.datetime(created) if created else "",
-        "version": _text(meta.get("versionId")) if isinstance(meta, Mapping) else None,
-        "url": ctx.report_url(rid) if ctx.report_url is not None else None,
+        "status_display": t(key) if key in t.messages else status,
+        "preliminary": report.preliminary,
+        "urgent": report.urgent,
+        "title": report.title or "",
+        "author": report.author or "",
+        "organisation": report.custodian,
+        "date": report.date.isoformat() if report.date else None,
+        "date_display": t.datetime(report.date) if report.date else "",
+        "version": report.version,
+        "url": ctx.report_url(report.report_id) if ctx.report_url is not None else None,
     }
 
 
-def _viewer_offered(study: Mapping[str, Any] | None) -> bool:
-    if study is None:
-        return False
-    for contained in study.get("contained", []) or []:
-        connection = contained.get("connectionType") if isinstance(contained, Mapping) else None
-        if isinstance(connection, Mapping) and connection.get("code") == "ihe-iid":
-            return True
-    return False
+def _latest(reports: tuple[ListedReport, ...]) -> ListedReport:
+    """Of several reports on one study, the newest (A lists the latest version of each)."""
+    return max(reports, key=lambda r: r.date.isoformat() if r.date else "")
 
 
 def build_list(
-    document_references: Iterable[Mapping[str, Any]],
-    imaging_studies: Iterable[Mapping[str, Any]],
+    listed: MetadataList,
+    manifests: Mapping[str, StudyManifest],
     t: Translator,
     ctx: ListContext,
     *,
@@ -194,40 +117,32 @@ def build_list(
 
     Rows are the studies (newest first), each with its report when A lists one for it; a
     report whose study A does not list is a row of its own (``kind`` = ``report``).
-    Unreadable entries are left out and counted in ``skipped`` (A's validator makes them rare;
-    the page says how many).
+    ``manifests`` (by Study Instance UID) give the counts and whether A offers its viewer; a
+    study without one shows no counts. Entries A could not build (its warnings) and studies
+    without a date are counted in ``skipped`` (the page says how many).
     """
-    studies = {str(s.get("id")): s for s in imaging_studies if isinstance(s, Mapping)}
-    by_uid: dict[str, Mapping[str, Any]] = {}
-    for s in studies.values():
-        for ident in s.get("identifier", []) or []:
-            if isinstance(ident, Mapping) and ident.get("system") == STUDY_UID_SYSTEM:
-                by_uid[str(ident.get("value", "")).removeprefix("urn:oid:")] = s
-    manifests: list[Mapping[str, Any]] = []
-    reports: dict[str, list[Mapping[str, Any]]] = {}
-    skipped = 0
-    for doc in document_references:
-        uid = _study_uid(doc) if isinstance(doc, Mapping) else None
-        if uid is None:
-            skipped += 1
-        elif _is_report(doc):
-            reports.setdefault(uid, []).append(doc)
-        else:
-            manifests.append(doc)
     rows: list[dict[str, Any]] = []
-    listed: set[str] = set()
-    for doc in manifests:
-        uid = _study_uid(doc)
-        assert uid is not None
-        row = _study_row(doc, uid, by_uid.get(uid), reports.get(uid, []), t, ctx)
+    skipped = len(listed.warnings)
+    by_study: dict[str, list[ListedReport]] = {}
+    for report in listed.reports:
+        if report.study_uid:
+            by_study.setdefault(report.study_uid, []).append(report)
+    listed_uids: set[str] = set()
+    for study in listed.studies:
+        row = _study_row(
+            study,
+            manifests.get(study.study_uid),
+            tuple(by_study.get(study.study_uid, ())),
+            t,
+            ctx,
+        )
         if row is None:
             skipped += 1
             continue
-        listed.add(uid)
+        listed_uids.add(study.study_uid)
         rows.append(row)
-    for uid, docs in reports.items():
-        if uid not in listed:
-            rows.append(_report_row(uid, _latest(docs), t, ctx))
+    orphans = [r for r in listed.reports if not r.study_uid or r.study_uid not in listed_uids]
+    rows += [_report_row(r, t, ctx) for r in orphans]
     rows.sort(key=lambda r: r["started"] or "", reverse=True)
     return {
         "version": SCHEMA_VERSION,
@@ -242,101 +157,67 @@ def build_list(
     }
 
 
-def _latest(docs: list[Mapping[str, Any]]) -> Mapping[str, Any]:
-    # A lists the latest version of each report; of several reports on one study, the newest.
-    return max(docs, key=lambda d: str(d.get("date", "")))
-
-
 def _study_row(
-    doc: Mapping[str, Any],
-    uid: str,
-    study: Mapping[str, Any] | None,
-    reports: list[Mapping[str, Any]],
+    study: ListedStudy,
+    manifest: StudyManifest | None,
+    reports: tuple[ListedReport, ...],
     t: Translator,
     ctx: ListContext,
 ) -> dict[str, Any] | None:
-    context = doc.get("context") if isinstance(doc.get("context"), Mapping) else {}
-    assert isinstance(context, Mapping)
-    period = context.get("period")
-    started = _moment(period.get("start") if isinstance(period, Mapping) else None) or _moment(
-        doc.get("date")
-    )
+    started = study.date
     if started is None:
         return None
-    modality_codes: list[str] = []
-    for ext in _extensions(doc, MODALITY_EXT):
-        for coding in _codings(ext.get("valueCodeableConcept")):
-            if coding.get("system") == DCM and isinstance(coding.get("code"), str):
-                modality_codes.append(coding["code"])
-    sites: list[dict[str, Any]] = []
-    for ext in _extensions(doc, BODY_SITE_EXT):
-        for inner in ext.get("extension", []) or []:
-            if isinstance(inner, Mapping) and inner.get("url") == "concept":
-                coded = _coded(inner.get("valueCodeableConcept"), t, (SNOMED,))
-                if coded is not None and coded.get("code"):
-                    sites.append(coded)
-    size = next((e.get("valueDecimal") for e in _extensions(doc, SIZE_EXT)), None)
-    size_bytes = int(size) if isinstance(size, int | float) and size >= 0 else None
-    content = doc.get("content") or [{}]
-    attachment = content[0].get("attachment", {}) if isinstance(content[0], Mapping) else {}
-    events = context.get("event")
-    study_type = _coded(events[0] if isinstance(events, list) and events else None, t, (LOINC,))
-    specialty = _coded(context.get("practiceSetting"), t, (SNOMED,))
+    sites = [c for c in (_coded(s, t) for s in study.body_sites) if c is not None]
     report = _report(_latest(reports), t, ctx) if reports else None
-    custodian = doc.get("custodian")
-    organisation = (report or {}).get("organisation") or (
-        _text(custodian.get("display")) if isinstance(custodian, Mapping) else None
-    )
-    download = size_bytes / ctx.throughput if size_bytes is not None and ctx.throughput else None
-    thumbnail = None
-    if ctx.thumbnail_url is not None and _viewer_offered(study):
-        thumbnail = ctx.thumbnail_url(uid)
-    modality_display = [t.coded(DCM, m) for m in modality_codes]
+    size = study.size if study.size is not None else (manifest.size if manifest else None)
+    download = size / ctx.throughput if size is not None and ctx.throughput else None
+    viewer = manifest is not None and manifest.viewer is not None
+    thumbnail = ctx.thumbnail_url(study.study_uid) if viewer and ctx.thumbnail_url else None
+    organisation = (report or {}).get("organisation") or study.custodian or ""
     return {
-        "id": uid,
+        "id": study.study_uid,
         "kind": "study",
         "started": started.isoformat(),
         "started_display": t.datetime(started),
         "year": started.year,
-        "modalities": modality_codes,
-        "modality_display": ", ".join(modality_display),
+        "modalities": list(study.modalities),
+        "modality_display": ", ".join(t.coded(DCM, m) for m in study.modalities),
         "body_sites": sites,
         "body_site_display": ", ".join(s["display"] for s in sites) or t("list.not_recorded"),
-        "description": _text(attachment.get("title")) or "",
-        "study_type": study_type if study_type and study_type.get("code") else None,
-        "requesting_specialty": specialty if specialty and specialty.get("code") else None,
-        "organisation": organisation or "",
+        "description": study.title or study.description or "",
+        "study_type": _coded(study.study_type, t),
+        "requesting_specialty": _coded(study.requesting_specialty, t),
+        "organisation": organisation,
         "country": ctx.peer,
-        "series": study.get("numberOfSeries") if study else None,
-        "instances": study.get("numberOfInstances") if study else None,
-        "size_bytes": size_bytes,
-        "size_display": t.size(size_bytes) if size_bytes is not None else "",
+        "series": len(manifest.series) if manifest is not None else None,
+        "instances": manifest.instance_count if manifest is not None else None,
+        "size_bytes": size,
+        "size_display": t.size(size) if size is not None else "",
         "download_s": round(download, 1) if download is not None else None,
         "download_display": t.duration(download) if download is not None else t("list.unknown"),
-        "accession": _accession(doc),
+        "accession": study.accession,
         "report": report,
         "thumbnail": thumbnail,
+        "viewer": viewer,
     }
 
 
-def _report_row(
-    uid: str, doc: Mapping[str, Any], t: Translator, ctx: ListContext
-) -> dict[str, Any]:
-    report = _report(doc, t, ctx)
+def _report_row(report: ListedReport, t: Translator, ctx: ListContext) -> dict[str, Any]:
+    shown = _report(report, t, ctx)
     return {
-        "id": uid,
+        "id": report.study_uid or f"report-{report.report_id}",
         "kind": "report",
-        "started": report["date"] or "",
-        "started_display": report["date_display"],
-        "year": int(report["date"][:4]) if report["date"] else None,
-        "modalities": [],
-        "modality_display": "",
+        "started": shown["date"] or "",
+        "started_display": shown["date_display"],
+        "year": report.date.year if report.date else None,
+        "modalities": list(report.modalities),
+        "modality_display": ", ".join(t.coded(DCM, m) for m in report.modalities),
         "body_sites": [],
         "body_site_display": "",
-        "description": report["title"],
+        "description": shown["title"],
         "study_type": None,
         "requesting_specialty": None,
-        "organisation": report["organisation"] or "",
+        "organisation": shown["organisation"] or "",
         "country": ctx.peer,
         "series": None,
         "instances": None,
@@ -344,21 +225,11 @@ def _report_row(
         "size_display": "",
         "download_s": None,
         "download_display": "",
-        "accession": _accession(doc),
-        "report": report,
+        "accession": report.accession,
+        "report": shown,
         "thumbnail": None,
+        "viewer": False,
     }
-
-
-def _accession(doc: Mapping[str, Any]) -> str | None:
-    context = doc.get("context")
-    related = context.get("related") if isinstance(context, Mapping) else None
-    for ref in related if isinstance(related, list) else []:
-        if isinstance(ref, Mapping) and ref.get("type") == "ServiceRequest":
-            ident = ref.get("identifier")
-            if isinstance(ident, Mapping):
-                return _text(ident.get("value"))
-    return None
 
 
 __all__ = ["COLUMNS", "ROW_KEYS", "SCHEMA_VERSION", "ListContext", "build_list"]

@@ -48,6 +48,9 @@ HEADERS = {
     "Cross-Origin-Resource-Policy": "same-origin",
 }
 STATIC_PREFIX = "/static/"
+VIEWER_PREFIX = "/viewer"
+"""The local viewer mounted in the portal sets its own policy (it draws images from blobs);
+below it, the portal's headers only fill in what the viewer did not set."""
 
 
 class SecurityHeaders:
@@ -62,18 +65,22 @@ class SecurityHeaders:
             return
         rid = str(uuid.uuid4())
         scope.setdefault("state", {})["request_id"] = rid
-        static = str(scope.get("path", "")).startswith(STATIC_PREFIX)
-        await self.app(scope, receive, _with_headers(send, rid, static))
+        path = str(scope.get("path", ""))
+        static = path.startswith(STATIC_PREFIX)
+        viewer = path == VIEWER_PREFIX or path.startswith(VIEWER_PREFIX + "/")
+        await self.app(scope, receive, _with_headers(send, rid, static, viewer))
 
 
-def _with_headers(send: Send, rid: str, static: bool) -> Callable[[Message], Any]:
+def _with_headers(send: Send, rid: str, static: bool, viewer: bool) -> Callable[[Message], Any]:
     async def sender(message: Message) -> None:
         if message["type"] == "http.response.start":
             headers = MutableHeaders(scope=message)
             for name, value in HEADERS.items():
-                headers[name] = value
+                if not viewer or name not in headers:
+                    headers[name] = value
             headers["X-Request-ID"] = rid
-            headers["Cache-Control"] = "private, max-age=3600" if static else "no-store"
+            if not viewer or "cache-control" not in headers:
+                headers["Cache-Control"] = "private, max-age=3600" if static else "no-store"
         await send(message)
 
     return sender

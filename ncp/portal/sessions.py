@@ -12,15 +12,16 @@ Each session carries its CSRF synchronizer token (:func:`csrf_ok`).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import hmac
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from sqlalchemy import delete
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ncp.config import PortalSection
@@ -30,6 +31,7 @@ COOKIE = "__Host-ncp-portal"
 """The ``__Host-`` prefix makes the browser refuse the cookie unless it is Secure, has Path=/
 and no Domain: no other host or path can set or shadow it."""
 
+T = TypeVar("T")
 State = Literal["login", "totp", "oidc", "active"]
 Refusal = Literal["unknown", "idle", "expired"]
 
@@ -219,6 +221,21 @@ class SessionStore:
             row = session.get(PortalSession, id_hash)
             if row is not None:
                 row.data = data
+
+    def change_data(self, id_hash: str, change: Callable[[dict[str, Any]], T]) -> T | None:
+        """Apply ``change`` to the session's ``data`` in one transaction (the row locked where
+        the database can, so two tabs of one HP do not lose each other's changes); returns what
+        ``change`` returned, or None when the session has ended meanwhile."""
+        with self._sessions.begin() as session:
+            row = session.scalar(
+                select(PortalSession).where(PortalSession.id_hash == id_hash).with_for_update()
+            )
+            if row is None:
+                return None
+            data = copy.deepcopy(dict(row.data or {}))
+            result = change(data)
+            row.data = data  # a new object: SQLAlchemy sees the JSON column changed
+            return result
 
     def end(self, id_hash: str) -> None:
         with self._sessions.begin() as session:

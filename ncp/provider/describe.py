@@ -160,6 +160,7 @@ def describe_report(report: Report, version: ReportVersion) -> ReportFacts:
         body_parts=_items(version.body_parts),
         procedure_code=version.procedure_code,
         requesting_code=version.requesting_code,
+        priority=version.priority,
     )
 
 

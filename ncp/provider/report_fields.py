@@ -84,6 +84,8 @@ class ReportFields:
     body_parts: tuple[str, ...]
     procedure_code: str | None
     requesting_code: str | None
+    priority: str | None = None
+    """The order's FHIR request-priority (ServiceRequest.priority), when the bundle says it."""
 
     @property
     def patient_issuer(self) -> str:
@@ -148,6 +150,7 @@ def report_fields(bundle: dict[str, Any], definitions: Definitions | None = None
         body_parts=_body_parts(studies, definitions),
         procedure_code=_procedure_code(studies, order),
         requesting_code=_requesting_code(entries, order),
+        priority=_priority(order),
     )
 
 
@@ -284,6 +287,11 @@ def _name_of(resource: dict[str, Any] | None) -> str | None:
 
 
 # --- study, order and codes ------------------------------------------------------------------
+
+
+def _priority(order: dict[str, Any] | None) -> str | None:
+    value = _text(_dict(order).get("priority"))
+    return value if value in ("routine", "urgent", "asap", "stat") else None
 
 
 def _order(entries: _Entries, studies: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -312,6 +312,7 @@ def _version_row(
         body_parts="\\".join(fields.body_parts),
         procedure_code=fields.procedure_code,
         requesting_code=fields.requesting_code,
+        priority=fields.priority,
         replaces_system=replaces_system,
         replaces_value=replaces_value,
         content=content,

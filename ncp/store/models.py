@@ -261,6 +261,9 @@ class ReportVersion(Base):
     """Study type (LOINC radiology procedure code) when the bundle says one."""
     requesting_code: Mapped[str | None] = mapped_column(LO)
     """Requesting specialty code when the bundle says one."""
+    priority: Mapped[str | None] = mapped_column(String(16))
+    """The order's FHIR request-priority (routine, urgent, asap, stat) when the bundle says it:
+    the list flags urgent, asap and stat reports."""
     replaces_version: Mapped[int | None] = mapped_column(Integer)
     """The version this one replaces (relatesTo replaces); None for version 1, and until a
     replaced version that arrives late is stored."""

@@ -151,7 +151,7 @@ def serve_portal(
     config = uvicorn.Config(
         app,
         ws="none",
-        lifespan="off",
+        lifespan="on",
         proxy_headers=False,
         log_level="warning",
         ssl_certfile=str(node.keystore.server.cert_path),

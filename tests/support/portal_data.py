@@ -6,6 +6,9 @@ indexes them into a node A's SQLite database, loads the reports through the repo
 answers the two searchsets A serves for that patient (``DocumentReference``: manifests and
 reports; ``ImagingStudy``: the manifests with their counts), through the provider's own search
 and entry renderer (``ncp.fhir.listing``). Results are cached per arguments under ``cache``.
+
+:func:`as_read` reads such entries as the peer client does (``ncp.consumer.read``): the
+``MetadataList`` and manifests the portal's view model is built from.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from ncp.config import settings_from_mapping
+from ncp.consumer.model import StudyManifest
+from ncp.consumer.read import Notes, list_entry, manifest
+from ncp.consumer.results import ListedReport, ListedStudy, MetadataList
 from ncp.dicom.archive import open_archive
 from ncp.examples.generate import DEFAULT_PATIENT_ID_ISSUER, generate_examples
 from ncp.fhir.datatypes import zone_of
@@ -26,6 +32,7 @@ from ncp.provider.list_entries import EntryRenderer
 from ncp.provider.reports import load_folder
 from ncp.provider.search import find_page
 from ncp.provider.search_params import parse_search
+from ncp.security.claims import PatientRef
 from ncp.store.db import make_engine, migrate, session_factory
 from ncp.store.models import Patient
 from ncp.validation.engine import Validator
@@ -39,6 +46,31 @@ class GeneratedList:
     issuer: str
     document_references: list[dict[str, Any]]
     imaging_studies: list[dict[str, Any]]
+
+    @property
+    def patient(self) -> PatientRef:
+        return PatientRef(f"urn:oid:{self.issuer}", self.patient_id)
+
+
+def as_read(
+    patient: PatientRef,
+    document_references: list[dict[str, Any]],
+    imaging_studies: list[dict[str, Any]],
+) -> tuple[MetadataList, dict[str, StudyManifest]]:
+    """A's entries read as B's peer client reads them (its reader, tolerant of quirks)."""
+    notes = Notes(COUNTRY_A)
+    entries = [
+        list_entry(r, patient, notes, f"entry[{i}]") for i, r in enumerate(document_references)
+    ]
+    listed = MetadataList(
+        studies=tuple(e for e in entries if isinstance(e, ListedStudy)),
+        reports=tuple(e for e in entries if isinstance(e, ListedReport)),
+        total=len(entries),
+        pages=1,
+        quirks=tuple(notes.quirks),
+    )
+    manifests = {m.study_uid: m for m in (manifest(s, patient, notes) for s in imaging_studies)}
+    return listed, manifests
 
 
 def generated_list(cache: Path, *, studies: int = 300, seed: int = 11) -> GeneratedList:
