@@ -50,8 +50,8 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "serve": (
         "ncp.serve",
-        "run the node: the standard channel (FHIR, mutual TLS), the option A gateway and the "
-        "option B viewer",
+        "run the node: the standard channel (FHIR, mutual TLS), the option A gateway, the "
+        "option B viewer, the portal and the retrieval workers its config enables",
     ),
     "ask": (
         "ncp.consumer.command",
