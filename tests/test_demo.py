@@ -379,3 +379,41 @@ def test_the_pair_walks_the_use_case_through_b_and_stops_on_ctrl_c(tmp_path: Pat
         assert not (data / "demo.json").exists()  # it describes running services only
     finally:
         _stop(proc)
+
+
+@pytest.mark.orthanc
+def test_archive_orthanc_puts_a_local_orthanc_behind_a(tmp_path: Path) -> None:
+    import shutil
+
+    if shutil.which("Orthanc", path="/usr/sbin:/usr/bin:" + os.environ.get("PATH", "")) is None:
+        if os.environ.get("NCP_REQUIRE_SERVICES") == "1":
+            pytest.fail("Orthanc is not installed (NCP_REQUIRE_SERVICES=1)")
+        pytest.skip("Orthanc is not installed")
+    data = tmp_path / "demo"
+    args = ["demo", "--data", str(data), "--base-port", "0", "--no-browser", "--archive", "orthanc"]
+    proc, lines = _demo([*args, *SMALL])
+    try:
+        _wait_for(lines, READY_LINE, START_TIMEOUT)
+        demo = json.loads((data / "demo.json").read_text(encoding="utf-8"))
+        services = {s["name"]: s for s in demo["services"]}
+        assert set(services) == {"orthanc-a", "node-a", "edge-a", "node-b"}
+        orthanc = services["orthanc-a"]["urls"]["dicomweb"]
+        a = load_settings(Path(demo["nodes"]["AT"]["config"]))
+        edge = load_edge_settings(Path(demo["edge"]["AT"]["config"]))
+        assert a.archive.kind == edge.archive.kind == "dicomweb"
+        assert a.archive.url == edge.archive.url == orthanc  # type: ignore[union-attr]
+        held = httpx.get(orthanc + "/studies", trust_env=False).json()
+        assert len(held) == demo["patient"]["studies"]
+        # A study travels from Orthanc through A's edge gateway (option C) to B.
+        patient = demo["patient"]
+        ref = f"{patient['system']}|{patient['id']}"
+        job = _ncp_json("pull", "--config", demo["nodes"]["BE"]["config"], "--peer", "AT",
+                        "--patient", ref, "--study", patient["newest_study"], "--option", "C",
+                        "--json")  # fmt: skip
+        assert job["status"] == "stored", job
+        pids = [s["pid"] for s in demo["services"]]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0, proc.stderr.read() if proc.stderr else ""
+        assert all(_gone(pid) and not _group_members(pid) for pid in pids)
+    finally:
+        _stop(proc)

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import webbrowser
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +23,6 @@ from ncp.demo.layout import (
     COUNTRY_A,
     DEFAULT_BASE_PORT,
     Layout,
-    Ports,
     choose_ports,
     fixed_ports,
 )
@@ -77,6 +77,7 @@ def run_demo(
     ready_timeout: float = READY_TIMEOUT_S,
 ) -> int:
     """Prepare, start, wait for Ctrl-C; ``command`` replaces the services' commands (tests)."""
+    began = time.monotonic()
     layout = Layout(data.resolve())
     # --setup-only binds nothing: write the ports the services would use, taken or not.
     ports = fixed_ports(base_port) if setup_only and base_port else choose_ports(base_port)
@@ -91,19 +92,29 @@ def run_demo(
         if archive == "orthanc":
             source = _start_orthanc(layout, supervisor, ready_timeout)
         configs = write_configs(layout, ports, source)
-        top = index_and_list(configs.a)
         logins = demo_logins(configs)
+        services = pair_services(layout, ports)
+        if not setup_only:
+            # The edge and node B need nothing of A's index: they start (loading their profiles
+            # and catalogue) while A's archive is indexed; node A starts once it is.
+            for service in services:
+                if service.name != "node-a":
+                    supervisor.start(service)
+        top = index_and_list(configs.a)
         print(f"\nconfigs: {layout.node_a_config}, {layout.node_b_config}, {layout.edge_config}")
         if setup_only:
             more = f"ncp studies --config {layout.node_a_config} --patient {top.patient_id}"
             print(f"more:    {more}")
             return EXIT_OK
+        supervisor.start(next(s for s in services if s.name == "node-a"))
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
             stop.set()
 
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return _run(layout, ports, configs, top, logins, supervisor, stop, ready_timeout, browser)
+        return _run(
+            layout, services, configs, top, logins, supervisor, stop, ready_timeout, browser, began
+        )
     finally:
         supervisor.stop_all()
         layout.demo_json.unlink(missing_ok=True)
@@ -131,7 +142,7 @@ def _start_orthanc(layout: Layout, supervisor: Supervisor, timeout: float) -> Ar
 
 def _run(
     layout: Layout,
-    ports: Ports,
+    services: Sequence[Service],
     configs: Configs,
     top: TopPatient,
     logins: Sequence[DemoLogin],
@@ -139,12 +150,9 @@ def _run(
     stop: threading.Event,
     ready_timeout: float,
     browser: bool,
+    began: float,
 ) -> int:
-    services = pair_services(layout, ports)
     try:
-        # All at once: each loads its profiles and catalogue on its own core time.
-        for service in services:
-            supervisor.start(service)
         for service in services:
             supervisor.wait_ready(service, ready_timeout)
     except Interrupted:
@@ -155,13 +163,17 @@ def _run(
     except NotReady as failed:
         print(f"ncp demo: {failed.error}", file=sys.stderr)
         return _report_death(failed.service)
+    running = [*(s for s in supervisor.services if s not in services), *services]
     layout.demo_json.write_text(
-        json.dumps(describe(layout, supervisor.services, configs, top, logins), indent=1) + "\n",
+        json.dumps(describe(layout, running, configs, top, logins), indent=1) + "\n",
         encoding="utf-8",
     )
     _print_guide(layout, configs, top, logins)
     portal = configs.b.portal.url + "/"
-    print(f"{READY_LINE}: log in to country B's portal at {portal} (Ctrl-C stops every service)")
+    print(
+        f"{READY_LINE} ({time.monotonic() - began:.0f} s after start): log in to country B's "
+        f"portal at {portal} (Ctrl-C stops every service)"
+    )
     sys.stdout.flush()
     if browser:
         open_browser(portal)
