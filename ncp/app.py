@@ -16,7 +16,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 
 from ncp import __version__
-from ncp.fhir.handlers import RequestIdMiddleware, install_error_handlers
+from ncp.fhir.handlers import install_error_handlers
 from ncp.fhir.http import FhirHttpError, error_response
 from ncp.security.mtls import TlsPeerRefused, install
 from ncp.validation.api import router as validation_router
@@ -31,17 +31,21 @@ def build_app(node: Node | None = None) -> FastAPI:
         version=__version__,
         docs_url=None,
         redoc_url=None,
-        openapi_url=None,  # the CapabilityStatement describes this API, not OpenAPI
+        # The CapabilityStatement describes this API for FHIR; the OpenAPI document is served
+        # behind mutual TLS by the node's own route (GET /fhir/openapi.json), not FastAPI's.
+        openapi_url=None,
     )
-    install_error_handlers(app)
-    app.add_middleware(RequestIdMiddleware)
     if node is None:
+        install_error_handlers(app)
         app.include_router(validation_router())
         return app
     from ncp.provider import list_api, report_api, resource_api
     from ncp.provider.api import router as provider_router
+    from ncp.provider.auditing import audit_refusal
     from ncp.provider.auth import hp_context
 
+    # Every refusal that no step recorded, and every 500, is audited by the provider's hook.
+    install_error_handlers(app, audit=audit_refusal)
     app.state.node = node
     # Request-stage TLS refusals are audited by ncp.provider.auth with the request's id, so no
     # hook here; handshake refusals are audited by the server (ncp.serve).
@@ -53,8 +57,11 @@ def build_app(node: Node | None = None) -> FastAPI:
     app.include_router(resource_api.router())
     app.include_router(
         validation_router(
+            node.settings.budget.validate_max_bytes,
             dependencies=[Depends(hp_context)],
             validator=lambda: (node.validator, node.validator_lock),
+            work=node.heavy,
+            time_budget_s=node.settings.budget.validate_time_s,
         )
     )
     return app

@@ -235,6 +235,74 @@ class TokensSection(_Section):
     leeway_s: int = Field(default=30, ge=0, le=120, description="Clock skew tolerated.")
 
 
+class HttpSection(_Section):
+    """Limits of every HTTP listener of a process (the standard channel, the option A gateway,
+    the edge gateway), against clients that hold connections open or send oversized heads.
+    Values outside the bounds are refused: a limit that never fires is no limit."""
+
+    idle_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=120,
+        description="A connection with no request under way (new, or between requests) is "
+        "closed after this many seconds without a byte.",
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=120,
+        description="A request's head (request line and headers) must arrive whole within "
+        "this many seconds of its first byte, or the connection is closed with 408 (slowloris).",
+    )
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        description="While a request body is being received, at most this many seconds "
+        "without a byte before the connection is closed.",
+    )
+    max_header_bytes: int = Field(
+        default=32 * 1024,
+        ge=8 * 1024,
+        le=1024 * 1024,
+        description="Largest request head in bytes (431 beyond). The standard channel's "
+        "assertions take up to 16 KiB of it.",
+    )
+
+
+class BudgetSection(_Section):
+    """The budget of CPU-heavy requests on the standard channel (validation, large bodies):
+    they run off the event loop, a few at a time, each within a size and a time budget."""
+
+    validate_max_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=64 * 1024,
+        le=20 * 1024 * 1024,
+        description="Largest body $validate accepts (413 beyond): validating takes about "
+        "half a second per MiB on one core.",
+    )
+    validate_time_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=120,
+        description="Longest a validation ($validate, report ingest) may take; beyond it "
+        "the request ends with 413.",
+    )
+    slots: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="CPU-heavy steps run at once; as many more may wait, the rest get 503.",
+    )
+    queue_timeout_s: float = Field(
+        default=5.0,
+        ge=0,
+        le=60,
+        description="How long a heavy step may wait for a slot before 503 with Retry-After.",
+    )
+    retry_after_s: int = Field(default=5, ge=1, le=600, description="Retry-After of that 503.")
+
+
 class FolderStoreSection(_Section):
     kind: Literal["folder"] = "folder"
     path: Path = Field(
@@ -705,9 +773,10 @@ class NodeSettings(_FileSettings):
     gateway: GatewaySection = GatewaySection()
     tokens: TokensSection = TokensSection()
     lists: ListSection = ListSection()
+    http: HttpSection = HttpSection()
+    budget: BudgetSection = BudgetSection()
     retrieval: RetrievalSection = RetrievalSection()
     """Country B's retrieval jobs (workers, lanes, local store, retention)."""
-
     portal: PortalSection = PortalSection()
     viewer: ViewerSection = ViewerSection()
     consumer: ConsumerSection = ConsumerSection()
@@ -767,6 +836,7 @@ class EdgeSettings(_FileSettings):
     database: DatabaseSection = DatabaseSection(url="sqlite:///edge-audit.db")
     gateway: GatewaySection = GatewaySection()
     tokens: TokensSection = TokensSection()
+    http: HttpSection = HttpSection()
     ops: OpsSection = OpsSection()
 
 

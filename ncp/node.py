@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ncp.audit.record import Auditor
 from ncp.config import NodeSettings
 from ncp.fhir.http import FhirHttpError
+from ncp.fhir.work import HeavyWork
 from ncp.security.keystore import KeyStore
 from ncp.security.mtls import MutualTlsJwksFetcher
 from ncp.security.replay import ReplayGuard
@@ -51,6 +52,8 @@ class Node:
     """Aware UTC; every token check and issue reads the time here."""
     list_memory: EntryMemory = field(default_factory=lambda: EntryMemory(0))
     """Rendered list entries kept in this process (``[lists] memory_mib``)."""
+    heavy: HeavyWork = field(default_factory=HeavyWork)
+    """Where CPU-heavy steps of requests run, off the event loop (``[budget]``)."""
 
     @property
     def base_url(self) -> str:
@@ -88,9 +91,15 @@ class Node:
             clock=now,
             replay=DatabaseReplayGuard(sessions),
             list_memory=EntryMemory(settings.lists.memory_mib << 20),
+            heavy=HeavyWork(
+                settings.budget.slots,
+                queue_timeout_s=settings.budget.queue_timeout_s,
+                retry_after_s=settings.budget.retry_after_s,
+            ),
         )
 
     def close(self) -> None:
+        self.heavy.close()
         self.engine.dispose()
 
 

@@ -49,13 +49,14 @@ from urllib.parse import urlsplit
 import uvicorn
 from cryptography.hazmat.primitives import serialization
 from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ncp.app import build_app
 from ncp.audit.models import Side
 from ncp.config import load_settings
 from ncp.errors import ConfigError
 from ncp.gateway.app import build_gateway_app
-from ncp.gateway.server import TlsFiles, imaging_server
+from ncp.gateway.server import TlsFiles, imaging_server, protocol_refusals
 from ncp.gateway.studyindex import NodeIndex
 from ncp.node import Node
 from ncp.ops.health import Check, Readiness, archive_probe, database_probe, peer_probe
@@ -102,6 +103,7 @@ def standard_server(
         on_refusal=audit_refusals(node.auditor),
         server_cert_pem=server_pem.decode("ascii"),
         log_level=log_level,
+        limits=node.settings.http,
     )
 
 
@@ -133,9 +135,18 @@ def gateway_app(node: Node) -> Any | None:
 def node_imaging_server(
     node: Node, app: Any, *, host: str, port: int, log_level: str = "info"
 ) -> uvicorn.Server:
-    """The option A gateway's server: HTTPS with the node's server certificate."""
+    """The option A gateway's server: HTTPS with the node's server certificate, the node's
+    connection limits, refusals below the app audited by the gateway."""
     tls = TlsFiles(node.keystore.server.cert_path, node.keystore.server.key_path)
-    return imaging_server(app, host=host, port=port, tls=tls, log_level=log_level)
+    return imaging_server(
+        app,
+        host=host,
+        port=port,
+        tls=tls,
+        log_level=log_level,
+        limits=node.settings.http,
+        on_refusal=protocol_refusals(app),
+    )
 
 
 def viewer_app(node: Node) -> Any | None:
@@ -164,10 +175,20 @@ def viewer_app(node: Node) -> Any | None:
 def node_viewer_server(
     node: Node, app: Any, *, host: str, port: int, log_level: str = "info"
 ) -> uvicorn.Server:
-    """The viewer's server: HTTPS with the node's server certificate, plain HTTP/1.1 (the
-    relay protocol of the imaging channel is for DICOM streams, not pages and images)."""
+    """The viewer's server: HTTPS with the node's server certificate, uvicorn's plain h11
+    protocol (the relay protocol of the imaging channel is for DICOM streams, not pages and
+    images), the node's connection limits like every listener."""
     tls = TlsFiles(node.keystore.server.cert_path, node.keystore.server.key_path)
-    return imaging_server(app, host=host, port=port, tls=tls, log_level=log_level, protocol="h11")
+    return imaging_server(
+        app,
+        host=host,
+        port=port,
+        tls=tls,
+        log_level=log_level,
+        protocol=H11Protocol,
+        limits=node.settings.http,
+        label="option B viewer",
+    )
 
 
 def portal_server(node: Node, *, host: str, log_level: str = "info") -> uvicorn.Server:
@@ -180,19 +201,19 @@ def portal_server(node: Node, *, host: str, log_level: str = "info") -> uvicorn.
     if not settings.portal.url:
         raise ConfigError("portal.enabled needs portal.url (the portal's public https:// URL)")
     port = _port(settings.listen.portal_port, settings.portal.url, "portal.url")
-    config = uvicorn.Config(
+    tls = TlsFiles(node.keystore.server.cert_path, node.keystore.server.key_path)
+    # The server every HTTPS listener of the node runs (no WebSockets, no Server header, the
+    # lifespan required), with uvicorn's plain h11 protocol and the node's connection limits.
+    return imaging_server(
         build_portal_app(node),
         host=host,
         port=port,
-        ws="none",
-        lifespan="on",
-        proxy_headers=False,
-        server_header=False,
+        tls=tls,
         log_level=log_level,
-        ssl_certfile=str(node.keystore.server.cert_path),
-        ssl_keyfile=str(node.keystore.server.key_path),
+        protocol=H11Protocol,
+        limits=settings.http,
+        label="HP portal",
     )
-    return uvicorn.Server(config)
 
 
 def _port(listen_port: int, url: str, setting: str) -> int:
@@ -367,6 +388,7 @@ def serve(node: Node, *, log_level: str = "info", log_format: LogFormat | None =
             host=settings.listen.ops_host,
             port=settings.listen.ops_port,
             log_level=log_level,
+            limits=settings.http,
         )
     if log_format is not None:
         configure_logging(log_format, log_level)  # after every server's Config: see ops.logs

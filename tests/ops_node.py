@@ -13,7 +13,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,8 +91,23 @@ class ServedNode:
         return self.stderr.read_text(encoding="utf-8", errors="replace").splitlines()
 
     def log_records(self) -> list[dict[str, Any]]:
-        """Every line of the node's stderr as JSON (a line that is not JSON fails the test)."""
-        return [json.loads(line) for line in self.log_lines() if line.strip()]
+        """Every line of the node's stderr as JSON (a line that is not JSON fails the test).
+        A last line the node is still writing (no newline yet) is left for the next read."""
+        text = self.stderr.read_text(encoding="utf-8", errors="replace")
+        complete = text[: text.rfind("\n") + 1]
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
+    def records_where(
+        self, wanted: Callable[[dict[str, Any]], bool], *, timeout: float = 10.0
+    ) -> list[dict[str, Any]]:
+        """The log records ``wanted`` picks, once there are any: a request's log line is
+        written as its answer goes out, so it may land a moment after the client has read it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [r for r in self.log_records() if wanted(r)]
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
 
     def token(self, patient: str, studies: list[str], option: str = "A") -> str:
         body = {

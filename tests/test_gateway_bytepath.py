@@ -470,10 +470,17 @@ def test_an_archive_failing_mid_stream_breaks_the_transfer_under_the_relay(
                 assert not received.rstrip().endswith(b"--")
         # A failed transfer's record is written after the client saw the failure: wait for it.
         deadline = time.monotonic() + 10
-        while len(audit.records()) < 4 and time.monotonic() < deadline:
+
+        def ends() -> list[Any]:
+            return [r for r in audit.records() if r.action == "image-retrieve"]
+
+        while len(ends()) < 4 and time.monotonic() < deadline:
             time.sleep(0.05)
-        outcomes = [rec.outcome for rec in audit.records()]
+        outcomes = [rec.outcome for rec in ends()]
         assert outcomes == [Outcome.SUCCESS] + [Outcome.SERIOUS_FAILURE] * 3
+        # Each transfer's begin was recorded before its first byte.
+        begins = [r for r in audit.records() if r.action == "image-transfer-begin"]
+        assert len(begins) == 4
     finally:
         served.stop()
         archive.stop()

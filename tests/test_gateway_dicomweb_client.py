@@ -189,8 +189,9 @@ def test_every_transfer_is_audited_with_instances_and_bytes(gateways: Gateways, 
         )
         assert response.status_code == 200
     records = audit.records()[before:]
-    assert len(records) == 1
-    record = records[0]
+    assert [r.action for r in records] == ["image-transfer-begin", "image-retrieve"]
+    begin, record = records
+    assert begin.studies == [STUDY_1] and begin.token_jti == record.token_jti
     assert record.action == "image-retrieve" and record.outcome == 0
     assert record.side == ("edge" if name == "C" else "gateway")
     assert record.num_instances == 3

@@ -360,10 +360,14 @@ class Gateway:
         return {**bearer(token(self.base, (study,))), "Accept": AS_STORED}
 
     def records(self, count: int) -> list[Any]:
-        """The audit records, once ``count`` are written (a failed transfer's record is
-        written after the client saw the failure)."""
-        _until(lambda: len(self.audit.records()) >= count, f"{count} audit records")
-        return list(self.audit.records())
+        """The transfers' end records, once ``count`` are written (a failed transfer's record
+        is written after the client saw the failure; its begin record, before)."""
+
+        def ends() -> list[Any]:
+            return [r for r in self.audit.records() if r.action == "image-retrieve"]
+
+        _until(lambda: len(ends()) >= count, f"{count} audit records")
+        return ends()
 
 
 @pytest.fixture

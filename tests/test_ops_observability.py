@@ -168,8 +168,10 @@ def test_the_answer_and_the_log_carry_the_same_generated_id(cycle: Cycle) -> Non
     with cycle.node.client() as http:
         answer = http.get("/fhir/metadata")
     rid = answer.headers["X-Request-ID"]
-    logged = [r for r in cycle.node.log_records() if r["request_id"] == rid]
-    assert [r["route"] for r in logged if r["logger"] == "ncp.requests"] == ["/fhir/metadata"]
+    logged = cycle.node.records_where(
+        lambda r: r.get("request_id") == rid and r.get("logger") == "ncp.requests"
+    )
+    assert [r["route"] for r in logged] == ["/fhir/metadata"]
 
 
 # -- metrics --------------------------------------------------------------------------------------

@@ -384,7 +384,7 @@ def test_a_study_of_another_patient_is_refused_with_a_text(
     assert refused.value.status == 403 and refused.value.peer == A
     assert refused.value.code == "forbidden"
     assert theirs in refused.value.diagnostics
-    assert "not a study of the patient" in refused.value.diagnostics
+    assert "not available for the patient" in refused.value.diagnostics
     [mine] = b_records(b, "wrong-patient")
     assert (mine.outcome, mine.reason) == (Outcome.SERIOUS_FAILURE, refused.value.diagnostics)
     assert mine.details["status"] == 403 and mine.details["attempts"] == 1
@@ -644,7 +644,7 @@ def test_ncp_ask_asks_as_country_b(
 
     theirs = studies_of("PAT101")[0]
     assert main([*base, "access", *patient, "--study", theirs]) == 1
-    assert "not a study of the patient" in capsys.readouterr().err
+    assert "not available for the patient" in capsys.readouterr().err
 
     assert main([*base, "access", "--patient", "no-system", "--study", study]) == 2
     hp.write_text(HP_TOML + 'extra = "x"\n')

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import ssl
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -303,7 +304,11 @@ def test_ncp_serve_assembles_the_portal_over_https(tmp_path: Path) -> None:
     try:
         server = portal_server(node, host="127.0.0.1")
         assert server.config.port == 8999 and server.config.proxy_headers is False
-        assert server.config.ssl_certfile == str(node.keystore.server.cert_path)
-        assert server.config.ssl_keyfile == str(node.keystore.server.key_path)
+        # HTTPS by the node's own TLS step (ncp.security.mtls.tls_server_protocol: the
+        # handshake within [http] limits), the connections held to [http] like every listener.
+        protocol: Any = server.config.http
+        assert isinstance(protocol.ssl_context, ssl.SSLContext)
+        assert protocol.ssl_context.verify_mode == ssl.CERT_NONE  # a browser has no certificate
+        assert protocol.inner_class.limits == node.settings.http
     finally:
         node.close()

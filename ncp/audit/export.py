@@ -99,6 +99,7 @@ EVENT_TYPES: dict[tuple[Action, str], EventType] = {
     (Action.REPORT_READ, Side.CONSUMER): EventType(DCM, "110107", "C", "read"),
     (Action.ACCESS_TOKEN_ISSUE, "*"): _REST_OPERATION,
     (Action.ACCESS_TOKEN_RENEW, "*"): _REST_OPERATION,
+    (Action.IMAGE_TRANSFER_BEGIN, "*"): EventType(DCM, "110102", "E"),
     (Action.IMAGE_RETRIEVE, "providing"): EventType(DCM, "110106", "R"),
     (Action.IMAGE_RETRIEVE, Side.CONSUMER): EventType(DCM, "110107", "C"),
     (Action.IMAGE_STORE, "*"): EventType(DCM, "110104", "C"),

@@ -64,6 +64,10 @@ class Action(enum.StrEnum):
     """A issued an image access token (options A and C) or viewer launch code (option B)."""
     ACCESS_TOKEN_RENEW = "access-token-renew"
     """A renewed an image access token while the confirmation was valid."""
+    IMAGE_TRANSFER_BEGIN = "image-transfer-begin"
+    """A's gateway is about to send the first byte of a transfer (DICOM "Begin Transferring
+    DICOM Instances"): written before it, so that a transfer cut short by a crash of the
+    gateway still leaves a trace; its ``image-retrieve`` record says how it ended."""
     IMAGE_RETRIEVE = "image-retrieve"
     """Images moved over the imaging channel: served by A's gateway, pulled by B's retriever."""
     IMAGE_STORE = "image-store"

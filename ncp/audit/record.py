@@ -182,10 +182,12 @@ class AuditEvent:
                 isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_INT
             ):
                 raise InvalidAuditEvent(f"{name} must be a whole number >= 0, got {value!r}")
+        if len(self.request_id) > _LENGTHS["request_id"]:
+            raise InvalidAuditEvent(f"request_id is longer than {_LENGTHS['request_id']}")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, str):
-                _check_text(f.name, value, _LENGTHS.get(f.name))
+                put(f.name, storable_text(value, _LENGTHS.get(f.name)))
         put("details", _json_object(self.details))
 
     def columns(self) -> dict[str, Any]:
@@ -210,17 +212,21 @@ def _member(enum_type: Any, value: Any, name: str) -> Any:
         raise InvalidAuditEvent(f"{name} {value!r} is not one of: {allowed}") from None
 
 
-def _check_text(name: str, value: str, limit: int | None) -> None:
-    # PostgreSQL text holds no NUL and no lone surrogate; SQLite would, and the two engines
-    # must store what was hashed.
+def storable_text(value: str, limit: int | None = None) -> str:
+    """``value`` as the audit table can hold it on every engine, whatever a caller sent: a NUL
+    (PostgreSQL text holds none) written ``\\x00``, a lone surrogate (not Unicode, so not UTF-8)
+    written ``\\udXXX``, text beyond the column's ``limit`` cut with a final ``…``. Total, so that
+    hostile text can never keep a step from being recorded; and deterministic, so that both
+    engines store what was hashed."""
     if "\x00" in value:
-        raise InvalidAuditEvent(f"{name} contains a NUL character")
+        value = value.replace("\x00", "\\x00")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise InvalidAuditEvent(f"{name} is not valid Unicode text") from None
+        value = value.encode("utf-8", "backslashreplace").decode("utf-8")
     if limit is not None and len(value) > limit:
-        raise InvalidAuditEvent(f"{name} is longer than {limit} characters")
+        value = value[: limit - 1] + "…"
+    return value
 
 
 def _json_object(details: Mapping[str, Any]) -> dict[str, Any]:
@@ -228,25 +234,25 @@ def _json_object(details: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(details, Mapping):
         raise InvalidAuditEvent("details must be a mapping")
 
-    def check(value: Any, where: str) -> None:
+    def clean(value: Any, where: str) -> Any:
         if isinstance(value, str):
-            _check_text(where, value, None)
-        elif isinstance(value, float) and not math.isfinite(value):
+            return storable_text(value)
+        if isinstance(value, float) and not math.isfinite(value):
             raise InvalidAuditEvent(f"{where}: {value} has no JSON form")
-        elif isinstance(value, Mapping):
+        if isinstance(value, Mapping):
+            out: dict[str, Any] = {}
             for key, item in value.items():
                 if not isinstance(key, str):
                     raise InvalidAuditEvent(f"{where}: keys must be strings, got {key!r}")
-                _check_text(where, key, None)
-                check(item, f"{where}.{key}")
-        elif isinstance(value, list | tuple):
-            for i, item in enumerate(value):
-                check(item, f"{where}[{i}]")
-        elif value is not None and not isinstance(value, bool | int | float):
+                out[storable_text(key)] = clean(item, f"{where}.{key}")
+            return out
+        if isinstance(value, list | tuple):
+            return [clean(item, f"{where}[{i}]") for i, item in enumerate(value)]
+        if value is not None and not isinstance(value, bool | int | float):
             raise InvalidAuditEvent(f"{where}: {type(value).__name__} has no JSON form")
+        return value
 
-    check(details, "details")
-    plain: dict[str, Any] = json.loads(json.dumps(details))
+    plain: dict[str, Any] = json.loads(json.dumps(clean(details, "details")))
     return plain
 
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
 from ncp.errors import NcpError
 from ncp.fhir.io import FhirReadError, read_resource, to_json, to_xml
@@ -139,7 +140,9 @@ def _respond(
 
 def error_response(request: Request, error: FhirHttpError) -> Response:
     """The answer to a FhirHttpError: never fails on negotiation (an error about ``_format``
-    itself is answered in JSON)."""
+    itself is answered in JSON). The error is kept with the request, for the record of a
+    refusal that no step audited (:class:`ncp.fhir.handlers.AuditedRefusals`)."""
+    request.state.fhir_error = error
     try:
         xml = wants_xml(request)
     except FhirHttpError:
@@ -148,10 +151,20 @@ def error_response(request: Request, error: FhirHttpError) -> Response:
     return _respond(error.outcome(), xml, error.status, headers)
 
 
-async def read_resource_body(request: Request, *, max_bytes: int) -> dict[str, Any]:
+Offload = Callable[[Callable[[], dict[str, Any]]], Awaitable[dict[str, Any]]]
+"""Runs a parse off the event loop (``ncp.fhir.work.HeavyWork.run``)."""
+INLINE_PARSE_BYTES = 64 * 1024
+"""Bodies up to this size are parsed on the event loop (well under a millisecond); larger ones
+on a thread, so that a large body never holds the loop (and every other request) while parsed."""
+
+
+async def read_resource_body(
+    request: Request, *, max_bytes: int, offload: Offload | None = None
+) -> dict[str, Any]:
     """The request's body as a resource (JSON or XML by Content-Type, or by its first byte when
     the type is generic). Read in chunks up to ``max_bytes``, never beyond: 413 when larger,
-    415 for another media type, 400 when it is not a readable resource."""
+    415 for another media type, 400 when it is not a readable resource. A body larger than
+    :data:`INLINE_PARSE_BYTES` is parsed by ``offload`` (default: the shared thread pool)."""
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media and media not in _FORMATS and media != "application/octet-stream":
         raise FhirHttpError(
@@ -160,7 +173,8 @@ async def read_resource_body(request: Request, *, max_bytes: int) -> dict[str, A
             f"Content-Type {media!r}: send application/fhir+json or application/fhir+xml",
         )
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+    # isascii: "²".isdigit() is true, and int("²") raises.
+    if declared and declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
         raise FhirHttpError(413, "too-costly", f"the body is larger than {max_bytes} bytes")
     chunks: list[bytes] = []
     size = 0
@@ -171,13 +185,35 @@ async def read_resource_body(request: Request, *, max_bytes: int) -> dict[str, A
         chunks.append(chunk)
     if not size:
         raise FhirHttpError(400, "required", "the body is empty: send a FHIR resource")
+    data = b"".join(chunks)
+
+    def parse() -> dict[str, Any]:
+        return read_resource(data, max_bytes=max_bytes)
+
     try:
-        return read_resource(b"".join(chunks), max_bytes=max_bytes)
+        if size <= INLINE_PARSE_BYTES:
+            return parse()
+        return await (offload or run_in_threadpool)(parse)
     except FhirReadError as exc:
         status = 413 if exc.issue.code == "too-costly" else 400
         raise FhirHttpError(
             status, exc.issue.code, exc.issue.diagnostics, expression=exc.issue.expression or None
         ) from None
+
+
+def mark_audited(request: Request) -> None:
+    """Note that a step of this request wrote its audit record (its refusal needs no other)."""
+    request.state.audited = True
+
+
+def was_audited(request: Request) -> bool:
+    return bool(getattr(request.state, "audited", False))
+
+
+def answered_error(request: Request) -> FhirHttpError | None:
+    """The FhirHttpError this request was answered with, if any (see :func:`error_response`)."""
+    error = getattr(request.state, "fhir_error", None)
+    return error if isinstance(error, FhirHttpError) else None
 
 
 def request_id(request: Request) -> str:

@@ -194,6 +194,8 @@ def _read_json(data: bytes, max_depth: int) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise FhirReadError(STRUCTURE, "a FHIR resource is a JSON object, not an array or scalar")
     _check_json_tree(value, max_depth)
+    if _SURROGATE_ESCAPE.search(text):  # only an escape can give one: UTF-8 cannot encode it
+        _check_unicode(value)
     plain: dict[str, Any] = _plain(value)
     return plain
 
@@ -221,6 +223,33 @@ def _check_json_tree(root: dict[str, Any], max_depth: int) -> None:
             for index, child in enumerate(node):
                 if isinstance(child, dict | list):
                     stack.append((child, f"{where}[{index}]", depth + 1))
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _check_unicode(root: dict[str, Any]) -> None:
+    """Refuse a string holding a lone surrogate (``"\\ud800"``): valid JSON syntax, but not
+    Unicode text, so it could be neither stored, hashed nor answered (JSON RFC 8259 8.2)."""
+    stack: list[tuple[Any, str]] = [(root, "")]
+    while stack:
+        node, where = stack.pop()
+        texts: list[tuple[str, str]] = []
+        if isinstance(node, dict):
+            for key, child in node.items():
+                texts.append((key, where))
+                stack.append((child, _loc(where, key) if isinstance(key, str) else where))
+        elif isinstance(node, list):
+            stack.extend((child, f"{where}[{i}]") for i, child in enumerate(node))
+        elif isinstance(node, str):
+            texts.append((node, where))
+        for text, at in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise FhirReadError(
+                    STRUCTURE, "a string holds a lone surrogate: it is not Unicode text", at
+                ) from None
 
 
 def _plain(node: Any) -> Any:

@@ -33,6 +33,8 @@ from urllib.parse import parse_qsl, urlsplit
 from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from ncp.audit.models import Action, Outcome, Side
 from ncp.audit.record import AuditError, Auditor
@@ -58,11 +60,13 @@ from ncp.gateway.errors import (
     BadRequest,
     Forbidden,
     GatewayError,
+    MethodNotAllowed,
     NotFound,
     StreamBroken,
 )
 from ncp.gateway.limits import TransferSlots, rank_of
 from ncp.gateway.multipart import MultipartWriter, PartHead
+from ncp.gateway.openapi import gateway_openapi
 from ncp.gateway.qido import TRUNCATED_WARNING, Query, parse_query
 from ncp.gateway.relay import Chunk
 from ncp.gateway.relay import relay as fast_relay
@@ -150,12 +154,14 @@ def parse_path(rest: str) -> Target:
         return Target("search", study, series, level=tail[0])
     if sop is not None and tail[0] == "frames" and len(tail) == 2:
         frames = tail[1].split(",")
-        if not all(f.isdigit() and 0 < int(f) < 1 << 31 for f in frames) or len(frames) > 10_000:
+        if len(frames) > 10_000 or not all(
+            f.isascii() and f.isdigit() and 0 < int(f) < 1 << 31 for f in frames
+        ):
             raise BadRequest("frame numbers must be positive integers")
         return Target("frames", study, series, sop, tail=tail[1])
     if sop is not None and tail[0] == "bulk" and 1 < len(tail) <= _BULK_SEGMENT_LIMIT:
         for segment in tail[1:]:
-            if not (segment.isdigit() and len(segment) < 8) and not (
+            if not (segment.isascii() and segment.isdigit() and len(segment) < 8) and not (
                 len(segment) == 8 and all(c in "0123456789abcdefABCDEF" for c in segment)
             ):
                 raise BadRequest("a bulk data path names tags and item numbers only")
@@ -196,7 +202,10 @@ class Gateway:
 
     # -- entry ---------------------------------------------------------------------------
 
-    async def handle(self, request: Request, rest: str) -> Any:
+    async def handle(self, request: Request, rest: str | None) -> Any:
+        """The answer to one request; ``rest`` is the path below the gateway's root, None for a
+        path outside it. Every refusal and failure is audited; nothing escapes as a 500 of
+        the server's own (issue 13: plain-text 500s, unaudited)."""
         info = RequestInfo(
             request_id=request_id_of(request.headers),
             # As sent (still percent-encoded): a decoded path may hold NUL or other controls.
@@ -208,6 +217,13 @@ class Gateway:
         study: str | None = None
         try:
             authorization = request.headers.getlist("authorization")
+            if rest is None or request.method not in ("GET", "HEAD"):
+                grant = self._grant_if_any(authorization)  # who it was, for the record
+                if rest is None:
+                    raise NotFound("no such DICOMweb resource")
+                raise MethodNotAllowed(
+                    f"{request.method} is not served: DICOMweb QIDO-RS and WADO-RS are GET"
+                )
             raw_path = request.scope.get("raw_path") or b""
             # UIDs never need escaping: an escaped path is a trick (%2F, %2E%2E, %00).
             if b"%" in raw_path.split(b"?")[0]:
@@ -233,12 +249,24 @@ class Gateway:
             return await self._refuse(info, grant, exc, study)
         except AuditError:
             return _error_response(500, "the audit record could not be written", info, {})
+        except Exception:
+            log.exception("request %s failed", info.request_id)
+            return await self._refuse(info, grant, _Failed(info.request_id), study)
+
+    def _grant_if_any(self, authorization: list[str]) -> AccessGrant | None:
+        try:
+            return self.auth.grant(authorization, None)
+        except GatewayError:
+            return None
 
     async def _refuse(
         self, info: RequestInfo, grant: AccessGrant | None, exc: GatewayError, study: str | None
     ) -> Any:
-        action = Action.REFUSAL if exc.status in (400, 401, 403) else Action.IMAGE_RETRIEVE
+        refused = exc.status in (400, 401, 403, 405) or exc.status >= 500
+        action = Action.REFUSAL if refused and exc.status != 503 else Action.IMAGE_RETRIEVE
         outcome = Outcome.MINOR_FAILURE if exc.status == 404 else Outcome.SERIOUS_FAILURE
+        if isinstance(exc, _Failed):
+            action, outcome = Action.REFUSAL, Outcome.MAJOR_FAILURE
         try:
             event = self.audit.event(
                 info,
@@ -331,7 +359,7 @@ class Gateway:
                 continue
             found = values(item, SERIES_INSTANCES)
             count = found[0] if len(found) == 1 else None
-            if isinstance(count, str) and count.strip().isdigit():
+            if isinstance(count, str) and count.strip().isascii() and count.strip().isdigit():
                 count = int(count)
             if not isinstance(count, int) or isinstance(count, bool) or count < 0:
                 raise BadArchiveAnswer("the archive gave a series without its number of instances")
@@ -663,8 +691,9 @@ class Gateway:
         details: dict[str, Any],
         holder: dict[str, MultipartWriter] | None = None,
     ) -> Any:
-        """Take a slot, open the archive, check the first part, then stream; the slot is held
-        until the last byte is sent or the transfer ends otherwise."""
+        """Take a slot, open the archive, check the first part, record the transfer's begin,
+        then stream and record how it ended; the slot is held until the last byte is sent or
+        the transfer ends otherwise."""
         await self.slots.acquire(rank_of(grant.priority, grant.purpose_of_use))
         started = time.monotonic()
         released = False
@@ -691,6 +720,22 @@ class Gateway:
             raise
         answer_writer = writer or (holder or {}).get("writer")
         assert answer_writer is not None
+        try:
+            # Before the first byte leaves: a transfer cut short by a crash of this process
+            # still leaves its trace (the end record would never be written).
+            await self.audit.record(
+                self.audit.event(
+                    info,
+                    Action.IMAGE_TRANSFER_BEGIN,
+                    grant,
+                    studies=(target.study or "",),
+                    details=details,
+                )
+            )
+        except BaseException:
+            release()
+            await chunks.aclose()  # type: ignore[attr-defined]
+            raise
 
         async def all_chunks() -> AsyncIterator[Chunk]:
             try:
@@ -736,6 +781,15 @@ class Gateway:
             on_end=finish,
             headers={"X-Request-ID": info.request_id},
         )
+
+
+class _Failed(GatewayError):
+    """The gateway itself failed (a bug): 500, audited, the traceback in the log only."""
+
+    status = 500
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"internal error; quote request id {request_id} to the operator")
 
 
 class _BrokenBeforeStart(GatewayError):
@@ -867,9 +921,36 @@ def build_gateway_app(
         lifespan=lifespan,
     )
     app.state.gateway = gateway
-
-    async def endpoint(request: Request) -> Any:
-        return await gateway.handle(request, request.path_params["rest"])
-
-    app.router.add_route(f"{root}/{{rest:path}}", endpoint, methods=["GET"])
+    document = json.dumps(gateway_openapi(public_base)).encode("utf-8")
+    # Every method and every path reaches the gateway's own handler, so that each refusal is
+    # a DICOMweb status with its audit record, never the framework's own unaudited 404 or 405:
+    # one catch-all route of every method below the root (an ASGI endpoint, not a function,
+    # takes them all; its template names requests in metrics), and the same handler for
+    # anything no route matches (a path outside the root, or with a newline in it).
+    endpoint = _Endpoint(gateway, root, document)
+    app.router.routes.append(Route(f"{root}/{{rest:path}}", endpoint))
+    app.router.default = endpoint
     return app
+
+
+class _Endpoint:
+    """The ASGI endpoint of every request of a gateway: the OpenAPI document (public: it names
+    no study and no patient), or the gateway's handler."""
+
+    def __init__(self, gateway: Gateway, root: str, document: bytes) -> None:
+        self.gateway = gateway
+        self.root = root
+        self.document = document
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # lifespan is the app's; nothing else is served
+            return
+        request = Request(scope, receive)
+        path = request.url.path
+        if path == f"{self.root}/openapi.json" and request.method in ("GET", "HEAD"):
+            await Response(self.document, media_type="application/json")(scope, receive, send)
+            return
+        prefix = f"{self.root}/"
+        rest = path[len(prefix) :] if path.startswith(prefix) else None
+        response = await self.gateway.handle(request, rest)
+        await response(scope, receive, send)

@@ -5,14 +5,16 @@
 | --- | --- | --- |
 | QIDO-RS search | ``list-query`` | the query, the studies in the answer |
 | WADO-RS metadata | ``image-retrieve`` | instances described, bytes sent |
-| WADO-RS retrieve, frames, bulk | ``image-retrieve`` | instances, bytes and SOP UIDs sent |
+| WADO-RS retrieve, frames, bulk | ``image-transfer-begin`` | what is asked, before the first byte |
+| ... when it ends | ``image-retrieve`` | instances, bytes and SOP UIDs sent, how it ended |
 | refused request | ``refusal`` | why, the token's id once its signature verified |
 
 Each record names the token's ``jti``, the health professional, the requesting country, the
 patient, purpose and priority, and the request id (``X-Request-ID`` when the caller sends one,
 so B's retriever and A's gateway share it). Records are written off the event loop. A record
 that cannot be written fails a search or metadata answer (never answer unaudited); a transfer
-is recorded when it ends, with what was actually sent.
+is recorded before its first byte (so a crash mid-transfer still leaves a trace) and when it
+ends, with what was actually sent.
 """
 
 from __future__ import annotations
@@ -41,7 +43,11 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
 def request_id_of(headers: Mapping[str, str]) -> str:
     """The caller's ``X-Request-ID`` when it is a plausible id, else a new one."""
     given = headers.get("x-request-id", "")
-    return given if _REQUEST_ID.match(given) else str(uuid.uuid4())
+    return given if _REQUEST_ID.match(given) else new_request_id()
+
+
+def new_request_id() -> str:
+    return str(uuid.uuid4())
 
 
 @dataclass(frozen=True, slots=True)

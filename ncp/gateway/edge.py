@@ -77,7 +77,7 @@ def run_edge(
     import asyncio
 
     from ncp.audit.record import install_log_filter
-    from ncp.gateway.server import TlsFiles, imaging_server
+    from ncp.gateway.server import TlsFiles, imaging_server, protocol_refusals
     from ncp.ops.health import Check, Readiness, archive_probe, database_probe
     from ncp.ops.logs import LogFormat, configure_logging
     from ncp.ops.metrics import Metrics
@@ -95,7 +95,16 @@ def run_edge(
     host, port = settings.listen.host, edge_port(settings)
     observed = ObservedApp(app, listener="edge", metrics=metrics)
     edge = NamedServer(
-        "edge", imaging_server(observed, host=host, port=port, tls=tls, log_level=log_level)
+        "edge",
+        imaging_server(
+            observed,
+            host=host,
+            port=port,
+            tls=tls,
+            log_level=log_level,
+            limits=settings.http,
+            on_refusal=protocol_refusals(app),
+        ),
     )
     timeout = settings.ops.check_timeout_s
     readiness = Readiness(
@@ -113,6 +122,7 @@ def run_edge(
             host=settings.listen.ops_host,
             port=settings.listen.ops_port,
             log_level=log_level,
+            limits=settings.http,
         )
     if log_format is not None:
         configure_logging(cast(LogFormat, log_format), log_level)

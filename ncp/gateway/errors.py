@@ -55,6 +55,15 @@ class NotFound(GatewayError):
     status = 404
 
 
+class MethodNotAllowed(GatewayError):
+    """A method other than GET or HEAD (405 with ``Allow``)."""
+
+    status = 405
+
+    def __init__(self, message: str, *, jti: str | None = None) -> None:
+        super().__init__(message, headers={"Allow": "GET, HEAD"}, jti=jti)
+
+
 class NotAcceptable(GatewayError):
     """No representation the caller accepts can be served (406)."""
 

@@ -28,6 +28,7 @@ TRUNCATED_WARNING = (
 )
 _TAG = re.compile(r"[0-9A-Fa-f]{8}\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_MAX_STARS = 8
 Matcher = Callable[[list[Any]], bool]
 
 
@@ -88,7 +89,8 @@ def parse_query(params: Sequence[tuple[str, str]]) -> Query:
             for name in filter(None, (v.strip() for v in value.split(","))):
                 query.include.add("all" if name == "all" else tag_of(name))
         elif key in ("limit", "offset"):
-            if not value.isdigit() or len(value) > 9:
+            # isascii: "²".isdigit() and "①".isdigit() are true, and int() refuses them.
+            if not (value.isascii() and value.isdigit()) or len(value) > 9:
                 raise BadRequest(f"{key} must be a non-negative integer")
             if key == "limit":
                 query.limit = min(int(value), MAX_LIMIT)
@@ -130,6 +132,9 @@ def _any_of(uids: frozenset[str]) -> Matcher:
 
 
 def _single(value: str) -> Matcher:
+    if value.count("*") > _MAX_STARS:
+        # Each '*' is a '.*' to backtrack over: a few hundred would hold the loop for minutes.
+        raise BadRequest(f"at most {_MAX_STARS} '*' wildcards in a matching value")
     if "*" in value or "?" in value:
         pattern = re.compile(
             "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in value),

@@ -718,7 +718,8 @@ def _parse_head(head: bytes) -> tuple[int, str, list[tuple[str, str]]]:
     status_line, *header_lines = head.decode("latin-1").split("\r\n")
     version, _, rest = status_line.partition(" ")
     code, _, reason = rest.partition(" ")
-    if not version.startswith("HTTP/1.") or not code.isdigit() or len(code) != 3:
+    valid_code = len(code) == 3 and code.isascii() and code.isdigit()
+    if not version.startswith("HTTP/1.") or not valid_code:
         raise ArchiveUnavailable("archive answered something that is not HTTP/1.x")
     headers: list[tuple[str, str]] = []
     for line in header_lines:

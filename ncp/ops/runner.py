@@ -32,9 +32,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from ncp.config import HttpSection
 from ncp.ops.health import Readiness, ops_app
 from ncp.ops.metrics import Metrics
+from ncp.security.http_limits import guarded, uvicorn_options
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +71,30 @@ class NamedWorker:
 
 
 def ops_server(
-    readiness: Readiness, metrics: Metrics | None, *, host: str, port: int, log_level: str
+    readiness: Readiness,
+    metrics: Metrics | None,
+    *,
+    host: str,
+    port: int,
+    log_level: str,
+    limits: HttpSection | None = None,
 ) -> NamedServer:
     """The operations listener: plain HTTP, /healthz, /readyz and /metrics (decision record
-    "operations listener"), unobserved (probes are not requests to count)."""
+    "operations listener"), unobserved (probes are not requests to count); its connections
+    held to ``limits`` (``[http]``) like every listener's."""
+    limits = limits or HttpSection()
     config = uvicorn.Config(
         ops_app(readiness, metrics),
         host=host,
         port=port,
+        http=guarded(H11Protocol, limits),
         ws="none",
         lifespan="off",
         proxy_headers=False,
         server_header=False,
         access_log=False,
         log_level=log_level,
+        **uvicorn_options(limits),
     )
     return NamedServer("ops", uvicorn.Server(config))
 

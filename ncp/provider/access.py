@@ -28,6 +28,7 @@ from ncp.audit.models import Action, AuditRecord, Side
 from ncp.dicom.uids import is_uid
 from ncp.fhir.http import FhirHttpError
 from ncp.fhir.identifiers import issuer_of
+from ncp.fhir.parameters import parameters_of
 from ncp.node import Node
 from ncp.security.claims import (
     IMAGE_ACCESS,
@@ -62,7 +63,8 @@ class Issued:
 
 
 class StudyRefused(FhirHttpError):
-    """A study asked for is not in the index or not the confirmed patient's (403)."""
+    """A study asked for is not in the index or not the confirmed patient's (403, one answer
+    for both; ``rule`` tells them apart in the audit record)."""
 
     def __init__(self, diagnostics: str, rule: str) -> None:
         super().__init__(403, "forbidden", diagnostics, expression="Parameters.parameter")
@@ -71,15 +73,10 @@ class StudyRefused(FhirHttpError):
 
 def parse_parameters(body: dict[str, Any]) -> AccessRequest:
     """The request in the operation's Parameters: ``study`` 1..*, ``option``, ``purpose``,
-    ``priority`` 0..1 (see the OperationDefinition)."""
-    if body.get("resourceType") != "Parameters":
-        raise FhirHttpError(
-            400, "invalid", "$imaging-access takes a Parameters resource", expression="resourceType"
-        )
+    ``priority`` 0..1 (see the OperationDefinition). Any other shape of JSON is a 400."""
     studies: list[str] = []
     single: dict[str, str] = {}
-    for i, param in enumerate(body.get("parameter") or []):
-        name, where = param.get("name"), f"Parameters.parameter[{i}]"
+    for name, where, param in parameters_of(body, "$imaging-access"):
         if name == "study":
             uid = param.get("valueString")
             if not isinstance(uid, str) or not is_uid(uid):
@@ -141,13 +138,13 @@ def check_studies(session: Session, context: RequestContext, studies: tuple[str,
     wanted = (patient.value, issuer_of(patient.system))
     for uid in studies:
         owner = owners.get(uid)
-        if owner is None:
-            raise StudyRefused(f"study {uid} is not known to this node", "UnknownStudy")
-        if owner != wanted:
+        if owner is None or owner != wanted:
+            # One answer for both: telling "unknown" from "someone else's" would let a peer
+            # learn which study UIDs exist here (the audit record keeps the rule).
             raise StudyRefused(
-                f"study {uid} is not a study of the patient of the treatment relationship "
+                f"study {uid} is not available for the patient of the treatment relationship "
                 "confirmation",
-                "StudyOfAnotherPatient",
+                "UnknownStudy" if owner is None else "StudyOfAnotherPatient",
             )
 
 

@@ -1,23 +1,27 @@
-"""The standard channel's own routes: ``GET /fhir/metadata``, ``POST /fhir/Patient/$match``,
-``POST /fhir/$imaging-access``. Thin: the rules are in :mod:`ncp.provider.match`,
-:mod:`ncp.provider.access` and :mod:`ncp.provider.capability`; every step is audited
-(:func:`ncp.provider.auditing.audit`, fail closed) before it answers."""
+"""The standard channel's own routes: ``GET /fhir/metadata``, ``GET /fhir/openapi.json``,
+``POST /fhir/Patient/$match``, ``POST /fhir/$imaging-access``. Thin: the rules are in
+:mod:`ncp.provider.match`, :mod:`ncp.provider.access`, :mod:`ncp.provider.capability` and
+:mod:`ncp.provider.openapi`; every step is audited (:func:`ncp.provider.auditing.audit`, fail
+closed) before it answers."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
+from ncp import __version__
 from ncp.audit.models import Action, Outcome
-from ncp.fhir.http import FhirHttpError, fhir_response, read_resource_body
+from ncp.fhir.http import FhirHttpError, fhir_response, read_resource_body, wants_xml
 from ncp.node import node_of
 from ncp.provider import access, match
 from ncp.provider.auditing import audit
-from ncp.provider.auth import HpDep, PatientDep
+from ncp.provider.auth import HpDep, PatientDep, channel_client
 from ncp.provider.capability import capability_statement, routes_of
+from ncp.provider.openapi import standard_openapi
 from ncp.security.pair import RequestContext
 
 MAX_PARAMETERS_BYTES = 64 * 1024
@@ -27,7 +31,7 @@ MAX_PARAMETERS_BYTES = 64 * 1024
 def router() -> APIRouter:
     api = APIRouter()
 
-    @api.get("/fhir/metadata")
+    @api.get("/fhir/metadata", dependencies=[Depends(channel_client)])
     def metadata(request: Request) -> Response:
         node = node_of(request)
         statement = capability_statement(
@@ -39,13 +43,29 @@ def router() -> APIRouter:
         )
         return fhir_response(request, statement)
 
+    @api.get("/fhir/openapi.json", dependencies=[Depends(channel_client)])
+    def openapi(request: Request) -> Response:
+        state = request.app.state
+        if not hasattr(state, "openapi_document"):  # the routes do not change once served
+            node = node_of(request)
+            document = standard_openapi(
+                request.app.routes,
+                base_url=node.base_url,
+                title=f"{node.settings.node.name or 'ncp'}: standard channel",
+                version=__version__,
+            )
+            state.openapi_document = json.dumps(document).encode("utf-8")
+        return Response(state.openapi_document, media_type="application/json")
+
     @api.post("/fhir/Patient/$match")
     async def patient_match(request: Request, ctx: HpDep) -> Response:
+        wants_xml(request)  # an unsupported format is refused before anything is done
         body = await read_resource_body(request, max_bytes=MAX_PARAMETERS_BYTES)
         return await run_in_threadpool(_match, request, ctx, body)
 
     @api.post("/fhir/$imaging-access")
     async def imaging_access(request: Request, ctx: PatientDep) -> Response:
+        wants_xml(request)
         body = await read_resource_body(request, max_bytes=MAX_PARAMETERS_BYTES)
         return await run_in_threadpool(_access, request, ctx, body)
 

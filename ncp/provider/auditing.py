@@ -4,6 +4,10 @@ Routes and the auth dependencies call :func:`audit` with what they know: the ver
 (who asks, from which country, under which assertions), the patient, the studies, the query.
 When the record cannot be written the request ends with a 500 and answers nothing else: a step
 that is not audited did not happen (eHDSI).
+
+:func:`audit_refusal` is the node's hook for :class:`ncp.fhir.handlers.AuditedRefusals`: the
+record of a request answered with an error that no step recorded (a body of the wrong media type,
+an unknown path, an unexpected failure...).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from fastapi import Request
 
 from ncp.audit.models import Action, Outcome, Side
 from ncp.audit.record import AuditError, AuditEvent
-from ncp.fhir.http import FhirHttpError, request_id
+from ncp.fhir.http import FhirHttpError, mark_audited, request_id
 from ncp.fhir.identifiers import issuer_of
 from ncp.node import node_of
 from ncp.security.claims import PatientRef
@@ -87,6 +91,7 @@ def audit(
             **values,
         )
         node_of(request).auditor.record(event)
+        mark_audited(request)
     except AuditError as exc:
         # The message names the step and the request only (AuditError keeps patient data out).
         log.error("request %s not answered: %s", request_id(request), exc)
@@ -96,3 +101,46 @@ def audit(
             f"the {action} step could not be audited, so it was not carried out "
             f"(request {request_id(request)})",
         ) from None
+
+
+_RULES = {
+    400: "InvalidRequest",
+    401: "Unauthenticated",
+    403: "Forbidden",
+    404: "UnknownEndpoint",
+    405: "MethodNotAllowed",
+    406: "NotAcceptable",
+    408: "RequestTimeout",
+    409: "Conflict",
+    413: "TooLarge",
+    415: "UnsupportedMediaType",
+    422: "Unprocessable",
+    429: "TooManyRequests",
+    500: "InternalError",
+    503: "Unavailable",
+}
+
+
+def audit_refusal(request: Request, error: FhirHttpError) -> None:
+    """The ``refusal`` record of a request answered with ``error`` that no step recorded (a
+    serious failure; a major failure for a 5xx), with what the request established of its caller
+    (the verified assertions, or the mutual TLS peer). Raises FhirHttpError 500 when the record
+    cannot be written."""
+    context = getattr(request.state, "auth_context", None)
+    peer = getattr(request.state, "tls_peer", None)
+    fields: dict[str, Any] = {}
+    if context is None and peer is not None:
+        fields["peer_country"] = peer.country
+    audit(
+        request,
+        action=Action.REFUSAL,
+        outcome=Outcome.MAJOR_FAILURE if error.status >= 500 else Outcome.SERIOUS_FAILURE,
+        context=context,
+        reason=error.diagnostics[:2000],
+        details={
+            "rule": _RULES.get(error.status, f"Http{error.status}"),
+            "status": error.status,
+            "code": error.code,
+        },
+        **fields,
+    )

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
@@ -271,11 +271,11 @@ async def national_system(request: Request) -> Peer:
             "this node's own CA",
             rule="MutualTls",
         )
+    if _own_national_system(node, cert):
+        return Peer(country=node.country, standard=node.base_url)
     now = node.clock()
     own = any(issued_by(cert, ca) for ca in node.keystore.ca_certificates)
     valid = cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
-    if own and valid and subject_country(cert) == node.country:
-        return Peer(country=node.country, standard=node.base_url)
     peer = node.trust.peer_for_certificate(cert)
     if peer is not None:
         reason = (
@@ -299,6 +299,28 @@ async def national_system(request: Request) -> Peer:
     )
 
 
+async def channel_client(request: Request) -> Peer:
+    """A caller the standard channel serves at all: a trusted peer (:func:`tls_peer`: a
+    certificate of its CA naming its country, once) or a national system of this node's own
+    country. Anyone else whose certificate passed the handshake (another country's subject
+    under a peer's CA, no country, two countries) is refused 403 and audited: the
+    CapabilityStatement and the OpenAPI document are for callers of this channel only."""
+    node = node_of(request)
+    cert = client_certificate(request.scope)
+    if cert is not None and _own_national_system(node, cert):
+        return Peer(country=node.country, standard=node.base_url)
+    return await _peer(request)
+
+
+def _own_national_system(node: Node, cert: Any) -> bool:
+    now = node.clock()
+    return (
+        any(issued_by(cert, ca) for ca in node.keystore.ca_certificates)
+        and cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
+        and subject_country(cert) == node.country
+    )
+
+
 HpDep = Annotated[HpContext, Depends(hp_context)]
 PatientDep = Annotated[RequestContext, Depends(patient_context)]
 NationalSystemDep = Annotated[Peer, Depends(national_system)]
@@ -311,6 +333,7 @@ __all__ = [
     "HpDep",
     "NationalSystemDep",
     "PatientDep",
+    "channel_client",
     "hp_context",
     "national_system",
     "patient_context",

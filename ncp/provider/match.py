@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 from ncp.fhir.http import FhirHttpError
 from ncp.fhir.identifiers import issuer_of
 from ncp.fhir.listing import patient_resource
+from ncp.fhir.parameters import object_list, optional_text, parameters_of, text_list
 from ncp.provider.describe import describe_patient
 from ncp.store.models import Patient, name_key
 
@@ -85,17 +86,12 @@ class Candidate:
 
 
 def parse_parameters(body: dict[str, Any]) -> MatchQuery:
-    """The query in a Parameters resource (``resource``, ``onlyCertainMatches``, ``count``)."""
-    if body.get("resourceType") != "Parameters":
-        raise FhirHttpError(
-            400, "invalid", "$match takes a Parameters resource", expression="resourceType"
-        )
+    """The query in a Parameters resource (``resource``, ``onlyCertainMatches``, ``count``).
+    Any other shape of JSON is a 400 (:mod:`ncp.fhir.parameters`)."""
     patient: dict[str, Any] | None = None
     only_certain = False
     count: int | None = None
-    for i, param in enumerate(body.get("parameter") or []):
-        name = param.get("name")
-        where = f"Parameters.parameter[{i}]"
+    for name, where, param in parameters_of(body, "$match"):
         if name == "resource":
             patient = param.get("resource")
         elif name == "onlyCertainMatches":
@@ -128,7 +124,7 @@ def parse_parameters(body: dict[str, Any]) -> MatchQuery:
 
 def _query_of(patient: dict[str, Any], only_certain: bool, count: int | None) -> MatchQuery:
     identifiers: list[tuple[str, str]] = []
-    for i, ident in enumerate(patient.get("identifier") or []):
+    for i, ident in enumerate(object_list(patient.get("identifier"), "Patient.identifier")):
         system, value = ident.get("system"), ident.get("value")
         if not isinstance(system, str) or not system or not isinstance(value, str) or not value:
             raise FhirHttpError(
@@ -139,18 +135,17 @@ def _query_of(patient: dict[str, Any], only_certain: bool, count: int | None) ->
                 expression=f"Patient.identifier[{i}]",
             )
         identifiers.append((system, value))
-    names = patient.get("name") or []
+    names = object_list(patient.get("name"), "Patient.name")
     family = given = None
     if names:
-        first = names[0]
-        family = first.get("family") if isinstance(first.get("family"), str) else None
-        givens = first.get("given") or []
-        given = givens[0] if givens and isinstance(givens[0], str) else None
+        family = optional_text(names[0].get("family"), "Patient.name[0].family")
+        givens = text_list(names[0].get("given"), "Patient.name[0].given")
+        given = givens[0] if givens else None
     birth: date | None = None
-    raw_birth = patient.get("birthDate")
+    raw_birth = optional_text(patient.get("birthDate"), "Patient.birthDate")
     if raw_birth is not None:
         try:
-            birth = date.fromisoformat(str(raw_birth))
+            birth = date.fromisoformat(raw_birth)
         except ValueError:
             raise FhirHttpError(
                 400,
@@ -158,7 +153,7 @@ def _query_of(patient: dict[str, Any], only_certain: bool, count: int | None) ->
                 "birthDate must be a full date (YYYY-MM-DD) to match on",
                 expression="Patient.birthDate",
             ) from None
-    gender = patient.get("gender") if isinstance(patient.get("gender"), str) else None
+    gender = optional_text(patient.get("gender"), "Patient.gender")
     if not identifiers and not (family and birth):
         raise FhirHttpError(
             400,

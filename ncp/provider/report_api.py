@@ -47,6 +47,7 @@ from ncp.security.claims import PatientRef
 from ncp.security.pair import RequestContext
 from ncp.security.trust import Peer
 from ncp.store.models import ReportVersion
+from ncp.validation.engine import OverBudget
 
 MAX_REPORT_BYTES = 5 * 1024 * 1024
 """Largest report accepted on ingest: a report bundle is tens of kilobytes; a rendering (PDF in a
@@ -101,12 +102,16 @@ def router() -> APIRouter:
     @api.post("/fhir/Bundle")
     async def ingest(request: Request, system: NationalSystem) -> Response:
         wants_xml(request)
+        heavy = node_of(request).heavy
         try:
-            body = await read_resource_body(request, max_bytes=MAX_REPORT_BYTES)
+            body = await read_resource_body(
+                request, max_bytes=MAX_REPORT_BYTES, offload=heavy.run
+            )
         except FhirHttpError as exc:
             await run_in_threadpool(_audit_ingest, request, Outcome.MINOR_FAILURE, str(exc))
             raise
-        return await run_in_threadpool(_ingest, request, body)
+        # Validating a bundle is CPU-heavy: off the event loop, within the node's budget.
+        return await heavy.run(lambda: _ingest(request, body))
 
     return api
 
@@ -281,6 +286,7 @@ def _ingest(request: Request, body: dict[str, Any]) -> Response:
                 validator=node.validator,
                 validator_lock=node.validator_lock,
                 now=node.clock(),
+                time_budget_s=node.settings.budget.validate_time_s,
             )
             row = result.row
             patient = (row.report.patient_id, row.report.patient_issuer)
@@ -291,6 +297,13 @@ def _ingest(request: Request, body: dict[str, Any]) -> Response:
     except (reports.VersionConflict, reports.PatientConflict) as exc:
         _audit_ingest(request, Outcome.MINOR_FAILURE, str(exc))
         return fhir_response(request, exc.outcome, status=409)
+    except OverBudget:
+        reason = (
+            f"the validation did not finish within the time budget of "
+            f"{node.settings.budget.validate_time_s} s"
+        )
+        _audit_ingest(request, Outcome.MINOR_FAILURE, reason)
+        raise FhirHttpError(413, "too-costly", reason) from None
     _audit_ingest(
         request,
         Outcome.SUCCESS,

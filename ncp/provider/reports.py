@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -133,15 +134,19 @@ def ingest_bundle(
     validator: Validator,
     now: datetime,
     validator_lock: AbstractContextManager[Any] | None = None,
+    time_budget_s: float | None = None,
 ) -> IngestResult:
     """Validate and store one version of a report, in the caller's transaction (flushed, not
     committed). ``now`` (aware, UTC) becomes the version's lastUpdated. ``validator_lock``
-    guards a validator shared between threads.
+    guards a validator shared between threads; ``time_budget_s`` bounds the validation
+    (:class:`ncp.validation.engine.OverBudget` beyond).
 
     Raises :class:`InvalidReport` (before touching the database), :class:`VersionConflict` or
     :class:`PatientConflict`; after any error the caller rolls back its transaction.
     """
-    fields = check_bundle(bundle, validator=validator, validator_lock=validator_lock)
+    fields = check_bundle(
+        bundle, validator=validator, validator_lock=validator_lock, time_budget_s=time_budget_s
+    )
     content = canonical_content(bundle)
     data = content.encode("utf-8")
     digest = hashlib.sha256(data).hexdigest()
@@ -189,11 +194,14 @@ def check_bundle(
     *,
     validator: Validator,
     validator_lock: AbstractContextManager[Any] | None = None,
+    time_budget_s: float | None = None,
 ) -> ReportFields:
     """The column values of a valid report bundle; raises :class:`InvalidReport`. Touches no
     database (the ingest endpoint may check before it opens a transaction)."""
     with validator_lock or nullcontext():
-        issues = validator.validate(bundle, profiles=[REPORT_BUNDLE_PROFILE])
+        # The budget's clock starts once this validation has the validator.
+        deadline = time.monotonic() + time_budget_s if time_budget_s else None
+        issues = validator.validate(bundle, profiles=[REPORT_BUNDLE_PROFILE], deadline=deadline)
     if has_errors(issues):
         errors = [i for i in issues if i.is_error]
         raise InvalidReport(

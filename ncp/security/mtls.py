@@ -41,8 +41,9 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from ncp.config import NodeSettings
+from ncp.config import HttpSection, NodeSettings
 from ncp.errors import NcpError
+from ncp.security.http_limits import guarded, uvicorn_options
 from ncp.security.keystore import KeyStore, subject_country
 from ncp.security.trust import (
     JwksUnavailable,
@@ -68,11 +69,13 @@ _TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
 class RefusalEvent:
     """A caller refused on the standard channel, for the audit trail and the log.
 
-    ``stage`` is ``handshake`` (TLS refused the connection: the application never saw it) or
-    ``request`` (the certificate was valid TLS-wise but identifies no trusted peer).
+    ``stage`` is ``handshake`` (TLS refused the connection: the application never saw it),
+    ``http`` (a request refused below the application: a head too slow or too large, a body
+    stalled, ambiguous framing; :mod:`ncp.security.http_limits`) or ``request`` (the
+    certificate was valid TLS-wise but identifies no trusted peer).
     """
 
-    stage: Literal["handshake", "request"]
+    stage: Literal["handshake", "http", "request"]
     reason: str
     client: str | None
     """The caller's address, ``host:port``."""
@@ -103,7 +106,7 @@ def audit_refusals(auditor: Any, *, side: str = "provider") -> RefusalHook:
                 side=side,
                 request_id=f"tls-{uuid.uuid4()}",
                 outcome=Outcome.SERIOUS_FAILURE,
-                reason=f"mutual TLS ({event.stage}): {event.reason}"[:2000],
+                reason=f"{_LAYER[event.stage]} ({event.stage}): {event.reason}"[:2000],
                 details={
                     k: v
                     for k, v in {
@@ -122,10 +125,14 @@ def audit_refusals(auditor: Any, *, side: str = "provider") -> RefusalHook:
     return record
 
 
+_LAYER = {"handshake": "mutual TLS", "request": "mutual TLS", "http": "HTTP"}
+
+
 def _report(hook: RefusalHook | None, event: RefusalEvent) -> None:
     # No patient data can be in an event: it is decided before any request body is read.
     log.warning(
-        "mutual TLS refused (%s) %s: %s%s",
+        "%s refused (%s) %s: %s%s",
+        _LAYER[event.stage],
         event.stage,
         event.client or "?",
         event.reason,
@@ -270,12 +277,14 @@ class _Gate(asyncio.Protocol):
 
 
 class _MutualTlsProtocol(asyncio.Protocol):
-    """The protocol uvicorn creates per accepted TCP connection: handshake first, then h11."""
+    """The protocol uvicorn creates per accepted TCP connection: handshake first (within
+    ``handshake_timeout``), then h11 (``inner_class``). Also the gateways' TLS
+    (:func:`tls_server_protocol`): uvicorn's own TLS gives a client 60 s to finish a handshake."""
 
     ssl_context: ssl.SSLContext
     on_refusal: RefusalHook | None = None
     handshake_timeout: float = HANDSHAKE_TIMEOUT
-    inner_class: type[_TlsH11Protocol] = _TlsH11Protocol
+    inner_class: type[H11Protocol] = _TlsH11Protocol
     _handshakes: set[asyncio.Task[None]]
 
     def __init__(
@@ -359,17 +368,17 @@ def _ssl_reason(exc: ssl.SSLError) -> str:
     return f"TLS handshake failed: {reason or exc}"
 
 
-def mutual_tls_protocol(
+def tls_server_protocol(
     context: ssl.SSLContext,
+    inner: type[H11Protocol],
     *,
     on_refusal: RefusalHook | None = None,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
-    server_cert_pem: str | None = None,
 ) -> type[asyncio.Protocol]:
-    """A uvicorn ``http`` protocol class serving HTTPS with ``context`` (see the module doc)."""
-    inner = type("TlsH11Protocol", (_TlsH11Protocol,), {"server_cert_pem": server_cert_pem})
+    """A uvicorn ``http`` protocol class that runs the TLS handshake with ``context`` itself,
+    then hands the connection to ``inner``. Handshake failures go to ``on_refusal``."""
     return type(
-        "MutualTlsProtocol",
+        "TlsServerProtocol",
         (_MutualTlsProtocol,),
         {
             "ssl_context": context,
@@ -379,6 +388,38 @@ def mutual_tls_protocol(
             "_handshakes": set(),
         },
     )
+
+
+def mutual_tls_protocol(
+    context: ssl.SSLContext,
+    *,
+    on_refusal: RefusalHook | None = None,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    server_cert_pem: str | None = None,
+    limits: HttpSection | None = None,
+) -> type[asyncio.Protocol]:
+    """A uvicorn ``http`` protocol class serving HTTPS with ``context`` (see the module doc),
+    each connection held to ``limits`` (:mod:`ncp.security.http_limits`; default ``[http]``)."""
+    inner: type[H11Protocol] = type(
+        "TlsH11Protocol", (_TlsH11Protocol,), {"server_cert_pem": server_cert_pem}
+    )
+
+    def http_refusal(status: int, reason: str, client: str | None) -> None:
+        _report(on_refusal, RefusalEvent("http", reason, client, status=status))
+
+    inner = guarded(
+        inner, limits or HttpSection(), render=_outcome_body, on_refusal=http_refusal
+    )
+    return tls_server_protocol(
+        context, inner, on_refusal=on_refusal, handshake_timeout=handshake_timeout
+    )
+
+
+def _outcome_body(status: int, reason: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """A refusal below the application, as the standard channel answers every refusal."""
+    code = {408: "timeout", 431: "too-costly"}.get(status, "structure")
+    body = json.dumps(operation_outcome(reason, code)).encode("utf-8")
+    return [(b"content-type", b"application/fhir+json; charset=utf-8")], body
 
 
 class MutualTlsServer(uvicorn.Server):
@@ -405,16 +446,21 @@ def make_server(
     host: str = "127.0.0.1",
     port: int = 8443,
     on_refusal: RefusalHook | None = None,
-    handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    handshake_timeout: float | None = None,
     server_cert_pem: str | None = None,
     log_level: str = "info",
+    limits: HttpSection | None = None,
 ) -> uvicorn.Server:
-    """A uvicorn server for ``app`` on the standard channel; ``run()`` it, or ``serve(sockets)``."""
+    """A uvicorn server for ``app`` on the standard channel; ``run()`` it, or ``serve(sockets)``.
+    ``limits``: the connection limits (``[http]``); the handshake must end within their
+    ``header_timeout_s`` unless ``handshake_timeout`` says otherwise."""
+    limits = limits or HttpSection()
     protocol = mutual_tls_protocol(
         context,
         on_refusal=on_refusal,
-        handshake_timeout=handshake_timeout,
+        handshake_timeout=handshake_timeout or limits.header_timeout_s,
         server_cert_pem=server_cert_pem,
+        limits=limits,
     )
     config = uvicorn.Config(
         app,
@@ -426,6 +472,7 @@ def make_server(
         proxy_headers=False,
         server_header=False,
         log_level=log_level,
+        **uvicorn_options(limits),
     )
     return MutualTlsServer(config)
 
@@ -460,6 +507,7 @@ def standard_channel(
         on_refusal=on_refusal,
         server_cert_pem=server_pem,
         log_level=log_level,
+        limits=settings.http,
     )
 
 

@@ -505,6 +505,12 @@ def _json_object(raw: bytes, part: str) -> dict[str, Any]:
         raise Malformed(f"{part} is not UTF-8 JSON") from None
     if not isinstance(value, dict):
         raise Malformed(f"{part} is not a JSON object")
+    try:
+        # A lone surrogate ("\\ud800") is valid JSON syntax but not Unicode text: such a claim
+        # could be neither audited nor answered, whoever signed it.
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise Malformed(f"{part} holds a string that is not Unicode text") from None
     return value
 
 

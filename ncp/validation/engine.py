@@ -35,7 +35,9 @@ from ncp.validation.issues import (
     unique,
 )
 from ncp.validation.linkage import linkage_issues
-from ncp.validation.walk import Job, ResourceScope, Run, Walker
+from ncp.validation.walk import Job, OverBudget, ResourceScope, Run, Walker
+
+__all__ = ["OverBudget", "UnknownProfile", "Validator", "clear_cache"]
 
 
 class UnknownProfile(LookupError):
@@ -78,15 +80,26 @@ class Validator:
 
     # -- validation -------------------------------------------------------------------------
 
-    def validate(self, resource: dict[str, Any], *, profiles: Sequence[str] = ()) -> list[Issue]:
-        """Every issue found in the resource (never stops at the first, never raises).
+    def validate(
+        self,
+        resource: dict[str, Any],
+        *,
+        profiles: Sequence[str] = (),
+        deadline: float | None = None,
+    ) -> list[Issue]:
+        """Every issue found in the resource (never stops at the first, never raises but
+        :class:`OverBudget`).
 
         ``profiles`` are checked in addition to those the resource claims in ``meta.profile``;
         each applies to the resource, or to the resources inside it, of the profile's type.
+        ``deadline`` (``time.monotonic()``): a request's time budget; past it the validation
+        stops with :class:`OverBudget` (checked as elements are walked).
         """
-        run = Run()
+        run = Run(deadline=deadline)
         try:
             self._validate(resource, profiles, run)
+        except OverBudget:
+            raise
         except Exception as exc:  # a validator bug must become an issue, not a traceback
             run.issues.append(
                 Issue(
@@ -139,6 +152,7 @@ class Validator:
         done: set[tuple[int, int, str]] = set()
         while run.jobs or run.demands:
             while run.jobs:
+                run.check_budget()
                 self._resource(run.jobs.pop(0), forced_by_type, run)
             while run.demands:
                 owner, entry, url, _where = run.demands.pop(0)

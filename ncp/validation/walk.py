@@ -13,9 +13,11 @@ with its own profiles.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ncp.errors import NcpError
 from ncp.fhir.io import is_resource_type
 from ncp.validation import profile_rules, structure
 from ncp.validation.bundle import BundleIndex, reference_issue
@@ -42,6 +44,10 @@ class ResourceScope:
     scope: Scope
     bundle: BundleIndex | None = None
     entry: int | None = None
+
+
+class OverBudget(NcpError):
+    """A validation ran past the deadline its caller gave (a request's time budget)."""
 
 
 @dataclass(slots=True)
@@ -71,6 +77,15 @@ class Run:
     """(id of the bundle, entry index, profile URL) already checked: a demand for one of them
     is met."""
     indexes: dict[int, BundleIndex] = field(default_factory=dict)
+    deadline: float | None = None
+    """``time.monotonic()`` by which the validation must end (:class:`OverBudget` after)."""
+    steps: int = 0
+
+    def check_budget(self) -> None:
+        """Raise :class:`OverBudget` once the deadline passed (looked at every 256 steps)."""
+        self.steps += 1
+        if self.deadline is not None and not self.steps & 0xFF and time.monotonic() > self.deadline:
+            raise OverBudget("the validation did not finish within its time budget")
 
     def bundle_index(self, bundle: dict[str, Any]) -> BundleIndex:
         """The index of a bundle, built once per validation (the run holds the bundle)."""
@@ -106,6 +121,7 @@ class Walker:
         value = item.value
         if value is None:
             return
+        self.run.check_budget()
         issues = self.issues
         primitive = _PRIMITIVE.get(type_code)
         if primitive is None:
