@@ -171,6 +171,7 @@ url = "{portal}"
 
 [retrieval]
 enabled = true               # the workers run in `ncp serve`
+normal_workers = 4           # four pulls at once (bench/pair_load.py drives four)
 retention_days = 7
 
 [retrieval.store]
