@@ -412,8 +412,9 @@ def test_archive_orthanc_puts_a_local_orthanc_behind_a(tmp_path: Path) -> None:
                         "--json")  # fmt: skip
         assert job["status"] == "stored", job
         pids = [s["pid"] for s in demo["services"]]
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)  # as a service manager stops it
         assert proc.wait(60) == 0, proc.stderr.read() if proc.stderr else ""
         assert all(_gone(pid) and not _group_members(pid) for pid in pids)
+        assert any((data / "orthanc-a" / "storage").iterdir())  # kept for the next start
     finally:
         _stop(proc)
