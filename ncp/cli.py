@@ -50,8 +50,8 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "serve": (
         "ncp.serve",
-        "run the node: the standard channel (FHIR, mutual TLS), the option A gateway and the "
-        "option B viewer",
+        "run the node: the standard channel (FHIR, mutual TLS), the option A gateway, the "
+        "option B viewer, the portal and the retrieval workers its config enables",
     ),
     "ask": (
         "ncp.consumer.command",
@@ -119,7 +119,9 @@ def _parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(metavar="COMMAND")
 
     demo = sub.add_parser(
-        "demo", help="run country A's node and edge gateway on generated data (Ctrl-C stops)"
+        "demo",
+        help="run the A/B pair on generated data: node A, A's edge gateway, node B with its "
+        "portal (Ctrl-C stops)",
     )
     demo.add_argument("--data", type=Path, default=Path("demo-data"), help="demo folder")
     demo.add_argument("--patients", type=int, default=8)
@@ -130,17 +132,31 @@ def _parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         type=int,
         default=8443,
         metavar="N",
-        help="standard channel on N, gateway N+1, edge N+2 (default 8443); 0: free ports",
+        help="A's standard channel on N, its gateway N+1, the edge N+2, A's viewer N+3, B's "
+        "portal N+4, B's standard channel N+5, the operations listeners N+6..N+8 (default "
+        "8443); 0: free ports",
+    )
+    demo.add_argument(
+        "--archive",
+        choices=["folder", "orthanc"],
+        default="folder",
+        help="A's archive: the generated folder (default), or a local Orthanc holding it",
     )
     demo.add_argument(
         "--setup-only",
         action="store_true",
-        help="prepare data, keys, configs and the index, then exit without starting services",
+        help="prepare data, keys, configs, the index and the portal's demo logins, then exit "
+        "without starting services",
     )
     demo.add_argument(
         "--no-browser",
         action="store_true",
-        help="do not open a browser (nothing opens one yet: the portal is later work)",
+        help="do not open the portal in a browser",
+    )
+    demo.add_argument(
+        "--totp",
+        metavar="USER",
+        help="print the current TOTP code of the demo login USER and exit",
     )
     demo.set_defaults(handler=_cmd_demo)
 

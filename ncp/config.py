@@ -371,6 +371,13 @@ class CliHpSection(_Section):
 class RetrievalSection(_Section):
     """Country B's retriever: jobs that pull studies from a peer, verify and store them."""
 
+    enabled: bool = Field(
+        default=False,
+        description="Run the workers of every lane and the retention purge inside `ncp serve` "
+        "(one of its roles). Off: `ncp jobs work` runs them as a process of its own. Every "
+        "replica that enables it takes jobs from the one database; on SIGTERM its running "
+        "jobs are handed back (queued) after the instance each is receiving.",
+    )
     emergency_workers: int = Field(
         default=1,
         ge=1,
@@ -444,7 +451,10 @@ class RetrievalSection(_Section):
         "removes it (audited). 0 keeps studies until removed by hand.",
     )
     purge_every_s: float = Field(
-        default=3600.0, gt=0, description="How often `ncp jobs work` runs the purge job."
+        default=3600.0,
+        gt=0,
+        description="How often the workers (`ncp jobs work`, or `ncp serve` with enabled) run "
+        "the purge job.",
     )
     reconcile: bool = Field(
         default=False,

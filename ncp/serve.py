@@ -20,8 +20,14 @@ The viewer channel (option B) is served on ``listen.viewer_port`` when ``urls.vi
 (``ncp.viewer.launch.build_option_b_app``): HTTPS with the node's server certificate and no
 client certificate (browsers have none); a one-time launch code opens a session.
 
-Each role is a function of :data:`ROLES` that returns its server, or None when the node's
-configuration does not enable it; a new role is one function and one line there. Around them,
+Country B's retrieval workers (``ncp.consumer.service``) run in the same process when
+``[retrieval] enabled``: the lanes' worker threads and the retention purge, started once the
+listeners are up; on SIGTERM the jobs under way are handed back (queued again after the instance
+each is receiving) for another replica or the next start to resume.
+
+Each role is a function of :data:`ROLES` that returns its server (or, for work without a
+listener, its :class:`~ncp.ops.runner.NamedWorker`), or None when the node's configuration does
+not enable it; a new role is one function and one line there. Around them,
 :func:`serve` adds what operators need (docs/operations.md): every role's app observed
 (request ids, latency by route, a log line per request: :mod:`ncp.ops.observe`), the metrics of
 the audit trail and the database, the operations listener (``listen.ops_port``: /healthz,
@@ -57,7 +63,7 @@ from ncp.ops.health import Check, Readiness, archive_probe, database_probe, peer
 from ncp.ops.logs import LOG_FORMATS, LogFormat, configure_logging
 from ncp.ops.metrics import Metrics
 from ncp.ops.observe import ObservedApp
-from ncp.ops.runner import NamedServer, ops_server, run_servers
+from ncp.ops.runner import NamedServer, NamedWorker, ops_server, run_servers
 from ncp.security.keys import KeySet
 from ncp.security.mtls import (
     audit_refusals,
@@ -221,9 +227,9 @@ def _port(listen_port: int, url: str, setting: str) -> int:
 
 # -- the roles ------------------------------------------------------------------------------------
 
-Role = Callable[[Node, str], NamedServer | None]
-"""A role of the node: (node, log level) -> its server, or None when the config does not
-enable it."""
+Role = Callable[[Node, str], NamedServer | NamedWorker | None]
+"""A role of the node: (node, log level) -> its server (or worker), or None when the config does
+not enable it."""
 
 
 def standard_role(node: Node, log_level: str) -> NamedServer | None:
@@ -274,18 +280,37 @@ def portal_role(node: Node, log_level: str) -> NamedServer | None:
     return NamedServer("portal", server)
 
 
+def retrieval_role(node: Node, log_level: str) -> NamedServer | NamedWorker | None:
+    """Country B's retrieval workers (every lane) and the retention purge, when
+    ``[retrieval] enabled``."""
+    if not node.settings.retrieval.enabled:
+        return None
+    from ncp.consumer.service import RetrievalService
+    from ncp.consumer.wiring import default_wiring, retrieval_env
+
+    wiring = default_wiring(node)
+    env = retrieval_env(node, wiring.access)
+    return NamedWorker("retrieval", RetrievalService(env, closing=(env.close, wiring.close)))
+
+
 ROLES: tuple[Role, ...] = (
     standard_role,
     imaging_role,
     viewer_role,
     portal_role,
+    retrieval_role,
 )
 """Every role ``ncp serve`` may run, in start order (one line per role)."""
 
 
+def role_parts(node: Node, log_level: str = "info") -> list[NamedServer | NamedWorker]:
+    """The servers and workers of the roles the node's configuration enables."""
+    return [named for role in ROLES if (named := role(node, log_level)) is not None]
+
+
 def role_servers(node: Node, log_level: str = "info") -> list[NamedServer]:
     """The servers of the roles the node's configuration enables."""
-    return [named for role in ROLES if (named := role(node, log_level)) is not None]
+    return [p for p in role_parts(node, log_level) if isinstance(p, NamedServer)]
 
 
 # -- operations -----------------------------------------------------------------------------------
@@ -349,7 +374,9 @@ def serve(node: Node, *, log_level: str = "info", log_format: LogFormat | None =
     """Run the node's roles and its operations listener until SIGTERM/SIGINT; returns the exit
     code. ``log_format``: set up the process's log (``ncp serve``); None leaves it alone."""
     settings = node.settings
-    servers = role_servers(node, log_level)
+    parts = role_parts(node, log_level)
+    servers = [p for p in parts if isinstance(p, NamedServer)]
+    workers = [p for p in parts if isinstance(p, NamedWorker)]
     metrics = node_metrics(node)
     observe(servers, metrics)
     readiness = node_readiness(node)
@@ -366,7 +393,13 @@ def serve(node: Node, *, log_level: str = "info", log_format: LogFormat | None =
     if log_format is not None:
         configure_logging(log_format, log_level)  # after every server's Config: see ops.logs
     return asyncio.run(
-        run_servers(servers, grace_s=settings.ops.shutdown_grace_s, ops=ops, readiness=readiness)
+        run_servers(
+            servers,
+            grace_s=settings.ops.shutdown_grace_s,
+            ops=ops,
+            readiness=readiness,
+            workers=workers,
+        )
     )
 
 
@@ -374,8 +407,8 @@ def register(subparsers: Any) -> None:
     """Add ``serve`` to the ``ncp`` command's sub-commands."""
     parser = subparsers.add_parser(
         "serve",
-        help="run the node: the standard channel (FHIR, mutual TLS), the option A gateway and the "
-        "option B viewer",
+        help="run the node: the standard channel (FHIR, mutual TLS), the option A gateway, the "
+        "option B viewer, the portal and the retrieval workers its config enables",
     )
     parser.add_argument("--config", required=True, help="the node's TOML file")
     parser.add_argument(

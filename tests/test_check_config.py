@@ -534,3 +534,64 @@ def test_a_later_part_adds_its_demo_only_check(folder: NodeFolder) -> None:
         assert [p.key for p in found(folder)] == ["node.demo"]
     finally:
         checks._EXTRA_CHECKS.remove(demo_accounts)
+
+
+# -- the demo's portal logins -----------------------------------------------------------------
+
+
+def _portal_with_accounts(folder: NodeFolder, *, demo_accounts: bool) -> None:
+    """``folder`` as a node B whose portal serves, its database holding one ordinary account
+    and (with ``demo_accounts``) the demo's logins, made as ``ncp demo`` makes them."""
+    from ncp.demo.accounts import ensure_demo_logins
+    from ncp.portal.accounts import HpProfile, create_account
+    from ncp.store.db import make_engine, migrate, session_factory
+
+    folder.settings["portal"] = {"enabled": True, "url": f"https://{HOST}:9447"}
+    engine = make_engine(f"sqlite:///{folder.root / 'node.db'}")
+    try:
+        migrate(engine)
+        sessions = session_factory(engine)
+        create_account(
+            sessions,
+            HpProfile(
+                username="dr.real",
+                name="Dr. Real",
+                role_code="221",
+                role_display="Medical doctors",
+                organisation="UZ Leuven",
+                organisation_id="urn:oid:2.16.56.1.1.1.1",
+                point_of_care="Radiology",
+                language="nl-BE",
+            ),
+            password="a long real password",
+        )
+        if demo_accounts:
+            ensure_demo_logins(sessions, "demo")
+    finally:
+        engine.dispose()
+
+
+def test_the_demo_logins_stop_a_portal_outside_the_demo(
+    folder: NodeFolder, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _portal_with_accounts(folder, demo_accounts=True)
+    [problem] = found(folder)
+    assert (problem.level, problem.key) == ("error", "portal")
+    assert "demo's portal accounts (anne, luc)" in problem.message
+    assert main(["check-config", "--config", str(folder.config)]) == 1
+    capsys.readouterr()
+    # ncp serve runs the same checks and does not start.
+    assert main(["serve", "--config", str(folder.config)]) == 2
+    assert "demo's portal accounts (anne, luc)" in capsys.readouterr().err
+    # In the demo they are what it is for: a warning says never to deploy it, nothing more.
+    folder.settings["node"]["demo"] = True
+    assert [(p.level, p.key) for p in found(folder)] == [("warning", "node.demo")]
+
+
+def test_a_portal_without_the_demo_logins_passes(folder: NodeFolder) -> None:
+    _portal_with_accounts(folder, demo_accounts=False)
+    assert found(folder) == []
+    # A database not made yet is not created by the check.
+    folder.settings["database"] = {"url": "sqlite:///not-yet.db"}
+    assert found(folder) == []
+    assert not (folder.root / "not-yet.db").exists()

@@ -312,7 +312,14 @@ def test_the_mounted_configs_agree_with_the_compose_file() -> None:
             settings = load_settings(config, environ={})
             listen = settings.listen
             assert _published(service) == {
-                p for p in (listen.standard_port, listen.imaging_port) if p
+                p
+                for p in (
+                    listen.standard_port,
+                    listen.imaging_port,
+                    listen.viewer_port,
+                    listen.portal_port,
+                )
+                if p
             }
             assert listen.ops_port == ops_port and listen.ops_host == "127.0.0.1"
             database = service["environment"]["NCP_DATABASE__URL"]

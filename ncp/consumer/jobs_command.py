@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import signal
 import sys
 import threading
@@ -30,10 +29,11 @@ from typing import TYPE_CHECKING, Any
 
 from ncp.config import NodeSettings, load_settings
 from ncp.consumer.env import RetrievalEnv
-from ncp.consumer.jobs import ENDED, JobError, JobRequest, JobView, Requester, Status
+from ncp.consumer.jobs import JobError, JobRequest, JobView, Requester, Status
 from ncp.consumer.model import PeerAccess
 from ncp.consumer.progress import follow
 from ncp.consumer.purge import purge_expired
+from ncp.consumer.service import RetrievalService
 from ncp.consumer.wiring import PeerWiring, StudyFilters, default_wiring, retrieval_env
 from ncp.consumer.worker import Retriever
 from ncp.errors import ConfigError
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
     from ncp.node import Node
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-log = logging.getLogger(__name__)
 
 WIRING: Callable[[Node], PeerWiring] = default_wiring
 """How the commands reach the peer client (the composition root's default; tests replace it)."""
@@ -333,40 +332,22 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 def cmd_work(args: argparse.Namespace) -> int:
     with _retrieval(args.config) as (_node, env, _):
-        retriever = Retriever(env)
+        service = RetrievalService(env)
         stop = threading.Event()
 
         def on_signal(signum: int, _frame: Any) -> None:
             stop.set()
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        retriever.start()
-        lanes = ", ".join(f"{lane} {n}" for lane, n in retriever.lanes())
-        print(f"ncp jobs work: {retriever.name} running ({lanes})", file=sys.stderr, flush=True)
-        every = env.settings.purge_every_s
-        next_purge = time.monotonic()
+        service.start()
+        print(f"ncp jobs work: {service.describe()}", file=sys.stderr, flush=True)
         try:
             while not stop.is_set():
-                if time.monotonic() >= next_purge:
-                    try:
-                        purge_expired(env)
-                    except Exception:  # the workers go on; the next round tries again
-                        log.exception("the retention purge failed")
-                    next_purge = time.monotonic() + every
-                if args.until_idle and _idle(env):
+                if args.until_idle and service.idle():
                     break
                 stop.wait(min(1.0, env.settings.poll_s))
         finally:
-            retriever.stop()
+            service.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
     return EXIT_OK
-
-
-def _idle(env: RetrievalEnv) -> bool:
-    busy = [
-        j
-        for j in env.jobs.list(statuses=[Status.QUEUED, Status.DOWNLOADING, Status.VERIFYING])
-        if j.status not in ENDED
-    ]
-    return not busy

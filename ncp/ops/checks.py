@@ -11,9 +11,10 @@ that expires within ``ops.certificate_warning_days``, a retired key past its tim
 
 Unsafe settings are refused outside the demo (``node.demo``, written only by ``ncp demo``):
 plain HTTP for a channel, certificates of the test PKI (``ncp keys init``, marked by its CA's
-name: :func:`ncp.security.pki.is_test_issued`) and a CA private key in the keys folder.
-Demo-only conveniences of later parts (the portal's demo accounts) check the same flag and add
-their complaint with :func:`register_check`.
+name: :func:`ncp.security.pki.is_test_issued`) and a CA private key in the keys folder, and
+the demo's portal accounts in the database of a portal that serves (:mod:`ncp.ops.demo_guard`).
+Demo-only conveniences of later parts check the same flag and add their complaint with
+:func:`register_check`.
 
 Exit codes: 0 no error (warnings may be printed), 1 errors found, 2 the file could not be read
 as a node or edge configuration at all.
@@ -49,6 +50,7 @@ from ncp.config import (
     load_settings,
 )
 from ncp.errors import ConfigError, NcpError
+from ncp.ops.demo_guard import check_demo_accounts
 from ncp.security import pki
 from ncp.security.keystore import (
     InvalidJwk,
@@ -210,6 +212,13 @@ def check_node(
                     f"{country} is not on the trust list {settings.trust.list}: this node "
                     "would not know where it is or how to recognise it",
                 )
+    if settings.retrieval.enabled and not settings.consumer.peers:
+        findings.warning(
+            config,
+            "retrieval.enabled",
+            "the retrieval workers run, but [consumer] peers names no peer to pull from",
+        )
+    check_demo_accounts(settings, ctx, findings)
     for extra in _EXTRA_CHECKS:
         extra(settings, ctx, findings)
 

@@ -14,6 +14,11 @@ all at once instead:
 3. The operations listener stops last; the process exits 0. A second signal cuts step 2 short.
 
 If a server cannot start (a port taken), the others are stopped and the exit code is 1.
+
+A role may also be work without a listener (:class:`NamedWorker`: country B's retrieval
+workers). It starts once the servers run and is stopped at step 1 beside them, in a thread of
+its own, with up to ``grace_s`` to hand back what it holds; the operations listener waits for
+it too.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import logging
 import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -44,6 +50,24 @@ class NamedServer:
 
     name: str
     server: uvicorn.Server
+
+
+class Worker(Protocol):
+    """Work a process does besides answering requests, started and stopped with its servers."""
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout: float) -> None:
+        """Stop, handing back what is under way, within about ``timeout`` seconds."""
+        ...
+
+
+@dataclass(frozen=True)
+class NamedWorker:
+    """One worker of a process and its name (in logs)."""
+
+    name: str
+    worker: Worker
 
 
 def ops_server(
@@ -99,12 +123,21 @@ async def run_servers(
     grace_s: float,
     ops: NamedServer | None = None,
     readiness: Readiness | None = None,
+    workers: Sequence[NamedWorker] = (),
 ) -> int:
     """Serve until SIGTERM/SIGINT (graceful, as in the module doc) or a server fails; returns
     the exit code."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     failed = False
+    started: list[NamedWorker] = []
+    stopped_workers: list[asyncio.Future[None]] = []
+
+    def stop_workers() -> None:
+        for part in started:
+            log.info("stopping %s: handing back what it holds", part.name)
+            stopped_workers.append(loop.run_in_executor(None, part.worker.stop, grace_s))
+        started.clear()
 
     def stop_all(reason: str) -> None:
         if stopping.is_set():
@@ -120,6 +153,7 @@ async def run_servers(
             readiness.draining = True
         for named in servers:
             named.server.should_exit = True
+        stop_workers()
 
     for named in [*servers, *([ops] if ops else [])]:
         _quiet(named.server)
@@ -130,6 +164,25 @@ async def run_servers(
     tasks = {asyncio.create_task(_serve(named)): named for named in servers}
     if ops is not None and ops_task is not None:
         tasks[ops_task] = ops
+    if workers:
+        # Workers start once the listeners are up (a port taken stops everything first).
+        while not stopping.is_set() and not all(named.server.started for named in servers):
+            if any(task.done() for task in tasks if task is not ops_task):
+                break
+            await asyncio.sleep(0.05)
+        if not stopping.is_set() and not any(t.done() for t in tasks if t is not ops_task):
+            for part in workers:
+                try:
+                    await loop.run_in_executor(None, part.worker.start)
+                except Exception:
+                    log.exception("%s could not start", part.name)
+                    failed = True
+                    stop_all(f"{part.name} failed")
+                    break
+                started.append(part)
+                if stopping.is_set():
+                    stop_workers()  # a signal came while it was starting
+                    break
     try:
         pending = set(tasks)
         while pending - {ops_task}:
@@ -140,6 +193,13 @@ async def run_servers(
                     stop_all(f"{tasks[task].name} stopped")
                 elif task.result() != EXIT_OK:
                     failed = True
+        stop_workers()  # a server that failed without a signal: the workers stop too
+        for future in stopped_workers:
+            try:
+                await future
+            except Exception:
+                log.exception("a worker did not stop cleanly")
+                failed = True
         if ops is not None and ops_task is not None:
             ops.server.should_exit = True  # last: /readyz said "draining" until now
             if await ops_task != EXIT_OK:

@@ -48,6 +48,7 @@ import pytest
 ENV_REQUIRE = "NCP_REQUIRE_SERVICES"
 TEMPLATE = Path(__file__).with_name("orthanc.json")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+POSTGRESQL_INDEX_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so")
 RUN_AS_USER = "nobody"
 RUN_AS_GROUP = "nogroup"
 START_TIMEOUT = 20.0
@@ -86,8 +87,16 @@ def _traversable_by_others(path: Path) -> bool:
 class OrthancServer:
     """One Orthanc process on loopback. Start with :meth:`start`, stop with :meth:`stop`."""
 
-    def __init__(self, tmpdir: Path, http_port: int, dicom_port: int, tls: bool = False) -> None:
+    def __init__(
+        self,
+        tmpdir: Path,
+        http_port: int,
+        dicom_port: int,
+        tls: bool = False,
+        index_database: str | None = None,
+    ) -> None:
         self.tmpdir = tmpdir
+        self.index_database = index_database
         self.http_port = http_port
         self.dicom_port = dicom_port
         self.tls = tls
@@ -109,9 +118,19 @@ class OrthancServer:
     # -- construction ----------------------------------------------------------------------
 
     @classmethod
-    def start(cls, attempts: int = 3, *, tls: bool = False) -> OrthancServer:
+    def start(
+        cls, attempts: int = 3, *, tls: bool = False, index_database: str | None = None
+    ) -> OrthancServer:
         """Start Orthanc on free ports; retried on fresh ports if it exits during start-up.
-        ``tls``: serve HTTPS (REST and DICOMweb) with a fresh test certificate."""
+        ``tls``: serve HTTPS (REST and DICOMweb) with a fresh test certificate.
+        ``index_database``: keep Orthanc's index in this PostgreSQL database (a SQLAlchemy
+        URL, empty) through Debian's ``orthanc-postgresql`` plugin, as a production archive
+        does; the files stay in the storage folder."""
+        if index_database is not None and not POSTGRESQL_INDEX_PLUGIN.is_file():
+            raise OrthancUnavailable(
+                f"the PostgreSQL index plugin {POSTGRESQL_INDEX_PLUGIN} is missing: "
+                "apt-get install orthanc-postgresql"
+            )
         binary = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/bin")
         if binary is None:
             raise OrthancUnavailable(
@@ -148,7 +167,7 @@ class OrthancServer:
         last: Exception | None = None
         for _ in range(attempts):
             tmpdir = Path(tempfile.mkdtemp(prefix="ncp-orthanc-", dir=base))
-            server = cls(tmpdir, _free_port(), _free_port(), tls=tls)
+            server = cls(tmpdir, _free_port(), _free_port(), tls=tls, index_database=index_database)
             try:
                 server._launch([*runas, binary], owner)
                 return server
@@ -171,6 +190,21 @@ class OrthancServer:
         )
         if self.tls:
             cfg["SslCertificate"] = str(self.server_pem)
+        if self.index_database is not None:
+            from sqlalchemy.engine import make_url
+
+            url = make_url(self.index_database)
+            cfg["Plugins"] = [str(DICOMWEB_PLUGIN), str(POSTGRESQL_INDEX_PLUGIN)]
+            cfg["PostgreSQL"] = {
+                "EnableIndex": True,
+                "EnableStorage": False,
+                "Host": url.host or "127.0.0.1",
+                "Port": url.port or 5432,
+                "Database": url.database,
+                "Username": url.username or "postgres",
+                "Password": url.password or "",
+                "Lock": False,  # several Orthancs may share the index
+            }
         cfg["DicomWeb"] = {
             **cfg.get("DicomWeb", {}),
             "Enable": True,

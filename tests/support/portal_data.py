@@ -124,9 +124,7 @@ def generated_list(cache: Path, *, studies: int = 300, seed: int = 11) -> Genera
                     ],
                 )
                 with sessions() as session:
-                    page = find_page(
-                        session, query, patient=(issuer, pid), zone=zone_of(COUNTRY_A)
-                    )
+                    page = find_page(session, query, patient=(issuer, pid), zone=zone_of(COUNTRY_A))
                     bundle, _fresh = searchset(session, EntryRenderer(settings), page)
                 entries = json.loads(bundle.json()).get("entry", [])
                 out[rtype] += [e["resource"] for e in entries]
