@@ -21,7 +21,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -37,6 +37,10 @@ from ncp.audit.models import (
 )
 from ncp.dicom.uids import is_uid
 from ncp.errors import NcpError
+from ncp.fhir.identifiers import issuer_of
+
+if TYPE_CHECKING:
+    from ncp.security.claims import HpAssertion, PatientRef
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +206,26 @@ class AuditEvent:
         if out["node_country"] is None:
             raise InvalidAuditEvent("node_country is required (Auditor fills it in)")
         return out
+
+
+def hp_fields(hp: HpAssertion) -> dict[str, Any]:
+    """The actor fields of a step a health professional's assertion authorises: the same on
+    both sides of the standard channel (A verifying it, B having signed it)."""
+    return {
+        "actor_id": hp.subject,
+        "actor_name": hp.subject_name,
+        "actor_role": hp.subject_role.code,
+        "actor_organisation": hp.subject_organization,
+        "actor_organisation_id": hp.subject_organization_id,
+        "actor_point_of_care": hp.point_of_care,
+        "actor_country": hp.issuer,
+    }
+
+
+def patient_fields(patient: PatientRef) -> dict[str, str]:
+    """The patient fields of a step that names a patient by A's identifier: its value, and its
+    system as the index keeps issuers (:func:`ncp.fhir.identifiers.issuer_of`)."""
+    return {"patient_id": patient.value, "patient_issuer": issuer_of(patient.system)}
 
 
 def _member(enum_type: Any, value: Any, name: str) -> Any:
