@@ -15,7 +15,7 @@ answer (a step that is not audited did not happen).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,7 +82,7 @@ class PeerStep:
             token_jti=jti,
             query=self.query[:4000] if self.query else None,
             duration_ms=duration_ms,
-            details=_plain(details),
+            details=details,
             **values,
         )
 
@@ -109,7 +109,3 @@ def outcome_of_status(status: int) -> Outcome:
     if status < 500:
         return Outcome.MINOR_FAILURE
     return Outcome.MAJOR_FAILURE
-
-
-def _plain(details: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in details.items()}
