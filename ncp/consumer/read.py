@@ -52,9 +52,9 @@ from ncp.dicom.uids import is_uid
 from ncp.fhir.datatypes import SIZE_BYTES_URL
 from ncp.fhir.identifiers import STUDY_UID_SYSTEM, patient_resource_id
 from ncp.fhir.io import FhirReadError, read_resource
+from ncp.fhir.patient_match import MATCH_GRADE_URL
 from ncp.security.claims import PatientRef
 
-MATCH_GRADE_URL = "http://hl7.org/fhir/StructureDefinition/match-grade"
 MADO_FORMAT_CODE = "urn:ihe:rad:MADO:fhir-manifest"
 """Prefix of IHE MADO's FHIR-manifest format code (the year suffix varies by edition)."""
 REPORT_CATEGORY = "85430-7"
