@@ -50,7 +50,7 @@ from ncp.consumer.results import (
 )
 from ncp.dicom.uids import is_uid
 from ncp.fhir.datatypes import SIZE_BYTES_URL
-from ncp.fhir.identifiers import STUDY_UID_SYSTEM, patient_resource_id
+from ncp.fhir.identifiers import STUDY_UID_SYSTEM, is_fhir_id, patient_resource_id
 from ncp.fhir.io import FhirReadError, read_resource
 from ncp.fhir.patient_match import MATCH_GRADE_URL
 from ncp.security.claims import PatientRef
@@ -85,7 +85,6 @@ _DATE = re.compile(
     r"(?:T(?P<H>\d{2}):(?P<M>\d{2})(?::(?P<S>\d{2})(?:\.(?P<f>\d{1,9}))?)?"
     r"(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?\Z"
 )
-_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}\Z")
 _BLOCKS = ("p", "li", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "td", "th", "dt", "dd")
 _MAX_QUIRKS = 50
 
@@ -379,9 +378,9 @@ def _listed_report(
             version = tail or None
             path = head
         bundle_id = path.rpartition("/")[2]
-        if _FHIR_ID.match(bundle_id):
+        if is_fhir_id(bundle_id):
             report_id = bundle_id
-    if not report_id or not _FHIR_ID.match(report_id):
+    if not report_id or not is_fhir_id(report_id):
         raise notes.refuse(f"{where}: a report entry without a usable id")
     if len(related.study_uids) > 1:
         notes.note(f"{where}: a report about {len(related.study_uids)} studies: the first kept")

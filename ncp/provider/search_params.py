@@ -30,7 +30,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Literal
 
 from ncp.errors import NcpError
-from ncp.fhir.identifiers import issuer_of, patient_resource_id, patient_system
+from ncp.fhir.identifiers import is_fhir_id, issuer_of, patient_resource_id, patient_system
 
 ResourceType = Literal["DocumentReference", "ImagingStudy"]
 RESOURCE_TYPES: tuple[ResourceType, ...] = ("DocumentReference", "ImagingStudy")
@@ -120,7 +120,6 @@ DATE_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb")
 DatePrefix = Literal["eq", "ne", "gt", "lt", "ge", "le", "sa", "eb"]
 SortColumn = Literal["date", "modality", "title"]
 
-_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}\Z")
 _DATE = re.compile(
     r"(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})"
     r"(?:T(?P<H>\d{2}):(?P<M>\d{2})(?::(?P<S>\d{2})(?:\.(?P<f>\d{1,9}))?)?"
@@ -493,7 +492,7 @@ def _token(name: str, raw: str) -> Token:
 
 def _related(name: str, value: str) -> Token:
     target = value.removeprefix("ImagingStudy/")
-    if target == value or not _FHIR_ID.match(target):
+    if target == value or not is_fhir_id(target):
         raise SearchError(name, "must be ImagingStudy/<id>")
     return Token(None, target)
 
@@ -501,7 +500,7 @@ def _related(name: str, value: str) -> Token:
 def _patient_id(name: str, raw: str) -> PatientTarget:
     value = _unescape(raw)
     target = value.removeprefix("Patient/")
-    if not _FHIR_ID.match(target):
+    if not is_fhir_id(target):
         raise SearchError(name, "must be Patient/<id> or <id> (a FHIR id)")
     return PatientTarget(resource_id=target)
 
