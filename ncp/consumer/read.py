@@ -49,7 +49,7 @@ from ncp.consumer.results import (
     ReportSection,
 )
 from ncp.dicom.uids import is_uid
-from ncp.fhir.datatypes import SIZE_BYTES_URL
+from ncp.fhir.datatypes import DATE_TIME, SIZE_BYTES_URL, first_moment
 from ncp.fhir.identifiers import STUDY_UID_SYSTEM, is_fhir_id, patient_resource_id
 from ncp.fhir.io import FhirReadError, read_resource
 from ncp.fhir.patient_match import MATCH_GRADE_URL
@@ -80,11 +80,6 @@ _GRADES: dict[str, Grade] = {
     "possible": "possible",
     "possible-match": "possible",
 }
-_DATE = re.compile(
-    r"(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})"
-    r"(?:T(?P<H>\d{2}):(?P<M>\d{2})(?::(?P<S>\d{2})(?:\.(?P<f>\d{1,9}))?)?"
-    r"(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?\Z"
-)
 _BLOCKS = ("p", "li", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "td", "th", "dt", "dd")
 _MAX_QUIRKS = 50
 
@@ -889,7 +884,7 @@ def _moment(value: Any, notes: Notes, where: str) -> datetime | None:
     date is its first moment); None, noted, when unreadable."""
     if value is None:
         return None
-    match = _DATE.match(value) if isinstance(value, str) else None
+    match = DATE_TIME.match(value) if isinstance(value, str) else None
     if match is None:
         notes.note(f"{where}: {str(value)[:40]!r} is not a FHIR date")
         return None
@@ -901,16 +896,7 @@ def _moment(value: Any, notes: Notes, where: str) -> datetime | None:
         sign = -1 if g["tz"][0] == "-" else 1
         zone = timezone(sign * timedelta(hours=int(g["tz"][1:3]), minutes=int(g["tz"][4:6])))
     try:
-        return datetime(
-            int(g["y"]),
-            int(g["m"] or 1),
-            int(g["d"] or 1),
-            int(g["H"] or 0),
-            int(g["M"] or 0),
-            int(g["S"] or 0),
-            int((g["f"] or "0").ljust(6, "0")[:6]),
-            tzinfo=zone,
-        )
+        return first_moment(match, zone)
     except ValueError:
         notes.note(f"{where}: {value!r} is not a valid date")
         return None
