@@ -19,6 +19,7 @@ import logging
 import math
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _COUNTRY = re.compile(r"[A-Z]{2}")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
 _MAX_INT = 2**63 - 1
 
 INTERACTIONS = frozenset(
@@ -206,6 +208,24 @@ class AuditEvent:
         if out["node_country"] is None:
             raise InvalidAuditEvent("node_country is required (Auditor fills it in)")
         return out
+
+
+def request_id_of(headers: Mapping[str, str]) -> str:
+    """The correlation id of a request to the gateway or the viewer: the caller's
+    ``X-Request-ID`` when it is a plausible id (so B's records and A's share it), else a new
+    one."""
+    given = headers.get("x-request-id", "")
+    return given if _REQUEST_ID.match(given) else new_request_id()
+
+
+def new_request_id() -> str:
+    return str(uuid.uuid4())
+
+
+def printable(text: str) -> str:
+    """A path or query as sent, as a record's details keep it: printable ASCII, the rest
+    ``?``, at most 1000 characters."""
+    return "".join(c if 0x20 <= ord(c) < 0x7F else "?" for c in text[:1000])
 
 
 def hp_fields(hp: HpAssertion) -> dict[str, Any]:
