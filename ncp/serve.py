@@ -107,21 +107,28 @@ def standard_server(
     )
 
 
+def own_keys(node: Node) -> Callable[[str], KeySet | None]:
+    """The keys that verify the image access tokens the node itself issued (the gateway's and
+    the viewer's): the node's published signing keys for its own country, None for any other
+    issuer."""
+
+    def keys(issuer: str) -> KeySet | None:
+        # Resolved per token, so a rotated signing key is accepted as soon as it signs.
+        return node.keystore.published_keys() if issuer == node.country else None
+
+    return keys
+
+
 def gateway_app(node: Node) -> Any | None:
     """The option A DICOMweb gateway app, or None when the node publishes no ``urls.imaging``."""
     settings = node.settings
     if not settings.urls.imaging:
         return None
-
-    def own_keys(issuer: str) -> KeySet | None:
-        # Resolved per token, so a rotated signing key is accepted as soon as it signs.
-        return node.keystore.published_keys() if issuer == node.country else None
-
     return build_gateway_app(
         archive=settings.archive,
         public_base=settings.urls.imaging,
         issuer=node.country,
-        keys=own_keys,
+        keys=own_keys(node),
         auditor=node.auditor,
         side=Side.GATEWAY,
         limits=settings.gateway,
@@ -154,15 +161,11 @@ def viewer_app(node: Node) -> Any | None:
     settings = node.settings
     if not settings.urls.viewer:
         return None
-
-    def own_keys(issuer: str) -> KeySet | None:
-        return node.keystore.published_keys() if issuer == node.country else None
-
     return build_option_b_app(
         archive=settings.archive,
         public_base=settings.urls.viewer,
         issuer=node.country,
-        keys=own_keys,
+        keys=own_keys(node),
         replay=node.replay,
         sessions=node.sessions,
         auditor=node.auditor,
