@@ -487,6 +487,16 @@ def wait_port(port: int, timeout: float = 20) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
+def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Stop a bench's servers: every one told to terminate first (they stop together), then
+    each waited for up to 10 s."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(10)
+
+
 def rss_kb(pid: int) -> int:
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -729,11 +739,7 @@ def run(args: argparse.Namespace) -> None:
             }
         print(json.dumps(report, indent=2))
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(10)
+        stop_processes(procs)
         orthanc.stop()
         shutil.rmtree(work, ignore_errors=True)
 

@@ -61,7 +61,13 @@ for entry in (str(ROOT), str(BENCH)):
     if entry not in sys.path:
         sys.path.insert(0, entry)
 
-from byte_path_alternatives import free_port, sampling, upload, wait_port  # noqa: E402
+from byte_path_alternatives import (  # noqa: E402
+    free_port,
+    sampling,
+    stop_processes,
+    upload,
+    wait_port,
+)
 from byte_path_alternatives import make_study as byte_path_study  # noqa: E402
 
 ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
@@ -629,11 +635,7 @@ def run(args: argparse.Namespace) -> None:
             report["unavailable"] = unavailable
         print(json.dumps(report, indent=2))
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(10)
+        stop_processes(procs)
         for server in servers:
             server.stop()
         shutil.rmtree(work, ignore_errors=True)
