@@ -37,7 +37,6 @@ reported with the reason.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -64,6 +63,7 @@ from byte_path_alternatives import (  # noqa: E402
     make_tls,
     qido_p50,
     sampling,
+    stop_processes,
     upload,
     wait_port,
 )
@@ -303,11 +303,7 @@ def run(args: argparse.Namespace) -> None:
             report["unavailable"] = unavailable
         print(json.dumps(report, indent=2))
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(10)
+        stop_processes(procs)
         orthanc.stop()
         if orthanc_tls is not None:
             orthanc_tls.stop()
