@@ -69,7 +69,9 @@ from byte_path_alternatives import (  # noqa: E402
 )
 
 COUNTRY = "AT"
-PATIENT_SYSTEM = "urn:oid:1.2.40.0.10.1.4.3.1"
+PATIENT_ID_ISSUER = "1.2.40.0.10.1.4.3.1"
+"""As ``serve_gateway.py`` configures its archive: the study's Patient ID carries no issuer."""
+PATIENT_SYSTEM = f"urn:oid:{PATIENT_ID_ISSUER}"
 PATIENT_ID = "BENCH-1"
 REFERENCES = ("direct", "direct_tls")
 VARIANTS = (
@@ -97,7 +99,8 @@ def index_study(database: Path, folder: Path) -> None:
 
     engine = make_engine(f"sqlite:///{database}")
     migrate(engine)
-    index_source(session_factory(engine), open_archive(FolderArchive(kind="folder", path=folder)))
+    archive = FolderArchive(kind="folder", path=folder, patient_id_issuer=PATIENT_ID_ISSUER)
+    index_source(session_factory(engine), open_archive(archive))
     engine.dispose()
 
 

@@ -228,6 +228,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: each socket is held until all are bound, since calls of
+    :func:`free_port` one after another may be given the same port again (a process bound
+    two of its listeners to one port that way and died of "address already in use")."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 class Served:
     """An ASGI app on loopback, in a thread, under the server ``ncp serve`` and ``ncp edge``
     run their gateways with (``ncp.gateway.server.imaging_server``): over TLS, or plain HTTP

@@ -330,3 +330,44 @@ def test_ncp_serve_assembles_the_portal_over_https(tmp_path: Path) -> None:
         assert protocol.inner_class.limits == node.settings.http
     finally:
         node.close()
+
+
+def test_thumbnails_forget_ended_sessions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the thumbnail broker holds per portal session goes at logout, and for a session
+    that just stopped once it has been idle for the portal's idle timeout: a long-running
+    portal does not grow with every session it has seen."""
+    from datetime import UTC, datetime
+
+    from ncp.consumer.model import PeerUnreachable
+    from ncp.portal.patients import Confirmed
+    from ncp.portal.thumbnails import FAILURE_TTL_S, Thumbnails
+    from ncp.security.claims import PatientRef
+
+    now = [1000.0]
+    broker = Thumbnails(
+        Any,  # type: ignore[arg-type]  # never asked: the fetch below is replaced
+        lambda peer: ssl.create_default_context(),
+        session_lifetime_s=300,
+        idle_s=900,
+        monotonic=lambda: now[0],
+    )
+
+    def unreachable(*_: Any) -> None:
+        raise PeerUnreachable("A is down", peer="AT")
+
+    monkeypatch.setattr(broker, "_fetch", unreachable)
+    moment = datetime.now(UTC)
+    confirmed = Confirmed("p1", "AT", PatientRef("urn:oid:1.2.3", "42"), "X", "TREAT", True,
+                          "hp", "trc", moment, moment)  # fmt: skip
+    broker.offer("session-1", "p1", ["1.2.3.1", "1.2.3.2"])
+    assert broker.get("session-1", confirmed, "1.2.3.1") is None  # A unreachable: remembered
+    assert broker.held() == (1, 0, 1)
+    now[0] += 60  # the failure is remembered for its time to live
+    broker.offer("session-2", "p1", ["1.2.3.1"])
+    assert broker.held() == (2, 0, 1)
+    now[0] += 900  # session-1 unused for 960 s > 900: ended (and its failure is long stale)
+    assert FAILURE_TTL_S < 900
+    broker.offer("session-2", "p1", ["1.2.3.1"])  # session-2 unused for exactly 900 s: kept
+    assert broker.held() == (1, 0, 0)
+    broker.forget("session-2")  # logout
+    assert broker.held() == (0, 0, 0)

@@ -50,7 +50,7 @@ from ncp.security.claims import PatientRef
 from ncp.security.keystore import KeyStore
 from ncp.store.db import make_engine, session_factory
 from ncp.store.retrieval import RetrievalEvent
-from tests.gateway_support import free_port
+from tests.gateway_support import free_ports
 from tests.support.balancer import Balancer
 from tests.support.node import PeerSide
 from tests.support.orthanc import ENV_REQUIRE, OrthancServer, OrthancUnavailable
@@ -222,11 +222,12 @@ def cluster(
         finally:
             engine.dispose()
         for i in range(2):
-            ports_a = {k: free_port() for k in ("standard", "imaging", "viewer", "ops")}
+            listeners_a = ("standard", "imaging", "viewer", "ops")
+            ports_a = dict(zip(listeners_a, free_ports(4), strict=True))
             replicas.append(
                 _start(f"a{i}", layout.node_a_config, env_a, ports_a, root / f"a{i}.log")
             )
-            ports_b = {k: free_port() for k in ("standard", "portal", "ops")}
+            ports_b = dict(zip(("standard", "portal", "ops"), free_ports(3), strict=True))
             replicas.append(
                 _start(f"b{i}", layout.node_b_config, env_b, ports_b, root / f"b{i}.log")
             )

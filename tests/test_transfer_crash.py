@@ -31,6 +31,7 @@ from tests.gateway_support import (
     Tls,
     bearer,
     free_port,
+    free_ports,
     patient_instance,
     token,
     write_jwks,
@@ -139,7 +140,7 @@ def _node(root: Path) -> Served:
             }
         )
     )
-    standard, imaging = free_port(), free_port()
+    standard, imaging = free_ports(2)
     base = f"https://localhost:{imaging}/dicomweb"
     (root / "node.toml").write_text(
         f"""

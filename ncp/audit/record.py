@@ -19,9 +19,10 @@ import logging
 import math
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -37,10 +38,15 @@ from ncp.audit.models import (
 )
 from ncp.dicom.uids import is_uid
 from ncp.errors import NcpError
+from ncp.fhir.identifiers import issuer_of
+
+if TYPE_CHECKING:
+    from ncp.security.claims import HpAssertion, PatientRef
 
 log = logging.getLogger(__name__)
 
 _COUNTRY = re.compile(r"[A-Z]{2}")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
 _MAX_INT = 2**63 - 1
 
 INTERACTIONS = frozenset(
@@ -202,6 +208,44 @@ class AuditEvent:
         if out["node_country"] is None:
             raise InvalidAuditEvent("node_country is required (Auditor fills it in)")
         return out
+
+
+def request_id_of(headers: Mapping[str, str]) -> str:
+    """The correlation id of a request to the gateway or the viewer: the caller's
+    ``X-Request-ID`` when it is a plausible id (so B's records and A's share it), else a new
+    one."""
+    given = headers.get("x-request-id", "")
+    return given if _REQUEST_ID.match(given) else new_request_id()
+
+
+def new_request_id() -> str:
+    return str(uuid.uuid4())
+
+
+def printable(text: str) -> str:
+    """A path or query as sent, as a record's details keep it: printable ASCII, the rest
+    ``?``, at most 1000 characters."""
+    return "".join(c if 0x20 <= ord(c) < 0x7F else "?" for c in text[:1000])
+
+
+def hp_fields(hp: HpAssertion) -> dict[str, Any]:
+    """The actor fields of a step a health professional's assertion authorises: the same on
+    both sides of the standard channel (A verifying it, B having signed it)."""
+    return {
+        "actor_id": hp.subject,
+        "actor_name": hp.subject_name,
+        "actor_role": hp.subject_role.code,
+        "actor_organisation": hp.subject_organization,
+        "actor_organisation_id": hp.subject_organization_id,
+        "actor_point_of_care": hp.point_of_care,
+        "actor_country": hp.issuer,
+    }
+
+
+def patient_fields(patient: PatientRef) -> dict[str, str]:
+    """The patient fields of a step that names a patient by A's identifier: its value, and its
+    system as the index keeps issuers (:func:`ncp.fhir.identifiers.issuer_of`)."""
+    return {"patient_id": patient.value, "patient_issuer": issuer_of(patient.system)}
 
 
 def _member(enum_type: Any, value: Any, name: str) -> Any:

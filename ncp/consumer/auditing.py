@@ -15,13 +15,12 @@ answer (a step that is not audited did not happen).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ncp.audit.models import Action, Outcome, Side
-from ncp.audit.record import AuditEvent, Auditor
-from ncp.fhir.identifiers import issuer_of
+from ncp.audit.record import AuditEvent, Auditor, hp_fields, patient_fields
 from ncp.security.claims import HpAssertion, PatientRef, Trc
 
 _COUNTRY = re.compile(r"[A-Z]{2}")
@@ -51,15 +50,7 @@ class PeerStep:
         policies: list[str] = []
         if self.hp is not None:
             hp = self.hp
-            values.update(
-                actor_id=hp.subject,
-                actor_name=hp.subject_name,
-                actor_role=hp.subject_role.code,
-                actor_organisation=hp.subject_organization,
-                actor_organisation_id=hp.subject_organization_id,
-                actor_point_of_care=hp.point_of_care,
-                actor_country=hp.issuer,
-            )
+            values.update(hp_fields(hp))
             policies.append(hp.audit_policy)
             if hp.authentication_context is not None:
                 self.details.setdefault("acr", hp.authentication_context)
@@ -69,7 +60,7 @@ class PeerStep:
             policies.append(self.trc.audit_policy)
             patient = patient or self.trc.patient
         if patient is not None:
-            values.update(patient_id=patient.value, patient_issuer=issuer_of(patient.system))
+            values.update(patient_fields(patient))
         jti = self.token_jti or (self.trc.jti if self.trc else self.hp.jti if self.hp else None)
         details = {**self.details}
         country = self.peer if _COUNTRY.fullmatch(self.peer) else None
@@ -91,7 +82,7 @@ class PeerStep:
             token_jti=jti,
             query=self.query[:4000] if self.query else None,
             duration_ms=duration_ms,
-            details=_plain(details),
+            details=details,
             **values,
         )
 
@@ -118,7 +109,3 @@ def outcome_of_status(status: int) -> Outcome:
     if status < 500:
         return Outcome.MINOR_FAILURE
     return Outcome.MAJOR_FAILURE
-
-
-def _plain(details: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in details.items()}

@@ -22,7 +22,6 @@ The client implements :class:`~ncp.consumer.model.PeerAccess` (``manifests``,
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 import uuid
@@ -85,6 +84,7 @@ from ncp.consumer.results import (
 )
 from ncp.errors import ConfigError
 from ncp.fhir.http import JSON_TYPE, REQUEST_ID_HEADER, XML_TYPE, valid_request_id
+from ncp.fhir.identifiers import is_fhir_id
 from ncp.fhir.io import to_json, to_xml
 from ncp.security.claims import (
     HP_ASSERTION,
@@ -111,7 +111,6 @@ if TYPE_CHECKING:
 
 Format = Literal["json", "xml"]
 TRC_HEADER = "NCP-Treatment-Relationship"
-_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}\Z")
 _MIME = {"json": JSON_TYPE, "xml": XML_TYPE}
 T = TypeVar("T")
 _EntryReader = Callable[[Sequence[tuple[int, Mapping[str, Any]]], PeerContext, Notes], list[Any]]
@@ -860,7 +859,7 @@ def _manifests(
 
 
 def _check_id(name: str, value: str) -> None:
-    if not isinstance(value, str) or not _FHIR_ID.match(value):
+    if not isinstance(value, str) or not is_fhir_id(value):
         raise ValueError(f"{name} {value!r} is not a FHIR id")
 
 

@@ -49,12 +49,12 @@ from ncp.consumer.results import (
     ReportSection,
 )
 from ncp.dicom.uids import is_uid
-from ncp.fhir.datatypes import SIZE_BYTES_URL
-from ncp.fhir.identifiers import STUDY_UID_SYSTEM, patient_resource_id
+from ncp.fhir.datatypes import DATE_TIME, SIZE_BYTES_URL, first_moment
+from ncp.fhir.identifiers import STUDY_UID_SYSTEM, is_fhir_id, patient_resource_id
 from ncp.fhir.io import FhirReadError, read_resource
+from ncp.fhir.patient_match import MATCH_GRADE_URL
 from ncp.security.claims import PatientRef
 
-MATCH_GRADE_URL = "http://hl7.org/fhir/StructureDefinition/match-grade"
 MADO_FORMAT_CODE = "urn:ihe:rad:MADO:fhir-manifest"
 """Prefix of IHE MADO's FHIR-manifest format code (the year suffix varies by edition)."""
 REPORT_CATEGORY = "85430-7"
@@ -82,12 +82,6 @@ _GRADES: dict[str, Grade] = {
     "possible": "possible",
     "possible-match": "possible",
 }
-_DATE = re.compile(
-    r"(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})"
-    r"(?:T(?P<H>\d{2}):(?P<M>\d{2})(?::(?P<S>\d{2})(?:\.(?P<f>\d{1,9}))?)?"
-    r"(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?\Z"
-)
-_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}\Z")
 _BLOCKS = ("p", "li", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "td", "th", "dt", "dd")
 _MAX_QUIRKS = 50
 
@@ -381,9 +375,9 @@ def _listed_report(
             version = tail or None
             path = head
         bundle_id = path.rpartition("/")[2]
-        if _FHIR_ID.match(bundle_id):
+        if is_fhir_id(bundle_id):
             report_id = bundle_id
-    if not report_id or not _FHIR_ID.match(report_id):
+    if not report_id or not is_fhir_id(report_id):
         raise notes.refuse(f"{where}: a report entry without a usable id")
     if len(related.study_uids) > 1:
         notes.note(f"{where}: a report about {len(related.study_uids)} studies: the first kept")
@@ -912,7 +906,7 @@ def _moment(value: Any, notes: Notes, where: str) -> datetime | None:
     date is its first moment); None, noted, when unreadable."""
     if value is None:
         return None
-    match = _DATE.match(value) if isinstance(value, str) else None
+    match = DATE_TIME.match(value) if isinstance(value, str) else None
     if match is None:
         notes.note(f"{where}: {str(value)[:40]!r} is not a FHIR date")
         return None
@@ -924,16 +918,7 @@ def _moment(value: Any, notes: Notes, where: str) -> datetime | None:
         sign = -1 if g["tz"][0] == "-" else 1
         zone = timezone(sign * timedelta(hours=int(g["tz"][1:3]), minutes=int(g["tz"][4:6])))
     try:
-        return datetime(
-            int(g["y"]),
-            int(g["m"] or 1),
-            int(g["d"] or 1),
-            int(g["H"] or 0),
-            int(g["M"] or 0),
-            int(g["S"] or 0),
-            int((g["f"] or "0").ljust(6, "0")[:6]),
-            tzinfo=zone,
-        )
+        return first_moment(match, zone)
     except ValueError:
         notes.note(f"{where}: {value!r} is not a valid date")
         return None

@@ -15,6 +15,7 @@ from datetime import date, datetime
 from typing import Any, Literal
 
 from ncp.consumer.model import StudyManifest
+from ncp.fhir.patient_match import query_text
 from ncp.security.claims import PatientRef
 
 Grade = Literal["certain", "probable", "possible"]
@@ -42,22 +43,18 @@ class PatientQuery:
     count: int | None = None
 
     def text(self) -> str:
-        """The query as B's audit record keeps it (the audit table may hold patient data)."""
-        parts = []
-        if self.identifier is not None:
-            parts.append(f"identifier={self.identifier.system}|{self.identifier.value}")
-        for name, value in (
-            ("family", self.family),
-            ("given", self.given),
-            ("birthdate", self.birth_date.isoformat() if self.birth_date else None),
-            ("gender", self.gender),
-        ):
-            if value is not None:
-                parts.append(f"{name}={value}")
-        parts.append(f"onlyCertainMatches={str(self.only_certain).lower()}")
-        if self.count is not None:
-            parts.append(f"count={self.count}")
-        return "&".join(parts)
+        """The query as B's audit record keeps it, as A's does
+        (:func:`ncp.fhir.patient_match.query_text`)."""
+        identifier = self.identifier
+        return query_text(
+            () if identifier is None else ((identifier.system, identifier.value),),
+            family=self.family,
+            given=self.given,
+            birth_date=self.birth_date,
+            gender=self.gender,
+            only_certain=self.only_certain,
+            count=self.count,
+        )
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ resources they end up in are checked by the validator in the tests.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -194,6 +195,32 @@ def zone_name(zone: tzinfo) -> str:
     which zone its UTC values were computed in."""
     key = getattr(zone, "key", None)
     return key if isinstance(key, str) else str(zone)
+
+
+DATE_TIME = re.compile(
+    r"(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})"
+    r"(?:T(?P<H>\d{2}):(?P<M>\d{2})(?::(?P<S>\d{2})(?:\.(?P<f>\d{1,9}))?)?"
+    r"(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?\Z"
+)
+"""A FHIR date, dateTime or instant, whole or partial, its parts in named groups (``y m d H M
+S f tz``): what A's search parameters and B's reader of A's answers accept."""
+
+
+def first_moment(match: re.Match[str], zone: tzinfo | None) -> datetime:
+    """The first moment a :data:`DATE_TIME` match names, in ``zone`` (naive when None): a
+    partial date is its first day, a date without time its midnight. ValueError when there is
+    no such day or time (``2024-02-30``)."""
+    g = match.groupdict()
+    return datetime(
+        int(g["y"]),
+        int(g["m"] or 1),
+        int(g["d"] or 1),
+        int(g["H"] or 0),
+        int(g["M"] or 0),
+        int(g["S"] or 0),
+        int((g["f"] or "0").ljust(6, "0")[:6]),
+        tzinfo=zone,
+    )
 
 
 def utc_moment(value: datetime) -> str:

@@ -9,6 +9,7 @@ goes through these two functions, so the two spellings never meet unconverted.
 from __future__ import annotations
 
 import hashlib
+import re
 
 from ncp.fhir import canonical
 
@@ -17,6 +18,15 @@ STUDY_UID_SYSTEM = "urn:dicom:uid"
 UNQUALIFIED_ACCESSION_SYSTEM = f"{canonical.BASE}/sid/accession-number-unqualified"
 """System of an accession number whose DICOM gives no issuer: it matches an accession number of
 any system with the same value (the order placer's system is simply unknown to the archive)."""
+
+
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+
+
+def is_fhir_id(value: str) -> bool:
+    """Whether ``value`` is a FHIR logical id (R4 ``id``: 1 to 64 of ``A-Z a-z 0-9 - .``), as a
+    resource id in a path or a reference must be."""
+    return _FHIR_ID.fullmatch(value) is not None
 
 
 def is_oid(value: str) -> bool:

@@ -37,13 +37,13 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from ncp.audit.models import Action, Outcome, Side
-from ncp.audit.record import AuditError, Auditor
+from ncp.audit.record import AuditError, Auditor, printable, request_id_of
 from ncp.config import ArchiveSection, DicomwebArchive, FolderArchive, GatewaySection, TokensSection
 from ncp.dicom.mapping import patient_issuer
 from ncp.dicom.uids import is_uid
 from ncp.fhir.identifiers import issuer_of
 from ncp.gateway.access import BearerAuth
-from ncp.gateway.auditing import GatewayAudit, RequestInfo, printable, request_id_of
+from ncp.gateway.auditing import GatewayAudit, RequestInfo
 from ncp.gateway.dicomjson import (
     ISSUER_OF_PATIENT_ID,
     PATIENT_ID,

@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
-import uuid
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from ncp.audit.models import Action, Outcome, Side
-from ncp.audit.record import AuditError, AuditEvent, Auditor
+from ncp.audit.record import AuditError, AuditEvent, Auditor, printable
 from ncp.dicom.uids import is_uid
 from ncp.security.access import AccessGrant
 
@@ -37,17 +35,6 @@ log = logging.getLogger(__name__)
 
 _THREADS = 8
 """Audit writes at once: they queue on the chain's lock anyway."""
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
-
-
-def request_id_of(headers: Mapping[str, str]) -> str:
-    """The caller's ``X-Request-ID`` when it is a plausible id, else a new one."""
-    given = headers.get("x-request-id", "")
-    return given if _REQUEST_ID.match(given) else new_request_id()
-
-
-def new_request_id() -> str:
-    return str(uuid.uuid4())
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +105,3 @@ class GatewayAudit:
             await self.record(event)
         except AuditError:
             log.error("audit record of transfer %s lost", event.request_id)
-
-
-def printable(text: str) -> str:
-    return "".join(c if 0x20 <= ord(c) < 0x7F else "?" for c in text[:1000])

@@ -127,7 +127,8 @@ def protocol_refusals(app: Any) -> ProtocolRefusal | None:
 
     def record(status: int, reason: str, client: str | None) -> None:
         from ncp.audit.models import Action, Outcome
-        from ncp.gateway.auditing import RequestInfo, new_request_id
+        from ncp.audit.record import new_request_id
+        from ncp.gateway.auditing import RequestInfo
 
         info = RequestInfo(request_id=new_request_id(), path="", query="", client=client)
         audit.auditor.record(

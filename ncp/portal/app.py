@@ -274,6 +274,7 @@ def build_portal_app(
             peers,
             lambda peer: client_ssl_context(node.keystore, node.trust.peer(peer).tls_ca),
             session_lifetime_s=node.settings.viewer.session_lifetime_s,
+            idle_s=settings.idle_timeout_s,
         )
     store = SessionStore(node.sessions, settings, now)
     portal = Portal(

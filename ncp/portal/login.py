@@ -453,6 +453,8 @@ def logout(request: Request, csrf_token: str = Form("", max_length=128)) -> Resp
     _check_csrf(view, csrf_token)
     assert view is not None and view.hp is not None
     portal.store.end(view.id_hash)
+    if portal.thumbnails is not None:
+        portal.thumbnails.forget(view.id_hash)
     auditing.record(
         portal.node.auditor,
         request,

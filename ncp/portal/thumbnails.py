@@ -21,6 +21,11 @@ So that thumbnails never slow the list:
 
 A's session lives ``viewer.session_lifetime_s`` at A and never past the HP's pair; a thumbnail
 asked after that opens a new one.
+
+What a portal session holds here goes when it logs out (:meth:`Thumbnails.forget`), and, for a
+session that simply stopped (idle timeout, closed browser), once it has been unused for the
+portal's idle timeout: a session that idle has ended, so nothing grows with the sessions a
+long-running portal has seen.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ class _ViewerSession:
 class _Patient:
     """One confirmed patient of one portal session: its batches and their viewer sessions."""
 
+    used: float
     batches: list[tuple[str, ...]] = field(default_factory=list)
     sessions: dict[int, _ViewerSession] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -85,11 +91,15 @@ class Thumbnails:
         tls: Callable[[str], ssl.SSLContext],
         *,
         session_lifetime_s: float,
+        idle_s: float,
         cache_bytes: int = CACHE_BYTES,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.peers = peers
         self.tls = tls
         self.session_lifetime_s = session_lifetime_s
+        self.idle_s = idle_s
+        self.monotonic = monotonic
         self.cache_bytes = cache_bytes
         self._patients: dict[tuple[str, str], _Patient] = {}
         self._cache: OrderedDict[tuple[str, str, str], Thumbnail] = OrderedDict()
@@ -109,8 +119,11 @@ class Thumbnails:
     def offer(self, session: str, key: str, studies: Sequence[str]) -> None:
         """The studies (in list order) a patient's list offers thumbnails for: the batches."""
         batches = [tuple(studies[i : i + BATCH]) for i in range(0, len(studies), BATCH)]
+        now = self.monotonic()
         with self._lock:
-            entry = self._patients.setdefault((session, key), _Patient())
+            self._drop_idle(now)
+            entry = self._patients.setdefault((session, key), _Patient(used=now))
+            entry.used = now
         with entry.lock:
             if entry.batches != batches:
                 entry.batches = batches
@@ -119,27 +132,47 @@ class Thumbnails:
     def forget(self, session: str) -> None:
         """A portal session ended: its viewer sessions and images go."""
         with self._lock:
-            for patient in [k for k in self._patients if k[0] == session]:
-                del self._patients[patient]
-            for image in [k for k in self._cache if k[0] == session]:
-                self._cached -= len(self._cache.pop(image).body)
-            for failed in [k for k in self._failed if k[0] == session]:
-                del self._failed[failed]
+            self._forget({session})
+
+    def held(self) -> tuple[int, int, int]:
+        """Patients, cached images and remembered failures held now (for tests and metrics)."""
+        with self._lock:
+            return len(self._patients), len(self._cache), len(self._failed)
+
+    def _drop_idle(self, now: float) -> None:
+        """Under ``_lock``: sessions unused for the idle timeout have ended; failures older
+        than their time to live are forgotten."""
+        ended = {k[0] for k, p in self._patients.items() if now - p.used > self.idle_s}
+        if ended:
+            self._forget(ended)
+        for failed in [k for k, t in self._failed.items() if now - t >= FAILURE_TTL_S]:
+            del self._failed[failed]
+
+    def _forget(self, sessions: set[str]) -> None:
+        for patient in [k for k in self._patients if k[0] in sessions]:
+            del self._patients[patient]
+        for image in [k for k in self._cache if k[0] in sessions]:
+            self._cached -= len(self._cache.pop(image).body)
+        for failed in [k for k in self._failed if k[0] in sessions]:
+            del self._failed[failed]
 
     # -- one thumbnail --------------------------------------------------------------------------
 
     def get(self, session: str, confirmed: Confirmed, study: str) -> Thumbnail | None:
         """The study's thumbnail, or None (not offered, A refused, A unreachable)."""
         key = (session, confirmed.key, study)
+        now = self.monotonic()
         with self._lock:
+            entry = self._patients.get((session, confirmed.key))
+            if entry is not None:
+                entry.used = now
             cached = self._cache.get(key)
             if cached is not None:
                 self._cache.move_to_end(key)
                 return cached
             failed = self._failed.get(key)
-            if failed is not None and time.monotonic() - failed < FAILURE_TTL_S:
+            if failed is not None and now - failed < FAILURE_TTL_S:
                 return None
-            entry = self._patients.get((session, confirmed.key))
         if entry is None:
             return None
         batch = next((i for i, b in enumerate(entry.batches) if study in b), None)
@@ -156,7 +189,7 @@ class Thumbnails:
                 found = None
         with self._lock:
             if found is None:
-                self._failed[key] = time.monotonic()
+                self._failed[key] = self.monotonic()
                 return None
             self._cache[key] = found
             self._cached += len(found.body)
@@ -195,7 +228,7 @@ class Thumbnails:
             fresh = (
                 current is not None
                 and not renew
-                and time.monotonic() - current.opened < self.session_lifetime_s - 5
+                and self.monotonic() - current.opened < self.session_lifetime_s - 5
             )
             if fresh and current is not None:
                 return current
@@ -220,7 +253,7 @@ class Thumbnails:
         cookie = answer.headers.get("set-cookie", "").split(";", 1)[0].strip()
         if "=" not in cookie:
             raise ValueError("A's viewer set no session cookie")
-        return _ViewerSession(base, cookie, time.monotonic())
+        return _ViewerSession(base, cookie, self.monotonic())
 
     def _client(self, peer: str) -> httpx.Client:
         with self._lock:

@@ -19,9 +19,8 @@ from typing import TYPE_CHECKING, Any
 from fastapi import Request
 
 from ncp.audit.models import Action, Outcome, Side
-from ncp.audit.record import AuditError, AuditEvent
+from ncp.audit.record import AuditError, AuditEvent, hp_fields, patient_fields
 from ncp.fhir.http import FhirHttpError, mark_audited, request_id
-from ncp.fhir.identifiers import issuer_of
 from ncp.node import node_of
 from ncp.security.claims import PatientRef
 from ncp.security.pair import RequestContext
@@ -56,17 +55,7 @@ def audit(
     details: dict[str, Any] = {"method": request.method, "path": raw_path.decode("latin-1")}
     if context is not None:
         hp = context.hp
-        values.update(
-            actor_id=hp.subject,
-            actor_name=hp.subject_name,
-            actor_role=hp.subject_role.code,
-            actor_organisation=hp.subject_organization,
-            actor_organisation_id=hp.subject_organization_id,
-            actor_point_of_care=hp.point_of_care,
-            actor_country=hp.issuer,
-            peer_country=context.country,
-            token_jti=hp.jti,
-        )
+        values.update(hp_fields(hp), peer_country=context.country, token_jti=hp.jti)
         policies = [hp.audit_policy]
         if isinstance(context, RequestContext):
             values.update(purpose=context.purpose_of_use, token_jti=context.trc.jti)
@@ -75,7 +64,7 @@ def audit(
                 patient = context.patient
         details["policies"] = policies
     if patient is not None:
-        values.update(patient_id=patient.value, patient_issuer=issuer_of(patient.system))
+        values.update(patient_fields(patient))
     details.update(fields.pop("details", None) or {})
     values.update(fields)
     try:

@@ -36,7 +36,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ncp.audit.models import Action, Outcome
 from ncp.fhir.http import FhirHttpError, fhir_json_response, outcome, wants_xml
-from ncp.fhir.identifiers import issuer_of
+from ncp.fhir.identifiers import is_fhir_id, issuer_of
 from ncp.fhir.io import to_json
 from ncp.fhir.manifest import Custodian
 from ncp.node import Node, node_of
@@ -57,8 +57,6 @@ MAX_FORM_BYTES = 64 * 1024
 """Largest form body of ``POST .../_search``; the engine takes at most 64 parameters anyway."""
 FORM_TYPE = "application/x-www-form-urlencoded"
 SEARCH_TYPES = ("DocumentReference", "ImagingStudy")
-FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
-"""The FHIR id grammar: what a resource id in a path must be."""
 _PARAMETER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]*")
 """A search parameter's name, as the OperationOutcome's expression names it."""
 _KEPT_TRANSPORT = ("_format",)
@@ -188,7 +186,7 @@ def read_one(request: Request, ctx: RequestContext, rtype: str, resource_id: str
     node = node_of(request)
     found: bytes | None = None
     studies: list[str] = []
-    known_id = FHIR_ID.fullmatch(resource_id) is not None
+    known_id = is_fhir_id(resource_id)
     if known_id:  # anything else is no id of ours (and is not written into the audit)
         query = parse_search(rtype, [("_id", resource_id), ("_count", "2")])
         with node.sessions() as session:

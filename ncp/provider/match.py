@@ -32,10 +32,10 @@ from ncp.fhir.http import FhirHttpError
 from ncp.fhir.identifiers import issuer_of
 from ncp.fhir.listing import patient_resource
 from ncp.fhir.parameters import object_list, optional_text, parameters_of, text_list
+from ncp.fhir.patient_match import MATCH_GRADE_URL, query_text
 from ncp.provider.describe import describe_patient
 from ncp.store.models import Patient, name_key
 
-MATCH_GRADE_URL = "http://hl7.org/fhir/StructureDefinition/match-grade"
 MAX_CANDIDATES = 20
 """Most candidates returned (and looked at) by demographics, whatever ``count`` asks."""
 _GENDERS = {"M": "male", "F": "female", "O": "other"}
@@ -57,20 +57,16 @@ class MatchQuery:
     count: int | None = None
 
     def text(self) -> str:
-        """The query as the audit record keeps it (the audit table may hold patient data)."""
-        parts = [f"identifier={s}|{v}" for s, v in self.identifiers]
-        for name, value in (
-            ("family", self.family),
-            ("given", self.given),
-            ("birthdate", self.birth_date.isoformat() if self.birth_date else None),
-            ("gender", self.gender),
-        ):
-            if value is not None:
-                parts.append(f"{name}={value}")
-        parts.append(f"onlyCertainMatches={str(self.only_certain).lower()}")
-        if self.count is not None:
-            parts.append(f"count={self.count}")
-        return "&".join(parts)
+        """The query as the audit record keeps it (:func:`ncp.fhir.patient_match.query_text`)."""
+        return query_text(
+            self.identifiers,
+            family=self.family,
+            given=self.given,
+            birth_date=self.birth_date,
+            gender=self.gender,
+            only_certain=self.only_certain,
+            count=self.count,
+        )
 
 
 @dataclass

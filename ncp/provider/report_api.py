@@ -34,14 +34,13 @@ from starlette.concurrency import run_in_threadpool
 
 from ncp.audit.models import Action, Outcome
 from ncp.fhir.http import FhirHttpError, fhir_response, outcome, read_resource_body, wants_xml
-from ncp.fhir.identifiers import issuer_of
+from ncp.fhir.identifiers import is_fhir_id, issuer_of
 from ncp.fhir.mado import is_manifest_bundle_id
 from ncp.node import node_of
 from ncp.provider import reports
 from ncp.provider.auditing import audit
 from ncp.provider.auth import national_system, patient_context
 from ncp.provider.conditional import not_modified
-from ncp.provider.list_api import FHIR_ID
 from ncp.provider.resource_api import read_manifest
 from ncp.security.claims import PatientRef
 from ncp.security.pair import RequestContext
@@ -73,7 +72,7 @@ def router() -> APIRouter:
     def history(request: Request, report_id: str, ctx: Context) -> Response:
         wants_xml(request)  # an unsupported format fails before anything is read or audited
         node = node_of(request)
-        if FHIR_ID.fullmatch(report_id) is None:
+        if not is_fhir_id(report_id):
             _refuse_unknown(request, ctx, "", "history-instance", Outcome.MINOR_FAILURE)
         with node.sessions() as session:
             rows = reports.history(session, report_id)
@@ -104,9 +103,7 @@ def router() -> APIRouter:
         wants_xml(request)
         heavy = node_of(request).heavy
         try:
-            body = await read_resource_body(
-                request, max_bytes=MAX_REPORT_BYTES, offload=heavy.run
-            )
+            body = await read_resource_body(request, max_bytes=MAX_REPORT_BYTES, offload=heavy.run)
         except FhirHttpError as exc:
             await run_in_threadpool(_audit_ingest, request, Outcome.MINOR_FAILURE, str(exc))
             raise
@@ -125,7 +122,7 @@ def _served(
     """The served Bundle of the latest (``version`` None) or given version, audited."""
     wants_xml(request)  # an unsupported format fails before anything is read or audited
     node = node_of(request)
-    if FHIR_ID.fullmatch(report_id) is None:
+    if not is_fhir_id(report_id):
         _refuse_unknown(request, ctx, "", interaction, Outcome.MINOR_FAILURE)
     with node.sessions() as session:
         latest = _check_patient(

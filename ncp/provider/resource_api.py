@@ -19,7 +19,7 @@ from sqlalchemy import select
 
 from ncp.audit.models import Action, Outcome
 from ncp.fhir.http import FhirHttpError, fhir_response, wants_xml
-from ncp.fhir.identifiers import issuer_of, patient_resource_id
+from ncp.fhir.identifiers import is_fhir_id, issuer_of, patient_resource_id
 from ncp.fhir.listing import organization, patient_resource
 from ncp.fhir.mado import mado_bundle, manifest_bundle_id
 from ncp.fhir.manifest import Custodian, ImagingEndpoints
@@ -28,7 +28,6 @@ from ncp.node import node_of
 from ncp.provider.auditing import audit
 from ncp.provider.auth import PatientDep
 from ncp.provider.describe import describe_indexed_study, describe_patient
-from ncp.provider.list_api import FHIR_ID
 from ncp.security.pair import RequestContext
 from ncp.store.models import Patient, Report, ReportVersion, Study
 
@@ -147,7 +146,7 @@ def _audit_read(
         outcome=Outcome.SUCCESS if found else Outcome.MINOR_FAILURE,
         context=ctx,
         studies=studies or [],
-        query=f"_id={resource_id}" if FHIR_ID.fullmatch(resource_id) else None,
+        query=f"_id={resource_id}" if is_fhir_id(resource_id) else None,
         interaction="read",
         reason=None if found else "unknown id for the patient",
         details={"resourceType": rtype},

@@ -30,7 +30,8 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Literal
 
 from ncp.errors import NcpError
-from ncp.fhir.identifiers import issuer_of, patient_resource_id, patient_system
+from ncp.fhir.datatypes import DATE_TIME, first_moment
+from ncp.fhir.identifiers import is_fhir_id, issuer_of, patient_resource_id, patient_system
 
 ResourceType = Literal["DocumentReference", "ImagingStudy"]
 RESOURCE_TYPES: tuple[ResourceType, ...] = ("DocumentReference", "ImagingStudy")
@@ -119,13 +120,6 @@ TRANSPORT_PARAMETERS = frozenset({"_format", "_pretty"})
 DATE_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb")
 DatePrefix = Literal["eq", "ne", "gt", "lt", "ge", "le", "sa", "eb"]
 SortColumn = Literal["date", "modality", "title"]
-
-_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}\Z")
-_DATE = re.compile(
-    r"(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})"
-    r"(?:T(?P<H>\d{2}):(?P<M>\d{2})(?::(?P<S>\d{2})(?:\.(?P<f>\d{1,9}))?)?"
-    r"(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?\Z"
-)
 
 
 class SearchError(NcpError):
@@ -493,7 +487,7 @@ def _token(name: str, raw: str) -> Token:
 
 def _related(name: str, value: str) -> Token:
     target = value.removeprefix("ImagingStudy/")
-    if target == value or not _FHIR_ID.match(target):
+    if target == value or not is_fhir_id(target):
         raise SearchError(name, "must be ImagingStudy/<id>")
     return Token(None, target)
 
@@ -501,7 +495,7 @@ def _related(name: str, value: str) -> Token:
 def _patient_id(name: str, raw: str) -> PatientTarget:
     value = _unescape(raw)
     target = value.removeprefix("Patient/")
-    if not _FHIR_ID.match(target):
+    if not is_fhir_id(target):
         raise SearchError(name, "must be Patient/<id> or <id> (a FHIR id)")
     return PatientTarget(resource_id=target)
 
@@ -521,7 +515,7 @@ def _date(name: str, raw: str) -> DateRange:
         raise SearchError(name, "prefix 'ap' (approximately) not supported", code="not-supported")
     if prefix not in DATE_PREFIXES:
         raise SearchError(name, f"unknown prefix {prefix!r}", code="not-supported")
-    match = _DATE.match(text)
+    match = DATE_TIME.match(text)
     if match is None:
         raise SearchError(name, f"{text!r} is not a FHIR date, dateTime or instant")
     low, high = _date_range(name, match)
@@ -532,17 +526,7 @@ def _date_range(name: str, match: re.Match[str]) -> tuple[datetime, datetime | N
     g = match.groupdict()
     zone = _zone(name, g["tz"]) if g["tz"] else None
     try:
-        year = int(g["y"])
-        low = datetime(
-            year,
-            int(g["m"] or 1),
-            int(g["d"] or 1),
-            int(g["H"] or 0),
-            int(g["M"] or 0),
-            int(g["S"] or 0),
-            int((g["f"] or "0").ljust(6, "0")[:6]),
-            tzinfo=zone,
-        )
+        low = first_moment(match, zone)
     except ValueError as exc:
         raise SearchError(name, f"{match.string!r} is not a valid date ({exc})") from exc
     if g["f"] is not None:
@@ -561,9 +545,9 @@ def _date_range(name: str, match: re.Match[str]) -> tuple[datetime, datetime | N
         except OverflowError:
             return low, None
     if g["m"] is not None:
-        nxt = (year + 1, 1) if low.month == 12 else (year, low.month + 1)
+        nxt = (low.year + 1, 1) if low.month == 12 else (low.year, low.month + 1)
     else:
-        nxt = (year + 1, 1)
+        nxt = (low.year + 1, 1)
     if nxt[0] > 9999:
         return low, None
     return low, low.replace(year=nxt[0], month=nxt[1])

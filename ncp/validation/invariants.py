@@ -78,13 +78,28 @@ def _ext_1(value: Any, scope: Scope) -> bool:
     return bool(value.get("extension")) != has_value
 
 
-def _contained(value: Any) -> list[dict[str, Any]]:
-    found = value.get("contained") if isinstance(value, dict) else None
+def _child(value: Any, key: str) -> Any:
+    """``value.<key>`` of an object; None of anything else (a primitive, a list, a malformed
+    value: the structure check reports those, a constraint does not fail on them)."""
+    return value.get(key) if isinstance(value, dict) else None
+
+
+def _objects(value: Any, key: str) -> list[dict[str, Any]]:
+    """The objects of a repeating element (``contained``, ``entry``); none unless a list."""
+    found = _child(value, key)
     return [c for c in found if isinstance(c, dict)] if isinstance(found, list) else []
 
 
+def _list(value: Any, key: str) -> list[Any]:
+    """The items of an element as a FHIRPath collection: a single value is a list of one."""
+    found = _child(value, key)
+    if found is None:
+        return []
+    return found if isinstance(found, list) else [found]
+
+
 def _dom_2(value: Any, scope: Scope) -> bool:
-    return all(not c.get("contained") for c in _contained(value))
+    return all(not c.get("contained") for c in _objects(value, "contained"))
 
 
 def _strings(node: Any, key: str | None = None) -> list[tuple[str | None, str]]:
@@ -102,7 +117,7 @@ def _strings(node: Any, key: str | None = None) -> list[tuple[str | None, str]]:
 
 
 def _dom_3(value: Any, scope: Scope) -> bool:
-    contained = _contained(value)
+    contained = _objects(value, "contained")
     if not contained:
         return True
     # Every contained resource is referenced ('#id') from elsewhere in the resource, or some
@@ -114,7 +129,7 @@ def _dom_3(value: Any, scope: Scope) -> bool:
 
 
 def _dom_4(value: Any, scope: Scope) -> bool:
-    for c in _contained(value):
+    for c in _objects(value, "contained"):
         meta = c.get("meta") or {}
         if "versionId" in meta or "lastUpdated" in meta:
             return False
@@ -122,19 +137,19 @@ def _dom_4(value: Any, scope: Scope) -> bool:
 
 
 def _dom_5(value: Any, scope: Scope) -> bool:
-    return all(not (c.get("meta") or {}).get("security") for c in _contained(value))
+    return all(not (c.get("meta") or {}).get("security") for c in _objects(value, "contained"))
 
 
 def _dom_6(value: Any, scope: Scope) -> bool:
-    text = value.get("text") if isinstance(value, dict) else None
+    text = _child(value, "text")
     return isinstance(text, dict) and bool(text.get("div"))
 
 
 def _ref_1(value: Any, scope: Scope) -> bool:
-    reference = value.get("reference") if isinstance(value, dict) else None
+    reference = _child(value, "reference")
     if not isinstance(reference, str) or not reference.startswith("#"):
         return True
-    return reference[1:] in {c.get("id") for c in _contained(scope.root_resource)}
+    return reference[1:] in {c.get("id") for c in _objects(scope.root_resource, "contained")}
 
 
 _DATE_TIME = re.compile(
@@ -245,12 +260,11 @@ def _txt_2(value: Any, scope: Scope) -> bool:
 
 
 def _exists(value: Any, key: str) -> bool:
-    found = value.get(key) if isinstance(value, dict) else None
-    return found not in (None, [], {})
+    return _child(value, key) not in (None, [], {})
 
 
 def _type_is(value: Any, *allowed: str) -> bool | None:
-    kind = value.get("type") if isinstance(value, dict) else None
+    kind = _child(value, "type")
     return None if kind is None else kind in allowed
 
 
@@ -263,58 +277,50 @@ def _implies(condition: bool | None, then: bool | None) -> bool | None:
     return True if then is True else None
 
 
-def _entries(value: Any) -> list[dict[str, Any]]:
-    found = value.get("entry") if isinstance(value, dict) else None
-    return [e for e in found if isinstance(e, dict)] if isinstance(found, list) else []
-
-
 def _bdl_1(value: Any, scope: Scope) -> bool:
     return not _exists(value, "total") or bool(_type_is(value, "searchset", "history"))
 
 
 def _bdl_2(value: Any, scope: Scope) -> bool:
-    return not any(_exists(e, "search") for e in _entries(value)) or bool(
+    return not any(_exists(e, "search") for e in _objects(value, "entry")) or bool(
         _type_is(value, "searchset")
     )
 
 
 def _bdl_3(value: Any, scope: Scope) -> bool:
     wanted = _type_is(value, "batch", "transaction", "history")
-    return all(_exists(e, "request") == bool(wanted) for e in _entries(value))
+    return all(_exists(e, "request") == bool(wanted) for e in _objects(value, "entry"))
 
 
 def _bdl_4(value: Any, scope: Scope) -> bool:
     wanted = _type_is(value, "batch-response", "transaction-response", "history")
-    return all(_exists(e, "response") == bool(wanted) for e in _entries(value))
+    return all(_exists(e, "response") == bool(wanted) for e in _objects(value, "entry"))
 
 
 def _bdl_7(value: Any, scope: Scope) -> bool:
     if _type_is(value, "history"):
         return True
     keys = []
-    for e in _entries(value):
+    for e in _objects(value, "entry"):
         if isinstance(e.get("fullUrl"), str):
-            resource = e.get("resource")
-            meta = resource.get("meta") if isinstance(resource, dict) else None
-            version = meta.get("versionId") if isinstance(meta, dict) else None
+            version = _child(_child(e.get("resource"), "meta"), "versionId")
             keys.append(e["fullUrl"] + (version if isinstance(version, str) else ""))
     return len(keys) == len(set(keys))
 
 
 def _bdl_9(value: Any, scope: Scope) -> bool:
-    identifier = value.get("identifier") if isinstance(value, dict) else None
-    identifier = identifier if isinstance(identifier, dict) else {}
+    identifier = _child(value, "identifier")
     ok = _exists(identifier, "system") and _exists(identifier, "value")
     return _implies(_type_is(value, "document"), ok) is not False
 
 
 def _bdl_10(value: Any, scope: Scope) -> bool:
-    timestamp = value.get("timestamp") if isinstance(value, dict) else None
+    timestamp = _child(value, "timestamp")
     return _implies(_type_is(value, "document"), isinstance(timestamp, str)) is not False
 
 
 def _first_is(value: Any, rtype: str) -> bool | None:
-    entries = value.get("entry") if isinstance(value, dict) else None
+    entries = _child(value, "entry")
     if not isinstance(entries, list) or not entries or not isinstance(entries[0], dict):
         return None
     resource = entries[0].get("resource")
@@ -336,7 +342,7 @@ def _bdl_5(value: Any, scope: Scope) -> bool:
 
 
 def _bdl_8(value: Any, scope: Scope) -> bool:
-    full_url = value.get("fullUrl") if isinstance(value, dict) else None
+    full_url = _child(value, "fullUrl")
     return not isinstance(full_url, str) or "/_history/" not in full_url
 
 
@@ -349,7 +355,7 @@ def _cmp_2(value: Any, scope: Scope) -> bool:
 
 
 def _count(value: Any, key: str) -> int:
-    found = value.get(key) if isinstance(value, dict) else None
+    found = _child(value, key)
     if found is None:
         # A primitive with only its extension (``_name``) is still an element that counts.
         return 1 if isinstance(value, dict) and value.get("_" + key) is not None else 0
@@ -372,14 +378,14 @@ _REPORT_STATUSES = frozenset({"preliminary", "final", "amended"})
 
 
 def _ncp_dr_1(value: Any, scope: Scope) -> bool:
-    status = value.get("status") if isinstance(value, dict) else None
+    status = _child(value, "status")
     return status is None or (isinstance(status, str) and status in _REPORT_STATUSES)
 
 
 def _resolved_organizations(bundle: Any, rtype: str, element: str) -> list[dict[str, Any]]:
     """``Bundle.entry.resource.ofType(rtype).<element>.resolve().ofType(Organization)``, where
     a reference resolves to the entry whose fullUrl it names (a document's references do)."""
-    entries = _entries(bundle)
+    entries = _objects(bundle, "entry")
     by_url = {e.get("fullUrl"): e.get("resource") for e in entries}
     found: list[dict[str, Any]] = []
     for entry in entries:
@@ -388,7 +394,7 @@ def _resolved_organizations(bundle: Any, rtype: str, element: str) -> list[dict[
             continue
         refs = resource.get(element)
         for ref in refs if isinstance(refs, list) else []:
-            target = by_url.get(ref.get("reference")) if isinstance(ref, dict) else None
+            target = by_url.get(_child(ref, "reference"))
             if isinstance(target, dict) and target.get("resourceType") == "Organization":
                 found.append(target)
     return found
@@ -410,13 +416,6 @@ _NOTE_URL = "http://hl7.org/fhir/StructureDefinition/note"
 _VERSION_URL = "http://hl7.org/fhir/5.0/StructureDefinition/extension-Composition.version"
 _V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 _VERSION_NUMBER = re.compile(r"[1-9][0-9]{0,8}")
-
-
-def _list(value: Any, key: str) -> list[Any]:
-    found = value.get(key) if isinstance(value, dict) else None
-    if found is None:
-        return []
-    return found if isinstance(found, list) else [found]
 
 
 def _extension_values(value: Any, url: str) -> list[Any]:
@@ -441,8 +440,8 @@ def _accession_in_order_refs(value: Any, scope: Scope) -> bool:
     for ref in _list(value, "basedOn"):
         if not isinstance(ref, dict) or ref.get("type") != "ServiceRequest":
             continue
-        identifier = ref.get("identifier") if isinstance(ref.get("identifier"), dict) else {}
-        types = _list(identifier.get("type"), "coding") if identifier else []
+        identifier = _child(ref, "identifier")
+        types = _list(_child(identifier, "type"), "coding")
         acsn = any(
             isinstance(c, dict) and c.get("system") == _V2_0203 and c.get("code") == "ACSN"
             for c in types

@@ -54,7 +54,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ncp.audit.record import AuditError
+from ncp.audit.record import AuditError, request_id_of
 from ncp.config import ViewerSection
 from ncp.dicom.uids import is_uid
 from ncp.errors import ArchiveError
@@ -80,7 +80,6 @@ log = logging.getLogger(__name__)
 
 DICOM_JSON = "application/dicom+json"
 STATIC = {"viewer.js": "text/javascript; charset=utf-8", "viewer.css": "text/css; charset=utf-8"}
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
 _RENDERED_PARAMS = frozenset({"window", "viewport", "quality", "accept"})
 _THUMBNAIL_PARAMS = frozenset({"viewport", "accept"})
 _QIDO_FILTERS = {
@@ -91,11 +90,6 @@ _QIDO_FILTERS = {
 }
 _QIDO_IGNORED = frozenset({"includefield", "fuzzymatching", "limit", "offset"})
 _TICK_S = 5.0
-
-
-def _request_id(request: Request) -> str:
-    given = request.headers.get("x-request-id", "")
-    return given if _REQUEST_ID.match(given) else str(uuid.uuid4())
 
 
 def _raw_path(scope: Scope) -> str:
@@ -195,7 +189,7 @@ class ViewerApp:
         """The audited answer to a refusal: a page a person can read (``page``) or a short
         text, in the language of the grant (when known) or of the browser; the audit keeps
         the reason in English."""
-        rid = _request_id(request)
+        rid = request_id_of(request.headers)
         language = _language(request, refusal.grant)
         try:
             await self.audit.refused(
@@ -236,7 +230,7 @@ class ViewerApp:
         study: str | None = None,
     ) -> Response:
         """Authorise, run ``work``, and turn every refusal into an audited answer."""
-        rid = _request_id(request)
+        rid = request_id_of(request.headers)
         grant: ViewerGrant | None = None
         try:
             grant = await self.authorise(request)
@@ -325,7 +319,7 @@ class ViewerApp:
         Without a session the page still loads and holds nothing of any study; what it asks
         for next is refused and audited.
         """
-        rid = _request_id(request)
+        rid = request_id_of(request.headers)
         grant: ViewerGrant | None = None
         initial: dict[str, Any] = {}
         with contextlib.suppress(ViewerRefused, ArchiveError):

@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ncp.audit.models import Action, Outcome, Side
-from ncp.audit.record import AuditError, AuditEvent, Auditor
+from ncp.audit.record import AuditError, AuditEvent, Auditor, printable
 from ncp.dicom.uids import is_uid
 from ncp.viewer.access import ViewerGrant
 
@@ -119,7 +119,7 @@ class ViewAudit:
         study: str | None = None,
         jti: str | None = None,
     ) -> None:
-        details: dict[str, Any] = {"status": status, "path": _printable(path)}
+        details: dict[str, Any] = {"status": status, "path": printable(path)}
         if grant is not None:
             details["session"] = grant.session
         event = self.event(
@@ -224,10 +224,6 @@ def _as_dict(event: AuditEvent) -> dict[str, Any]:
     import dataclasses
 
     return {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
-
-
-def _printable(text: str) -> str:
-    return "".join(c if 0x20 <= ord(c) < 0x7F else "?" for c in text[:1000])
 
 
 __all__ = ["Side", "ViewAudit"]

@@ -21,7 +21,6 @@ a malformed request), never a stack trace.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from urllib.parse import quote, urlsplit
@@ -33,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ncp.audit.models import Action, Outcome, Side
-from ncp.audit.record import AuditError, AuditEvent, Auditor
+from ncp.audit.record import AuditError, AuditEvent, Auditor, request_id_of
 from ncp.config import ArchiveSection, ViewerSection
 from ncp.dicom.uids import is_uid
 from ncp.errors import ConfigError
@@ -61,7 +60,6 @@ from ncp.viewer.sessions import (
 
 log = logging.getLogger(__name__)
 
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
 _IID_IGNORED = frozenset(
     {
         "patientName",
@@ -99,8 +97,7 @@ class Launcher:
         self.clock = clock
 
     async def handle(self, request: Request) -> Response:
-        given = request.headers.get("x-request-id", "")
-        rid = given if _REQUEST_ID.match(given) else _new_id()
+        rid = request_id_of(request.headers)
         access: AccessGrant | None = None
         try:
             params = _params(request)
@@ -302,12 +299,6 @@ def _readable(refused: TokenError) -> tuple[str, dict[str, object]]:
 
 def _instant(moment: datetime | None) -> str | None:
     return None if moment is None else moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _new_id() -> str:
-    import uuid
-
-    return str(uuid.uuid4())
 
 
 def build_option_b_app(
