@@ -64,6 +64,8 @@ class Sample:
     ms: float
     status: int
     entries: int
+    error: str = ""
+    """What the client raised when there was no answer (status 0)."""
 
 
 @dataclass
@@ -187,10 +189,12 @@ async def list_load(
                     )
                     body = answer.content
                     status = answer.status_code
-                except httpx.HTTPError:
-                    body, status = b"", 0
+                except httpx.HTTPError as exc:
+                    body, status, error = b"", 0, f"{type(exc).__name__}: {exc}"
+                else:
+                    error = ""
                 ms = (time.perf_counter() - started) * 1000
-                samples.append(Sample(ms, status, patient.studies if body else 0))
+                samples.append(Sample(ms, status, patient.studies if body else 0, error))
 
         await asyncio.gather(*(one_client(n) for n in range(clients)))
     return samples
@@ -343,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             "requests": len(samples),
             "per_second": round(len(samples) / args.duration, 1),
             "statuses": {str(k): v for k, v in statuses.items()},
+            "errors": dict(Counter(s.error[:200] for s in samples if s.error)),
             "all_ms": loaded,
             "small_lists_ms": percentiles(small),
             "big_list_ms": percentiles(big),
