@@ -10,6 +10,7 @@ loaded machine is slower but not 20 times slower.
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 import time
@@ -154,6 +155,12 @@ def test_a_head_of_100_kb_is_431(node: RunningNode, listener: str, arrival: str)
                     break
         answer = _read_until_closed(sock)
     assert _status(answer) == 431, answer[:300]
+    # The head was not read, so the answer names the id its audit record is kept under.
+    found = re.search(rb"\r\nx-request-id: ([0-9a-f-]{36})\r\n", answer.lower())
+    assert found is not None, answer[:300]
+    rid = found[1].decode()
+    records = node.wait_for_audit(lambda r: r.request_id == rid)
+    assert records and records[0].action == "refusal" and records[0].details["status"] == 431
 
 
 @pytest.mark.parametrize("listener", LISTENERS)

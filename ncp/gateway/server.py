@@ -125,12 +125,11 @@ def protocol_refusals(app: Any) -> ProtocolRefusal | None:
         return None
     audit = gateway.audit
 
-    def record(status: int, reason: str, client: str | None) -> None:
+    def record(status: int, reason: str, client: str | None, request_id: str) -> None:
         from ncp.audit.models import Action, Outcome
-        from ncp.audit.record import new_request_id
         from ncp.gateway.auditing import RequestInfo
 
-        info = RequestInfo(request_id=new_request_id(), path="", query="", client=client)
+        info = RequestInfo(request_id=request_id, path="", query="", client=client)
         audit.auditor.record(
             audit.event(
                 info,

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -42,9 +43,11 @@ log = logging.getLogger(__name__)
 
 Render = Callable[[int, str], tuple[list[tuple[bytes, bytes]], bytes]]
 """(status, reason) to the headers (besides framing) and body of a refusal."""
-ProtocolRefusal = Callable[[int, str, str | None], None]
-"""(status, reason, client address): a refusal below the application, for the audit trail.
-Called on a worker thread."""
+ProtocolRefusal = Callable[[int, str, str | None, str], None]
+"""(status, reason, client address, request id): a refusal below the application, for the
+audit trail. Called on a worker thread. The request id is a new one (a head refused here is not
+read, so the caller's ``X-Request-ID`` is unknown) and the answer carries it in its own
+``X-Request-ID``, so that a caller can name the record of its refusal."""
 
 _PHRASES = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
@@ -204,7 +207,7 @@ class _Guard(H11Protocol):
                 cycle.message_event.set()
             if started:
                 self.transport.close()
-                self._report(408, reason)
+                self._report(408, reason, str(uuid.uuid4()))
                 return
             self._refuse(408, reason)
             return
@@ -216,32 +219,38 @@ class _Guard(H11Protocol):
         """Answer ``status`` in the listener's form, close, and report it."""
         self._cancel()
         self._phase = "closed"
+        request_id = str(uuid.uuid4())
         headers, body = self.render(status, reason)
         head = [b"HTTP/1.1 %d %s\r\n" % (status, _PHRASES.get(status, b"Error"))]
         for name, value in [
             *headers,
             (b"content-length", str(len(body)).encode("ascii")),
+            (b"x-request-id", request_id.encode("ascii")),
             (b"connection", b"close"),
         ]:
             head.append(name + b": " + value + b"\r\n")
         if not self.transport.is_closing():
             self.transport.write(b"".join(head) + b"\r\n" + body)
             self.transport.close()
-        self._report(status, reason)
+        self._report(status, reason, request_id)
 
-    def _report(self, status: int, reason: str) -> None:
+    def _report(self, status: int, reason: str, request_id: str) -> None:
         client = f"{self.client[0]}:{self.client[1]}" if self.client else None
         hook = self.on_refusal
         if hook is None:
-            log.warning("HTTP %d for %s: %s", status, client or "?", reason)
+            log.warning("HTTP %d for %s: %s [%s]", status, client or "?", reason, request_id)
         else:
-            task = self.loop.run_in_executor(None, _call, hook, status, reason, client)
+            task = self.loop.run_in_executor(
+                None, _call, hook, status, reason, client, request_id
+            )
             task.add_done_callback(_discard)
 
 
-def _call(hook: ProtocolRefusal, status: int, reason: str, client: str | None) -> None:
+def _call(
+    hook: ProtocolRefusal, status: int, reason: str, client: str | None, request_id: str
+) -> None:
     try:
-        hook(status, reason, client)
+        hook(status, reason, client, request_id)
     except Exception:  # the refusal stands even if recording it failed
         log.exception("on_refusal hook failed")
 

@@ -86,6 +86,9 @@ class RefusalEvent:
     claimed_country: str | None = None
     """Subject C of that certificate: what the caller claims, not what we established."""
     path: str | None = None
+    request_id: str | None = None
+    """The id the refused caller was given (an HTTP-stage refusal answers with it); else the
+    record gets a new one."""
     time: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
@@ -104,7 +107,7 @@ def audit_refusals(auditor: Any, *, side: str = "provider") -> RefusalHook:
             AuditEvent(
                 action=Action.REFUSAL,
                 side=side,
-                request_id=f"tls-{uuid.uuid4()}",
+                request_id=event.request_id or f"tls-{uuid.uuid4()}",
                 outcome=Outcome.SERIOUS_FAILURE,
                 reason=f"{_LAYER[event.stage]} ({event.stage}): {event.reason}"[:2000],
                 details={
@@ -404,8 +407,9 @@ def mutual_tls_protocol(
         "TlsH11Protocol", (_TlsH11Protocol,), {"server_cert_pem": server_cert_pem}
     )
 
-    def http_refusal(status: int, reason: str, client: str | None) -> None:
-        _report(on_refusal, RefusalEvent("http", reason, client, status=status))
+    def http_refusal(status: int, reason: str, client: str | None, request_id: str) -> None:
+        event = RefusalEvent("http", reason, client, status=status, request_id=request_id)
+        _report(on_refusal, event)
 
     inner = guarded(
         inner, limits or HttpSection(), render=_outcome_body, on_refusal=http_refusal
