@@ -341,11 +341,19 @@ class OrthancServer:
         already stored). Raises ``RuntimeError`` naming the file Orthanc refused."""
         count = 0
         for path in paths:
-            r = self.http.post(
-                "/instances",
-                content=Path(path).read_bytes(),
-                headers={"Content-Type": "application/dicom"},
-            )
+            body = Path(path).read_bytes()
+            for attempt in range(3):
+                # Storing a file again is harmless (AlreadyStored): a kept-alive connection
+                # that Orthanc closed just as the request went out is tried again, as a
+                # client of a busy archive does.
+                try:
+                    r = self.http.post(
+                        "/instances", content=body, headers={"Content-Type": "application/dicom"}
+                    )
+                    break
+                except (httpx.RemoteProtocolError, httpx.ReadError):
+                    if attempt == 2:
+                        raise
             if r.status_code != 200:
                 raise RuntimeError(f"Orthanc refused {path}: {r.status_code} {r.text[:500]}")
             status = r.json().get("Status")
