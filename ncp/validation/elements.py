@@ -90,6 +90,9 @@ class ElementNode:
     _required: tuple[ElementNode, ...] | None = None
     at_path: dict[str, ElementNode | None] = field(default_factory=dict)
     """The element at each slicing discriminator path below this one, once looked up."""
+    slice_tests: tuple[Any, ...] | None = None
+    """For a slice: what each discriminator of its sliced element asks of an item (see
+    ``profile_rules``), once worked out."""
 
     def required_children(self) -> tuple[ElementNode, ...]:
         """Children that must be present (min > 0, or a slice with min > 0); computed once."""

@@ -183,18 +183,20 @@ def _type_of(value: Any) -> str | None:
     return None
 
 
-def slice_matches(
-    sliced: ElementNode,
-    candidate: ElementNode,
-    value: Any,
-    resolve: Resolver,
-    profile_type: ProfileType,
-) -> bool:
-    if not sliced.discriminators:
-        return False
+_Test = tuple[str, Any, Any, Any]
+"""One discriminator of one slice, worked out from the definitions: (kind, *what it needs)."""
+
+
+def _slice_tests(
+    sliced: ElementNode, candidate: ElementNode, profile_type: ProfileType
+) -> tuple[_Test, ...]:
+    """What each discriminator asks of an item for ``candidate`` to be its slice; kept on the
+    slice (the same few slices are tried on every item of every resource validated)."""
+    if candidate.slice_tests is not None:
+        return candidate.slice_tests
+    tests: list[_Test] = []
     for disc in sliced.discriminators:
         target = _at(candidate, disc.path)
-        values = _values(value, disc.path, resolve)
         if disc.type in ("value", "pattern"):
             expected = None if target is None else (target.fixed or target.pattern)
             if expected is None and disc.path == "url" and candidate.types:
@@ -202,19 +204,16 @@ def slice_matches(
                 profiles = candidate.types[0].profiles
                 if profiles:
                     expected = ("Uri", profiles[0])
-            if expected is None:
-                return False
-            if not any(matches_pattern(v, expected[1]) for v in values):
-                return False
+            tests.append(
+                ("never", None, None, None)
+                if expected is None
+                else ("pattern", expected[1], None, None)
+            )
+        elif target is None:
+            tests.append(("never", None, None, None))
         elif disc.type == "type":
-            if target is None:
-                return False
-            codes = {t.code for t in target.types}
-            if not any(_type_of(v) in codes for v in values):
-                return False
+            tests.append(("type", frozenset(t.code for t in target.types), None, None))
         elif disc.type == "profile":
-            if target is None:
-                return False
             wanted = _profiles_at(target, disc.path)
             # Another slice's profile the item claims: it belongs there, not here by its type
             # (two slices of one resource type, e.g. MADO's WADO-RS and viewer endpoints).
@@ -224,26 +223,56 @@ def slice_matches(
                 if s is not candidate and (at := _at(s, disc.path)) is not None
                 for p in _profiles_at(at, disc.path)
             } - wanted
-            types = {profile_type(p) for p in wanted}
-            ok = False
-            for v in values:
-                claimed = (
-                    {_canonical(p) for p in (v.get("meta") or {}).get("profile", [])}
-                    if isinstance(v, dict)
-                    else set()
-                )
-                if claimed & wanted or (_type_of(v) in types and not claimed & others):
-                    ok = True
-            if not ok:
-                return False
+            types = frozenset(profile_type(p) for p in wanted)
+            tests.append(("profile", frozenset(wanted), frozenset(others), types))
         elif disc.type == "exists":
-            if target is None:
-                return False
-            if bool(values) != (target.min > 0):
-                return False
+            tests.append(("exists", target.min > 0, None, None))
         else:
-            return False
-    return True
+            tests.append(("never", None, None, None))
+    candidate.slice_tests = done = tuple(tests)
+    return done
+
+
+def _passes(test: _Test, values: list[Any]) -> bool:
+    kind, a, b, c = test
+    if kind == "pattern":
+        return any(matches_pattern(v, a) for v in values)
+    if kind == "type":
+        return any(_type_of(v) in a for v in values)
+    if kind == "profile":
+        for v in values:
+            claimed = (
+                {_canonical(p) for p in (v.get("meta") or {}).get("profile", [])}
+                if isinstance(v, dict)
+                else set()
+            )
+            if claimed & a or (_type_of(v) in c and not claimed & b):
+                return True
+        return False
+    if kind == "exists":
+        return bool(values) is bool(a)
+    return False
+
+
+def slice_matches(
+    sliced: ElementNode,
+    candidate: ElementNode,
+    value: Any,
+    resolve: Resolver,
+    profile_type: ProfileType,
+) -> bool:
+    """Whether an item's value belongs to the slice ``candidate`` of ``sliced``."""
+    values = [_values(value, disc.path, resolve) for disc in sliced.discriminators]
+    return _matches(sliced, candidate, values, profile_type)
+
+
+def _matches(
+    sliced: ElementNode, candidate: ElementNode, values: list[list[Any]], profile_type: ProfileType
+) -> bool:
+    if not sliced.discriminators:
+        return False
+    tests = _slice_tests(sliced, candidate, profile_type)
+    return all(_passes(test, found) for test, found in zip(tests, values, strict=True))
 
 
 def assign_slices(
@@ -259,12 +288,10 @@ def assign_slices(
     out: list[tuple[Item, ElementNode]] = []
     counts = {id(s): 0 for s in sliced.slices}
     for item in items:
+        # The values at each discriminator path, read once per item for every slice tried.
+        values = [_values(item.value, disc.path, resolve) for disc in sliced.discriminators]
         chosen = next(
-            (
-                s
-                for s in sliced.slices
-                if slice_matches(sliced, s, item.value, resolve, profile_type)
-            ),
+            (s for s in sliced.slices if _matches(sliced, s, values, profile_type)),
             None,
         )
         if chosen is None:
