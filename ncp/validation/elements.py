@@ -267,6 +267,7 @@ class Catalogue:
     def __init__(self, definitions: Definitions) -> None:
         self.definitions = definitions
         self._trees: dict[str, Tree | None] = {}
+        self._bases: dict[str, Tree | None] = {}
 
     def tree(self, url: str) -> Tree | None:
         """The tree of a StructureDefinition, or None when it is not held or has no snapshot."""
@@ -281,8 +282,13 @@ class Catalogue:
 
     def base(self, type_code: str) -> Tree | None:
         """The tree of a base resource or datatype."""
+        try:
+            return self._bases[type_code]  # asked at every element of a datatype
+        except KeyError:
+            pass
         url = type_code if "/" in type_code else CORE_SD + type_code
-        return self.tree(url)
+        found = self._bases[type_code] = self.tree(url)
+        return found
 
     def resolve(self, tree: Tree, reference: str) -> ElementNode | None:
         """The element a ``contentReference`` (``#Composition.section``) points to."""

@@ -62,12 +62,18 @@ class Scope:
 
 
 def _ele_1(value: Any, scope: Scope) -> bool:
-    # hasValue() or (children().count() > id.count())
+    # hasValue() or (children().count() > id.count()); met at every element, so written for
+    # speed: no generator, the common primitive first.
+    if isinstance(value, str):
+        return value != ""
     if isinstance(value, dict):
-        return any(key not in ("id", "resourceType", "fhir_comments") for key in value)
+        for key in value:
+            if key != "id" and key != "resourceType" and key != "fhir_comments":
+                return True
+        return False
     if isinstance(value, list):
         return bool(value)
-    return value is not None and value != ""
+    return value is not None
 
 
 def _ext_1(value: Any, scope: Scope) -> bool:
@@ -831,7 +837,11 @@ class Invariants:
 
         ``constraints`` should be an element's own tuple (``ElementNode.constraints``): a tuple
         made per call is prepared each time (use :meth:`check_each` for those)."""
-        self._check(self.prepared(constraints), value, type_path, location, scope, stats, issues)
+        found = self._by_tuple.get(id(constraints))  # prepared(), inlined: called per element
+        done = found[1] if found is not None and found[0] is constraints else None
+        if done is None:
+            done = self.prepared(constraints)
+        self._check(done, value, type_path, location, scope, stats, issues)
 
     def check_each(
         self,

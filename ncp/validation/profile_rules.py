@@ -207,7 +207,7 @@ def _slice_tests(
             tests.append(
                 ("never", None, None, None)
                 if expected is None
-                else ("pattern", expected[1], None, None)
+                else ("pattern", expected[1], _leaves([expected[1]]), None)
             )
         elif target is None:
             tests.append(("never", None, None, None))
@@ -233,10 +233,42 @@ def _slice_tests(
     return done
 
 
-def _passes(test: _Test, values: list[Any]) -> bool:
+def _leaves(values: list[Any]) -> frozenset[Any]:
+    """The scalars anywhere in some values: a value matches a pattern only if it holds every
+    scalar of the pattern (a set test that turns away most slices before the full match)."""
+    found: set[Any] = set()
+    stack = list(values)
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        else:
+            found.add(item)
+    return frozenset(found)
+
+
+class _Found:
+    """The values at one discriminator path of one item, and their scalars once asked for."""
+
+    __slots__ = ("_leaves", "values")
+
+    def __init__(self, values: list[Any]) -> None:
+        self.values = values
+        self._leaves: frozenset[Any] | None = None
+
+    def leaves(self) -> frozenset[Any]:
+        if self._leaves is None:
+            self._leaves = _leaves(self.values)
+        return self._leaves
+
+
+def _passes(test: _Test, found: _Found) -> bool:
     kind, a, b, c = test
+    values = found.values
     if kind == "pattern":
-        return any(matches_pattern(v, a) for v in values)
+        return b <= found.leaves() and any(matches_pattern(v, a) for v in values)
     if kind == "type":
         return any(_type_of(v) in a for v in values)
     if kind == "profile":
@@ -262,17 +294,22 @@ def slice_matches(
     profile_type: ProfileType,
 ) -> bool:
     """Whether an item's value belongs to the slice ``candidate`` of ``sliced``."""
-    values = [_values(value, disc.path, resolve) for disc in sliced.discriminators]
+    values = [_Found(_values(value, disc.path, resolve)) for disc in sliced.discriminators]
     return _matches(sliced, candidate, values, profile_type)
 
 
 def _matches(
-    sliced: ElementNode, candidate: ElementNode, values: list[list[Any]], profile_type: ProfileType
+    sliced: ElementNode, candidate: ElementNode, values: list[_Found], profile_type: ProfileType
 ) -> bool:
     if not sliced.discriminators:
         return False
-    tests = _slice_tests(sliced, candidate, profile_type)
-    return all(_passes(test, found) for test, found in zip(tests, values, strict=True))
+    tests = candidate.slice_tests
+    if tests is None:
+        tests = _slice_tests(sliced, candidate, profile_type)
+    for test, found in zip(tests, values, strict=True):  # noqa: SIM110 - no generator per try
+        if not _passes(test, found):
+            return False
+    return True
 
 
 def assign_slices(
@@ -289,11 +326,12 @@ def assign_slices(
     counts = {id(s): 0 for s in sliced.slices}
     for item in items:
         # The values at each discriminator path, read once per item for every slice tried.
-        values = [_values(item.value, disc.path, resolve) for disc in sliced.discriminators]
-        chosen = next(
-            (s for s in sliced.slices if _matches(sliced, s, values, profile_type)),
-            None,
-        )
+        values = [_Found(_values(item.value, disc.path, resolve)) for disc in sliced.discriminators]
+        chosen = None
+        for s in sliced.slices:
+            if _matches(sliced, s, values, profile_type):
+                chosen = s
+                break
         if chosen is None:
             if sliced.slicing_rules == "closed" and sliced.slices:
                 issues.append(

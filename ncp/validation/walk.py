@@ -33,8 +33,8 @@ _ENTRY = re.compile(r"^\.entry\[(\d+)\]\.resource")
 _PRIMITIVE: dict[str, bool] = {}
 """Whether a type code is primitive, by type code (asked at every element)."""
 _IGNORED_KEYS = frozenset({"resourceType", "fhir_comments"})
-_Seen = tuple[int, int, str, int, str]
-"""(element, tree, type code, value, location): one occurrence walked."""
+_Seen = tuple[int, int, int, str]
+"""(element, tree, value, location): the children of one occurrence walked."""
 _HOLDERS = frozenset({"resource", "contained"})
 """Elements whose location step names the type of the resource they hold (``ofType(X)``)."""
 
@@ -90,10 +90,10 @@ class Run:
     """Per place of a resource (see :meth:`visited_in`), the occurrences already walked."""
 
     def visited_in(self, where: ResourceScope) -> set[_Seen]:
-        """The (element, tree, type, value, location) occurrences walked so far in a resource
-        at one place: a resource checked against two profiles (ours and a guide's) meets the
-        same element of a shared definition (a datatype, an extension) at the same value
-        twice, and its findings would be the same ones again."""
+        """The occurrences whose children were walked so far in a resource at one place: a
+        resource checked against two profiles (ours and a guide's) meets the same element of
+        a shared definition (a datatype, an extension) at the same value twice, and its
+        findings would be the same ones again."""
         key = (
             id(where.resource),
             where.location,
@@ -148,12 +148,6 @@ class Walker:
         value = item.value
         if value is None:
             return
-        # The same element (one object: a datatype's or an extension's definition is shared by
-        # every profile) at the same value and place gives the same findings: walked once.
-        seen = (id(node), id(tree), type_code, id(value), item.location)
-        if seen in self.visited:
-            return
-        self.visited.add(seen)
         run = self.run
         run.steps += 1  # Run.check_budget, inlined: it runs at every element
         if run.deadline is not None and not run.steps & 0xFF and time.monotonic() > run.deadline:
@@ -196,8 +190,9 @@ class Walker:
                 )
         if inner is not tree:
             # A datatype's or an extension's own definition, shared by every profile: two
-            # profiles' elements (their own slices, names and rules) may hold the same value.
-            seen = (id(parent), id(inner), "", id(value), item.location)
+            # profiles' elements (their own slices, names and rules) may hold the same value,
+            # whose children there give the same findings: they are walked once.
+            seen = (id(parent), id(inner), id(value), item.location)
             if seen in self.visited:
                 return
             self.visited.add(seen)
@@ -274,11 +269,13 @@ class Walker:
         # missing): a definition lists tens of children, an instance uses a few.
         kids = parent.children
         present: dict[int, tuple[ElementNode, list[str]]] = {}
+        extended = False  # whether some ``_name`` is there (most objects have none)
         for key in obj:
             name = key
             child = kids.get(key)
             if child is None:
                 if key[:1] == "_":  # ``_valueString``: the extension of ``valueString``
+                    extended = True
                     name = key[1:]
                     child = kids.get(name)
                 if child is None:
@@ -297,7 +294,7 @@ class Walker:
                     profile_rules.cardinality(s, 0, where, issues)
         for child, names in present.values():
             if len(names) == 1:
-                items = self.items(child, names[0], obj, where)
+                items = self.items(child, names[0], obj, where, extended)
             else:
                 issues.append(
                     Issue(
@@ -309,7 +306,9 @@ class Walker:
                     )
                 )
                 items = [
-                    it for json_name in names for it in self.items(child, json_name, obj, where)
+                    it
+                    for json_name in names
+                    for it in self.items(child, json_name, obj, where, extended)
                 ]
             count = len(items)
             if count < child.min or (child.max is not None and count > child.max):
@@ -320,28 +319,31 @@ class Walker:
                 assigned = profile_rules.assign_slices(
                     child, items, where, self.resolve, self.v.profile_type, issues
                 )
-                for it, node in assigned:
-                    self.typed(node, child, tree, it)
             else:
-                for it in items:
-                    self.typed(child, child, tree, it)
-
-    def typed(self, node: ElementNode, child: ElementNode, tree: Tree, it: Item) -> None:
-        """Walk an item of ``child`` (or of its slice ``node``) as the type its name says."""
-        type_code = node.type_of(it.json_name) or child.type_of(it.json_name) or ""
-        if not type_code and child.content_reference:
-            # ``CapabilityStatement.rest.operation`` and the like: no type of their own,
-            # the walk takes the referenced element's children (see ``children``).
-            type_code = "BackboneElement"
-        if not type_code:
-            self.issues.append(structure.unknown_element(it.location, it.json_name))
-            return
-        self.item(node, tree, type_code, it)
+                assigned = [(it, child) for it in items]
+            for it, node in assigned:
+                type_code = node.type_of(it.json_name) or child.type_of(it.json_name) or ""
+                if not type_code and child.content_reference:
+                    # ``CapabilityStatement.rest.operation`` and the like: no type of their own,
+                    # the walk takes the referenced element's children (see ``children``).
+                    type_code = "BackboneElement"
+                if not type_code:
+                    issues.append(structure.unknown_element(it.location, it.json_name))
+                    continue
+                self.item(node, tree, type_code, it)
 
     def items(
-        self, node: ElementNode, json_name: str, obj: dict[str, Any], where: str
+        self,
+        node: ElementNode,
+        json_name: str,
+        obj: dict[str, Any],
+        where: str,
+        extended: bool = True,
     ) -> list[Item]:
-        value, ext = obj.get(json_name), obj.get("_" + json_name)
+        """The occurrences of an element in an object (``extended``: the object may hold
+        ``_name`` keys, the extensions of primitives)."""
+        value = obj.get(json_name)
+        ext = obj.get("_" + json_name) if extended else None
         if not node.array:
             if value is not None and ext is None and not isinstance(value, list):
                 # The common case, first: one value, no extension of it.
