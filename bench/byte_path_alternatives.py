@@ -42,7 +42,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -90,8 +90,17 @@ TLS = (
 # --- the study --------------------------------------------------------------------------------
 
 
-def make_study(folder: Path, instances: int, size: int = 512) -> tuple[str, list[Path]]:
-    """A CT study of ``instances`` 16-bit ``size``x``size`` images written under ``folder``."""
+def make_study(
+    folder: Path,
+    instances: int,
+    size: int = 512,
+    *,
+    series: int = 1,
+    tags: Mapping[str, str] | None = None,
+) -> tuple[str, list[Path]]:
+    """A CT study of ``instances`` 16-bit ``size``x``size`` images written under ``folder``,
+    dealt round ``series`` series; ``tags``: more attributes every instance carries (a
+    bench's patient details)."""
     import numpy as np
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.filewriter import dcmwrite
@@ -102,7 +111,8 @@ def make_study(folder: Path, instances: int, size: int = 512) -> tuple[str, list
         generate_uid,
     )
 
-    study, series = generate_uid(), generate_uid()
+    study = generate_uid()
+    series_uids = [generate_uid() for _ in range(series)]
     base = np.random.default_rng(7).integers(0, 4096, size=(size, size), dtype=np.uint16)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -110,9 +120,12 @@ def make_study(folder: Path, instances: int, size: int = 512) -> tuple[str, list
         ds = Dataset()
         ds.SOPClassUID = CTImageStorage
         ds.SOPInstanceUID = generate_uid()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series_uids[i % series]
         ds.PatientID, ds.PatientName, ds.Modality = "BENCH-1", "Bench^Patient", "CT"
-        ds.StudyDate, ds.SeriesNumber, ds.InstanceNumber = "20240102", 1, i + 1
+        ds.StudyDate = "20240102"
+        ds.SeriesNumber, ds.InstanceNumber = i % series + 1, i // series + 1
+        for keyword, value in (tags or {}).items():
+            setattr(ds, keyword, value)
         ds.Rows = ds.Columns = size
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
@@ -474,6 +487,16 @@ def wait_port(port: int, timeout: float = 20) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
+def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Stop a bench's servers: every one told to terminate first (they stop together), then
+    each waited for up to 10 s."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(10)
+
+
 def rss_kb(pid: int) -> int:
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -716,11 +739,7 @@ def run(args: argparse.Namespace) -> None:
             }
         print(json.dumps(report, indent=2))
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(10)
+        stop_processes(procs)
         orthanc.stop()
         shutil.rmtree(work, ignore_errors=True)
 

@@ -37,7 +37,6 @@ reported with the reason.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -64,12 +63,15 @@ from byte_path_alternatives import (  # noqa: E402
     make_tls,
     qido_p50,
     sampling,
+    stop_processes,
     upload,
     wait_port,
 )
 
 COUNTRY = "AT"
-PATIENT_SYSTEM = "urn:oid:1.2.40.0.10.1.4.3.1"
+PATIENT_ID_ISSUER = "1.2.40.0.10.1.4.3.1"
+"""As ``serve_gateway.py`` configures its archive: the study's Patient ID carries no issuer."""
+PATIENT_SYSTEM = f"urn:oid:{PATIENT_ID_ISSUER}"
 PATIENT_ID = "BENCH-1"
 REFERENCES = ("direct", "direct_tls")
 VARIANTS = (
@@ -97,7 +99,8 @@ def index_study(database: Path, folder: Path) -> None:
 
     engine = make_engine(f"sqlite:///{database}")
     migrate(engine)
-    index_source(session_factory(engine), open_archive(FolderArchive(kind="folder", path=folder)))
+    archive = FolderArchive(kind="folder", path=folder, patient_id_issuer=PATIENT_ID_ISSUER)
+    index_source(session_factory(engine), open_archive(archive))
     engine.dispose()
 
 
@@ -300,11 +303,7 @@ def run(args: argparse.Namespace) -> None:
             report["unavailable"] = unavailable
         print(json.dumps(report, indent=2))
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(10)
+        stop_processes(procs)
         orthanc.stop()
         if orthanc_tls is not None:
             orthanc_tls.stop()

@@ -61,11 +61,24 @@ for entry in (str(ROOT), str(BENCH)):
     if entry not in sys.path:
         sys.path.insert(0, entry)
 
-from byte_path_alternatives import free_port, sampling, upload, wait_port  # noqa: E402
+from byte_path_alternatives import (  # noqa: E402
+    free_port,
+    sampling,
+    stop_processes,
+    upload,
+    wait_port,
+)
+from byte_path_alternatives import make_study as byte_path_study  # noqa: E402
 
 ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 ISSUER = "1.2.40.0.10.1.4.3.1"
-PATIENT_ID = "BENCH-1"
+PATIENT_ID = "BENCH-1"  # byte_path_alternatives.make_study's
+PATIENT_TAGS = {
+    "IssuerOfPatientID": ISSUER,
+    "PatientBirthDate": "19700101",
+    "PatientSex": "O",
+    "StudyTime": "101500",
+}
 VARIANTS = (
     "bare",
     "bare_tls",
@@ -86,44 +99,7 @@ def make_study(
     folder: Path, instances: int, series: int, size: int = 512
 ) -> tuple[str, list[Path]]:
     """A CT study of ``instances`` 16-bit images in ``series`` series, for A's patient."""
-    import numpy as np
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.filewriter import dcmwrite
-    from pydicom.uid import (
-        PYDICOM_IMPLEMENTATION_UID,
-        CTImageStorage,
-        ExplicitVRLittleEndian,
-        generate_uid,
-    )
-
-    study = generate_uid()
-    series_uids = [generate_uid() for _ in range(series)]
-    base = np.random.default_rng(7).integers(0, 4096, size=(size, size), dtype=np.uint16)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(instances):
-        ds = Dataset()
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = generate_uid()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series_uids[i % series]
-        ds.PatientID, ds.IssuerOfPatientID = PATIENT_ID, ISSUER
-        ds.PatientName, ds.PatientBirthDate, ds.PatientSex = "Bench^Patient", "19700101", "O"
-        ds.Modality, ds.StudyDate, ds.StudyTime = "CT", "20240102", "101500"
-        ds.SeriesNumber, ds.InstanceNumber = i % series + 1, i // series + 1
-        ds.Rows = ds.Columns = size
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.PixelData = np.roll(base, i).tobytes()
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        ds.file_meta = meta
-        path = folder / f"{i:05d}.dcm"
-        dcmwrite(path, ds, enforce_file_format=True)
-        paths.append(path)
-    return study, paths
+    return byte_path_study(folder, instances, size, series=series, tags=PATIENT_TAGS)
 
 
 # --- the nodes ----------------------------------------------------------------------------------
@@ -659,11 +635,7 @@ def run(args: argparse.Namespace) -> None:
             report["unavailable"] = unavailable
         print(json.dumps(report, indent=2))
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(10)
+        stop_processes(procs)
         for server in servers:
             server.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -24,7 +24,6 @@ same for p95) and the ratio of the p50s.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -169,7 +168,7 @@ def _orthanc_class() -> Any:
 
 def run(args: argparse.Namespace) -> None:
     import httpx
-    from byte_path_alternatives import free_port, make_tls, upload, wait_port
+    from byte_path_alternatives import free_port, make_tls, stop_processes, upload, wait_port
     from cryptography.hazmat.primitives.asymmetric import ec
 
     from ncp.security.keys import SigningKey
@@ -268,11 +267,7 @@ def run(args: argparse.Namespace) -> None:
     finally:
         for client in clients:
             client.close()
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(10)
+        stop_processes(procs)
         orthanc.stop()
         shutil.rmtree(work, ignore_errors=True)
 

@@ -25,6 +25,9 @@ if str(ROOT) not in sys.path:
 
 COUNTRY = "AT"
 """The country of the benches' signer: the tokens' issuer and the gateways' own."""
+PATIENT_ID_ISSUER = "1.2.40.0.10.1.4.3.1"
+"""The assigning authority of the bench study's Patient ID, which carries none (as in most real
+archives): configured on the archive source, as an operator does (``patient_id_issuer``)."""
 
 
 def build(args: argparse.Namespace) -> Any:
@@ -38,9 +41,9 @@ def build(args: argparse.Namespace) -> Any:
     from ncp.store.db import make_engine, migrate, session_factory
 
     archive: Any = (
-        FolderArchive(kind="folder", path=Path(args.folder))
+        FolderArchive(kind="folder", path=Path(args.folder), patient_id_issuer=PATIENT_ID_ISSUER)
         if args.folder
-        else DicomwebArchive(kind="dicomweb", url=args.archive)
+        else DicomwebArchive(kind="dicomweb", url=args.archive, patient_id_issuer=PATIENT_ID_ISSUER)
     )
     if args.kind == "edge":
         settings = EdgeSettings.model_validate(

@@ -24,6 +24,7 @@ from ncp.security.keystore import KeyStore
 from ncp.security.mtls import MutualTlsJwksFetcher
 from ncp.security.replay import ReplayGuard
 from ncp.security.trust import TrustList
+from ncp.security.verified import VerifiedPairs
 from ncp.store.entry_memory import EntryMemory
 from ncp.validation.engine import Validator
 
@@ -54,6 +55,8 @@ class Node:
     """Rendered list entries kept in this process (``[lists] memory_mib``)."""
     heavy: HeavyWork = field(default_factory=HeavyWork)
     """Where CPU-heavy steps of requests run, off the event loop (``[budget]``)."""
+    verified_pairs: VerifiedPairs = field(default_factory=VerifiedPairs)
+    """HP assertion and TRC pairs verified once, by their bytes (``ncp.security.verified``)."""
 
     @property
     def base_url(self) -> str:

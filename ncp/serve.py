@@ -107,21 +107,28 @@ def standard_server(
     )
 
 
+def own_keys(node: Node) -> Callable[[str], KeySet | None]:
+    """The keys that verify the image access tokens the node itself issued (the gateway's and
+    the viewer's): the node's published signing keys for its own country, None for any other
+    issuer."""
+
+    def keys(issuer: str) -> KeySet | None:
+        # Resolved per token, so a rotated signing key is accepted as soon as it signs.
+        return node.keystore.published_keys() if issuer == node.country else None
+
+    return keys
+
+
 def gateway_app(node: Node) -> Any | None:
     """The option A DICOMweb gateway app, or None when the node publishes no ``urls.imaging``."""
     settings = node.settings
     if not settings.urls.imaging:
         return None
-
-    def own_keys(issuer: str) -> KeySet | None:
-        # Resolved per token, so a rotated signing key is accepted as soon as it signs.
-        return node.keystore.published_keys() if issuer == node.country else None
-
     return build_gateway_app(
         archive=settings.archive,
         public_base=settings.urls.imaging,
         issuer=node.country,
-        keys=own_keys,
+        keys=own_keys(node),
         auditor=node.auditor,
         side=Side.GATEWAY,
         limits=settings.gateway,
@@ -132,17 +139,41 @@ def gateway_app(node: Node) -> Any | None:
     )
 
 
+def node_tls(node: Node) -> TlsFiles:
+    """The node's server certificate and key, as every browser- and gateway-facing HTTPS
+    listener presents them (the standard channel has its own context: mutual TLS)."""
+    return TlsFiles(node.keystore.server.cert_path, node.keystore.server.key_path)
+
+
+def page_server(
+    node: Node, app: Any, *, host: str, port: int, log_level: str, label: str
+) -> uvicorn.Server:
+    """A listener for pages and images (the option B viewer, the HP portal): the server every
+    HTTPS listener of the node runs (no WebSockets, no Server header, the lifespan required),
+    with the node's server certificate, uvicorn's plain h11 protocol and the node's connection
+    limits; ``label`` says what the start-up line names as served."""
+    return imaging_server(
+        app,
+        host=host,
+        port=port,
+        tls=node_tls(node),
+        log_level=log_level,
+        protocol=H11Protocol,
+        limits=node.settings.http,
+        label=label,
+    )
+
+
 def node_imaging_server(
     node: Node, app: Any, *, host: str, port: int, log_level: str = "info"
 ) -> uvicorn.Server:
     """The option A gateway's server: HTTPS with the node's server certificate, the node's
     connection limits, refusals below the app audited by the gateway."""
-    tls = TlsFiles(node.keystore.server.cert_path, node.keystore.server.key_path)
     return imaging_server(
         app,
         host=host,
         port=port,
-        tls=tls,
+        tls=node_tls(node),
         log_level=log_level,
         limits=node.settings.http,
         on_refusal=protocol_refusals(app),
@@ -154,15 +185,11 @@ def viewer_app(node: Node) -> Any | None:
     settings = node.settings
     if not settings.urls.viewer:
         return None
-
-    def own_keys(issuer: str) -> KeySet | None:
-        return node.keystore.published_keys() if issuer == node.country else None
-
     return build_option_b_app(
         archive=settings.archive,
         public_base=settings.urls.viewer,
         issuer=node.country,
-        keys=own_keys,
+        keys=own_keys(node),
         replay=node.replay,
         sessions=node.sessions,
         auditor=node.auditor,
@@ -178,16 +205,8 @@ def node_viewer_server(
     """The viewer's server: HTTPS with the node's server certificate, uvicorn's plain h11
     protocol (the relay protocol of the imaging channel is for DICOM streams, not pages and
     images), the node's connection limits like every listener."""
-    tls = TlsFiles(node.keystore.server.cert_path, node.keystore.server.key_path)
-    return imaging_server(
-        app,
-        host=host,
-        port=port,
-        tls=tls,
-        log_level=log_level,
-        protocol=H11Protocol,
-        limits=node.settings.http,
-        label="option B viewer",
+    return page_server(
+        node, app, host=host, port=port, log_level=log_level, label="option B viewer"
     )
 
 
@@ -201,18 +220,8 @@ def portal_server(node: Node, *, host: str, log_level: str = "info") -> uvicorn.
     if not settings.portal.url:
         raise ConfigError("portal.enabled needs portal.url (the portal's public https:// URL)")
     port = _port(settings.listen.portal_port, settings.portal.url, "portal.url")
-    tls = TlsFiles(node.keystore.server.cert_path, node.keystore.server.key_path)
-    # The server every HTTPS listener of the node runs (no WebSockets, no Server header, the
-    # lifespan required), with uvicorn's plain h11 protocol and the node's connection limits.
-    return imaging_server(
-        build_portal_app(node),
-        host=host,
-        port=port,
-        tls=tls,
-        log_level=log_level,
-        protocol=H11Protocol,
-        limits=settings.http,
-        label="HP portal",
+    return page_server(
+        node, build_portal_app(node), host=host, port=port, log_level=log_level, label="HP portal"
     )
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
-from ncp.gateway.multipart import MAX_PART_HEADER, MultipartError, boundary_of
+from ncp.gateway.multipart import MAX_PART_HEADER, MultipartError, boundary_of, part_headers
 
 __all__ = ["BUFFER_BYTES", "ChunkSource", "MultipartError", "PartReader", "boundary_of"]
 
@@ -114,16 +114,9 @@ class PartReader:
         while (end := self._find(b"\r\n\r\n")) < 0:
             if self._left() > MAX_PART_HEADER or not self._more():
                 raise MultipartError("unterminated part headers")
-        lines = bytes(self._view[self._pos : end]).split(b"\r\n")
+        head = bytes(self._view[self._pos : end])
         self._pos = end + 4
-        if lines[0].strip(b" \t"):
-            raise MultipartError("garbage after a boundary")
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.decode("latin-1").partition(":")
-            if not sep:
-                raise MultipartError("a part header line without ':'")
-            headers[name.strip().lower()] = value.strip()
+        headers = part_headers(head)
         self._state = "body"
         return headers
 

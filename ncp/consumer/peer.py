@@ -53,6 +53,7 @@ from ncp.consumer.model import (
 )
 from ncp.consumer.queries import (
     WIRE_PRIORITY,
+    ResourceType,
     access_parameters,
     list_parameters,
     match_parameters,
@@ -129,6 +130,17 @@ class _Call:
     outcome: Outcome = Outcome.SUCCESS
     reason: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Listed:
+    """What a list search gave, every page followed (:meth:`PeerClient._list_all`)."""
+
+    entries: list[Any]
+    total: int | None
+    pages: int
+    warnings: tuple[str, ...]
+    quirks: tuple[str, ...]
 
 
 class PeerClient:
@@ -335,30 +347,20 @@ class PeerClient:
         request_id: str | None = None,
     ) -> MetadataList:
         """The patient's studies (manifest entries) and reports, every page followed."""
-        params = list_parameters(
-            "DocumentReference", context.patient, filters or ListFilters(), page_size=page_size
+        listed = self._list_all(
+            context, "DocumentReference", filters, page_size, fmt, request_id, _list_entries
         )
         studies: list[ListedStudy] = []
         reports: list[ListedReport] = []
-        notes = Notes(context.peer)
-        warnings: list[str] = []
-        total: int | None = None
-        pages = 0
-        for page, entries in self._pages(
-            context, "DocumentReference", params, fmt, request_id, notes, _list_entries
-        ):
-            pages += 1
-            total = page.total if page.total is not None else total
-            warnings += page.warnings
-            for entry in entries:
-                (studies if isinstance(entry, ListedStudy) else reports).append(entry)
+        for entry in listed.entries:
+            (studies if isinstance(entry, ListedStudy) else reports).append(entry)
         return MetadataList(
             studies=tuple(studies),
             reports=tuple(reports),
-            total=total,
-            pages=pages,
-            warnings=tuple(warnings),
-            quirks=tuple(notes.quirks),
+            total=listed.total,
+            pages=listed.pages,
+            warnings=listed.warnings,
+            quirks=listed.quirks,
         )
 
     def imaging_studies(
@@ -371,25 +373,16 @@ class PeerClient:
         request_id: str | None = None,
     ) -> ManifestList:
         """The patient's ImagingStudy manifests (series, instances, sizes, endpoints)."""
-        params = list_parameters(
-            "ImagingStudy", context.patient, filters or ListFilters(), page_size=page_size
+        listed = self._list_all(
+            context, "ImagingStudy", filters, page_size, fmt, request_id, _manifests
         )
-        notes = Notes(context.peer)
-        found: list[StudyManifest] = []
-        warnings: list[str] = []
-        total: int | None = None
-        pages = 0
-        for page, entries in self._pages(
-            context, "ImagingStudy", params, fmt, request_id, notes, _manifests
-        ):
-            pages += 1
-            total = page.total if page.total is not None else total
-            warnings += page.warnings
-            found += entries
+        found: list[StudyManifest] = listed.entries
         uids = [m.study_uid for m in found]
         if len(set(uids)) != len(uids):
             raise PeerAnswerInvalid(context.peer, "a study's manifest was listed twice")
-        return ManifestList(tuple(found), total, pages, tuple(warnings), tuple(notes.quirks))
+        return ManifestList(
+            tuple(found), listed.total, listed.pages, listed.warnings, listed.quirks
+        )
 
     def manifests(
         self,
@@ -642,6 +635,36 @@ class PeerClient:
             raise PeerAnswerInvalid(context.peer, f"$imaging-access: {exc}") from None
 
     # --- the exchange ------------------------------------------------------------------------
+
+    def _list_all(
+        self,
+        context: PeerContext,
+        rtype: ResourceType,
+        filters: ListFilters | None,
+        page_size: int,
+        fmt: Format,
+        request_id: str | None,
+        read_entries: _EntryReader,
+    ) -> _Listed:
+        """A list search of the context's patient, every page followed (:meth:`_pages`): the
+        entries of all pages in order, the last total a page gave, the pages' warnings and
+        what the readers tolerated."""
+        params = list_parameters(
+            rtype, context.patient, filters or ListFilters(), page_size=page_size
+        )
+        notes = Notes(context.peer)
+        found: list[Any] = []
+        warnings: list[str] = []
+        total: int | None = None
+        pages = 0
+        for page, entries in self._pages(
+            context, rtype, params, fmt, request_id, notes, read_entries
+        ):
+            pages += 1
+            total = page.total if page.total is not None else total
+            warnings += page.warnings
+            found += entries
+        return _Listed(found, total, pages, tuple(warnings), tuple(notes.quirks))
 
     def _pages(
         self,

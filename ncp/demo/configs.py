@@ -13,6 +13,7 @@ from ncp.config import EdgeSettings, NodeSettings, load_edge_settings, load_sett
 from ncp.demo.layout import COUNTRY_A, COUNTRY_B, HOST, ISSUER_A, ISSUER_B, Layout, Ports
 from ncp.errors import NcpError
 from ncp.examples.generate import generate_examples
+from ncp.fhir.identifiers import patient_system
 from ncp.security import pki
 from ncp.security.keystore import load_certificates, load_private_key
 
@@ -168,6 +169,8 @@ peers = ["{peer}"]
 [portal]
 enabled = true
 url = "{portal}"
+# The HP types A's patient number as the demo prints it; the portal adds A's identifier system.
+identifier_systems = {{ {peer} = "{peer_system}" }}
 
 [retrieval]
 enabled = true               # the workers run in `ncp serve`
@@ -311,6 +314,7 @@ def write_configs(layout: Layout, ports: Ports, archive: Archive) -> Configs:
             country=COUNTRY_B,
             issuer=ISSUER_B,
             peer=COUNTRY_A,
+            peer_system=patient_system(ISSUER_A),
             standard=ports.b_standard_url,
             host=HOST,
             standard_port=ports.b_standard,

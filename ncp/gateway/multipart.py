@@ -55,6 +55,21 @@ def safe_header_value(value: str) -> str | None:
     return text
 
 
+def part_headers(head: bytes) -> dict[str, str]:
+    """A part's headers by lower-case name, from what follows its boundary up to the empty
+    line: the rest of the boundary line (only whitespace may stand there), then header lines."""
+    lines = head.split(b"\r\n")
+    if lines[0].strip(b" \t"):
+        raise MultipartError("garbage after a boundary")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.decode("latin-1").partition(":")
+        if not sep:
+            raise MultipartError("a part header line without ':'")
+        headers[name.strip().lower()] = value.strip()
+    return headers
+
+
 class MultipartReader:
     """Parts of a streamed multipart body: ``await next_part()`` gives the next part's
     headers (lower-case names) or None after the close delimiter; ``await read()`` gives the
@@ -134,15 +149,7 @@ class MultipartReader:
                 raise MultipartError("unterminated part headers")
         head = bytes(self._data[self._pos : end])
         self._pos = end + 4
-        lines = head.split(b"\r\n")
-        if lines[0].strip(b" \t"):
-            raise MultipartError("garbage after a boundary")
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.decode("latin-1").partition(":")
-            if not sep:
-                raise MultipartError("a part header line without ':'")
-            headers[name.strip().lower()] = value.strip()
+        headers = part_headers(head)
         self._state = "body"
         return headers
 

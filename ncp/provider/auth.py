@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
@@ -175,7 +176,9 @@ def _with_key_refresh(node: Node, country: str, check: Callable[[], T]) -> T:
         return check()
 
 
-def verify_hp_assertion(node: Node, token: str, country: str) -> HpAssertion:
+def verify_hp_assertion(
+    node: Node, token: str, country: str, now: datetime | None = None
+) -> HpAssertion:
     """The HP assertion's claims, if ``token`` is one issued by ``country`` for this node."""
     leeway = node.settings.tokens.leeway_s
 
@@ -186,14 +189,16 @@ def verify_hp_assertion(node: Node, token: str, country: str) -> HpAssertion:
             country,
             node.trust.keys_for,
             node.settings.urls.standard,
-            node.clock(),
+            now or node.clock(),
             leeway,
         )
 
     return _with_key_refresh(node, country, check)
 
 
-def _check_pair(node: Node, hp_token: str, trc_token: str, country: str) -> RequestContext:
+def _check_pair(
+    node: Node, hp_token: str, trc_token: str, country: str, now: datetime | None = None
+) -> RequestContext:
     return _with_key_refresh(
         node,
         country,
@@ -203,10 +208,65 @@ def _check_pair(node: Node, hp_token: str, trc_token: str, country: str) -> Requ
             tls_country=country,
             b_keys=node.trust.keys_for,
             audience=node.settings.urls.standard,
-            now=node.clock(),
+            now=now or node.clock(),
             leeway_s=node.settings.tokens.leeway_s,
         ),
     )
+
+
+@dataclass(frozen=True)
+class _PairRefused:
+    """Why :func:`_verify_pair` refused: a token's error under its label, or (``error`` None)
+    a valid HP assertion without a TRC."""
+
+    label: str
+    error: TokenError | None
+
+
+def _verify_pair(
+    node: Node, hp_token: str, trc_token: str, country: str
+) -> RequestContext | _PairRefused:
+    """The request's pair, checked in one trip to a worker thread: from the node's memory of
+    pairs verified before (``ncp.security.verified``) when these exact bytes passed and nothing
+    that could change the verdict has changed; else in full (the HP assertion first, so each
+    refusal names the token at fault), remembered when it passes."""
+    now = node.clock()
+    remembered = node.verified_pairs
+    audience = node.settings.urls.standard
+    leeway = node.settings.tokens.leeway_s
+    if trc_token:
+        known = remembered.get(
+            hp_token,
+            trc_token,
+            tls_country=country,
+            keys=node.trust.keys_for,
+            audience=audience,
+            now=now,
+            leeway_s=leeway,
+        )
+        if known is not None:
+            return known
+    try:
+        verify_hp_assertion(node, hp_token, country, now)
+    except TokenError as exc:
+        return _PairRefused(HP_LABEL, exc)
+    if not trc_token:
+        return _PairRefused(TRC_LABEL, None)
+    try:
+        context = _check_pair(node, hp_token, trc_token, country, now)
+    except TokenError as exc:
+        return _PairRefused(TRC_LABEL, exc)
+    remembered.put(
+        hp_token,
+        trc_token,
+        context,
+        tls_country=country,
+        keys=node.trust.keys_for,
+        audience=audience,
+        checked_at=now,
+        leeway_s=leeway,
+    )
+    return context
 
 
 # --- the dependencies ----------------------------------------------------------------------------
@@ -233,12 +293,13 @@ async def patient_context(request: Request) -> RequestContext:
     node = node_of(request)
     peer = await _peer(request)
     hp_token = await _require_bearer(request, peer.country)
-    try:
-        await run_in_threadpool(verify_hp_assertion, node, hp_token, peer.country)
-    except TokenError as exc:
-        raise await _refuse_token(request, exc, HP_LABEL, peer.country) from None
     trc_token = request.headers.get(TRC_HEADER, "").strip()
-    if not trc_token:
+    checked = await run_in_threadpool(_verify_pair, node, hp_token, trc_token, peer.country)
+    if isinstance(checked, _PairRefused):
+        if checked.error is not None:
+            raise await _refuse_token(
+                request, checked.error, checked.label, peer.country
+            ) from None
         raise await refuse(
             request,
             401,
@@ -249,10 +310,7 @@ async def patient_context(request: Request) -> RequestContext:
             peer_country=peer.country,
             bearer=True,
         )
-    try:
-        context = await run_in_threadpool(_check_pair, node, hp_token, trc_token, peer.country)
-    except TokenError as exc:
-        raise await _refuse_token(request, exc, TRC_LABEL, peer.country) from None
+    context = checked
     request.state.auth_context = context
     return context
 

@@ -20,13 +20,24 @@ re-renders by itself.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from sqlalchemy import ColumnElement, and_, case, func, literal, select
+from sqlalchemy import (
+    BindParameter,
+    ColumnElement,
+    Select,
+    and_,
+    bindparam,
+    case,
+    func,
+    literal,
+    select,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -329,6 +340,40 @@ def _fingerprint(base: str, custodian: Custodian, endpoints: ImagingEndpoints) -
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+@functools.cache
+def _kept_statements(
+    kind: EntryKind,
+) -> tuple[Select[int, str], Select[int, str, bytes]]:
+    """The two statements of :func:`_kept` for one kind, built once: which kept entries are
+    current (renderer and source), and their bodies. Built per request they cost more of the
+    node's CPU than SQLite spends running them (expressions, cache keys); bound here by name:
+    ``renderer``, ``pks`` (expanding) and, for reports, ``patient_pk``."""
+    pks: BindParameter[list[int]] = bindparam("pks", expanding=True)
+    current = select(ListEntry.subject_pk, ListEntry.source).where(
+        ListEntry.kind == int(kind), ListEntry.renderer == bindparam("renderer")
+    )
+    if kind == EntryKind.REPORT:
+        # The study a report entry shows: the patient's indexed study with the report's UID.
+        shown = and_(
+            Study.study_uid == ReportVersion.study_uid,
+            Study.patient_pk == bindparam("patient_pk"),
+        )
+        current = (
+            current.join(ReportVersion, ReportVersion.id == ListEntry.subject_pk)
+            .outerjoin(Study, shown)
+            .outerjoin(Patient, Patient.id == Study.patient_pk)
+        )
+    else:
+        current = current.join(Study, Study.id == ListEntry.subject_pk).join(
+            Patient, Patient.id == Study.patient_pk
+        )
+    current = current.where(ListEntry.source == _source_sql(kind), ListEntry.subject_pk.in_(pks))
+    bodies = select(ListEntry.subject_pk, ListEntry.source, ListEntry.body).where(
+        ListEntry.kind == int(kind), ListEntry.subject_pk.in_(bindparam("pks", expanding=True))
+    )
+    return current, bodies
+
+
 def _kept(
     session: Session,
     keys: Sequence[EntryKey],
@@ -339,40 +384,29 @@ def _kept(
     """The kept bodies of these entries whose renderer and source are the current ones: from
     ``memory`` when it has them with that source, else from the database (and then remembered)."""
     out: dict[tuple[EntryKind, int], bytes] = {}
+    # Plain rows of columns: Core on the session's connection, not the ORM's statement path.
+    connection = session.connection()
     for kind in EntryKind:
         pks = sorted({k.pk for k in keys if k.kind == kind})
         if not pks:
             continue
-        current = select(ListEntry.subject_pk, ListEntry.source).where(
-            ListEntry.kind == int(kind), ListEntry.renderer == renderer
-        )
+        current, bodies = _kept_statements(kind)
+        params: dict[str, Any] = {"renderer": renderer}
         if kind == EntryKind.REPORT:
-            # The study a report entry shows: the patient's indexed study with the report's UID.
-            shown = and_(Study.study_uid == ReportVersion.study_uid, Study.patient_pk == patient_pk)
-            current = (
-                current.join(ReportVersion, ReportVersion.id == ListEntry.subject_pk)
-                .outerjoin(Study, shown)
-                .outerjoin(Patient, Patient.id == Study.patient_pk)
-            )
-        else:
-            current = current.join(Study, Study.id == ListEntry.subject_pk).join(
-                Patient, Patient.id == Study.patient_pk
-            )
-        current = current.where(ListEntry.source == _source_sql(kind))
+            # No patient row (reports only): a NULL compares equal to no study, as before.
+            params["patient_pk"] = patient_pk
         for start in range(0, len(pks), _CHUNK):
             chunk = pks[start : start + _CHUNK]
             unread: dict[int, str] = {}
-            for pk, source in session.execute(current.where(ListEntry.subject_pk.in_(chunk))):
+            for pk, source in connection.execute(current, {**params, "pks": chunk}):
                 body = memory.get((kind, pk), renderer, source)
                 if body is not None:
                     out[(kind, pk)] = body
                 else:
                     unread[pk] = source
             if unread:
-                bodies = select(ListEntry.subject_pk, ListEntry.source, ListEntry.body).where(
-                    ListEntry.kind == int(kind), ListEntry.subject_pk.in_(sorted(unread))
-                )
-                for pk, source, body in session.execute(bodies):
+                rows = connection.execute(bodies, {"pks": sorted(unread)})
+                for pk, source, body in rows:
                     if unread.get(pk) == source:  # not overwritten since
                         out[(kind, pk)] = body
                         memory.put((kind, pk), renderer, source, body)

@@ -99,55 +99,48 @@ def _schemas() -> dict[str, Any]:
                 },
             },
         },
-        "MatchParameters": {
-            "type": "object",
-            "description": "Patient/$match input: a Patient, onlyCertainMatches, count.",
-            "required": ["resourceType", "parameter"],
-            "properties": {
-                "resourceType": {"const": "Parameters"},
-                "parameter": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["name"],
-                        "properties": {
-                            "name": {"enum": ["resource", "onlyCertainMatches", "count"]},
-                            "resource": patient,
-                            "valueBoolean": {"type": "boolean"},
-                            "valueInteger": {"type": "integer", "minimum": 1},
-                        },
-                    },
+        "MatchParameters": _parameters(
+            "Patient/$match input: a Patient, onlyCertainMatches, count.",
+            {
+                "name": {"enum": ["resource", "onlyCertainMatches", "count"]},
+                "resource": patient,
+                "valueBoolean": {"type": "boolean"},
+                "valueInteger": {"type": "integer", "minimum": 1},
+            },
+        ),
+        "ImagingAccessParameters": _parameters(
+            "$imaging-access input (OperationDefinition imaging-access).",
+            {
+                "name": {"enum": ["study", "option", "purpose", "priority"]},
+                "valueString": {
+                    "type": "string",
+                    "pattern": "^[0-9]+(\\.[0-9]+)*$",
+                    "maxLength": 64,
+                },
+                "valueCode": {
+                    "enum": ["A", "B", "C", "TREAT", "ETREAT", "routine", "urgent",
+                             "asap", "stat"],
                 },
             },
-        },
-        "ImagingAccessParameters": {
-            "type": "object",
-            "description": "$imaging-access input (OperationDefinition imaging-access).",
-            "required": ["resourceType", "parameter"],
-            "properties": {
-                "resourceType": {"const": "Parameters"},
-                "parameter": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["name"],
-                        "properties": {
-                            "name": {"enum": ["study", "option", "purpose", "priority"]},
-                            "valueString": {
-                                "type": "string",
-                                "pattern": "^[0-9]+(\\.[0-9]+)*$",
-                                "maxLength": 64,
-                            },
-                            "valueCode": {
-                                "enum": ["A", "B", "C", "TREAT", "ETREAT", "routine", "urgent",
-                                         "asap", "stat"],
-                            },
-                        },
-                    },
-                },
-            },
-        },
+        ),
     }  # fmt: skip
+
+
+def _parameters(description: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """The schema of a FHIR Parameters body whose ``parameter`` entries each have a ``name``
+    and the properties ``entry`` (an operation's inputs)."""
+    return {
+        "type": "object",
+        "description": description,
+        "required": ["resourceType", "parameter"],
+        "properties": {
+            "resourceType": {"const": "Parameters"},
+            "parameter": {
+                "type": "array",
+                "items": {"type": "object", "required": ["name"], "properties": entry},
+            },
+        },
+    }
 
 
 def _body(schema: str, *, xml: bool = True) -> dict[str, Any]:
