@@ -83,8 +83,46 @@ def _samples() -> list[dict[str, Any]]:
         {"resourceType": "Composition", "extension": [{"url": version, "valuePositiveInt": 1}]},
         {"resourceType": "Basic", "extension": [{"url": version, "valueInteger": 0}]},
         {"resourceType": "Basic", "extension": [{"url": version, "valueInteger": 3}]},
+        *_observations(),
     ]
     return [*bundles, damaged, patient, *others, {"resourceType": "Bundle", "type": "document"}]
+
+
+def _observations() -> list[dict[str, Any]]:
+    """Observations for obs-6 and obs-7, Quantities for qty-3: each rule kept and broken."""
+    code = {"coding": [{"system": "http://loinc.org", "code": "8867-4"}], "text": "Heart rate"}
+    other = {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]}
+    rate = {"value": 60, "unit": "/min", "system": "http://unitsofmeasure.org", "code": "/min"}
+    absent = {"coding": [{"code": "unknown"}]}
+    return [
+        {"resourceType": "Observation", "code": code, "valueQuantity": rate},
+        {"resourceType": "Observation", "code": code, "dataAbsentReason": absent},
+        {
+            "resourceType": "Observation",
+            "code": code,
+            "valueString": "x",
+            "dataAbsentReason": absent,
+        },
+        {"resourceType": "Observation", "code": code, "valueQuantity": {"value": 1, "code": "mm"}},
+        {"resourceType": "Observation", "code": code, "valueQuantity": {"value": 1, "unit": "mm"}},
+        {
+            "resourceType": "Observation",
+            "code": code,
+            "valueBoolean": True,
+            "component": [{"code": other}, {"code": copy.deepcopy(code)}],
+        },
+        {
+            "resourceType": "Observation",
+            "code": code,
+            "valueBoolean": False,
+            "component": [{"code": other, "valueQuantity": rate}],
+        },
+        {
+            "resourceType": "Observation",
+            "code": code,
+            "component": [{"code": copy.deepcopy(code), "valueQuantity": rate}],
+        },
+    ]
 
 
 def _is_entry(value: dict[str, Any]) -> bool:
@@ -104,6 +142,9 @@ _CONTEXT: dict[str, tuple[Any, str | None]] = {
     "prr-1": (lambda v: v.get("resourceType") == "ServiceRequest", "ServiceRequest"),
     "ncp-dr-1": (lambda v: v.get("resourceType") == "DiagnosticReport", "DiagnosticReport"),
     "ncp-comp-1": (lambda v: v.get("resourceType") == "Composition", "Composition"),
+    "obs-6": (lambda v: v.get("resourceType") == "Observation", "Observation"),
+    "obs-7": (lambda v: v.get("resourceType") == "Observation", "Observation"),
+    "qty-3": (lambda v: "resourceType" not in v and ("unit" in v or "code" in v), "Quantity"),
 }
 
 

@@ -90,6 +90,9 @@ class ElementNode:
     _required: tuple[ElementNode, ...] | None = None
     at_path: dict[str, ElementNode | None] = field(default_factory=dict)
     """The element at each slicing discriminator path below this one, once looked up."""
+    slice_tests: tuple[Any, ...] | None = None
+    """For a slice: what each discriminator of its sliced element asks of an item (see
+    ``profile_rules``), once worked out."""
 
     def required_children(self) -> tuple[ElementNode, ...]:
         """Children that must be present (min > 0, or a slice with min > 0); computed once."""
@@ -264,6 +267,7 @@ class Catalogue:
     def __init__(self, definitions: Definitions) -> None:
         self.definitions = definitions
         self._trees: dict[str, Tree | None] = {}
+        self._bases: dict[str, Tree | None] = {}
 
     def tree(self, url: str) -> Tree | None:
         """The tree of a StructureDefinition, or None when it is not held or has no snapshot."""
@@ -278,8 +282,13 @@ class Catalogue:
 
     def base(self, type_code: str) -> Tree | None:
         """The tree of a base resource or datatype."""
+        try:
+            return self._bases[type_code]  # asked at every element of a datatype
+        except KeyError:
+            pass
         url = type_code if "/" in type_code else CORE_SD + type_code
-        return self.tree(url)
+        found = self._bases[type_code] = self.tree(url)
+        return found
 
     def resolve(self, tree: Tree, reference: str) -> ElementNode | None:
         """The element a ``contentReference`` (``#Composition.section``) points to."""

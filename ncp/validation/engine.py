@@ -23,7 +23,7 @@ from ncp.fhir.terminology import Terminology, TerminologyError, default_terminol
 from ncp.validation import structure
 from ncp.validation.bindings import Bindings
 from ncp.validation.bundle import bundle_issues
-from ncp.validation.elements import Catalogue, Tree, canonical
+from ncp.validation.elements import Catalogue, Constraint, ElementNode, Tree, canonical
 from ncp.validation.formats import Formats
 from ncp.validation.invariants import Invariants, Scope
 from ncp.validation.issues import (
@@ -58,6 +58,10 @@ class Validator:
         self.bindings = Bindings(definitions, terminology)
         self.invariants = Invariants()
         self.formats = Formats(definitions)
+        self.datatype_constraints: dict[
+            tuple[int, int], tuple[ElementNode, ElementNode, tuple[Constraint, ...]]
+        ] = {}
+        """By (element, datatype root): the datatype's own constraints the element lacks."""
 
     @classmethod
     def default(cls) -> Validator:

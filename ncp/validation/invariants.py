@@ -62,12 +62,18 @@ class Scope:
 
 
 def _ele_1(value: Any, scope: Scope) -> bool:
-    # hasValue() or (children().count() > id.count())
+    # hasValue() or (children().count() > id.count()); met at every element, so written for
+    # speed: no generator, the common primitive first.
+    if isinstance(value, str):
+        return value != ""
     if isinstance(value, dict):
-        return any(key not in ("id", "resourceType", "fhir_comments") for key in value)
+        for key in value:
+            if key != "id" and key != "resourceType" and key != "fhir_comments":
+                return True
+        return False
     if isinstance(value, list):
         return bool(value)
-    return value is not None and value != ""
+    return value is not None
 
 
 def _ext_1(value: Any, scope: Scope) -> bool:
@@ -487,6 +493,42 @@ def _narrative_not_empty(value: Any, scope: Scope) -> bool:
     return not isinstance(value, dict) or value.get("status") != "empty"
 
 
+def _has_choice(value: Any, stem: str) -> bool:
+    """``<stem>[x]`` exists: some ``<stem>Type`` of the object holds something."""
+    if not isinstance(value, dict):
+        return False
+    n = len(stem)
+    return any(
+        key.startswith(stem) and len(key) > n and key[n].isupper() and item not in (None, [], {})
+        for key, item in value.items()
+    )
+
+
+# Met on every finding of a report (the HL7 Europe Observation) and on every Quantity: fhirpathpy
+# took more than the rest of such an Observation's validation.
+
+
+def _obs_6(value: Any, scope: Scope) -> bool:
+    return not _exists(value, "dataAbsentReason") or not _has_choice(value, "value")
+
+
+def _obs_7(value: Any, scope: Scope) -> bool:
+    # value.empty() or component.code.where(coding.intersect(%resource.code.coding).exists())
+    #   .empty(): no component is coded as the observation itself when there is a value.
+    if not _has_choice(value, "value"):
+        return True
+    own = _list(_child(scope.resource, "code"), "coding")
+    return not any(
+        coding in own
+        for component in _objects(value, "component")
+        for coding in _list(_child(component, "code"), "coding")
+    )
+
+
+def _qty_3(value: Any, scope: Scope) -> bool:
+    return not _exists(value, "code") or _exists(value, "system")
+
+
 _ACCESSION_IN_ORDER_REFS = (
     "basedOn.where(type = 'ServiceRequest').all(identifier.system.exists() and "
     "identifier.value.exists() and identifier.type.coding.where(system = "
@@ -596,6 +638,13 @@ NATIVE: dict[tuple[str, str], Native] = {
     ("org-2", "where(use = 'home').empty()"): _org_2,
     ("prr-1", "orderDetail.empty() or code.exists()"): _prr_1,
     ("ncp-dr-1", "status = 'preliminary' or status = 'final' or status = 'amended'"): _ncp_dr_1,
+    ("obs-6", "dataAbsentReason.empty() or value.empty()"): _obs_6,
+    (
+        "obs-7",
+        "value.empty() or component.code.where(coding.intersect(%resource.code.coding).exists())"
+        ".empty()",
+    ): _obs_7,
+    ("qty-3", "code.empty() or system.exists()"): _qty_3,
 }
 
 
@@ -683,12 +732,19 @@ def check_syntax(expression: str) -> None:
         raise ValueError(f"unexpected text after column {tokens.LT(1).start}")
 
 
+_REMEMBERED = frozenset({"dom-3", "txt-1", "txt-2", "bdl-7", "dr-comp-author-org"})
+"""Native constraints that read a whole resource, bundle or narrative: their results are kept
+for the run. The others cost less than the memo key that would keep them."""
+
+
 @dataclass(slots=True)
 class Prepared:
     constraint: Constraint
     native: Native | None = None
     compiled: Callable[..., list[Any]] | None = None
     skip_reason: str = ""
+    remembered: bool = True
+    """Whether a result is kept in :attr:`Stats.memo` (evaluated again, it would cost more)."""
 
 
 @dataclass(slots=True)
@@ -740,7 +796,7 @@ class Invariants:
     def _prepare(constraint: Constraint) -> Prepared:
         native = NATIVE.get((constraint.key, constraint.expression))
         if native is not None:
-            return Prepared(constraint, native=native)
+            return Prepared(constraint, native=native, remembered=constraint.key in _REMEMBERED)
         if not constraint.expression:
             return Prepared(constraint, skip_reason="no FHIRPath expression")
         if constraint.key in UNRELIABLE:
@@ -781,7 +837,11 @@ class Invariants:
 
         ``constraints`` should be an element's own tuple (``ElementNode.constraints``): a tuple
         made per call is prepared each time (use :meth:`check_each` for those)."""
-        self._check(self.prepared(constraints), value, type_path, location, scope, stats, issues)
+        found = self._by_tuple.get(id(constraints))  # prepared(), inlined: called per element
+        done = found[1] if found is not None and found[0] is constraints else None
+        if done is None:
+            done = self.prepared(constraints)
+        self._check(done, value, type_path, location, scope, stats, issues)
 
     def check_each(
         self,
@@ -808,10 +868,19 @@ class Invariants:
         issues: list[Issue],
     ) -> None:
         memo = stats.memo
+        is_object = isinstance(value, dict)
         for prepared in prepared_all:
+            native = prepared.native
+            if native is not None and not prepared.remembered:
+                # The common case (ele-1 at every element): evaluated, no memo key built.
+                stats.native += 1
+                stats.evaluated += 1
+                if not native(value, scope):
+                    issues.append(_failure(prepared.constraint, location))
+                continue
             constraint = prepared.constraint
             memo_key = None
-            if isinstance(value, dict):
+            if is_object:
                 # A value met again under the same resources (a profile walked once per claim)
                 # gives the same answer: evaluate it once per validation.
                 memo_key = (

@@ -183,18 +183,20 @@ def _type_of(value: Any) -> str | None:
     return None
 
 
-def slice_matches(
-    sliced: ElementNode,
-    candidate: ElementNode,
-    value: Any,
-    resolve: Resolver,
-    profile_type: ProfileType,
-) -> bool:
-    if not sliced.discriminators:
-        return False
+_Test = tuple[str, Any, Any, Any]
+"""One discriminator of one slice, worked out from the definitions: (kind, *what it needs)."""
+
+
+def _slice_tests(
+    sliced: ElementNode, candidate: ElementNode, profile_type: ProfileType
+) -> tuple[_Test, ...]:
+    """What each discriminator asks of an item for ``candidate`` to be its slice; kept on the
+    slice (the same few slices are tried on every item of every resource validated)."""
+    if candidate.slice_tests is not None:
+        return candidate.slice_tests
+    tests: list[_Test] = []
     for disc in sliced.discriminators:
         target = _at(candidate, disc.path)
-        values = _values(value, disc.path, resolve)
         if disc.type in ("value", "pattern"):
             expected = None if target is None else (target.fixed or target.pattern)
             if expected is None and disc.path == "url" and candidate.types:
@@ -202,19 +204,16 @@ def slice_matches(
                 profiles = candidate.types[0].profiles
                 if profiles:
                     expected = ("Uri", profiles[0])
-            if expected is None:
-                return False
-            if not any(matches_pattern(v, expected[1]) for v in values):
-                return False
+            tests.append(
+                ("never", None, None, None)
+                if expected is None
+                else ("pattern", expected[1], _leaves([expected[1]]), None)
+            )
+        elif target is None:
+            tests.append(("never", None, None, None))
         elif disc.type == "type":
-            if target is None:
-                return False
-            codes = {t.code for t in target.types}
-            if not any(_type_of(v) in codes for v in values):
-                return False
+            tests.append(("type", frozenset(t.code for t in target.types), None, None))
         elif disc.type == "profile":
-            if target is None:
-                return False
             wanted = _profiles_at(target, disc.path)
             # Another slice's profile the item claims: it belongs there, not here by its type
             # (two slices of one resource type, e.g. MADO's WADO-RS and viewer endpoints).
@@ -224,24 +223,91 @@ def slice_matches(
                 if s is not candidate and (at := _at(s, disc.path)) is not None
                 for p in _profiles_at(at, disc.path)
             } - wanted
-            types = {profile_type(p) for p in wanted}
-            ok = False
-            for v in values:
-                claimed = (
-                    {_canonical(p) for p in (v.get("meta") or {}).get("profile", [])}
-                    if isinstance(v, dict)
-                    else set()
-                )
-                if claimed & wanted or (_type_of(v) in types and not claimed & others):
-                    ok = True
-            if not ok:
-                return False
+            types = frozenset(profile_type(p) for p in wanted)
+            tests.append(("profile", frozenset(wanted), frozenset(others), types))
         elif disc.type == "exists":
-            if target is None:
-                return False
-            if bool(values) != (target.min > 0):
-                return False
+            tests.append(("exists", target.min > 0, None, None))
         else:
+            tests.append(("never", None, None, None))
+    candidate.slice_tests = done = tuple(tests)
+    return done
+
+
+def _leaves(values: list[Any]) -> frozenset[Any]:
+    """The scalars anywhere in some values: a value matches a pattern only if it holds every
+    scalar of the pattern (a set test that turns away most slices before the full match)."""
+    found: set[Any] = set()
+    stack = list(values)
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        else:
+            found.add(item)
+    return frozenset(found)
+
+
+class _Found:
+    """The values at one discriminator path of one item, and their scalars once asked for."""
+
+    __slots__ = ("_leaves", "values")
+
+    def __init__(self, values: list[Any]) -> None:
+        self.values = values
+        self._leaves: frozenset[Any] | None = None
+
+    def leaves(self) -> frozenset[Any]:
+        if self._leaves is None:
+            self._leaves = _leaves(self.values)
+        return self._leaves
+
+
+def _passes(test: _Test, found: _Found) -> bool:
+    kind, a, b, c = test
+    values = found.values
+    if kind == "pattern":
+        return b <= found.leaves() and any(matches_pattern(v, a) for v in values)
+    if kind == "type":
+        return any(_type_of(v) in a for v in values)
+    if kind == "profile":
+        for v in values:
+            claimed = (
+                {_canonical(p) for p in (v.get("meta") or {}).get("profile", [])}
+                if isinstance(v, dict)
+                else set()
+            )
+            if claimed & a or (_type_of(v) in c and not claimed & b):
+                return True
+        return False
+    if kind == "exists":
+        return bool(values) is bool(a)
+    return False
+
+
+def slice_matches(
+    sliced: ElementNode,
+    candidate: ElementNode,
+    value: Any,
+    resolve: Resolver,
+    profile_type: ProfileType,
+) -> bool:
+    """Whether an item's value belongs to the slice ``candidate`` of ``sliced``."""
+    values = [_Found(_values(value, disc.path, resolve)) for disc in sliced.discriminators]
+    return _matches(sliced, candidate, values, profile_type)
+
+
+def _matches(
+    sliced: ElementNode, candidate: ElementNode, values: list[_Found], profile_type: ProfileType
+) -> bool:
+    if not sliced.discriminators:
+        return False
+    tests = candidate.slice_tests
+    if tests is None:
+        tests = _slice_tests(sliced, candidate, profile_type)
+    for test, found in zip(tests, values, strict=True):  # noqa: SIM110 - no generator per try
+        if not _passes(test, found):
             return False
     return True
 
@@ -259,14 +325,13 @@ def assign_slices(
     out: list[tuple[Item, ElementNode]] = []
     counts = {id(s): 0 for s in sliced.slices}
     for item in items:
-        chosen = next(
-            (
-                s
-                for s in sliced.slices
-                if slice_matches(sliced, s, item.value, resolve, profile_type)
-            ),
-            None,
-        )
+        # The values at each discriminator path, read once per item for every slice tried.
+        values = [_Found(_values(item.value, disc.path, resolve)) for disc in sliced.discriminators]
+        chosen = None
+        for s in sliced.slices:
+            if _matches(sliced, s, values, profile_type):
+                chosen = s
+                break
         if chosen is None:
             if sliced.slicing_rules == "closed" and sliced.slices:
                 issues.append(

@@ -21,7 +21,7 @@ from ncp.errors import NcpError
 from ncp.fhir.io import is_resource_type
 from ncp.validation import profile_rules, structure
 from ncp.validation.bundle import BundleIndex, reference_issue
-from ncp.validation.elements import CORE_SD, ElementNode, Tree, is_primitive
+from ncp.validation.elements import CORE_SD, Constraint, ElementNode, Tree, is_primitive
 from ncp.validation.invariants import Scope, Stats
 from ncp.validation.issues import STRUCTURE, Issue
 from ncp.validation.profile_rules import Item
@@ -33,6 +33,10 @@ _ENTRY = re.compile(r"^\.entry\[(\d+)\]\.resource")
 _PRIMITIVE: dict[str, bool] = {}
 """Whether a type code is primitive, by type code (asked at every element)."""
 _IGNORED_KEYS = frozenset({"resourceType", "fhir_comments"})
+_Seen = tuple[int, int, int, str]
+"""(element, tree, value, location): the children of one occurrence walked."""
+_HOLDERS = frozenset({"resource", "contained"})
+"""Elements whose location step names the type of the resource they hold (``ofType(X)``)."""
 
 
 @dataclass(slots=True)
@@ -80,6 +84,28 @@ class Run:
     deadline: float | None = None
     """``time.monotonic()`` by which the validation must end (:class:`OverBudget` after)."""
     steps: int = 0
+    visited: dict[tuple[int, str, int, int, int, int | None], set[_Seen]] = field(
+        default_factory=dict
+    )
+    """Per place of a resource (see :meth:`visited_in`), the occurrences already walked."""
+
+    def visited_in(self, where: ResourceScope) -> set[_Seen]:
+        """The occurrences whose children were walked so far in a resource at one place: a
+        resource checked against two profiles (ours and a guide's) meets the same element of
+        a shared definition (a datatype, an extension) at the same value twice, and its
+        findings would be the same ones again."""
+        key = (
+            id(where.resource),
+            where.location,
+            id(where.scope.resource),
+            id(where.scope.root_resource),
+            id(where.bundle),
+            where.entry,
+        )
+        found = self.visited.get(key)
+        if found is None:
+            found = self.visited[key] = set()
+        return found
 
     def check_budget(self) -> None:
         """Raise :class:`OverBudget` once the deadline passed (looked at every 256 steps)."""
@@ -102,6 +128,7 @@ class Walker:
         self.run = run
         self.issues = run.issues
         self.where = where
+        self.visited = run.visited_in(where)
 
     # -- entry point ------------------------------------------------------------------------
 
@@ -121,7 +148,10 @@ class Walker:
         value = item.value
         if value is None:
             return
-        self.run.check_budget()
+        run = self.run
+        run.steps += 1  # Run.check_budget, inlined: it runs at every element
+        if run.deadline is not None and not run.steps & 0xFF and time.monotonic() > run.deadline:
+            raise OverBudget("the validation did not finish within its time budget")
         issues = self.issues
         primitive = _PRIMITIVE.get(type_code)
         if primitive is None:
@@ -147,10 +177,9 @@ class Walker:
             return
         if parent is inner.root and inner is not tree and parent.constraints:
             # The datatype's own constraints (ref-1 on Reference, per-1 on Period...).
-            own = {c.key for c in node.constraints}
-            extra = tuple(c for c in parent.constraints if c.key not in own)
+            extra = self.datatype_constraints(node, parent)
             if extra:
-                self.v.invariants.check_each(
+                self.v.invariants.check(
                     extra,
                     value,
                     inner.type,
@@ -159,7 +188,27 @@ class Walker:
                     self.run.stats,
                     issues,
                 )
+        if inner is not tree:
+            # A datatype's or an extension's own definition, shared by every profile: two
+            # profiles' elements (their own slices, names and rules) may hold the same value,
+            # whose children there give the same findings: they are walked once.
+            seen = (id(parent), id(inner), id(value), item.location)
+            if seen in self.visited:
+                return
+            self.visited.add(seen)
         self.children(parent, inner, value, item.location)
+
+    def datatype_constraints(self, node: ElementNode, root: ElementNode) -> tuple[Constraint, ...]:
+        """The constraints of a datatype's root element that the element itself does not
+        repeat, worked out once per pair (kept with the validator, whose trees they are)."""
+        cache = self.v.datatype_constraints
+        key = (id(node), id(root))
+        found = cache.get(key)
+        if found is None or found[0] is not node or found[1] is not root:
+            own = {c.key for c in node.constraints}
+            extra = tuple(c for c in root.constraints if c.key not in own)
+            found = cache[key] = (node, root, extra)
+        return found[2]
 
     def rules(self, node: ElementNode, type_code: str, item: Item) -> None:
         issues = self.issues
@@ -218,14 +267,21 @@ class Walker:
         issues = self.issues
         # Only the elements present are visited (and the required ones, to say they are
         # missing): a definition lists tens of children, an instance uses a few.
+        kids = parent.children
         present: dict[int, tuple[ElementNode, list[str]]] = {}
+        extended = False  # whether some ``_name`` is there (most objects have none)
         for key in obj:
-            child = parent.child(key)
+            name = key
+            child = kids.get(key)
             if child is None:
-                if key not in _IGNORED_KEYS:
-                    issues.append(structure.unknown_element(f"{where}.{key}", key))
-                continue
-            name = key[1:] if key[:1] == "_" else key
+                if key[:1] == "_":  # ``_valueString``: the extension of ``valueString``
+                    extended = True
+                    name = key[1:]
+                    child = kids.get(name)
+                if child is None:
+                    if key not in _IGNORED_KEYS:
+                        issues.append(structure.unknown_element(f"{where}.{key}", key))
+                    continue
             found = present.get(id(child))
             if found is None:
                 present[id(child)] = (child, [name])
@@ -237,7 +293,9 @@ class Walker:
                 for s in child.slices:
                     profile_rules.cardinality(s, 0, where, issues)
         for child, names in present.values():
-            if len(names) > 1:
+            if len(names) == 1:
+                items = self.items(child, names[0], obj, where, extended)
+            else:
                 issues.append(
                     Issue(
                         "error",
@@ -247,11 +305,10 @@ class Walker:
                         child.id,
                     )
                 )
-            if len(names) == 1:
-                items = self.items(child, names[0], obj, where)
-            else:
                 items = [
-                    it for json_name in names for it in self.items(child, json_name, obj, where)
+                    it
+                    for json_name in names
+                    for it in self.items(child, json_name, obj, where, extended)
                 ]
             count = len(items)
             if count < child.min or (child.max is not None and count > child.max):
@@ -276,20 +333,31 @@ class Walker:
                 self.item(node, tree, type_code, it)
 
     def items(
-        self, node: ElementNode, json_name: str, obj: dict[str, Any], where: str
+        self,
+        node: ElementNode,
+        json_name: str,
+        obj: dict[str, Any],
+        where: str,
+        extended: bool = True,
     ) -> list[Item]:
-        value, ext = obj.get(json_name), obj.get("_" + json_name)
+        """The occurrences of an element in an object (``extended``: the object may hold
+        ``_name`` keys, the extensions of primitives)."""
+        value = obj.get(json_name)
+        ext = obj.get("_" + json_name) if extended else None
         if not node.array:
             if value is not None and ext is None and not isinstance(value, list):
                 # The common case, first: one value, no extension of it.
-                return [
-                    Item(
-                        json_name,
-                        None,
-                        value,
-                        structure.location_step(where, json_name, None, value),
-                    )
-                ]
+                if json_name in _HOLDERS:
+                    return [
+                        Item(
+                            json_name,
+                            None,
+                            value,
+                            structure.location_step(where, json_name, None, value),
+                        )
+                    ]
+                location = f"{where}.{json_name}" if where else json_name
+                return [Item(json_name, None, value, location)]
             here = f"{where}.{json_name}"
             if isinstance(value, list):
                 self.issues.append(structure.json_type_issue(here, "value (not an array)", value))
