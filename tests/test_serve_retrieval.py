@@ -134,7 +134,6 @@ def test_sigterm_hands_the_running_job_back_and_the_next_start_resumes_it(
         try:
             served.wait_alive()
             _wait(lambda: jobs.get(job.id).instances_done >= BIG_COUNT // 4, 180, "a quarter")
-            stopped_at = jobs.now()
             assert served.stop(signal.SIGTERM) == 0, log.read_text()[-3000:]
         finally:
             if served.process.poll() is None:
@@ -151,6 +150,9 @@ def test_sigterm_hands_the_running_job_back_and_the_next_start_resumes_it(
             )
         assert len(before) == handed_back.instances_done
 
+        # Transfers the first process began after the signal, while it wound down, are its
+        # own: "again" is measured from the second start.
+        restarted_at = jobs.now()
         again = ServedB(b.config, log)
         try:
             again.wait_alive()
@@ -172,7 +174,7 @@ def test_sigterm_hands_the_running_job_back_and_the_next_start_resumes_it(
     assert not [e for e in done.history if e.reason and "taken over" in e.reason]
     assert len(rows) == len(set(rows)) == BIG_COUNT
     assert len(list(FolderStore(tmp_path / "b" / "retrieved").files(BIG))) == BIG_COUNT
-    # What B held when it stopped was never fetched from A again.
+    # What B held when it stopped was never fetched from A again after the restart.
     fetched_after: set[str] = set()
     with world.node.node.sessions() as session:
         for record in session.scalars(
@@ -181,7 +183,7 @@ def test_sigterm_hands_the_running_job_back_and_the_next_start_resumes_it(
             .where(AuditRecord.action == "image-retrieve")
         ):
             started = record.recorded - timedelta(milliseconds=record.duration_ms or 0)
-            if started > stopped_at:
+            if started > restarted_at:
                 fetched_after.update(record.details.get("instances") or [])
     assert fetched_after and not (fetched_after & before)
     assert "retrieval workers" in log.read_text() and "handing back" in log.read_text()
