@@ -458,6 +458,8 @@ def test_the_audit_view_shows_the_hp_s_own_requests_only(browser: Any, pair: Pai
     first = page.locator("table.audit tbody tr").first.inner_text()
     assert "Patient identification" in first and "NOBODY-4711" in first and "to AT" in first
     assert "Not found" in first  # A found no match: the outcome, in the HP's words
+    # The query as a person reads it, not percent-encoded.
+    assert "identifier=urn:oid:" in first and "%3A" not in page.inner_text("main")
     assert "Login" in page.inner_text("main")
     axe(page, "audit")
     shot(page, "pair-audit-en-1366")

@@ -371,3 +371,16 @@ def test_thumbnails_forget_ended_sessions(monkeypatch: pytest.MonkeyPatch) -> No
     assert broker.held() == (1, 0, 0)
     broker.forget("session-2")  # logout
     assert broker.held() == (0, 0, 0)
+
+
+def test_the_audit_view_shows_a_query_decoded() -> None:
+    from ncp.portal.auditview import _readable_query
+
+    sent = (
+        "patient.identifier=urn%3Aoid%3A1.2.40.0.10.1.4.3.1%7CPAT102&_count=1000"
+        "&family=%C3%98rsted"
+    )
+    assert _readable_query(sent) == (
+        "patient.identifier=urn:oid:1.2.40.0.10.1.4.3.1|PAT102, _count=1000, family=Ørsted"
+    )
+    assert _readable_query("no parameters") == "no parameters"

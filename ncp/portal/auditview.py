@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from datetime import UTC
 from typing import Any
+from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
@@ -60,7 +61,7 @@ def _asked(record: AuditRecord, t: Translator) -> str:
     if record.patient_id:
         parts.append(t("audit.patient", patient=record.patient_id))
     if record.query:
-        parts.append(record.query[:300])
+        parts.append(_readable_query(record.query)[:300])
     if record.studies:
         parts.append(t("audit.studies", count=len(record.studies)))
     if record.option:
@@ -99,6 +100,15 @@ def audit_page(request: Request, before: int | None = Query(None, ge=1, le=2**62
     older = records[-1].seq if len(records) == PAGE else None
     return portal.render(request, "audit.html", session=view, rows=rows, older=older,
                          newest=before is not None)  # fmt: skip
+
+
+def _readable_query(query: str) -> str:
+    """The query as a person reads it: its parameters decoded (the record keeps it as sent,
+    percent-encoded), one after another."""
+    if "=" not in query:
+        return query
+    pairs = parse_qsl(query, keep_blank_values=True)
+    return ", ".join(f"{k}={v}" for k, v in pairs) if pairs else query
 
 
 __all__ = ["own_records", "router"]
