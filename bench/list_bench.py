@@ -178,7 +178,7 @@ def _upload(orthanc: OrthancServer, paths: list[Path], workers: int = 4) -> None
         sum(pool.map(one, batches))
 
 
-def _b_pair(keys_b: Path, audience: str, patient: PatientRef) -> tuple[str, str]:
+def b_pair(keys_b: Path, audience: str, patient: PatientRef) -> tuple[str, str]:
     """One HP assertion and one TRC, signed once by B's key for the whole run."""
     key = KeyStore.load(keys_b, country="BE").current_signing_key()
     now = datetime.now(UTC)
@@ -399,7 +399,7 @@ def main() -> None:
         node = httpx.Client(verify=context, timeout=60.0)
         _wait_metadata(node, f"{base}/metadata", proc)
         system = patient_system(DEFAULT_PATIENT_ID_ISSUER)
-        hp, trc = _b_pair(keys_b, base, PatientRef(system, patient_id))
+        hp, trc = b_pair(keys_b, base, PatientRef(system, patient_id))
         node.headers.update({"Authorization": f"Bearer {hp}", "NCP-Treatment-Relationship": trc})
         who = f"{system}|{patient_id}"
         queries = {

@@ -38,28 +38,20 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
+from list_bench import (
+    b_pair,  # from bench/ itself (sys.path[0]): B's pair as A's list bench signs it
+)
 from sqlalchemy import func, select
 
 from ncp.config import load_settings
 from ncp.fhir.identifiers import patient_system
 from ncp.fhir.manifest import Custodian
 from ncp.security import pki
-from ncp.security.claims import (
-    HP_ASSERTION,
-    ISCO_08_SYSTEM,
-    TRC,
-    Coding,
-    HpAssertion,
-    PatientRef,
-    Trc,
-)
-from ncp.security.keystore import KeyStore
-from ncp.security.tokens import issue, token_hash
+from ncp.security.claims import PatientRef
 from ncp.store.db import make_engine, session_factory
 from ncp.store.models import Patient, Study
 
@@ -105,46 +97,6 @@ def node_config(data: Path) -> Path:
     copy = original.with_name("list-cpu.toml")
     copy.write_text(text, encoding="utf-8")
     return copy
-
-
-def signed_pair(keys_b: Path, audience: str, patient: PatientRef) -> tuple[str, str]:
-    key = KeyStore.load(keys_b, country="BE").current_signing_key()
-    now = datetime.now(UTC)
-    hp = issue(
-        HP_ASSERTION,
-        HpAssertion(
-            issuer="BE",
-            audience=audience,
-            subject="BE-HP-0042",
-            issued_at=now,
-            expires_at=now + timedelta(hours=1),
-            subject_name="Dr. Anne Peeters",
-            subject_organization="UZ Leuven",
-            subject_organization_id="urn:oid:2.16.56.1.1.1.1",
-            subject_role=Coding(ISCO_08_SYSTEM, "221", "Medical doctors"),
-            point_of_care="Radiology",
-            preferred_language="nl-BE",
-        ),
-        key,
-        now=now,
-    )
-    trc = issue(
-        TRC,
-        Trc(
-            issuer="BE",
-            audience=audience,
-            subject="BE-HP-0042",
-            issued_at=now,
-            expires_at=now + timedelta(hours=1),
-            patient=patient,
-            purpose_of_use="TREAT",
-            informed=True,
-            hp_assertion_hash=token_hash(hp),
-        ),
-        key,
-        now=now,
-    )
-    return hp, trc
 
 
 def patients(database_url: str) -> list[tuple[str, str, int]]:
@@ -272,7 +224,7 @@ def main() -> int:
         found = patients(settings.database.url)
         for pid, issuer, _n in found:
             system = patient_system(issuer)
-            hp, trc = signed_pair(keys_b, base, PatientRef(system, pid))
+            hp, trc = b_pair(keys_b, base, PatientRef(system, pid))
             headers = {
                 "Authorization": f"Bearer {hp}",
                 "NCP-Treatment-Relationship": trc,
