@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from list_cpu import patients as indexed_patients  # from bench/ itself (sys.path[0])
 
 from ncp.config import load_settings
 from ncp.consumer.jobs import JobRequest, Requester, Status
@@ -52,8 +53,6 @@ from ncp.consumer.wiring import ClientWiring, retrieval_env
 from ncp.demo import READY_LINE
 from ncp.node import Node
 from ncp.security.claims import PatientRef
-from ncp.store.db import make_engine, session_factory
-from ncp.store.models import Patient, Study
 
 GOAL_P95_MS = 200.0
 HP = Requester("BE-BENCH-HP", "Dr. Bench (load test)", "cli")
@@ -133,21 +132,8 @@ def stop_demo(proc: subprocess.Popen[str]) -> None:
 def patients(demo: dict[str, Any]) -> list[tuple[PatientRef, int]]:
     """Every patient of A's index with its number of studies, most first."""
     a = load_settings(Path(demo["nodes"]["AT"]["config"]))
-    engine = make_engine(a.database.url)
-    try:
-        from sqlalchemy import func, select
-
-        with session_factory(engine)() as session:
-            rows = session.execute(
-                select(Patient.patient_id, Patient.issuer, func.count(Study.id))
-                .join(Study, Study.patient_pk == Patient.id)
-                .group_by(Patient.id, Patient.patient_id, Patient.issuer)
-                .order_by(func.count(Study.id).desc())
-            ).all()
-    finally:
-        engine.dispose()
     system = demo["patient"]["system"]
-    return [(PatientRef(system, pid), int(n)) for pid, issuer, n in rows if issuer]
+    return [(PatientRef(system, pid), n) for pid, _issuer, n in indexed_patients(a.database.url)]
 
 
 def list_context(demo: dict[str, Any]) -> ssl.SSLContext:
