@@ -120,7 +120,9 @@ class Cluster:
 
 def _consecutive_ports() -> int:
     for _ in range(50):
-        base = random.randrange(20000, 40000)
+        # Below the kernel's ephemeral range (32768 up), from which every outgoing connection
+        # of the replicas takes a port that the balancer could then not bind.
+        base = random.randrange(20000, 32768 - Ports.count())
         try:
             choose_ports(base)
         except PortTaken:
